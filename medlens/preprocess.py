@@ -1,0 +1,215 @@
+"""The one preprocessing definition: used by training, evaluation, export and serving.
+
+An image goes through two steps:
+
+1. :meth:`Preprocess.prepare` - decoded ``uint8`` pixels (any size, grey or colour) ->
+   ``uint8 (C, S, S)``: channel handling and resize. Its output is what the training cache
+   stores, so every epoch reuses it without decoding a JPEG again.
+2. :meth:`Preprocess.normalize` - ``uint8 (B, C, S, S)`` -> ``float32`` scaled to [0, 1] and
+   standardised with the spec's mean/std (TRAIN split statistics, or ImageNet statistics for
+   ImageNet-pretrained backbones).
+
+Augmentation (train only) sits between the two, on [0, 1] floats: see :func:`augment`.
+The spec is saved inside every model (``model.json``) and rebuilt with :meth:`from_dict`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+__all__ = ["Preprocess", "AugmentSpec", "augment", "compute_mean_std"]
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How raw pixels become a network input.
+
+    Attributes:
+        image_size: side of the square network input, pixels.
+        channels: 1 (grey) or 3 (RGB; grey images are replicated).
+        mean, std: per-channel statistics applied after scaling to [0, 1].
+        resize: "stretch" (resize to SxS, aspect ratio not kept: the public datasets are
+            distributed like that) or "pad" (letterbox on black, aspect ratio kept).
+    """
+
+    image_size: int = 224
+    channels: int = 3
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.25, 0.25, 0.25)
+    resize: str = "stretch"
+
+    def __post_init__(self):
+        if self.channels not in (1, 3):
+            raise ValueError(f"preprocess.channels must be 1 or 3, got {self.channels}")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError(f"preprocess.mean/std need {self.channels} values each, got "
+                             f"{list(self.mean)} and {list(self.std)}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"preprocess.std must be positive, got {list(self.std)}")
+        if self.resize not in ("stretch", "pad"):
+            raise ValueError(f"preprocess.resize must be 'stretch' or 'pad', got {self.resize!r}")
+        if not 8 <= self.image_size <= 2048:
+            raise ValueError(f"preprocess.image_size must be 8..2048, got {self.image_size}")
+
+    # -- step 1: geometry and channels (uint8 in, uint8 out) --------------------------
+    def prepare(self, pixels: np.ndarray) -> np.ndarray:
+        """Channel conversion and resize.
+
+        Args:
+            pixels: ``uint8`` array ``(H, W)`` or ``(H, W, 3)``.
+
+        Returns:
+            ``uint8`` array ``(channels, image_size, image_size)``.
+        """
+        if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3):
+            raise ValueError(f"expected uint8 (H,W) or (H,W,3) pixels, got {pixels.dtype} "
+                             f"{pixels.shape}")
+        img = Image.fromarray(pixels)
+        img = img.convert("L" if self.channels == 1 else "RGB")
+        s = self.image_size
+        if self.resize == "pad":
+            scale = s / max(img.size)
+            w, h = max(1, round(img.width * scale)), max(1, round(img.height * scale))
+            canvas = Image.new(img.mode, (s, s))
+            canvas.paste(img.resize((w, h), Image.BILINEAR), ((s - w) // 2, (s - h) // 2))
+            img = canvas
+        elif img.size != (s, s):
+            # PIL's bilinear filter widens its support when shrinking, so large uploads are
+            # antialiased rather than aliased.
+            img = img.resize((s, s), Image.BILINEAR)
+        arr = np.asarray(img, dtype=np.uint8)
+        return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+    # -- step 2: scale and standardise -------------------------------------------------
+    def to_unit(self, x: torch.Tensor) -> torch.Tensor:
+        """``uint8 (B, C, S, S)`` -> ``float32`` in [0, 1]."""
+        return x.float().div_(255.0)
+
+    def standardize(self, x: torch.Tensor) -> torch.Tensor:
+        """[0, 1] floats -> ``(x - mean) / std`` per channel."""
+        mean = torch.tensor(self.mean, dtype=x.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """``uint8 (B, C, S, S)`` (or ``(C, S, S)``) -> standardised ``float32``."""
+        squeeze = x.ndim == 3
+        out = self.standardize(self.to_unit(x[None] if squeeze else x))
+        return out[0] if squeeze else out
+
+    def __call__(self, pixels: np.ndarray) -> torch.Tensor:
+        """Decoded pixels -> network input ``float32 (C, S, S)``."""
+        return self.normalize(torch.from_numpy(self.prepare(pixels)))
+
+    # -- persistence ---------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocess":
+        known = {k: d[k] for k in ("image_size", "channels", "mean", "std", "resize") if k in d}
+        for k in ("mean", "std"):
+            if k in known:
+                known[k] = tuple(float(v) for v in known[k])
+        return cls(**known)
+
+    def geometry_key(self) -> str:
+        """Hash of what :meth:`prepare` depends on (the cache key for prepared pixels)."""
+        blob = json.dumps({"size": self.image_size, "channels": self.channels,
+                           "resize": self.resize, "v": 1}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def compute_mean_std(prepared: np.ndarray | torch.Tensor, chunk: int = 512) -> tuple[list, list]:
+    """Per-channel mean and std of prepared ``uint8 (N, C, S, S)`` images, in [0, 1] units."""
+    x = torch.as_tensor(prepared)
+    c = x.shape[1]
+    total = torch.zeros(c, dtype=torch.float64)
+    total_sq = torch.zeros(c, dtype=torch.float64)
+    count = 0
+    for i in range(0, len(x), chunk):
+        b = x[i:i + chunk].to(torch.float64) / 255.0
+        total += b.sum(dim=(0, 2, 3))
+        total_sq += (b * b).sum(dim=(0, 2, 3))
+        count += b.shape[0] * b.shape[2] * b.shape[3]
+    mean = total / count
+    std = (total_sq / count - mean * mean).clamp_min(1e-12).sqrt()
+    return [round(float(m), 6) for m in mean], [round(max(float(s), 1e-3), 6) for s in std]
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    """Random geometric and intensity augmentation, as in the seed projects.
+
+    Attributes:
+        rotation: maximum rotation, degrees (uniform in [-rotation, rotation]).
+        shift: maximum translation, fraction of the image side.
+        zoom: maximum zoom, fraction (scale uniform in [1 - zoom, 1 + zoom]).
+        hflip: flip left-right with probability 0.5 (the seeds use it; a recipe may turn it
+            off where laterality matters).
+        brightness, contrast: maximum relative intensity changes.
+    """
+
+    rotation: float = 10.0
+    shift: float = 0.08
+    zoom: float = 0.1
+    hflip: bool = True
+    brightness: float = 0.1
+    contrast: float = 0.1
+    enabled: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "AugmentSpec":
+        return cls(**(d or {}))
+
+
+def augment(x: torch.Tensor, spec: AugmentSpec, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Augment a batch of [0, 1] images in one vectorised affine resample.
+
+    One ``affine_grid``/``grid_sample`` call per batch instead of per-image transforms keeps
+    augmentation cheap on a 2-core CPU.
+
+    Args:
+        x: ``float32 (B, C, S, S)`` in [0, 1].
+        spec: what to randomise.
+        generator: for reproducible draws.
+
+    Returns:
+        Augmented batch, same shape, clipped to [0, 1].
+    """
+    if not spec.enabled:
+        return x
+    b = x.shape[0]
+
+    def uniform(lo, hi):
+        return torch.rand(b, generator=generator) * (hi - lo) + lo
+
+    angle = uniform(-spec.rotation, spec.rotation) * (math.pi / 180.0)
+    scale = uniform(1.0 - spec.zoom, 1.0 + spec.zoom)
+    tx, ty = uniform(-spec.shift, spec.shift) * 2, uniform(-spec.shift, spec.shift) * 2
+    flip = torch.where(torch.rand(b, generator=generator) < 0.5, -1.0, 1.0) if spec.hflip \
+        else torch.ones(b)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1),
+                         torch.stack([sin * flip, cos, ty], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if spec.brightness or spec.contrast:
+        gain = uniform(1 - spec.contrast, 1 + spec.contrast).view(b, 1, 1, 1)
+        bias = uniform(-spec.brightness, spec.brightness).view(b, 1, 1, 1)
+        mean = out.mean(dim=(1, 2, 3), keepdim=True)
+        out = (out - mean) * gain + mean + bias
+    return out.clamp_(0.0, 1.0)

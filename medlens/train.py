@@ -1,0 +1,552 @@
+"""Training: from a data folder to a calibrated model in a run folder.
+
+Stages (all share :func:`_fit`: class-weighted loss, Adam/AdamW, ReduceLROnPlateau,
+early stopping, best-checkpoint keeping, ``training_metrics.csv``, resumable checkpoints):
+
+* ``head`` - pretrained backbones: the backbone is frozen, its pooled features are computed
+  once and the head (batch norm, dropout, dense) trains on them in seconds.
+* ``finetune`` - the top ``unfreeze`` backbone stages train with a lower learning rate. The
+  frozen stages below them are run once over ``aug_copies`` augmented copies of the training
+  images and their activations cached, so an epoch costs only the top stages.
+* ``full`` - everything trains on augmented images (models from scratch, or ``--transfer
+  full``).
+
+Then temperature scaling and the operating threshold are fitted on the validation split only,
+the model is saved, and validation (and the carved test split, when there is one) are
+evaluated with reports.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import is_colour, prepare_samples
+from .models import IMAGENET_MEAN, IMAGENET_STD, model_info
+from .modelfile import (ModelMeta, atomic_torch_save, build_network, save_model, write_csv,
+                        write_yaml)
+from .preprocess import AugmentSpec, Preprocess, augment, compute_mean_std
+
+HISTORY_COLUMNS = ["epoch", "stage", "train_loss", "train_acc", "val_loss", "val_acc",
+                   "val_auc", "lr", "seconds"]
+
+
+class TrainError(ValueError):
+    """A training request that cannot go ahead; the message says what to do."""
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run; saved fully resolved as ``config.yaml``."""
+
+    data: str
+    out: str
+    model: str = "efficientnet-lite0"
+    epochs: int = 15                 # max epochs of the main stage (finetune or full)
+    head_epochs: int = 40            # max epochs of the frozen-feature head stage
+    image_size: int | None = None    # default: the backbone's
+    batch_size: int = 32
+    lr: float | None = None          # head/full stage; finetune uses lr * finetune_lr_scale
+    finetune_lr_scale: float = 0.1
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"         # adam | adamw
+    seed: int = 0
+    transfer: str = "finetune"       # pretrained models: frozen | finetune | full
+    unfreeze: int = 2                # backbone stages trained in the finetune stage
+    aug_copies: int = 4              # augmented copies cached for the finetune stage
+    augment: dict = field(default_factory=lambda: AugmentSpec().to_dict())
+    patience: int = 5
+    monitor: str = "val_auc"        # val_auc | val_loss
+    class_weights: bool = True
+    channels: int | None = None      # None: 3 for pretrained, else 1 unless images have colour
+    resize: str = "stretch"
+    dropout: float = 0.3
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    patient_regex: str | None = None
+    target_sensitivity: float | None = None
+    skip_bad_images: bool = False
+    precision: str = "auto"          # auto | fp32 | bf16
+    threads: int | None = None
+    cache_dir: str | None = None
+    pretrained: bool = True
+    name: str | None = None
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise TrainError(f"unknown training setting(s) {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def bf16_supported() -> bool:
+    """bfloat16 autocast pays off on CPUs with AMX or AVX-512 BF16."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
+def resolve_precision(precision: str) -> torch.dtype | None:
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    return torch.bfloat16 if bf16_supported() else None
+
+
+def set_seed(seed: int) -> None:
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _autocast(dtype):
+    return torch.autocast("cpu", dtype=dtype, enabled=dtype is not None)
+
+
+def compute_logits(fn: Callable[[torch.Tensor], torch.Tensor], x, batch_size: int = 64,
+                   dtype=None, transform: Callable | None = None) -> torch.Tensor:
+    """Apply ``fn`` to ``x`` in batches under no_grad; returns float32 logits on CPU."""
+    outs = []
+    with torch.no_grad(), _autocast(dtype):
+        for i in range(0, len(x), batch_size):
+            b = torch.as_tensor(x[i:i + batch_size])
+            if transform is not None:
+                b = transform(b)
+            outs.append(fn(b).float())
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+def loss_fn(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None,
+            binary: bool) -> torch.Tensor:
+    """Class-weighted BCE (binary, one logit) or cross-entropy (multi-class)."""
+    if binary:
+        logits = logits.view(-1)
+        w = None if weights is None else weights[y]
+        return F.binary_cross_entropy_with_logits(logits, y.float(), weight=w)
+    return F.cross_entropy(logits, y, weight=weights)
+
+
+def logits_to_probs_t(logits: torch.Tensor, binary: bool, temperature: float = 1.0) -> np.ndarray:
+    """``(N,)``/``(N,1)`` or ``(N,K)`` logits -> ``(N,K)`` probabilities."""
+    z = logits.float() / temperature
+    if binary:
+        p = torch.sigmoid(z.view(-1))
+        return torch.stack([1 - p, p], 1).numpy()
+    return torch.softmax(z, 1).numpy()
+
+
+def _quick_scores(logits: torch.Tensor, y: torch.Tensor, binary: bool) -> dict:
+    from sklearn.metrics import roc_auc_score
+
+    probs = logits_to_probs_t(logits, binary)
+    pred = probs.argmax(1)
+    yt = y.numpy()
+    acc = float((pred == yt).mean())
+    loss = float(loss_fn(logits, y, None, binary))
+    try:
+        auc = float(roc_auc_score(yt, probs[:, 1]) if binary else
+                    roc_auc_score(yt, probs, multi_class="ovr", average="macro",
+                                  labels=list(range(probs.shape[1]))))
+    except ValueError:
+        auc = float("nan")
+    return {"val_loss": loss, "val_acc": acc, "val_auc": auc}
+
+
+# ----------------------------------------------------------------------------- the fit loop
+
+
+@dataclass
+class Stage:
+    """One stage of training: what trains, on what, for how long."""
+
+    name: str
+    module: nn.Module                                # put in train()/eval() mode per epoch
+    forward: Callable[[torch.Tensor], torch.Tensor]  # inputs -> logits
+    params: list
+    train_batches: Callable[[int, torch.Generator], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+    n_train: int
+    val_x: object
+    val_transform: Callable | None
+    val_y: torch.Tensor
+    epochs: int
+    lr: float
+    dtype: torch.dtype | None
+
+
+class _Checkpointer:
+    def __init__(self, run: Path):
+        self.dir = run / "checkpoints"
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def last(self) -> Path:
+        return self.dir / "last.pt"
+
+    def save(self, state: dict) -> None:
+        atomic_torch_save(state, self.last)
+
+    def load(self) -> dict | None:
+        if not self.last.exists():
+            return None
+        return torch.load(self.last, map_location="cpu", weights_only=True)
+
+
+def _fit(stage: Stage, net: nn.Module, cfg: TrainConfig, weights, binary: bool,
+         history: list[dict], ckpt: _Checkpointer, stages_done: list[str],
+         resume_state: dict | None, log) -> None:
+    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    opt = opt_cls(stage.params, lr=stage.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.3,
+                                                       patience=max(1, cfg.patience // 2))
+    best_score, best_state, bad_epochs, start_epoch = -math.inf, None, 0, 0
+    gen = torch.Generator().manual_seed(cfg.seed + 1000 * len(stages_done))
+    if resume_state is not None and resume_state.get("stage") == stage.name:
+        opt.load_state_dict(resume_state["optimizer"])
+        sched.load_state_dict(resume_state["scheduler"])
+        best_score = resume_state["best_score"]
+        best_state = resume_state["best_state"]
+        bad_epochs = resume_state["bad_epochs"]
+        start_epoch = resume_state["epoch"] + 1
+        gen.set_state(resume_state["generator"])
+        log(f"resuming stage {stage.name} at epoch {start_epoch + 1}")
+    for epoch in range(start_epoch, stage.epochs):
+        t0 = time.time()
+        stage.module.train()
+        total, correct, loss_sum = 0, 0, 0.0
+        bar = None
+        if cfg.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=stage.n_train, desc=f"{stage.name} {epoch + 1}/{stage.epochs}",
+                       unit="img", leave=False, file=sys.stderr)
+        for xb, yb in stage.train_batches(epoch, gen):
+            with _autocast(stage.dtype):
+                logits = stage.forward(xb)
+            logits = logits.float()
+            loss = loss_fn(logits, yb, weights, binary)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            n = len(yb)
+            total += n
+            loss_sum += float(loss.detach()) * n
+            pred = (logits.view(-1) > 0).long() if binary else logits.argmax(1)
+            correct += int((pred == yb).sum())
+            if bar is not None:
+                bar.update(n)
+                bar.set_postfix(loss=f"{loss_sum / total:.4f}", acc=f"{correct / total:.3f}")
+        if bar is not None:
+            bar.close()
+        stage.module.eval()
+        val_logits = compute_logits(stage.forward, stage.val_x, dtype=stage.dtype,
+                                    transform=stage.val_transform)
+        scores = _quick_scores(val_logits, stage.val_y, binary)
+        row = {"epoch": len([h for h in history]) + 1, "stage": stage.name,
+               "train_loss": round(loss_sum / max(total, 1), 6),
+               "train_acc": round(correct / max(total, 1), 6),
+               "val_loss": round(scores["val_loss"], 6), "val_acc": round(scores["val_acc"], 6),
+               "val_auc": None if math.isnan(scores["val_auc"]) else round(scores["val_auc"], 6),
+               "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 2)}
+        history.append(row)
+        write_csv(Path(cfg.out) / "training_metrics.csv", history, HISTORY_COLUMNS)
+        score = -scores["val_loss"] if cfg.monitor == "val_loss" or math.isnan(
+            scores["val_auc"]) else scores["val_auc"] - 1e-3 * scores["val_loss"]
+        improved = score > best_score
+        if improved:
+            best_score, bad_epochs = score, 0
+            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        else:
+            bad_epochs += 1
+        sched.step(scores["val_loss"])
+        log(f"[{stage.name}] epoch {epoch + 1}/{stage.epochs}  loss {row['train_loss']:.4f}  "
+            f"acc {row['train_acc']:.3f}  val_loss {row['val_loss']:.4f}  "
+            f"val_acc {row['val_acc']:.3f}  val_auc {scores['val_auc']:.4f}  "
+            f"lr {row['lr']:.2g}  {row['seconds']:.1f}s" + ("  *" if improved else ""))
+        stop = bad_epochs >= cfg.patience
+        ckpt.save({"stage": stage.name, "epoch": epoch, "stages_done": list(stages_done),
+                   "net": net.state_dict(), "optimizer": opt.state_dict(),
+                   "scheduler": sched.state_dict(), "best_score": best_score,
+                   "best_state": best_state, "bad_epochs": bad_epochs,
+                   "generator": gen.get_state(), "history": history, "finished": stop})
+        if stop:
+            log(f"[{stage.name}] early stop: no improvement in {cfg.patience} epochs")
+            break
+    if best_state is not None:
+        net.load_state_dict(best_state)
+    stages_done.append(stage.name)
+    # Mark the stage complete so --resume skips it.
+    ckpt.save({"stage": None, "epoch": -1, "stages_done": list(stages_done),
+               "net": net.state_dict(), "history": history})
+
+
+# ----------------------------------------------------------------------------- train()
+
+
+def _prepare_out(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
+    out = Path(cfg.out)
+    has_run = out.exists() and any(out.iterdir())
+    if has_run and not (resume or overwrite):
+        raise TrainError(f"{out} already holds a run; pass --resume to continue it, "
+                         "--overwrite to replace it, or choose another --out")
+    if resume and not (out / "checkpoints" / "last.pt").exists():
+        raise TrainError(f"--resume: {out} has no checkpoint (checkpoints/last.pt) to resume")
+    if has_run and overwrite and not resume:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, log=print) -> Path:
+    """Train, calibrate, save and evaluate. Returns the run folder."""
+    from . import data as mdata
+    from .calibration import choose_threshold, fit_temperature
+
+    info = model_info(cfg.model)  # unknown model: clear error before anything is written
+    if cfg.transfer not in ("frozen", "finetune", "full"):
+        raise TrainError(f"--transfer must be frozen, finetune or full, got {cfg.transfer!r}")
+    if cfg.optimizer not in ("adam", "adamw"):
+        raise TrainError(f"--optimizer must be adam or adamw, got {cfg.optimizer!r}")
+    out = Path(cfg.out)
+    if resume:
+        import yaml
+        saved = out / "config.yaml"
+        if saved.exists():
+            old = yaml.safe_load(saved.read_text())
+            old.update({"out": cfg.out, "progress": cfg.progress})
+            cfg = TrainConfig.from_dict(old)
+    t_start = time.time()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    set_seed(cfg.seed)
+    pretrained = cfg.pretrained and info.pretrained
+    dtype = resolve_precision(cfg.precision)
+
+    # -- data (validated before the run folder is touched) ------------------------------
+    ds = mdata.load_dataset(cfg.data, val_fraction=cfg.val_fraction,
+                            test_fraction=cfg.test_fraction, seed=cfg.seed,
+                            patient_regex=cfg.patient_regex)
+    if "train" not in ds.splits or "val" not in ds.splits:
+        raise TrainError(f"{cfg.data}: could not form train and validation splits")
+    for split in ("train", "val"):
+        present = {s.label for s in ds.splits[split]}
+        if len(present) < len(ds.classes):
+            missing = [ds.classes[i] for i in range(len(ds.classes)) if i not in present]
+            raise TrainError(f"the {split} split has no images of class(es) {missing}; add "
+                             "images or lower --val-fraction/--test-fraction")
+    binary = len(ds.classes) == 2
+    size = cfg.image_size or info.default_image_size
+    if cfg.channels is None:
+        if pretrained or info.fixed_in_channels == 3:
+            channels = 3
+        else:
+            probe = ds.splits["train"][:: max(1, len(ds.splits["train"]) // 64)][:64]
+            channels = 3 if any(is_colour(s.load()) for s in probe) else 1
+    else:
+        channels = cfg.channels
+    geometry = Preprocess(image_size=size, channels=channels, mean=(0.5,) * channels,
+                          std=(0.25,) * channels, resize=cfg.resize)
+    prepared, sources, bad = {}, {}, []
+    for split, samples in ds.splits.items():
+        res = prepare_samples(samples, geometry, cache_dir=cfg.cache_dir, progress=cfg.progress,
+                              desc=f"decode {split}")
+        prepared[split] = (res.pixels, torch.tensor([samples[i].label for i in res.keep]))
+        sources[split] = [samples[i].source for i in res.keep]
+        bad += res.errors
+    if bad and not cfg.skip_bad_images:
+        lines = "\n".join(f"  {src}: {why}" for src, why in bad)
+        raise mdata.DataError(f"{len(bad)} unreadable image(s); fix or remove them, or pass "
+                              f"--skip-bad-images:\n{lines}")
+    out = _prepare_out(cfg, resume, overwrite)
+    if bad:
+        log(f"skipped {len(bad)} unreadable image(s) (--skip-bad-images): "
+            + ", ".join(src for src, _ in bad[:10]) + (" ..." if len(bad) > 10 else ""))
+        ds.notes.append(f"skipped {len(bad)} unreadable images")
+    log(ds.summary())
+
+    if pretrained:
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+        if channels == 1:
+            mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+    else:
+        mean, std = compute_mean_std(prepared["train"][0])
+    pre = Preprocess(image_size=size, channels=channels, mean=tuple(mean), std=tuple(std),
+                     resize=cfg.resize)
+    aug = AugmentSpec.from_dict(cfg.augment)
+
+    resolved = asdict(cfg)
+    resolved.update({"image_size": size, "channels": channels, "pretrained": pretrained,
+                     "precision_resolved": "bf16" if dtype else "fp32",
+                     "preprocess": pre.to_dict(), "classes": ds.classes,
+                     "split_counts": ds.counts(), "data_notes": ds.notes,
+                     "torch_threads": torch.get_num_threads()})
+    write_yaml(out / "config.yaml", resolved)
+
+    # -- model and loss ------------------------------------------------------------------
+    net = build_network(ModelMeta(arch=cfg.model, labels=ds.classes, preprocess=pre,
+                                  dropout=cfg.dropout), pretrained=pretrained)
+    net = net.to(memory_format=torch.channels_last)
+    ytr = prepared["train"][1]
+    counts = torch.bincount(ytr, minlength=len(ds.classes)).float()
+    weights = (counts.sum() / (len(counts) * counts.clamp_min(1))) if cfg.class_weights else None
+
+    ckpt = _Checkpointer(out)
+    resume_state = ckpt.load() if resume else None
+    history: list[dict] = list(resume_state["history"]) if resume_state else []
+    stages_done: list[str] = list(resume_state["stages_done"]) if resume_state else []
+    if resume_state:
+        net.load_state_dict(resume_state["net"])
+
+    xtr, xva = prepared["train"][0], prepared["val"][0]
+    yva = prepared["val"][1]
+    lr = cfg.lr or (1e-3 if pretrained and cfg.transfer != "full" else 1e-3)
+
+    def to_input(b: torch.Tensor) -> torch.Tensor:
+        return pre.normalize(b).contiguous(memory_format=torch.channels_last)
+
+    def image_batches(x_uint8, y, augmenting: bool):
+        def batches(epoch, gen):
+            order = torch.randperm(len(y), generator=gen)
+            for i in range(0, len(order), cfg.batch_size):
+                idx = order[i:i + cfg.batch_size]
+                if len(idx) < 2:  # batch norm cannot train on one sample
+                    continue
+                xb = pre.to_unit(torch.from_numpy(np.ascontiguousarray(x_uint8[idx.numpy()])))
+                if augmenting:
+                    xb = augment(xb, aug, gen)
+                yield pre.standardize(xb).contiguous(memory_format=torch.channels_last), y[idx]
+        return batches
+
+    def tensor_batches(x, y, copies: int = 1):
+        # x: (copies*N, ...) cached activations; each epoch uses one augmented copy.
+        n = len(y)
+
+        def batches(epoch, gen):
+            base = (epoch % copies) * n
+            order = torch.randperm(n, generator=gen)
+            for i in range(0, n, cfg.batch_size):
+                idx = order[i:i + cfg.batch_size]
+                if len(idx) < 2:
+                    continue
+                yield x[base + idx].float(), y[idx]
+        return batches
+
+    stages = []
+    if pretrained and cfg.transfer in ("frozen", "finetune"):
+        stages.append("head")
+        if cfg.transfer == "finetune" and cfg.unfreeze > 0:
+            stages.append("finetune")
+    else:
+        stages.append("full")
+
+    for name in stages:
+        if name in stages_done:
+            continue
+        log(f"stage {name}")
+        st = resume_state if (resume_state and resume_state.get("stage") == name) else None
+        if name == "head":
+            net.set_trainable_stages(0)
+            net.eval()
+            feats = lambda b: net.features(b)  # noqa: E731
+            t0 = time.time()
+            ftr = compute_logits(feats, xtr, dtype=dtype, transform=to_input)
+            fva = compute_logits(feats, xva, dtype=dtype, transform=to_input)
+            log(f"cached frozen features {tuple(ftr.shape)} in {time.time() - t0:.1f}s")
+            stage = Stage("head", net.head, net.head.classify, list(net.head.parameters()),
+                          tensor_batches(ftr, ytr), len(ytr), fva, None, yva, cfg.head_epochs,
+                          lr, None)
+        elif name == "finetune":
+            n_top = min(cfg.unfreeze, len(net.backbone))
+            net.set_trainable_stages(n_top)
+            prefix = nn.Sequential(*list(net.backbone)[: len(net.backbone) - n_top]).eval()
+            top = nn.Sequential(*list(net.backbone)[len(net.backbone) - n_top:], net.head)
+            t0 = time.time()
+            acts = []
+            gen = torch.Generator().manual_seed(cfg.seed + 77)
+            for c in range(max(1, cfg.aug_copies)):
+                def aug_input(b, _gen=gen, _c=c):
+                    u = pre.to_unit(b)
+                    if _c > 0 or cfg.aug_copies == 1:
+                        u = augment(u, aug, _gen)
+                    return pre.standardize(u).contiguous(memory_format=torch.channels_last)
+                acts.append(compute_logits(prefix, xtr, dtype=dtype, transform=aug_input)
+                            .to(torch.bfloat16))
+            atr = torch.cat(acts)
+            del acts
+            ava = compute_logits(prefix, xva, dtype=dtype, transform=to_input)
+            log(f"cached {cfg.aug_copies} copies of frozen activations {tuple(atr.shape[1:])} "
+                f"in {time.time() - t0:.1f}s")
+            stage = Stage("finetune", top, top, [p for p in top.parameters() if p.requires_grad],
+                          tensor_batches(atr, ytr, max(1, cfg.aug_copies)), len(ytr), ava, None,
+                          yva, cfg.epochs, lr * cfg.finetune_lr_scale, dtype)
+        else:
+            net.set_trainable_stages(None)
+            stage = Stage("full", net, net, list(net.parameters()),
+                          image_batches(xtr, ytr, aug.enabled), len(ytr), xva, to_input, yva,
+                          cfg.epochs, lr, dtype)
+        _fit(stage, net, cfg, weights, binary, history, ckpt, stages_done, st, log)
+        resume_state = None
+
+    # -- calibrate and choose the operating point on validation only -------------------
+    net.set_trainable_stages(None)
+    net.eval()
+    val_logits = compute_logits(net, xva, dtype=dtype, transform=to_input)
+    temperature = float(fit_temperature(val_logits.numpy(), yva.numpy()))
+    val_probs = logits_to_probs_t(val_logits, binary, temperature)
+    threshold, method = None, None
+    if binary:
+        choice = choose_threshold(yva.numpy(), val_probs[:, 1], method="youden",
+                                  target_sensitivity=cfg.target_sensitivity)
+        threshold, method = float(choice["threshold"]), choice["method"]
+    wall = time.time() - t_start
+    meta = ModelMeta(arch=cfg.model, labels=ds.classes, preprocess=pre, temperature=temperature,
+                     threshold=threshold, threshold_method=method, dropout=cfg.dropout,
+                     name=cfg.name or out.name)
+    meta.extra.update({
+        "training": {"data": str(cfg.data), "layout": ds.layout, "split_counts": ds.counts(),
+                     "notes": ds.notes, "epochs_run": len(history), "stages": stages,
+                     "wall_seconds": round(wall, 1), "seed": cfg.seed,
+                     "precision": "bf16" if dtype else "fp32"},
+    })
+    log(f"calibration: temperature {temperature:.3f}"
+        + (f", threshold {threshold:.4f} ({method})" if binary else ""))
+
+    from .evaluate import evaluate_prepared
+    summaries = {}
+    for split in ("val", "test"):
+        if split not in prepared or len(prepared[split][1]) == 0:
+            continue
+        m = evaluate_prepared(net, meta, prepared[split][0], prepared[split][1].numpy(),
+                              out / "eval" / split, history=history, dtype=dtype,
+                              title=f"{meta.name}: {split} split ({ds.layout})",
+                              sources=sources[split])
+        summaries[split] = m
+    meta.extra["metrics"] = {split: _headline(m) for split, m in summaries.items()}
+    save_model(out, net, meta)
+    log(f"saved model to {out} ({wall:.0f}s); "
+        + "; ".join(f"{s}: acc {m['accuracy']:.4f} auc {m['auc'] if m['auc'] is None else round(m['auc'], 4)}"
+                    for s, m in summaries.items()))
+    return out
+
+
+def _headline(m: dict) -> dict:
+    keys = ("n", "accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity", "f1",
+            "precision", "ece", "brier", "ci", "threshold")
+    return {k: m.get(k) for k in keys}
