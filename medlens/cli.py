@@ -350,12 +350,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Parse first: --help and usage errors should not wait for torch to import.
+    args = build_parser().parse_args(argv)
+
     from .data import DataError
     from .imaging import ImageReadError
     from .modelfile import ModelLoadError
     from .train import TrainError
 
-    args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command][1](args)
     except (DataError, TrainError, ModelLoadError, ImageReadError, ValueError,

@@ -182,7 +182,12 @@ def load_network(folder: str | Path, meta: ModelMeta | None = None) -> tuple[Cla
     wpath = folder / MODEL_WEIGHTS
     if not wpath.exists():
         raise ModelLoadError(f"{wpath} is missing; the model folder is incomplete")
-    state = torch.load(wpath, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(wpath, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated zip, pickled code, not a torch file
+        raise ModelLoadError(f"{wpath} cannot be read as model weights ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0]}); the file is damaged or not a MedLens "
+                             "model.pt: copy the model folder again or retrain it") from None
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as e:

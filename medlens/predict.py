@@ -1,22 +1,47 @@
 """Prediction and Grad-CAM explanations for a trained model.
 
 :class:`Predictor` is the one inference path: decoded pixels -> :class:`Preprocess` (the
-model's own saved spec) -> network -> temperature-scaled probabilities -> label at the stored
-threshold. Evaluation, ``medlens predict`` and the web app all go through it.
+model's own saved spec: ``prepare`` then ``normalize``) -> network -> temperature-scaled
+probabilities -> label at the stored threshold. Evaluation, ``medlens predict`` and the web
+app all go through it.
+
+The network's logits come from ONNX Runtime when the model folder has ``model.onnx``
+(``medlens export``), or when asked with ``backend="onnx"`` (the graph is then exported in
+memory); the torch network is kept for Grad-CAM, which needs gradients.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from .modelfile import ModelLoadError, ModelMeta, load_network, read_meta
 
-__all__ = ["Predictor", "resolve_model", "Prediction", "bundled_models_dir"]
+__all__ = ["Predictor", "resolve_model", "Prediction", "bundled_models_dir", "OODGuard",
+           "load_ood_guard", "NO_OOD"]
+
+NO_OOD = {"flag": None, "score": None}
+"""What :attr:`Prediction.ood` holds for a model without an out-of-distribution guard."""
+
+OODGuard = Callable[[np.ndarray], list[dict]]
+"""``features float32 (N, F)`` (penultimate, see :meth:`Classifier.features`) ->
+``[{"flag": bool, "score": float}, ...]``, one per image."""
+
+
+def load_ood_guard(folder: Path | None, meta: ModelMeta) -> OODGuard | None:
+    """The out-of-distribution guard of a model, or None when it has none.
+
+    The hook for the guard (fitted on training features and stored with the model): the
+    :class:`Predictor` passes the penultimate features of every batch to it. No guard is
+    built yet, so every prediction reports :data:`NO_OOD`.
+    """
+    return None
 
 
 def bundled_models_dir() -> Path:
@@ -63,6 +88,7 @@ class Prediction:
     label: str
     probabilities: dict[str, float]
     threshold: float | None
+    ood: dict = field(default_factory=lambda: dict(NO_OOD))  # {"flag", "score"}
 
     def to_dict(self) -> dict:
         return {"label": self.label, "probabilities": self.probabilities,
@@ -75,34 +101,72 @@ class Predictor:
     Args:
         ref: model folder or bundled-model name.
         extra_dirs: more folders holding model folders.
+        dtype: torch autocast dtype (torch backend only).
+        backend: ``"auto"``: ONNX Runtime when the folder has ``model.onnx``, else torch;
+            ``"onnx"``: ONNX Runtime, exporting the network in memory when ``model.onnx`` is
+            missing (nothing is written); ``"torch"``: torch only.
     """
 
-    def __init__(self, ref: str | os.PathLike, extra_dirs=(), dtype: torch.dtype | None = None):
+    def __init__(self, ref: str | os.PathLike, extra_dirs=(), dtype: torch.dtype | None = None,
+                 backend: str = "auto"):
+        from .export import ONNX_FILE, check_onnx_matches, onnx_bytes, ort_session
+
+        if backend not in ("auto", "onnx", "torch"):
+            raise ValueError(f"backend must be auto, onnx or torch, got {backend!r}")
         self.folder = resolve_model(ref, extra_dirs)
         self.net, self.meta = load_network(self.folder)
         self.net = self.net.to(memory_format=torch.channels_last)
         self.pre = self.meta.preprocess
         self.dtype = dtype
+        self.session, self.backend = None, "torch"
+        onnx_path = self.folder / ONNX_FILE
+        if backend != "torch" and onnx_path.exists():
+            self.session, self.backend = ort_session(onnx_path), "onnx"
+            check_onnx_matches(self.session, self.meta, self.folder)
+        elif backend == "onnx":
+            self.session = ort_session(onnx_bytes(self.net, self.meta))
+            self.backend = "onnx (exported in memory)"
+        self.ood_guard = load_ood_guard(self.folder, self.meta)
+        self._cam_lock = threading.Lock()
 
     @classmethod
     def from_network(cls, net, meta: ModelMeta, dtype=None) -> "Predictor":
+        """A torch-backed predictor of a network in memory (evaluation during training)."""
         self = cls.__new__(cls)
         self.folder, self.net, self.meta, self.pre, self.dtype = None, net.eval(), meta, \
             meta.preprocess, dtype
+        self.session, self.backend, self.ood_guard = None, "torch", None
+        self._cam_lock = threading.Lock()
         return self
 
     @property
     def labels(self) -> list[str]:
         return self.meta.labels
 
-    def logits_prepared(self, x_uint8, batch_size: int = 64) -> torch.Tensor:
-        """Raw logits of prepared ``uint8 (N, C, S, S)`` images."""
+    def forward_prepared(self, x_uint8, batch_size: int = 64, features: bool = False
+                         ) -> tuple[torch.Tensor, np.ndarray | None]:
+        """Logits ``(N, outputs)`` and, if asked, penultimate features ``(N, F)`` of prepared
+        ``uint8 (N, C, S, S)`` images."""
+        if self.session is not None:
+            names = ["logits", "features"] if features else ["logits"]
+            outs = [self.session.run(names, {"input": self.pre.normalize(
+                        torch.as_tensor(x_uint8[i:i + batch_size])).numpy()})
+                    for i in range(0, len(x_uint8), batch_size)]
+            logits = torch.from_numpy(np.concatenate([o[0] for o in outs]))
+            return logits, np.concatenate([o[1] for o in outs]) if features else None
         from .train import compute_logits
 
         self.net.eval()
-        return compute_logits(self.net, x_uint8, batch_size, self.dtype,
-                              transform=lambda b: self.pre.normalize(b).contiguous(
-                                  memory_format=torch.channels_last))
+        n_out = self.meta.num_outputs
+        fn = (lambda b: torch.cat(self.net.forward_with_features(b), 1)) if features else self.net
+        out = compute_logits(fn, x_uint8, batch_size, self.dtype,
+                             transform=lambda b: self.pre.normalize(b).contiguous(
+                                 memory_format=torch.channels_last))
+        return out[:, :n_out], out[:, n_out:].numpy() if features else None
+
+    def logits_prepared(self, x_uint8, batch_size: int = 64) -> torch.Tensor:
+        """Raw logits of prepared ``uint8 (N, C, S, S)`` images."""
+        return self.forward_prepared(x_uint8, batch_size)[0]
 
     def probs_prepared(self, x_uint8, batch_size: int = 64) -> np.ndarray:
         """Calibrated ``(N, K)`` probabilities of prepared images."""
@@ -111,18 +175,27 @@ class Predictor:
         return logits_to_probs_t(self.logits_prepared(x_uint8, batch_size), self.meta.binary,
                                  self.meta.temperature)
 
+    def predict_prepared(self, x_uint8, batch_size: int = 64) -> list[Prediction]:
+        """Prepared ``uint8 (N, C, S, S)`` images -> predictions (with the OOD verdict)."""
+        from .train import logits_to_probs_t
+
+        logits, feats = self.forward_prepared(x_uint8, batch_size,
+                                              features=self.ood_guard is not None)
+        probs = logits_to_probs_t(logits, self.meta.binary, self.meta.temperature)
+        oods = self.ood_guard(feats) if self.ood_guard is not None else [NO_OOD] * len(probs)
+        return [self.to_prediction(p, o) for p, o in zip(probs, oods)]
+
     def predict_pixels(self, pixels_list: list[np.ndarray]) -> list[Prediction]:
         """Decoded images (``uint8 (H,W)`` or ``(H,W,3)``) -> predictions."""
-        x = np.stack([self.pre.prepare(p) for p in pixels_list])
-        return [self.to_prediction(p) for p in self.probs_prepared(x)]
+        return self.predict_prepared(np.stack([self.pre.prepare(p) for p in pixels_list]))
 
-    def to_prediction(self, probs: np.ndarray) -> Prediction:
+    def to_prediction(self, probs: np.ndarray, ood: dict | None = None) -> Prediction:
         from .metrics import predict_labels
 
         idx = int(predict_labels(probs[None], self.meta.threshold)[0])
         return Prediction(self.labels[idx],
                           {c: round(float(v), 6) for c, v in zip(self.labels, probs)},
-                          self.meta.threshold)
+                          self.meta.threshold, dict(ood or NO_OOD))
 
     def explain(self, pixels: np.ndarray, class_index: int | None = None) -> tuple[np.ndarray, int]:
         """Grad-CAM (Selvaraju et al. 2017) through MONAI on the last backbone stage.
@@ -131,9 +204,17 @@ class Predictor:
             ``(cam, class_index)``: ``cam`` is ``float32 (S, S)`` in [0, 1] at the network's
             input size; for a binary model the map explains the positive-class logit.
         """
+        # An input that requires grad keeps MONAI's full backward hook from warning that
+        # "no inputs require gradients" on every call.
+        x = self.pre(pixels)[None].contiguous().requires_grad_(True)
+        # GradCAM hooks the shared network: concurrent calls (web app threads) would record
+        # each other's activations.
+        with self._cam_lock:
+            return self._explain(x, class_index)
+
+    def _explain(self, x: torch.Tensor, class_index: int | None) -> tuple[np.ndarray, int]:
         from monai.visualize import GradCAM
 
-        x = self.pre(pixels)[None].contiguous()
         net = self.net.float().to(memory_format=torch.contiguous_format)
         net.eval()
         cam = GradCAM(nn_module=net, target_layers="backbone")

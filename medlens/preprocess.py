@@ -85,7 +85,8 @@ class Preprocess:
             # PIL's bilinear filter widens its support when shrinking, so large uploads are
             # antialiased rather than aliased.
             img = img.resize((s, s), Image.BILINEAR)
-        arr = np.asarray(img, dtype=np.uint8)
+        # np.array, not np.asarray: PIL's buffer is read-only and torch.from_numpy warns on it.
+        arr = np.array(img, dtype=np.uint8)
         return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
 
     # -- step 2: scale and standardise -------------------------------------------------

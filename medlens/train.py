@@ -64,7 +64,7 @@ class TrainConfig:
     seed: int = 0
     transfer: str = "finetune"       # pretrained models: frozen | finetune | full
     unfreeze: int = 2                # backbone stages trained in the finetune stage
-    aug_copies: int = 4              # augmented copies cached for the finetune stage
+    aug_copies: int = 4              # finetune: training-set copies cached (1 clean + augmented)
     augment: dict = field(default_factory=lambda: AugmentSpec().to_dict())
     patience: int = 5
     monitor: str = "val_auc"        # val_auc | val_loss
@@ -456,6 +456,32 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
     else:
         stages.append("full")
 
+    cut_cache: dict = {}
+
+    def cut_activations(n_top: int, copies: int):
+        """Frozen-prefix activations of the training set (copy 0 clean, the rest augmented)
+        and of the validation set, computed once and shared by the head and finetune stages."""
+        if cut_cache.get("key") != (n_top, copies):
+            prefix = nn.Sequential(*list(net.backbone)[: len(net.backbone) - n_top]).eval()
+            gen = torch.Generator().manual_seed(cfg.seed + 77)
+            t0 = time.time()
+            acts = []
+            for c in range(copies):
+                def aug_input(b, _c=c):
+                    u = pre.to_unit(b)
+                    if _c > 0:
+                        u = augment(u, aug, gen)
+                    return pre.standardize(u).contiguous(memory_format=torch.channels_last)
+                acts.append(compute_logits(prefix, xtr, dtype=dtype, transform=aug_input)
+                            .to(torch.bfloat16))
+            ava = compute_logits(prefix, xva, dtype=dtype, transform=to_input)
+            log(f"cached frozen activations {tuple(ava.shape[1:])} of {copies} cop"
+                f"{'y' if copies == 1 else 'ies'} of the training set in {time.time() - t0:.1f}s")
+            cut_cache.update(key=(n_top, copies), train=torch.cat(acts), val=ava)
+        return cut_cache["train"], cut_cache["val"]
+
+    n_top = min(cfg.unfreeze, len(net.backbone) - 1) if "finetune" in stages else 0
+    copies = max(1, cfg.aug_copies) if "finetune" in stages and aug.enabled else 1
     for name in stages:
         if name in stages_done:
             continue
@@ -464,37 +490,22 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
         if name == "head":
             net.set_trainable_stages(0)
             net.eval()
-            feats = lambda b: net.features(b)  # noqa: E731
-            t0 = time.time()
-            ftr = compute_logits(feats, xtr, dtype=dtype, transform=to_input)
-            fva = compute_logits(feats, xva, dtype=dtype, transform=to_input)
-            log(f"cached frozen features {tuple(ftr.shape)} in {time.time() - t0:.1f}s")
+            atr, ava = cut_activations(n_top, copies)
+            top = nn.Sequential(*list(net.backbone)[len(net.backbone) - n_top:])
+
+            def pooled(a):
+                return net.head.pooled(top(a.float()))
+            ftr = compute_logits(pooled, atr[: len(ytr)], dtype=dtype)
+            fva = compute_logits(pooled, ava, dtype=dtype)
             stage = Stage("head", net.head, net.head.classify, list(net.head.parameters()),
                           tensor_batches(ftr, ytr), len(ytr), fva, None, yva, cfg.head_epochs,
                           lr, None)
         elif name == "finetune":
-            n_top = min(cfg.unfreeze, len(net.backbone))
             net.set_trainable_stages(n_top)
-            prefix = nn.Sequential(*list(net.backbone)[: len(net.backbone) - n_top]).eval()
+            atr, ava = cut_activations(n_top, copies)
             top = nn.Sequential(*list(net.backbone)[len(net.backbone) - n_top:], net.head)
-            t0 = time.time()
-            acts = []
-            gen = torch.Generator().manual_seed(cfg.seed + 77)
-            for c in range(max(1, cfg.aug_copies)):
-                def aug_input(b, _gen=gen, _c=c):
-                    u = pre.to_unit(b)
-                    if _c > 0 or cfg.aug_copies == 1:
-                        u = augment(u, aug, _gen)
-                    return pre.standardize(u).contiguous(memory_format=torch.channels_last)
-                acts.append(compute_logits(prefix, xtr, dtype=dtype, transform=aug_input)
-                            .to(torch.bfloat16))
-            atr = torch.cat(acts)
-            del acts
-            ava = compute_logits(prefix, xva, dtype=dtype, transform=to_input)
-            log(f"cached {cfg.aug_copies} copies of frozen activations {tuple(atr.shape[1:])} "
-                f"in {time.time() - t0:.1f}s")
             stage = Stage("finetune", top, top, [p for p in top.parameters() if p.requires_grad],
-                          tensor_batches(atr, ytr, max(1, cfg.aug_copies)), len(ytr), ava, None,
+                          tensor_batches(atr, ytr, copies), len(ytr), ava, None,
                           yva, cfg.epochs, lr * cfg.finetune_lr_scale, dtype)
         else:
             net.set_trainable_stages(None)
@@ -507,7 +518,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
     # -- calibrate and choose the operating point on validation only -------------------
     net.set_trainable_stages(None)
     net.eval()
-    val_logits = compute_logits(net, xva, dtype=dtype, transform=to_input)
+    # Calibration and evaluation run in float32, the precision prediction and serving use:
+    # bf16 autocast moves probabilities by up to ~0.25 on some images, so a threshold fitted
+    # on bf16 outputs would not be the one that serves.
+    val_logits = compute_logits(net, xva, dtype=None, transform=to_input)
     temperature = float(fit_temperature(val_logits.numpy(), yva.numpy()))
     val_probs = logits_to_probs_t(val_logits, binary, temperature)
     threshold, method = None, None
@@ -534,7 +548,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
         if split not in prepared or len(prepared[split][1]) == 0:
             continue
         m = evaluate_prepared(net, meta, prepared[split][0], prepared[split][1].numpy(),
-                              out / "eval" / split, history=history, dtype=dtype,
+                              out / "eval" / split, history=history, dtype=None,
                               title=f"{meta.name}: {split} split ({ds.layout})",
                               sources=sources[split])
         summaries[split] = m

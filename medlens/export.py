@@ -1,0 +1,296 @@
+"""Export a trained model to ONNX and write its model card.
+
+``medlens export --model RUN`` adds three files to a model folder:
+
+* ``model.onnx`` - the :class:`~medlens.models.Classifier` traced by ``torch.onnx.export``
+  with a dynamic batch axis. Input ``input``: the *normalised* ``float32 (N, C, S, S)``
+  tensor that :meth:`Preprocess.normalize` produces (preprocessing stays in Python, so there
+  is one definition of it). Outputs ``logits`` ``(N, outputs)`` and ``features`` ``(N, F)``
+  (the penultimate features the out-of-distribution guard works on). The export is checked
+  against the torch network on random input before it is written.
+* ``model_card.json`` and ``model_card.md`` - labels, task, preprocessing, calibration,
+  validation metrics with 95% intervals, training data, intended use and limitations, and the
+  sha256 of ``model.onnx`` and ``model.pt`` (Mitchell et al., *Model Cards for Model
+  Reporting*, FAT* 2019).
+
+Inference through ONNX Runtime lives in :class:`medlens.predict.Predictor`; the session
+options are made by :func:`ort_session`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .modelfile import (MODEL_WEIGHTS, ModelLoadError, ModelMeta, atomic_write_bytes,
+                        atomic_write_text, load_network, sha256_file, write_json)
+
+__all__ = ["ONNX_FILE", "OPSET", "ExportError", "onnx_bytes", "check_onnx", "ort_session",
+           "model_card", "model_card_markdown", "export_model", "model_version",
+           "weights_sha256"]
+
+ONNX_FILE = "model.onnx"
+CARD_JSON = "model_card.json"
+CARD_MD = "model_card.md"
+OPSET = 17  # supported by the TorchScript exporter and by onnxruntime 1.31
+INPUT, OUTPUTS = "input", ("logits", "features")
+# Fields a model.json may carry under "card" (all optional; empty placeholders otherwise).
+CARD_FIELDS = ("title", "modality", "intended_use", "out_of_scope_use", "limitations",
+               "ethical_considerations", "caveats", "contact", "license", "citation")
+DISCLAIMER = ("Research software: not a medical device. Predictions must not be used for "
+              "diagnosis without clinical validation on the population the model would serve.")
+
+
+class ExportError(RuntimeError):
+    """The ONNX graph does not reproduce the torch network; the message gives the error."""
+
+
+class _WithFeatures(nn.Module):
+    """Classifier -> (logits, penultimate features): both become ONNX outputs."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net.forward_with_features(x)
+
+
+def onnx_bytes(net, meta: ModelMeta, opset: int = OPSET) -> bytes:
+    """Trace ``net`` to an ONNX model (bytes) with a dynamic batch axis.
+
+    The legacy TorchScript exporter is used (``dynamo=False``): the torch.export-based one
+    needs ``onnxscript``, which MedLens does not otherwise depend on.
+    """
+    import onnx
+
+    net = net.float().to(memory_format=torch.contiguous_format).eval()
+    pre = meta.preprocess
+    dummy = torch.zeros(1, pre.channels, pre.image_size, pre.image_size)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():  # "legacy exporter" deprecation notices on every export
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_WithFeatures(net).eval(), (dummy,), buf, dynamo=False,
+                          opset_version=opset, input_names=[INPUT], output_names=list(OUTPUTS),
+                          dynamic_axes={n: {0: "batch"} for n in (INPUT, *OUTPUTS)},
+                          do_constant_folding=True)
+    model = onnx.load_from_string(buf.getvalue())
+    # Provenance inside the graph: a stale model.onnx (exported before retraining) is
+    # detected by comparing this hash with model.json's at load time.
+    props = {"medlens.weights_sha256": meta.extra.get("weights_sha256") or "",
+             "medlens.labels": json.dumps(meta.labels),
+             "medlens.preprocess": json.dumps(meta.preprocess.to_dict()),
+             "medlens.temperature": repr(meta.temperature),
+             "medlens.threshold": json.dumps(meta.threshold)}
+    for k, v in props.items():
+        model.metadata_props.add(key=k, value=v)
+    model.producer_name = "medlens"
+    return model.SerializeToString()
+
+
+def ort_session(model: bytes | str | os.PathLike, threads: int | None = None):
+    """An ``onnxruntime.InferenceSession`` on the CPU, tuned for latency.
+
+    Args:
+        model: ``.onnx`` path or serialised model bytes.
+        threads: intra-op threads; default every core this process may run on.
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads or _cores()
+    so.inter_op_num_threads = 1  # the graph is a chain: no parallel branches to run
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    src = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def check_onnx(net, model: bytes, meta: ModelMeta, batch: int = 2, rtol: float = 1e-4,
+               seed: int = 0) -> float:
+    """Compare ONNX Runtime's logits with the torch network's on random normal input.
+
+    Returns:
+        The relative error ``max|onnx - torch| / max|torch|``.
+
+    Raises:
+        ExportError: the relative error exceeds ``rtol``.
+    """
+    pre = meta.preprocess
+    x = torch.randn(batch, pre.channels, pre.image_size, pre.image_size,
+                    generator=torch.Generator().manual_seed(seed))
+    net = net.float().to(memory_format=torch.contiguous_format).eval()
+    with torch.no_grad():
+        ref = net(x).numpy()
+    got = ort_session(model).run([OUTPUTS[0]], {INPUT: x.numpy()})[0]
+    err = float(np.abs(got - ref).max() / max(float(np.abs(ref).max()), 1e-12))
+    if not err <= rtol:
+        raise ExportError(f"the ONNX graph's logits differ from torch's by {err:.2e} (relative; "
+                          f"allowed {rtol:.0e}); the network uses an operation the exporter "
+                          "does not translate faithfully")
+    return err
+
+
+def weights_sha256(meta: ModelMeta, folder: str | Path | None = None) -> str | None:
+    """sha256 of ``model.pt``: recorded in ``model.json``, else hashed from the file."""
+    digest = meta.extra.get("weights_sha256")
+    if not digest and folder is not None and (Path(folder) / MODEL_WEIGHTS).exists():
+        digest = sha256_file(Path(folder) / MODEL_WEIGHTS)
+    return digest
+
+
+def model_version(meta: ModelMeta, folder: str | Path | None = None) -> str:
+    """Short version id: the first 12 hex digits of the sha256 of ``model.pt``."""
+    return (weights_sha256(meta, folder) or "unknown")[:12]
+
+
+def model_card(meta: ModelMeta, folder: str | Path | None = None,
+               onnx_sha256: str | None = None) -> dict:
+    """The model card of a model as a dict (what ``model_card.json`` holds).
+
+    Card fields (intended use, limitations, ...) come from a ``card`` dict in ``model.json``;
+    missing ones are empty strings to fill in.
+    """
+    from . import __version__
+
+    given = dict(meta.extra.get("card") or {})
+    card = {k: given.pop(k, "") for k in CARD_FIELDS}
+    card["title"] = card["title"] or meta.name or (Path(folder).name if folder else "model")
+    weights = weights_sha256(meta, folder)
+    out = {
+        "name": meta.name or (Path(folder).name if folder else None),
+        **{k: card[k] for k in ("title", "modality")},
+        "version": (weights or "unknown")[:12],
+        "task": "binary" if meta.binary else "multiclass",
+        "labels": list(meta.labels),
+        "architecture": meta.arch,
+        "input": {"modality": card["modality"] or None, "size": meta.preprocess.image_size,
+                  "channels": meta.preprocess.channels},
+        "preprocessing": meta.preprocess.to_dict(),
+        "calibration": {"method": "temperature scaling (Guo et al. 2017), fitted on validation",
+                        "temperature": meta.temperature},
+        "decision": ({"threshold": meta.threshold, "method": meta.threshold_method,
+                      "rule": f"predict {meta.labels[1]!r} when its probability >= threshold"}
+                     if meta.binary else {"threshold": None, "method": None,
+                                          "rule": "predict the most probable class"}),
+        "metrics": meta.extra.get("metrics") or {},
+        "training": meta.extra.get("training") or {},
+        **{k: card[k] for k in CARD_FIELDS if k not in ("title", "modality")},
+        "disclaimer": DISCLAIMER,
+        "files": {ONNX_FILE: {"sha256": onnx_sha256} if onnx_sha256 else None,
+                  MODEL_WEIGHTS: {"sha256": weights}},
+        "medlens_version": __version__,
+    }
+    for k, v in given.items():  # further fields the author put in the card; ours win
+        out.setdefault(k, v)
+    return out
+
+
+def _fmt(v, digits: int = 3) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def model_card_markdown(card: dict) -> str:
+    """Render :func:`model_card` as Markdown."""
+    lines = [f"# Model card: {card['title']}", "", f"> {card['disclaimer']}", "",
+             "| | |", "|---|---|",
+             f"| name | `{card['name']}` |", f"| version | `{card['version']}` |",
+             f"| task | {card['task']}: {', '.join(card['labels'])} |",
+             f"| architecture | {card['architecture']} |",
+             f"| input | {card['input']['modality'] or 'modality not stated'}, "
+             f"{card['input']['size']} px, {card['input']['channels']} channel(s) |",
+             f"| preprocessing | resize `{card['preprocessing']['resize']}`, mean "
+             f"{card['preprocessing']['mean']}, std {card['preprocessing']['std']} |",
+             f"| calibration | temperature {_fmt(card['calibration']['temperature'], 4)} |",
+             f"| decision | {card['decision']['rule']}"
+             + (f" (threshold {_fmt(card['decision']['threshold'], 4)}, "
+                f"{card['decision']['method']})" if card['decision']['threshold'] is not None
+                else "") + " |", ""]
+    for key, title in (("intended_use", "Intended use"), ("out_of_scope_use", "Out-of-scope use"),
+                       ("limitations", "Limitations"),
+                       ("ethical_considerations", "Ethical considerations"),
+                       ("caveats", "Caveats")):
+        lines += [f"## {title}", "", card.get(key) or "_Not stated yet._", ""]
+    lines += ["## Evaluation (95% bootstrap intervals)", ""]
+    metrics = card.get("metrics") or {}
+    if not metrics:
+        lines += ["_No evaluation recorded in model.json._", ""]
+    for split, m in metrics.items():
+        lines += [f"### {split} split (n = {m.get('n')})", "", "| metric | value | 95% CI |",
+                  "|---|---|---|"]
+        ci = m.get("ci") or {}
+        for k in ("accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity",
+                  "precision", "f1", "ece", "brier"):
+            if k in m:
+                lo_hi = ci.get(k)
+                interval = (f"{_fmt(lo_hi[0])} – {_fmt(lo_hi[1])}" if lo_hi and None not in lo_hi
+                            else "")
+                lines.append(f"| {k} | {_fmt(m[k])} | {interval} |")
+        lines.append("")
+    training = card.get("training") or {}
+    lines += ["## Training data", ""]
+    if training:
+        lines += [f"- data: `{training.get('data')}` ({training.get('layout')})"]
+        for split, counts in (training.get("split_counts") or {}).items():
+            lines.append(f"- {split}: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
+        lines += [f"- note: {n}" for n in training.get("notes") or []]
+    else:
+        lines.append("_Not recorded._")
+    lines += ["", "## Files", ""]
+    for name, f in card["files"].items():
+        lines.append(f"- `{name}`: sha256 `{f['sha256']}`" if f else f"- `{name}`: not exported")
+    return "\n".join(lines) + "\n"
+
+
+def export_model(ref: str | os.PathLike, opset: int = OPSET, rtol: float = 1e-4) -> dict:
+    """``medlens export``: write ``model.onnx``, ``model_card.json`` and ``model_card.md``.
+
+    Args:
+        ref: a model folder (a ``medlens train`` run) or a bundled model name.
+
+    Returns:
+        ``{"folder", "onnx", "card_json", "card_md", "relative_error"}``.
+    """
+    from .predict import resolve_model
+
+    folder = resolve_model(ref)
+    net, meta = load_network(folder)
+    meta.extra["weights_sha256"] = weights_sha256(meta, folder)
+    blob = onnx_bytes(net, meta, opset)
+    err = check_onnx(net, blob, meta, rtol=rtol)
+    atomic_write_bytes(folder / ONNX_FILE, blob)
+    card = model_card(meta, folder, onnx_sha256=hashlib.sha256(blob).hexdigest())
+    write_json(folder / CARD_JSON, card)
+    atomic_write_text(folder / CARD_MD, model_card_markdown(card))
+    return {"folder": folder, "onnx": folder / ONNX_FILE, "card_json": folder / CARD_JSON,
+            "card_md": folder / CARD_MD, "relative_error": err}
+
+
+def onnx_weights_sha256(session) -> str | None:
+    """The ``model.pt`` hash recorded in an exported graph (None for foreign ONNX files)."""
+    return session.get_modelmeta().custom_metadata_map.get("medlens.weights_sha256") or None
+
+
+def check_onnx_matches(session, meta: ModelMeta, folder: Path) -> None:
+    """Refuse a ``model.onnx`` exported from other weights than ``model.pt``."""
+    recorded = onnx_weights_sha256(session)
+    expected = meta.extra.get("weights_sha256")
+    if recorded and expected and recorded != expected:
+        raise ModelLoadError(f"{folder / ONNX_FILE} was exported from other weights than "
+                             f"{folder / MODEL_WEIGHTS} (sha256 {recorded[:12]} vs "
+                             f"{expected[:12]}); re-run `medlens export --model {folder}`")
