@@ -79,7 +79,9 @@ def prepare_samples(samples, pre: Preprocess, *, workers: int | None = None,
         meta = Path(cache_dir) / f"{key}.json"
         if npy.exists() and meta.exists():
             info = json.loads(meta.read_text())
-            return PreparedImages(np.load(npy, mmap_mode="r"), info["keep"],
+            # Copy-on-write: writable for torch.from_numpy/as_tensor (a read-only map makes
+            # torch warn on every batch), while writes never reach the cache file.
+            return PreparedImages(np.load(npy, mmap_mode="c"), info["keep"],
                                   [tuple(e) for e in info["errors"]])
     out = np.empty((len(samples),) + shape, dtype=np.uint8)
     keep, errors = [], []

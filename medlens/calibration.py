@@ -99,7 +99,8 @@ def choose_threshold(y_true, p_pos, *, method: str = "youden",
     """Choose a binary operating threshold on validation data.
 
     Candidate thresholds are the scores returned by scikit-learn's ``roc_curve`` with the
-    inclusive rule ``positive iff p >= t`` (its initial ``inf`` is mapped to 1.0).
+    inclusive rule ``positive iff p >= t`` (its initial ``inf`` is mapped to 1.0); the chosen
+    one is moved halfway to the next lower score, which keeps every decision on the data.
 
     * ``"youden"``: maximise Youden's J = sensitivity + specificity - 1 (Youden, 1950,
       "Index for rating diagnostic tests", Cancer 3:32-35); ties go to the higher threshold.
@@ -144,6 +145,11 @@ def choose_threshold(y_true, p_pos, *, method: str = "youden",
     else:  # first (= highest) threshold reaching the target has the best specificity
         i = int(np.flatnonzero(tpr >= target_sensitivity - 1e-12)[0])
     t = float(min(thr[i], 1.0)) if np.isfinite(thr[i]) else 1.0
+    if i + 1 < len(thr):
+        # Midway to the next lower score: the same decisions on this data, but a margin on
+        # both sides instead of a threshold sitting exactly on one validation image's score
+        # (on separable data that score can round to 1.0).
+        t = float((t + thr[i + 1]) / 2)
     pred = p >= t
     return {"threshold": t, "method": method,
             "sensitivity": float(pred[y == 1].mean()),

@@ -181,9 +181,12 @@ def _add_predict(sub):
     p.add_argument("--model", required=True, help="run folder or bundled/installed model name")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     p.add_argument("--out", default=None,
-                   help="write a CSV (path,label,p_<class>...,error); unreadable files are "
-                        "listed with their error")
+                   help="write a CSV (path,label,p_<class>...,ood_flag,error); unreadable files "
+                        "are listed with their error instead of stopping the batch")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--backend", choices=["onnx", "torch"], default="onnx",
+                   help="ONNX Runtime (model.onnx, or exported in memory when the folder has "
+                        "none) or torch; default %(default)s")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -195,7 +198,7 @@ def _cmd_predict(a) -> int:
     from .modelfile import write_csv
     from .predict import Predictor
 
-    pred = Predictor(a.model)
+    pred = Predictor(a.model, backend=a.backend)
     files = []
     for p in a.paths:
         pp = Path(p)
@@ -224,16 +227,15 @@ def _cmd_predict(a) -> int:
                 failed += 1
                 rows.append({"path": f, "label": None, "error": str(e)})
         if prepared:
-            for f, probs in zip(ok, pred.probs_prepared(np.stack(prepared))):
-                r = pred.to_prediction(probs)
+            for f, r in zip(ok, pred.predict_prepared(np.stack(prepared), a.batch_size)):
                 rows.append({"path": f, "label": r.label, **{f"p_{c}": v for c, v in
                                                              r.probabilities.items()},
-                             "error": None})
+                             "ood_flag": r.ood["flag"], "error": None})
         if bar is not None:
             bar.update(len(chunk))
     if bar is not None:
         bar.close()
-    cols = ["path", "label"] + [f"p_{c}" for c in pred.labels] + ["error"]
+    cols = ["path", "label"] + [f"p_{c}" for c in pred.labels] + ["ood_flag", "error"]
     if a.out:
         write_csv(a.out, rows, cols)
         print(f"wrote {len(rows)} rows to {a.out} ({failed} unreadable)", file=sys.stderr)
@@ -242,7 +244,8 @@ def _cmd_predict(a) -> int:
             print(json.dumps({"path": r["path"], "model": pred.meta.name, "label": r["label"],
                               "probabilities": {c: r.get(f"p_{c}") for c in pred.labels}
                               if r["label"] else None,
-                              "threshold": pred.meta.threshold, "error": r["error"]}))
+                              "threshold": pred.meta.threshold, "ood_flag": r.get("ood_flag"),
+                              "error": r["error"]}))
     elif not a.out:
         for r in rows:
             if r["error"]:
@@ -334,9 +337,51 @@ def _cmd_models(a) -> int:
     return 0
 
 
+def _add_export(sub):
+    p = sub.add_parser("export", help="export a model to ONNX and write its model card",
+                       description="Write model.onnx (checked against the torch network on "
+                                   "random input), model_card.json and model_card.md into the "
+                                   "model folder. Card fields (intended_use, limitations, "
+                                   "modality, ...) are read from a `card` dict in model.json.")
+    p.add_argument("--model", required=True, help="run folder or bundled model name")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
+
+
+def _cmd_export(a) -> int:
+    from .export import OPSET, export_model
+
+    res = export_model(a.model, opset=a.opset or OPSET)
+    print(f"wrote {res['onnx']} (max relative difference to torch "
+          f"{res['relative_error']:.1e}), {res['card_json']}, {res['card_md']}")
+    return 0
+
+
+def _add_serve(sub):
+    p = sub.add_parser("serve", help="web app and REST API",
+                       description="Serve the diagnose page (/), the training dashboard "
+                                   "(/dashboard), the REST API (/api/v1) and its docs (/docs) "
+                                   "with uvicorn. Models: the bundled ones plus --models.")
+    p.add_argument("--host", default="127.0.0.1", help="default %(default)s (this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="default %(default)s")
+    p.add_argument("--models", action="append", default=[], metavar="DIR",
+                   help="a model/run folder, or a folder of them (repeatable)")
+    p.add_argument("--max-upload-mb", type=float, default=20,
+                   help="refuse uploads larger than this (413); default %(default)s")
+    p.add_argument("--log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug"])
+
+
+def _cmd_serve(a) -> int:
+    from .serve import serve
+
+    serve(a.host, a.port, a.models, int(a.max_upload_mb * 1024 * 1024), a.log_level)
+    return 0
+
+
 COMMANDS = {"train": (_add_train, _cmd_train), "evaluate": (_add_evaluate, _cmd_evaluate),
             "predict": (_add_predict, _cmd_predict), "explain": (_add_explain, _cmd_explain),
-            "compare": (_add_compare, _cmd_compare), "models": (_add_models, _cmd_models)}
+            "compare": (_add_compare, _cmd_compare), "models": (_add_models, _cmd_models),
+            "export": (_add_export, _cmd_export), "serve": (_add_serve, _cmd_serve)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -354,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     from .data import DataError
+    from .export import ExportError
     from .imaging import ImageReadError
     from .modelfile import ModelLoadError
     from .train import TrainError
@@ -361,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command][1](args)
     except (DataError, TrainError, ModelLoadError, ImageReadError, ValueError,
-            FileNotFoundError) as e:
+            FileNotFoundError, ExportError) as e:
         print(f"medlens {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

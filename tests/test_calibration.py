@@ -71,8 +71,9 @@ def test_youden_threshold_on_constructed_case():
     y = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1])
     p = np.array([0.1, 0.2, 0.3, 0.45, 0.6, 0.5, 0.7, 0.8, 0.9])
     # t=0.7: J=0.75+1-1=0.75; t=0.5: J=1+0.8-1=0.8 (best); t=0.45: J=0.6
+    # The threshold sits midway between the best score (0.5) and the next lower one (0.45).
     r = choose_threshold(y, p)
-    assert r == {"threshold": 0.5, "method": "youden", "sensitivity": 1.0,
+    assert r == {"threshold": pytest.approx(0.475), "method": "youden", "sensitivity": 1.0,
                  "specificity": 0.8, "target_sensitivity": None}
 
 
@@ -85,9 +86,12 @@ def test_target_sensitivity():
     assert (p[y == 1] >= r["threshold"]).mean() == pytest.approx(r["sensitivity"])
     assert r["sensitivity"] >= 0.95
     assert r["specificity"] == pytest.approx((p[y == 0] < r["threshold"]).mean())
-    # it is the highest such threshold: the next higher score misses the target
+    # it is the highest such cut: it lies just below one score (the decisive one), and
+    # cutting at the next higher score misses the target
     higher = np.unique(p[p > r["threshold"]])
-    assert (p[y == 1] >= higher[0]).mean() < 0.95
+    lower = p[p < r["threshold"]].max()
+    assert r["threshold"] == pytest.approx((higher[0] + lower) / 2)
+    assert (p[y == 1] >= higher[1]).mean() < 0.95
     assert 0 < r["threshold"] < 1
 
 

@@ -294,7 +294,9 @@ def test_predict_csv_lists_unreadable_files(capsys, tmp_path, trained_run, predi
     assert f"wrote {len(files)} rows" in err and "(2 unreadable)" in err
     with open(out_csv, newline="") as f:
         reader = csv.DictReader(f)
-        assert reader.fieldnames == ["path", "label", "p_NORMAL", "p_PNEUMONIA", "error"]
+        cols = reader.fieldnames
+        assert cols[:4] == ["path", "label", "p_NORMAL", "p_PNEUMONIA"] and cols[-1] == "error"
+        assert set(cols[4:-1]) <= {"ood_flag"}
         rows = {r["path"]: r for r in reader}
     assert set(rows) == {str(f) for f in files}
     for f in good:
@@ -304,6 +306,20 @@ def test_predict_csv_lists_unreadable_files(capsys, tmp_path, trained_run, predi
     for f, why in ((junk, "not an image"), (missing, "does not exist")):
         r = rows[str(f)]
         assert r["label"] == "" and r["p_NORMAL"] == "" and why in r["error"]
+
+
+def test_predict_backends_agree(capsys, trained_run, synthetic_data):
+    files = sorted((synthetic_data / "PNEUMONIA").glob("*.png"))[:3]
+    results = {}
+    for backend in ("torch", "onnx"):
+        code, out, _ = _run(capsys, "predict", *files, "--model", trained_run, "--json",
+                            "--quiet", "--backend", backend)
+        assert code == 0
+        results[backend] = [json.loads(line) for line in out.strip().splitlines()]
+    for t, o in zip(results["torch"], results["onnx"]):
+        assert t["path"] == o["path"] and t["label"] == o["label"]
+        for c in ("NORMAL", "PNEUMONIA"):
+            assert t["probabilities"][c] == pytest.approx(o["probabilities"][c], abs=1e-4)
 
 
 def test_predict_folder_recurses(capsys, trained_run, synthetic_data):

@@ -186,3 +186,30 @@ def test_multiclass_explain_each_class(multiclass_predictor, image_factory):
         cam_k, idx_k = multiclass_predictor.explain(img, class_index=k)
         assert idx_k == k and cam_k.shape == (32, 32)
         assert cam_k.min() >= 0 and cam_k.max() <= 1
+
+
+# --------------------------------------------------------------------------- backends
+
+
+def test_backend_auto_without_onnx_file_is_torch(predictor):
+    assert predictor.backend == "torch" and predictor.session is None
+
+
+def test_onnx_backend_matches_torch(trained_run, predictor, synthetic_data):
+    files = _files(synthetic_data, "NORMAL", 3) + _files(synthetic_data, "PNEUMONIA", 3)
+    x = np.stack([predictor.pre.prepare(read_image(f).pixels) for f in files])
+    onnx = Predictor(trained_run, backend="onnx")
+    assert onnx.backend.startswith("onnx")
+    assert not (trained_run / "model.onnx").exists()  # exported in memory only
+    np.testing.assert_allclose(onnx.probs_prepared(x), predictor.probs_prepared(x), atol=1e-4)
+    logits, feats = onnx.forward_prepared(x, features=True)
+    t_logits, t_feats = predictor.forward_prepared(x, features=True)
+    assert feats.shape == t_feats.shape == (6, 256)
+    np.testing.assert_allclose(feats, t_feats, atol=1e-4)
+    assert [p.label for p in onnx.predict_prepared(x)] == \
+        [p.label for p in predictor.predict_prepared(x)]
+
+
+def test_unknown_backend_is_an_error(trained_run):
+    with pytest.raises(ValueError, match="backend must be auto, onnx or torch"):
+        Predictor(trained_run, backend="tensorrt")

@@ -291,6 +291,13 @@ def test_prepare_samples_cache_dir_writes_npy_and_reuses_it(tmp_path):
     assert isinstance(second.pixels, np.memmap)  # read back, not decoded again
     assert np.array_equal(second.pixels, first.pixels)
     assert second.keep == first.keep and second.errors == first.errors
+    # Writable for torch without a warning, yet writes never reach the cache file.
+    assert second.pixels.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.as_tensor(second.pixels[:2])
+    second.pixels[0] = 7
+    assert np.array_equal(np.load(npys[0]), first.pixels)
 
     # Another geometry is another cache entry.
     other = prepare_samples(samples, Preprocess(image_size=20, channels=1, mean=(0.5,),

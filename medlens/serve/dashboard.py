@@ -12,13 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["run_results", "comparison"]
+__all__ = ["run_results", "comparison", "HEADLINE_LABELS"]
 
 _COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
            "#7f7f7f", "#bcbd22", "#17becf"]
 _HEADLINE = [("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"),
              ("auc", "AUC"), ("sensitivity", "sensitivity"), ("specificity", "specificity"),
              ("f1", "F1")]
+HEADLINE_LABELS = [label for _, label in _HEADLINE]
 
 
 def _layout(title: str, xtitle: str, ytitle: str, **extra) -> dict:
@@ -93,13 +94,17 @@ def _confusion_figure(cm: list[list[int]], labels: list[str]) -> dict:
     rows = z.sum(1, keepdims=True)
     pct = np.divide(z, rows, out=np.zeros_like(z), where=rows > 0) * 100
     text = [[f"{int(v)}<br>{p:.1f}%" for v, p in zip(rv, rp)] for rv, rp in zip(z, pct)]
+    # Light-to-mid blue keeps the dark cell text readable; axes are categorical so that
+    # labels like "0"/"1" are not read as numbers.
     return {"id": "confusion", "data": [{
         "type": "heatmap", "z": pct.round(2).tolist(), "x": labels, "y": labels, "text": text,
-        "texttemplate": "%{text}", "colorscale": "Blues", "zmin": 0, "zmax": 100,
-        "colorbar": {"title": {"text": "% of row"}},
+        "texttemplate": "%{text}", "colorscale": [[0, "#f7fbff"], [1, "#4a90c8"]], "zmin": 0,
+        "zmax": 100, "colorbar": {"title": {"text": "% of row"}},
         "hovertemplate": "true %{y}, predicted %{x}: %{text}<extra></extra>"}],
         "layout": _layout("Confusion matrix (validation)", "predicted", "true",
-                          yaxis={"title": {"text": "true"}, "autorange": "reversed"})}
+                          xaxis={"title": {"text": "predicted"}, "type": "category"},
+                          yaxis={"title": {"text": "true"}, "type": "category",
+                                 "autorange": "reversed", "automargin": True})}
 
 
 def _report_rows(metrics: dict) -> list[dict]:
@@ -112,14 +117,14 @@ def run_results(name: str, folder: Path) -> dict:
 
     Returns:
         ``{"name", "figures": [plotly dicts with "id"], "report": per-class rows,
-        "headline": [(label, value, ci)], "missing": [what is not there]}``.
+        "headline": {label: (value, ci)}, "missing": [what is not there], "history", "eval"}``.
     """
     from ..compare import load_run_evaluation
     from ..evaluate import read_history
     from ..modelfile import ModelLoadError
 
-    out = {"name": name, "figures": [], "report": [], "headline": [], "missing": [],
-           "history": None, "eval": None}
+    out = {"name": name, "figures": [], "report": [], "headline": {}, "missing": [],
+           "history": None, "eval": None, "n": None}
     history = read_history(folder)
     if history:
         out["figures"] += _curve_figures(history)
@@ -143,7 +148,8 @@ def run_results(name: str, folder: Path) -> dict:
         out["figures"].append(_confusion_figure(m["confusion_matrix"], ev["labels"]))
     out["report"] = _report_rows(m)
     ci = m.get("ci") or {}
-    out["headline"] = [(label, m.get(k), ci.get(k)) for k, label in _HEADLINE if k in m]
+    out["headline"] = {label: (m[k], ci.get(k)) for k, label in _HEADLINE
+                       if m.get(k) is not None}
     out["n"] = m.get("n")
     return out
 

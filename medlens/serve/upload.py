@@ -28,7 +28,7 @@ class UploadError(Exception):
 
 
 def _mb(n: int) -> str:
-    return f"{n / 1e6:g} MB"
+    return f"{n / 2**20:g} MB"
 
 
 def _too_large(limit: int) -> UploadError:

@@ -1,0 +1,163 @@
+"""Latency of one predict request, end to end, against a real ``medlens serve``.
+
+Starts the app with uvicorn in a subprocess on 127.0.0.1, sends ``-n`` requests with a
+generated 1024x1024 JPEG to ``POST /api/v1/models/NAME/predict``, without and then with
+``explain=true`` (Grad-CAM), one at a time over one keep-alive connection, and prints p50/p95
+of the client-side wall time. Bounded in count (``-n``) and time (``--max-seconds``).
+
+    python bench/latency.py --model runs/pneumonia -n 30
+
+``--model`` is a model folder (a run of ``medlens train``); without it, the first bundled model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import io
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+
+def make_jpeg(side: int = 1024, seed: int = 0) -> bytes:
+    """A chest-film-like greyscale JPEG: dark background, two bright lung-shaped ellipses."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:side, :side] / side
+    img = 40 + 30 * yy + rng.normal(0, 12, (side, side))
+    for cx in (0.32, 0.68):
+        inside = ((xx - cx) / 0.16) ** 2 + ((yy - 0.5) / 0.32) ** 2 <= 1
+        img[inside] += 110
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def multipart(data: bytes, name: str = "bench.jpg") -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+            f"filename=\"{name}\"\r\nContent-Type: image/jpeg\r\n\r\n").encode() + data + \
+        f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(port: int, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with code {proc.returncode} before it was ready")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", "/healthz")
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise SystemExit(f"the server was not ready after {timeout:.0f} s")
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def run(port: int, name: str, body: bytes, ctype: str, explain: bool, n: int,
+        deadline: float, warmup: int) -> tuple[list[float], list[float]]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    path = f"/api/v1/models/{name}/predict?explain={'true' if explain else 'false'}"
+    wall, server = [], []
+    for i in range(warmup + n):
+        if time.time() > deadline:
+            break
+        t0 = time.perf_counter()
+        conn.request("POST", path, body=body, headers={"Content-Type": ctype})
+        resp = conn.getresponse()
+        payload = resp.read()
+        dt = (time.perf_counter() - t0) * 1e3
+        if resp.status != 200:
+            raise SystemExit(f"predict answered {resp.status}: {payload[:300]!r}")
+        if i >= warmup:
+            wall.append(dt)
+            server.append(json.loads(payload)["elapsed_ms"])
+    conn.close()
+    return wall, server
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="model folder (default: first bundled model)")
+    ap.add_argument("-n", type=int, default=30, help="measured requests per mode (default 30)")
+    ap.add_argument("--warmup", type=int, default=3, help="unmeasured requests first")
+    ap.add_argument("--max-seconds", type=float, default=300,
+                    help="stop measuring after this long (default 300)")
+    args = ap.parse_args(argv)
+
+    from medlens.predict import available_models
+
+    if args.model:
+        folder = Path(args.model)
+    else:
+        bundled = available_models()
+        if not bundled:
+            ap.error("no bundled model: pass --model RUN_FOLDER")
+        folder = next(iter(bundled.values()))
+    if not (folder / "model.json").exists():
+        ap.error(f"{folder} is not a model folder (no model.json)")
+    load_before = os.getloadavg()
+    port = free_port()
+    cmd = [sys.executable, "-m", "medlens.cli", "serve", "--models", str(folder), "--port",
+           str(port), "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_ready(port, proc, timeout=300)
+        body, ctype = multipart(make_jpeg())
+        deadline = time.time() + args.max_seconds
+        results = {}
+        for explain in (False, True):
+            wall, server = run(port, folder.name, body, ctype, explain, args.n, deadline,
+                               args.warmup)
+            if wall:
+                results[explain] = (wall, server)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    import onnxruntime
+
+    print(f"model {folder.name} ({folder}); 1024x1024 JPEG of {len(body) / 1e3:.0f} KB")
+    print(f"machine: {cpu_name()}, {len(os.sched_getaffinity(0))} cores; onnxruntime "
+          f"{onnxruntime.__version__}; load average before: "
+          f"{' '.join(f'{x:.2f}' for x in load_before)}")
+    print(f"{'request':<22}{'n':>4}{'p50 ms':>10}{'p95 ms':>10}{'server p50 ms':>15}")
+    for explain, (wall, server) in results.items():
+        label = "predict, explain=true" if explain else "predict"
+        print(f"{label:<22}{len(wall):>4}{np.percentile(wall, 50):>10.1f}"
+              f"{np.percentile(wall, 95):>10.1f}{np.percentile(server, 50):>15.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

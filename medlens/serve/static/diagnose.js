@@ -1,0 +1,133 @@
+// Diagnose page: upload an image to the JSON API and show the answer. Every text from the
+// server is set with textContent (never innerHTML).
+(() => {
+  "use strict";
+  const $ = (id) => document.getElementById(id);
+  const select = $("model");
+  if (!select) return; // no models loaded
+
+  function showCard() {
+    document.querySelectorAll(".model-card").forEach((s) => {
+      s.hidden = s.dataset.model !== select.value;
+    });
+  }
+
+  function clearResult() {
+    $("result").hidden = true;
+    $("error").hidden = true;
+    $("status").textContent = "";
+  }
+
+  function showError(text) {
+    $("result").hidden = true;
+    $("status").textContent = "";
+    $("error").textContent = text;
+    $("error").hidden = false;
+  }
+
+  function pct(p) {
+    return (100 * p).toFixed(1) + "%";
+  }
+
+  function render(r) {
+    $("result-label").textContent = r.label;
+    const bars = $("probabilities");
+    bars.replaceChildren();
+    for (const [cls, p] of Object.entries(r.probabilities)) {
+      const row = document.createElement("div");
+      row.className = "bar-row" + (cls === r.label ? " predicted" : "");
+      const name = document.createElement("span");
+      name.className = "bar-name";
+      name.textContent = cls;
+      const track = document.createElement("div");
+      track.className = "bar-track";
+      const fill = document.createElement("div");
+      fill.className = "bar-fill";
+      fill.style.width = pct(p);
+      track.appendChild(fill);
+      const value = document.createElement("span");
+      value.className = "bar-value";
+      value.textContent = pct(p);
+      row.append(name, track, value);
+      bars.appendChild(row);
+    }
+    const classes = Object.keys(r.probabilities);
+    $("threshold").textContent = r.threshold === null
+      ? "Decision rule: the most probable class."
+      : `Decision threshold: ${classes[1]} is predicted when its calibrated probability is at least ${pct(r.threshold)}.`;
+    const ood = r.ood || { flag: null, score: null };
+    $("ood-warning").hidden = ood.flag !== true;
+    $("ood-warning").textContent = ood.flag === true
+      ? `Warning: this image looks unlike the images the model was trained on (score ${Number(ood.score).toFixed(3)}). The prediction is unreliable.`
+      : "";
+    $("ood-none").hidden = ood.flag !== null;
+    const notes = $("notes");
+    notes.replaceChildren();
+    for (const n of r.notes || []) {
+      const li = document.createElement("li");
+      li.textContent = "Note: " + n;
+      notes.appendChild(li);
+    }
+    const images = document.querySelector("#result .images");
+    images.hidden = !r.cam_png_base64;
+    if (r.cam_png_base64) {
+      $("original").src = "data:image/png;base64," + r.image_png_base64;
+      $("cam").src = "data:image/png;base64," + r.cam_png_base64;
+    }
+    $("version").textContent = r.version;
+    $("elapsed").textContent = r.elapsed_ms;
+    $("status").textContent = "";
+    $("error").hidden = true;
+    $("result").hidden = false;
+  }
+
+  async function diagnose(file) {
+    clearResult();
+    $("status").textContent = `Analysing ${file.name}…`;
+    const body = new FormData();
+    body.append("file", file);
+    const url = `/api/v1/models/${encodeURIComponent(select.value)}/predict?explain=${$("explain").checked}`;
+    let res;
+    try {
+      res = await fetch(url, { method: "POST", body });
+    } catch (err) {
+      showError(`The server could not be reached (${err.message}). Is medlens serve still running?`);
+      return;
+    }
+    let payload = null;
+    try {
+      payload = await res.json();
+    } catch (err) {
+      payload = null;
+    }
+    if (!res.ok) {
+      const detail = payload && payload.detail ? payload.detail : `${res.status} ${res.statusText}`;
+      showError(`The image could not be analysed: ${detail}`);
+      return;
+    }
+    render(payload);
+  }
+
+  select.addEventListener("change", () => { showCard(); clearResult(); });
+  showCard();
+
+  const drop = $("drop-zone");
+  const input = $("file");
+  for (const ev of ["dragenter", "dragover"]) {
+    drop.addEventListener(ev, (e) => { e.preventDefault(); drop.classList.add("over"); });
+  }
+  for (const ev of ["dragleave", "drop"]) {
+    drop.addEventListener(ev, (e) => { e.preventDefault(); drop.classList.remove("over"); });
+  }
+  drop.addEventListener("drop", (e) => {
+    const f = e.dataTransfer && e.dataTransfer.files[0];
+    if (f) diagnose(f);
+  });
+  drop.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" || e.key === " ") { e.preventDefault(); input.click(); }
+  });
+  input.addEventListener("change", () => {
+    if (input.files[0]) diagnose(input.files[0]);
+    input.value = ""; // choosing the same file again triggers another analysis
+  });
+})();

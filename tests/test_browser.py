@@ -1,0 +1,159 @@
+"""A real browser against a real server: Playwright for Python drives Debian's chromium.
+
+The app runs under uvicorn on a free 127.0.0.1 port in a thread of this process. Playwright
+never downloads a browser here: ``make test`` installs Debian's ``chromium`` when it is missing.
+Outside CI the test skips (with a message) where chromium is absent; in CI (``CI`` set) it
+must run.
+
+``MEDLENS_SCREENSHOTS=1`` saves ``docs/screenshots/{diagnose,dashboard}.png``;
+``MEDLENS_BROWSER_MODELS=DIR`` and ``MEDLENS_BROWSER_IMAGE=FILE`` replace the tiny test model
+and image (the README's screenshots use a real run and a real X-ray).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from serve_fixtures import BINARY, encode, served_models  # noqa: F401 - fixture
+
+CHROMIUM = "/usr/bin/chromium"
+SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
+
+if not Path(CHROMIUM).exists() and not os.environ.get("CI"):
+    pytest.skip(f"{CHROMIUM} is missing: `make test` installs it (apt-get install chromium); "
+                "in CI this test runs", allow_module_level=True)
+try:
+    from playwright.sync_api import sync_playwright
+except ImportError:
+    if os.environ.get("CI"):
+        raise
+    pytest.skip("playwright is not installed: pip install -e '.[test]'", allow_module_level=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(served_models):  # noqa: F811
+    import uvicorn
+
+    from medlens.serve import create_app
+
+    models = os.environ.get("MEDLENS_BROWSER_MODELS") or served_models
+    app = create_app([models])
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started:
+        assert thread.is_alive() and time.time() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", app
+    srv.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    base, _ = server
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"])
+        pg = browser.new_page(viewport={"width": 1280, "height": 900})
+        external, errors = [], []
+        pg.on("request", lambda r: None if r.url.startswith((base, "data:"))
+              else external.append(r.url))
+        pg.on("pageerror", lambda e: errors.append(str(e)))
+        pg.external, pg.errors = external, errors
+        yield pg
+        browser.close()
+
+
+def _screenshot(pg, name: str) -> None:
+    if os.environ.get("MEDLENS_SCREENSHOTS"):
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        pg.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+
+
+def test_diagnose_upload_shows_label_probabilities_and_grad_cam(server, page, tmp_path,
+                                                                image_factory):
+    base, app = server
+    image = os.environ.get("MEDLENS_BROWSER_IMAGE")
+    page.goto(base + "/")
+    if image:
+        upload = Path(image)
+    else:
+        upload = tmp_path / "bright.png"
+        upload.write_bytes(encode(Image.fromarray(image_factory("bright", seed=11, size=96))))
+        page.select_option("#model", BINARY)
+    name = page.eval_on_selector("#model", "s => s.value")
+    labels = app.state.models[name].predictor.labels
+    page.set_input_files("#file", str(upload))
+    page.wait_for_selector("#result:not([hidden])", timeout=60_000)
+    label = page.text_content("#result-label")
+    assert label in labels
+    rows = page.query_selector_all("#probabilities .bar-row")
+    assert [r.query_selector(".bar-name").text_content() for r in rows] == labels
+    values = [float(r.query_selector(".bar-value").text_content().rstrip("%")) for r in rows]
+    assert sum(values) == pytest.approx(100, abs=0.2)
+    assert page.text_content("#result .bar-row.predicted .bar-name") == label
+    page.wait_for_function("document.getElementById('cam').naturalWidth > 0")
+    assert page.eval_on_selector("#cam", "i => i.naturalWidth") == 224
+    assert page.eval_on_selector("#original", "i => i.naturalWidth") == 224
+    assert page.is_visible("#ood-none") and not page.is_visible("#ood-warning")
+    assert page.is_visible(f'.model-card[data-model="{name}"]')
+    if not image:
+        assert label == "PNEUMONIA"  # the tiny model learnt that a bright disc is positive
+    _screenshot(page, "diagnose")
+
+    # A bad upload is explained in words on the page, and the next good one works.
+    bad = tmp_path / "notes.png"
+    bad.write_bytes(b"this is not an image")
+    page.set_input_files("#file", str(bad))
+    page.wait_for_selector("#error:not([hidden])")
+    assert "is not an image" in page.text_content("#error")
+    assert not page.is_visible("#result")
+    page.set_input_files("#file", str(upload))
+    page.wait_for_selector("#result:not([hidden])")
+    assert page.errors == [] and page.external == []
+
+
+def test_dashboard_renders_plotly_plots(server, page):
+    base, _ = server
+    page.goto(base + "/dashboard")
+    page.wait_for_selector(".js-plotly-plot .main-svg", timeout=30_000)
+    plots = page.query_selector_all(".js-plotly-plot")
+    assert len(plots) >= 4  # accuracy, loss, ROC, confusion (+ comparison)
+    assert all(p.query_selector("svg.main-svg") for p in plots)
+    assert page.query_selector("#comparison .js-plotly-plot") is not None
+    titles = page.eval_on_selector_all(".js-plotly-plot .gtitle", "ts => ts.map(t => t.textContent)")
+    assert {"Accuracy per epoch", "Loss per epoch", "ROC curve (validation)",
+            "Confusion matrix (validation)"} <= set(titles)
+    assert "Classification report" in page.text_content("main")
+    _screenshot(page, "dashboard")
+    assert page.errors == [] and page.external == []
+
+
+def test_swagger_ui_renders_offline(server, page):
+    base, _ = server
+    page.goto(base + "/docs")
+    page.wait_for_selector(".swagger-ui .info .title", timeout=30_000)
+    assert "MedLens" in page.text_content(".swagger-ui .info .title")
+    page.wait_for_selector(".opblock-summary-path")
+    paths = page.eval_on_selector_all(".opblock-summary-path",
+                                      "es => es.map(e => e.getAttribute('data-path'))")
+    assert {"/healthz", "/api/v1/models", "/api/v1/models/{name}/predict"} <= set(paths)
+    assert page.errors == [] and page.external == []

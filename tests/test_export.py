@@ -1,0 +1,183 @@
+"""Tests for medlens.export (ONNX + model card), the ONNX Runtime backend of the Predictor and
+batch prediction (``medlens predict DIR --out predictions.csv``), which runs through it."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from medlens.cli import main
+from medlens.export import (ExportError, check_onnx, export_model, onnx_bytes, ort_session)
+from medlens.modelfile import ModelLoadError, load_network, read_meta, sha256_file
+from medlens.predict import Predictor
+from serve_fixtures import copy_run
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run, tmp_path_factory) -> Path:
+    """A copy of the tiny run with a ``card`` in model.json, exported once."""
+    run = copy_run(trained_run, tmp_path_factory.mktemp("export") / "chest")
+    d = json.loads((run / "model.json").read_text())
+    d["card"] = {"title": "Tiny chest test model", "modality": "chest X-ray (PA)",
+                 "intended_use": "Testing MedLens only.", "references": ["a paper"]}
+    (run / "model.json").write_text(json.dumps(d))
+    assert main(["export", "--model", str(run)]) == 0
+    return run
+
+
+def test_export_writes_onnx_that_matches_torch(exported):
+    assert (exported / "model.onnx").stat().st_size > 10_000
+    net, meta = load_network(exported)
+    session = ort_session(exported / "model.onnx")
+    assert [i.name for i in session.get_inputs()] == ["input"]
+    assert [o.name for o in session.get_outputs()] == ["logits", "features"]
+    for batch in (1, 5):  # dynamic batch axis
+        x = torch.randn(batch, 1, 32, 32, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            ref_logits, ref_feats = net.forward_with_features(x)
+        logits, feats = session.run(None, {"input": x.numpy()})
+        assert logits.shape == (batch, 1) and feats.shape == (batch, net.num_features)
+        rel = np.abs(logits - ref_logits.numpy()).max() / np.abs(ref_logits.numpy()).max()
+        assert rel <= 1e-4
+        np.testing.assert_allclose(feats, ref_feats.numpy(), rtol=1e-4, atol=1e-5)
+    assert check_onnx(net, (exported / "model.onnx").read_bytes(), meta) <= 1e-4
+    # Provenance travels inside the graph.
+    props = session.get_modelmeta().custom_metadata_map
+    assert props["medlens.weights_sha256"] == sha256_file(exported / "model.pt")
+    assert json.loads(props["medlens.labels"]) == ["NORMAL", "PNEUMONIA"]
+
+
+def test_check_onnx_refuses_a_graph_that_differs(exported):
+    net, meta = load_network(exported)
+    blob = onnx_bytes(net, meta)
+    with torch.no_grad():
+        net.head.fc.bias += 1.0  # the torch network no longer matches the graph
+    with pytest.raises(ExportError, match="differ from torch's"):
+        check_onnx(net, blob, meta)
+
+
+def test_model_card(exported):
+    card = json.loads((exported / "model_card.json").read_text())
+    meta = read_meta(exported)
+    assert card["title"] == "Tiny chest test model" and card["name"] == "tiny_cnn"
+    assert card["task"] == "binary" and card["labels"] == ["NORMAL", "PNEUMONIA"]
+    assert card["input"] == {"modality": "chest X-ray (PA)", "size": 32, "channels": 1}
+    assert card["preprocessing"] == meta.preprocess.to_dict()
+    assert card["calibration"]["temperature"] == meta.temperature
+    assert card["decision"]["threshold"] == meta.threshold
+    assert card["decision"]["method"] == meta.threshold_method == "youden"
+    assert card["metrics"] == meta.extra["metrics"]
+    assert len(card["metrics"]["val"]["ci"]["auc"]) == 2
+    assert card["training"]["split_counts"] == meta.extra["training"]["split_counts"]
+    assert card["intended_use"] == "Testing MedLens only."
+    assert card["limitations"] == ""  # placeholder to fill in
+    assert card["references"] == ["a paper"]  # extra card fields are kept
+    assert card["files"]["model.onnx"]["sha256"] == sha256_file(exported / "model.onnx")
+    assert card["files"]["model.pt"]["sha256"] == sha256_file(exported / "model.pt")
+    assert card["version"] == sha256_file(exported / "model.pt")[:12]
+    md = (exported / "model_card.md").read_text()
+    assert md.startswith("# Model card: Tiny chest test model")
+    assert "## Intended use\n\nTesting MedLens only." in md
+    assert "## Limitations\n\n_Not stated yet._" in md
+    lo, hi = card["metrics"]["val"]["ci"]["accuracy"]
+    assert f"| accuracy | {card['metrics']['val']['accuracy']:.3f} | {lo:.3f} – {hi:.3f} |" in md
+    assert card["files"]["model.onnx"]["sha256"] in md
+
+
+def test_predictor_uses_model_onnx_and_agrees_with_torch(exported, image_factory):
+    onnx = Predictor(exported)
+    torch_pred = Predictor(exported, backend="torch")
+    assert onnx.backend == "onnx" and onnx.session is not None
+    assert torch_pred.backend == "torch" and torch_pred.session is None
+    imgs = [image_factory(k, seed=i) for i, k in enumerate(["bright", "dark", "bright"])]
+    a, b = onnx.predict_pixels(imgs), torch_pred.predict_pixels(imgs)
+    for pa, pb in zip(a, b):
+        assert pa.label == pb.label and pa.ood == {"flag": None, "score": None}
+        assert pa.probabilities == pytest.approx(pb.probabilities, abs=1e-5)
+    x = np.stack([onnx.pre.prepare(p) for p in imgs])
+    logits, feats = onnx.forward_prepared(x, batch_size=2, features=True)
+    assert logits.shape == (3, 1) and feats.shape == (3, onnx.net.num_features)
+    # Grad-CAM still works from the torch network kept beside the session.
+    cam, idx = onnx.explain(imgs[0])
+    assert idx == 1 and cam.shape == (32, 32)
+
+
+def test_in_memory_export_when_the_folder_has_no_onnx(trained_run):
+    pred = Predictor(trained_run, backend="onnx")
+    assert pred.backend == "onnx (exported in memory)"
+    assert not (trained_run / "model.onnx").exists()  # nothing written
+    assert Predictor(trained_run).backend == "torch"  # auto: torch without model.onnx
+
+
+def test_the_web_app_serves_model_onnx_and_the_card(exported):
+    from fastapi.testclient import TestClient
+
+    from medlens.serve import create_app
+
+    app = create_app([exported])
+    assert app.state.models["chest"].predictor.backend == "onnx"  # from the file, no re-export
+    with TestClient(app) as client:
+        (info,) = client.get("/api/v1/models").json()
+        page = client.get("/").text
+    assert info["name"] == "chest" and info["title"] == "Tiny chest test model"
+    assert info["input"] == {"modality": "chest X-ray (PA)", "size": 32}
+    assert "Testing MedLens only." in page and "chest X-ray (PA)" in page
+
+
+def test_stale_onnx_is_refused(exported, tmp_path):
+    run = copy_run(exported, tmp_path / "stale")
+    d = json.loads((run / "model.json").read_text())
+    d["weights_sha256"] = "0" * 64  # as if model.pt had been retrained after the export
+    (run / "model.json").write_text(json.dumps(d))
+    with pytest.raises(ModelLoadError, match="exported from other weights.*medlens export"):
+        Predictor(run)
+    assert Predictor(run, backend="torch").backend == "torch"
+
+
+def test_export_of_a_folder_that_is_not_a_model(tmp_path, capsys):
+    (tmp_path / "half").mkdir()
+    assert main(["export", "--model", str(tmp_path / "half")]) == 2
+    assert "model.json is missing" in capsys.readouterr().err
+
+
+def test_export_function_returns_paths_and_error(exported):
+    res = export_model(exported)
+    assert res["onnx"] == exported / "model.onnx" and res["relative_error"] <= 1e-4
+    assert res["card_md"].exists() and res["card_json"].exists()
+
+
+# --------------------------------------------------------------------------- batch prediction
+
+
+def test_batch_predict_csv(exported, tmp_path, image_factory, capsys):
+    data = tmp_path / "incoming"
+    (data / "ward" / "b").mkdir(parents=True)
+    Image.fromarray(image_factory("bright", seed=1)).save(data / "a.png")
+    Image.fromarray(image_factory("dark", seed=2)).save(data / "ward" / "b" / "c.png")
+    Image.fromarray(image_factory("bright", seed=3)).convert("RGB").save(data / "ward" / "d.jpg")
+    (data / "ward" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (data / "notes.txt").write_text("not an image extension: not listed")
+    out = tmp_path / "predictions.csv"
+    rc = main(["predict", "--model", str(exported), str(data), "--out", str(out),
+               "--batch-size", "2"])
+    assert rc == 0
+    with open(out, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = {Path(r["path"]).relative_to(data).as_posix(): r for r in reader}
+        assert reader.fieldnames == ["path", "label", "p_NORMAL", "p_PNEUMONIA", "ood_flag",
+                                     "error"]
+    assert set(rows) == {"a.png", "ward/b/c.png", "ward/d.jpg", "ward/broken.png"}
+    assert rows["a.png"]["label"] == "PNEUMONIA" and rows["ward/b/c.png"]["label"] == "NORMAL"
+    for name in ("a.png", "ward/b/c.png", "ward/d.jpg"):
+        r = rows[name]
+        assert r["error"] == "" and r["ood_flag"] == ""  # no guard yet: empty, not False
+        assert float(r["p_NORMAL"]) + float(r["p_PNEUMONIA"]) == pytest.approx(1, abs=1e-5)
+    broken = rows["ward/broken.png"]
+    assert broken["label"] == "" and "broken.png" in broken["error"]
+    assert "wrote 4 rows" in capsys.readouterr().err
