@@ -35,13 +35,15 @@ OODGuard = Callable[[np.ndarray], list[dict]]
 
 
 def load_ood_guard(folder: Path | None, meta: ModelMeta) -> OODGuard | None:
-    """The out-of-distribution guard of a model, or None when it has none.
+    """The model's out-of-distribution guard (``ood.npz``, see :mod:`medlens.ood`), or None.
 
-    The hook for the guard (fitted on training features and stored with the model): the
-    :class:`Predictor` passes the penultimate features of every batch to it. No guard is
-    built yet, so every prediction reports :data:`NO_OOD`.
+    The :class:`Predictor` passes the penultimate features of every batch to it.
     """
-    return None
+    from .ood import OOD_FILE, FeatureGuard
+
+    if folder is None or not (Path(folder) / OOD_FILE).exists():
+        return None
+    return FeatureGuard.load(Path(folder) / OOD_FILE)
 
 
 def bundled_models_dir() -> Path:

@@ -34,6 +34,7 @@ from torch import nn
 
 from .cache import is_colour, prepare_samples
 from .models import IMAGENET_MEAN, IMAGENET_STD, model_info
+from .ood import OOD_FILE
 from .modelfile import (ModelMeta, atomic_torch_save, build_network, save_model, write_csv,
                         write_yaml)
 from .preprocess import AugmentSpec, Preprocess, augment, compute_mean_std
@@ -531,7 +532,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
     # Calibration and evaluation run in float32, the precision prediction and serving use:
     # bf16 autocast moves probabilities by up to ~0.25 on some images, so a threshold fitted
     # on bf16 outputs would not be the one that serves.
-    val_logits = compute_logits(net, xva, dtype=None, transform=to_input)
+    n_out = net.num_outputs
+    val_out = compute_logits(lambda b: torch.cat(net.forward_with_features(b), 1), xva,
+                             dtype=None, transform=to_input)
+    val_logits, val_feats = val_out[:, :n_out], val_out[:, n_out:].numpy()
     temperature = float(fit_temperature(val_logits.numpy(), yva.numpy()))
     val_probs = logits_to_probs_t(val_logits, binary, temperature)
     threshold, method = None, None
@@ -539,6 +543,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
         choice = choose_threshold(yva.numpy(), val_probs[:, 1], method="youden",
                                   target_sensitivity=cfg.target_sensitivity)
         threshold, method = float(choice["threshold"]), choice["method"]
+    guard = _fit_ood_guard(net, cut_cache, xtr, ytr, val_feats, to_input, dtype)
+    guard.save(out / OOD_FILE)
     wall = time.time() - t_start
     meta = ModelMeta(arch=cfg.model, labels=ds.classes, preprocess=pre, temperature=temperature,
                      threshold=threshold, threshold_method=method, dropout=cfg.dropout,
@@ -563,11 +569,34 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
                               sources=sources[split])
         summaries[split] = m
     meta.extra["metrics"] = {split: _headline(m) for split, m in summaries.items()}
+    meta.extra["ood"] = guard.summary()
+    if "test" in prepared and len(prepared["test"][1]):
+        test_feats = compute_logits(net.features, prepared["test"][0], dtype=None,
+                                    transform=to_input).numpy()
+        meta.extra["ood"]["flagged_test_share"] = round(
+            float(np.mean([o["flag"] for o in guard(test_feats)])), 4)
     save_model(out, net, meta)
     log(f"saved model to {out} ({wall:.0f}s); "
         + "; ".join(f"{s}: acc {m['accuracy']:.4f} auc {m['auc'] if m['auc'] is None else round(m['auc'], 4)}"
                     for s, m in summaries.items()))
     return out
+
+
+def _fit_ood_guard(net, cut_cache: dict, xtr, ytr, val_feats, to_input, dtype):
+    """Fit the feature-space OOD guard: statistics from training features, threshold from
+    validation features (float32, as served)."""
+    from .ood import fit_guard
+
+    n = len(ytr)
+    if "train" in cut_cache:
+        # The clean copy of the cached frozen activations: only the top stages run again.
+        n_top = cut_cache["key"][0]
+        top = nn.Sequential(*list(net.backbone)[len(net.backbone) - n_top:])
+        feats = compute_logits(lambda a: net.head.pooled(top(a.float())),
+                               cut_cache["train"][:n])
+    else:
+        feats = compute_logits(net.features, xtr, dtype=dtype, transform=to_input)
+    return fit_guard(feats.numpy(), ytr.numpy(), val_feats)
 
 
 def _probe_colour(sample) -> bool:

@@ -98,7 +98,8 @@ def test_predictor_uses_model_onnx_and_agrees_with_torch(exported, image_factory
     imgs = [image_factory(k, seed=i) for i, k in enumerate(["bright", "dark", "bright"])]
     a, b = onnx.predict_pixels(imgs), torch_pred.predict_pixels(imgs)
     for pa, pb in zip(a, b):
-        assert pa.label == pb.label and pa.ood == {"flag": None, "score": None}
+        assert pa.label == pb.label and pa.ood["flag"] == pb.ood["flag"]
+        assert pa.ood["score"] == pytest.approx(pb.ood["score"], rel=1e-3)
         assert pa.probabilities == pytest.approx(pb.probabilities, abs=1e-5)
     x = np.stack([onnx.pre.prepare(p) for p in imgs])
     logits, feats = onnx.forward_prepared(x, batch_size=2, features=True)
@@ -176,7 +177,7 @@ def test_batch_predict_csv(exported, tmp_path, image_factory, capsys):
     assert rows["a.png"]["label"] == "PNEUMONIA" and rows["ward/b/c.png"]["label"] == "NORMAL"
     for name in ("a.png", "ward/b/c.png", "ward/d.jpg"):
         r = rows[name]
-        assert r["error"] == "" and r["ood_flag"] == ""  # no guard yet: empty, not False
+        assert r["error"] == "" and r["ood_flag"] == "False"  # training-like: not flagged
         assert float(r["p_NORMAL"]) + float(r["p_PNEUMONIA"]) == pytest.approx(1, abs=1e-5)
     broken = rows["ward/broken.png"]
     assert broken["label"] == "" and "broken.png" in broken["error"]
