@@ -9,8 +9,13 @@ meningioma?". The guard flags inputs whose penultimate features (the pooled back
   al. 2018, "A Simple Unified Framework for Detecting Out-of-Distribution Samples and
   Adversarial Attacks", NeurIPS), each divided by ``dim``, plus the squared norm of the part
   of the feature vector the subspace cannot explain, divided by its mean on training data;
-* the flag threshold is a high quantile (default 0.99) of the scores of the VALIDATION split,
-  so about 1% of in-distribution images are flagged by construction.
+* the flag threshold is a high quantile (default 0.975) of the scores of the VALIDATION split,
+  so about 2.5% of in-distribution images are flagged by construction.
+
+On the Kermany pneumonia model (EfficientNet-Lite0), 256 components and the 0.975 quantile
+flagged 100% of brain MRI slices and throat photos, 93% of adult chest X-rays of the COVID set
+and 3% of held-out paediatric X-rays (60-300 images each); 32 components caught only 78% of
+the MRI slices.
 
 The fitted statistics are saved as ``ood.npz`` beside the model (plain arrays, loaded with
 ``allow_pickle=False``).
@@ -84,7 +89,7 @@ class FeatureGuard:
 
 
 def fit_guard(train_feats: np.ndarray, train_labels: np.ndarray, val_feats: np.ndarray, *,
-              dim: int = 32, quantile: float = 0.99) -> FeatureGuard:
+              dim: int = 256, quantile: float = 0.975) -> FeatureGuard:
     """Fit the guard on training features; set its threshold on validation features.
 
     Args:
@@ -101,7 +106,8 @@ def fit_guard(train_feats: np.ndarray, train_labels: np.ndarray, val_feats: np.n
     center = x.mean(0)
     xc = x - center
     _, sv, vt = np.linalg.svd(xc, full_matrices=False)
-    d = int(max(1, min(dim, len(x) - 1, (sv > sv[0] * 1e-6).sum())))
+    # Keep at least one direction outside the subspace, so the residual term means something.
+    d = int(max(1, min(dim, len(x) - 1, x.shape[1] - 1, (sv > sv[0] * 1e-6).sum() - 1)))
     components = vt[:d]
     proj = xc @ components.T
     scales = np.maximum(proj.std(0), 1e-6)

@@ -404,6 +404,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
 
     resolved = asdict(cfg)
     resolved.update({"image_size": size, "channels": channels, "pretrained": pretrained,
+                     "lr": cfg.lr or 1e-3,
                      "precision_resolved": "bf16" if dtype else "fp32",
                      "preprocess": pre.to_dict(), "classes": ds.classes,
                      "split_counts": split_counts, "data_notes": ds.notes,
