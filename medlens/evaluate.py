@@ -9,7 +9,7 @@ import numpy as np
 
 from .modelfile import ModelMeta, write_csv, write_json
 
-__all__ = ["evaluate", "evaluate_prepared", "read_history"]
+__all__ = ["evaluate", "write_evaluation", "read_history"]
 
 
 def read_history(folder: str | Path) -> list[dict] | None:
@@ -59,17 +59,6 @@ def write_evaluation(out_dir: str | Path, meta: ModelMeta, y_true: np.ndarray, p
         write_csv(out_dir / "predictions.csv", rows,
                   ["path", "true", "pred"] + [f"p_{c}" for c in meta.labels])
     return metrics
-
-
-def evaluate_prepared(net, meta: ModelMeta, x_uint8, y_true: np.ndarray, out_dir, *,
-                      history=None, dtype=None, title="MedLens evaluation",
-                      sources: list[str] | None = None) -> dict:
-    """Evaluate a network on already prepared ``uint8 (N, C, S, S)`` images."""
-    from .predict import Predictor
-
-    probs = Predictor.from_network(net, meta, dtype).probs_prepared(x_uint8)
-    return write_evaluation(out_dir, meta, y_true, probs, history=history, title=title,
-                            sources=sources)
 
 
 def evaluate(model_ref: str, data: str, out: str, *, skip_bad_images: bool = False,

@@ -19,7 +19,6 @@ evaluated with reports.
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import sys
 import time
@@ -260,7 +259,7 @@ def _fit(stage: Stage, net: nn.Module, cfg: TrainConfig, weights, binary: bool,
         val_logits = compute_logits(stage.forward, stage.val_x, dtype=stage.dtype,
                                     transform=stage.val_transform)
         scores = _quick_scores(val_logits, stage.val_y, binary)
-        row = {"epoch": len([h for h in history]) + 1, "stage": stage.name,
+        row = {"epoch": len(history) + 1, "stage": stage.name,
                "train_loss": round(loss_sum / max(total, 1), 6),
                "train_acc": round(correct / max(total, 1), 6),
                "val_loss": round(scores["val_loss"], 6), "val_acc": round(scores["val_acc"], 6),
@@ -533,10 +532,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
     # Calibration and evaluation run in float32, the precision prediction and serving use:
     # bf16 autocast moves probabilities by up to ~0.25 on some images, so a threshold fitted
     # on bf16 outputs would not be the one that serves.
+    # One float32 pass per held-out split gives the logits (calibration, evaluation) and the
+    # features (OOD guard) together.
     n_out = net.num_outputs
-    val_out = compute_logits(lambda b: torch.cat(net.forward_with_features(b), 1), xva,
-                             dtype=None, transform=to_input)
-    val_logits, val_feats = val_out[:, :n_out], val_out[:, n_out:].numpy()
+    outputs = {}
+    for split in ("val", "test"):
+        if split in prepared and len(prepared[split][1]):
+            o = compute_logits(lambda b: torch.cat(net.forward_with_features(b), 1),
+                               prepared[split][0], dtype=None, transform=to_input)
+            outputs[split] = (o[:, :n_out], o[:, n_out:].numpy())
+    val_logits, val_feats = outputs["val"]
     temperature = float(fit_temperature(val_logits.numpy(), yva.numpy()))
     val_probs = logits_to_probs_t(val_logits, binary, temperature)
     threshold, method = None, None
@@ -559,23 +564,18 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
     log(f"calibration: temperature {temperature:.3f}"
         + (f", threshold {threshold:.4f} ({method})" if binary else ""))
 
-    from .evaluate import evaluate_prepared
+    from .evaluate import write_evaluation
     summaries = {}
-    for split in ("val", "test"):
-        if split not in prepared or len(prepared[split][1]) == 0:
-            continue
-        m = evaluate_prepared(net, meta, prepared[split][0], prepared[split][1].numpy(),
-                              out / "eval" / split, history=history, dtype=None,
-                              title=f"{meta.name}: {split} split ({ds.layout})",
-                              sources=sources[split])
-        summaries[split] = m
+    for split, (logits, _) in outputs.items():
+        summaries[split] = write_evaluation(
+            out / "eval" / split, meta, prepared[split][1].numpy(),
+            logits_to_probs_t(logits, binary, temperature), history=history,
+            title=f"{meta.name}: {split} split ({ds.layout})", sources=sources[split])
     meta.extra["metrics"] = {split: _headline(m) for split, m in summaries.items()}
     meta.extra["ood"] = guard.summary()
-    if "test" in prepared and len(prepared["test"][1]):
-        test_feats = compute_logits(net.features, prepared["test"][0], dtype=None,
-                                    transform=to_input).numpy()
+    if "test" in outputs:
         meta.extra["ood"]["flagged_test_share"] = round(
-            float(np.mean([o["flag"] for o in guard(test_feats)])), 4)
+            float(np.mean([o["flag"] for o in guard(outputs["test"][1])])), 4)
     save_model(out, net, meta)
     log(f"saved model to {out} ({wall:.0f}s); "
         + "; ".join(f"{s}: acc {m['accuracy']:.4f} auc {m['auc'] if m['auc'] is None else round(m['auc'], 4)}"
