@@ -172,18 +172,18 @@ class Predictor:
 
     def probs_prepared(self, x_uint8, batch_size: int = 64) -> np.ndarray:
         """Calibrated ``(N, K)`` probabilities of prepared images."""
-        from .train import logits_to_probs_t
+        from .calibration import logits_to_probs
 
-        return logits_to_probs_t(self.logits_prepared(x_uint8, batch_size), self.meta.binary,
-                                 self.meta.temperature)
+        return logits_to_probs(self.logits_prepared(x_uint8, batch_size).numpy(),
+                               self.meta.temperature)
 
     def predict_prepared(self, x_uint8, batch_size: int = 64) -> list[Prediction]:
         """Prepared ``uint8 (N, C, S, S)`` images -> predictions (with the OOD verdict)."""
-        from .train import logits_to_probs_t
+        from .calibration import logits_to_probs
 
         logits, feats = self.forward_prepared(x_uint8, batch_size,
                                               features=self.ood_guard is not None)
-        probs = logits_to_probs_t(logits, self.meta.binary, self.meta.temperature)
+        probs = logits_to_probs(logits.numpy(), self.meta.temperature)
         oods = self.ood_guard(feats) if self.ood_guard is not None else [NO_OOD] * len(probs)
         return [self.to_prediction(p, o) for p, o in zip(probs, oods)]
 

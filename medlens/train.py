@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import is_colour, prepare_samples
+from .calibration import logits_to_probs
 from .models import IMAGENET_MEAN, IMAGENET_STD, model_info
 from .ood import OOD_FILE
 from .modelfile import (ModelMeta, atomic_torch_save, build_network, save_model, write_csv,
@@ -145,19 +146,10 @@ def loss_fn(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None,
     return F.cross_entropy(logits, y, weight=weights)
 
 
-def logits_to_probs_t(logits: torch.Tensor, binary: bool, temperature: float = 1.0) -> np.ndarray:
-    """``(N,)``/``(N,1)`` or ``(N,K)`` logits -> ``(N,K)`` probabilities."""
-    z = logits.float() / temperature
-    if binary:
-        p = torch.sigmoid(z.view(-1))
-        return torch.stack([1 - p, p], 1).numpy()
-    return torch.softmax(z, 1).numpy()
-
-
 def _quick_scores(logits: torch.Tensor, y: torch.Tensor, binary: bool) -> dict:
     from sklearn.metrics import roc_auc_score
 
-    probs = logits_to_probs_t(logits, binary)
+    probs = logits_to_probs(logits.numpy())
     pred = probs.argmax(1)
     yt = y.numpy()
     acc = float((pred == yt).mean())
@@ -543,7 +535,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
             outputs[split] = (o[:, :n_out], o[:, n_out:].numpy())
     val_logits, val_feats = outputs["val"]
     temperature = float(fit_temperature(val_logits.numpy(), yva.numpy()))
-    val_probs = logits_to_probs_t(val_logits, binary, temperature)
+    val_probs = logits_to_probs(val_logits.numpy(), temperature)
     threshold, method = None, None
     if binary:
         choice = choose_threshold(yva.numpy(), val_probs[:, 1], method="youden",
@@ -569,7 +561,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
     for split, (logits, _) in outputs.items():
         summaries[split] = write_evaluation(
             out / "eval" / split, meta, prepared[split][1].numpy(),
-            logits_to_probs_t(logits, binary, temperature), history=history,
+            logits_to_probs(logits.numpy(), temperature), history=history,
             title=f"{meta.name}: {split} split ({ds.layout})", sources=sources[split])
     meta.extra["metrics"] = {split: _headline(m) for split, m in summaries.items()}
     meta.extra["ood"] = guard.summary()
