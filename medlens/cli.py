@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -134,7 +135,8 @@ def _cmd_train(a) -> int:
         settings["augment"] = AugmentSpec.from_dict(recipe["augment"]).to_dict()
     for k in recipe:
         settings.setdefault(k, recipe[k])
-    train(TrainConfig.from_dict(settings), resume=a.resume, overwrite=a.overwrite)
+    train(TrainConfig.from_dict(settings), resume=a.resume, overwrite=a.overwrite,
+          command="medlens " + shlex.join(a._argv) if getattr(a, "_argv", None) else None)
     return 0
 
 
@@ -342,14 +344,35 @@ def _add_export(sub):
                        description="Write model.onnx (checked against the torch network on "
                                    "random input), model_card.json and model_card.md into the "
                                    "model folder. Card fields (intended_use, limitations, "
-                                   "modality, ...) are read from a `card` dict in model.json.")
+                                   "modality, ...) are read from a `card` dict in model.json "
+                                   "(a recipe's `card:` section). With --bundle, write an "
+                                   "inference-only folder instead (model.json, model.onnx, "
+                                   "ood.npz, card; no model.pt), its metrics re-measured on the "
+                                   "shipped file: what `medlens serve --models` and the "
+                                   "bundled models use.")
     p.add_argument("--model", required=True, help="run folder or bundled model name")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
+    p.add_argument("--bundle", default=None, metavar="DEST",
+                   help="write an inference-only model folder DEST (its name is the model's "
+                        "name in the app) instead of adding files to the run")
+    p.add_argument("--half", action="store_true",
+                   help="with --bundle: store weights as float16 (half the size; computation "
+                        "stays float32; metrics are re-measured after this step)")
+    p.add_argument("--overwrite", action="store_true", help="with --bundle: replace DEST")
 
 
 def _cmd_export(a) -> int:
     from .export import OPSET, export_model
 
+    if a.bundle:
+        from .bundle import make_bundle
+
+        res = make_bundle(a.model, a.bundle, half=a.half, overwrite=a.overwrite)
+        print(f"wrote {res['folder']} (model.onnx {res['onnx_bytes'] / 1e6:.1f} MB; largest "
+              f"probability change against the run {res['max_prob_change']:.2e})")
+        return 0
+    if a.half or a.overwrite:
+        raise ValueError("--half and --overwrite go with --bundle DEST")
     res = export_model(a.model, opset=a.opset or OPSET)
     print(f"wrote {res['onnx']} (max relative difference to torch "
           f"{res['relative_error']:.1e}), {res['card_json']}, {res['card_md']}")
@@ -397,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     # Parse first: --help and usage errors should not wait for torch to import.
     args = build_parser().parse_args(argv)
+    args._argv = list(sys.argv[1:] if argv is None else argv)
 
     from .data import DataError
     from .export import ExportError

@@ -34,6 +34,7 @@ from .modelfile import (MODEL_WEIGHTS, ModelLoadError, ModelMeta, atomic_write_b
                         atomic_write_text, load_network, sha256_file, write_json)
 
 __all__ = ["ONNX_FILE", "OPSET", "ExportError", "onnx_bytes", "check_onnx", "ort_session",
+           "halve_weights",
            "model_card", "model_card_markdown", "export_model", "model_version",
            "weights_sha256"]
 
@@ -41,7 +42,7 @@ ONNX_FILE = "model.onnx"
 CARD_JSON = "model_card.json"
 CARD_MD = "model_card.md"
 OPSET = 17  # supported by the TorchScript exporter and by onnxruntime 1.31
-INPUT, OUTPUTS = "input", ("logits", "features")
+INPUT, OUTPUTS = "input", ("logits", "features", "cam")
 # Fields a model.json may carry under "card" (all optional; empty placeholders otherwise).
 CARD_FIELDS = ("title", "modality", "intended_use", "out_of_scope_use", "limitations",
                "ethical_considerations", "caveats", "contact", "license", "citation")
@@ -53,15 +54,42 @@ class ExportError(RuntimeError):
     """The ONNX graph does not reproduce the torch network; the message gives the error."""
 
 
-class _WithFeatures(nn.Module):
-    """Classifier -> (logits, penultimate features): both become ONNX outputs."""
+class _InferenceGraph(nn.Module):
+    """Classifier -> (logits, penultimate features, class activation maps): all three become
+    ONNX outputs.
+
+    ``cam`` ``(N, outputs, h, w)`` is Grad-CAM (Selvaraju et al. 2017) of every output logit on
+    the last backbone stage, in closed form: the head (pooling, batch norm in eval mode,
+    dropout, linear) is affine in the pooled features, so the gradient of logit ``k`` with
+    respect to the feature map is the constant ``J[k] / (h * w)`` at every position, where
+    ``J`` is the head's Jacobian. Grad-CAM's channel weights (spatial means of that gradient)
+    are then ``J / (h * w)`` and the map is ``relu(sum_c weight_c * A_c)``, exactly what
+    MONAI's ``GradCAM`` computes with autograd (tested), at the cost of a 1x1 convolution.
+    """
 
     def __init__(self, net):
         super().__init__()
         self.net = net
+        head = net.head
+        with torch.no_grad():
+            eye = torch.eye(net.num_features)
+            zero = torch.zeros(1, net.num_features)
+            jac = (head.classify(eye) - head.classify(zero)).T       # (outputs, F)
+            # The head must be affine for the closed form to be Grad-CAM.
+            probe = torch.randn(3, net.num_features, generator=torch.Generator().manual_seed(0))
+            if not torch.allclose(head.classify(probe), probe @ jac.T + head.classify(zero),
+                                  rtol=1e-4, atol=1e-4):
+                raise ExportError("the classifier head is not affine in its features; the "
+                                  "closed-form Grad-CAM output cannot be exported")
+        self.register_buffer("cam_weights", jac[:, :, None, None].clone())
 
     def forward(self, x):
-        return self.net.forward_with_features(x)
+        fmap = self.net.backbone(x)
+        feats = self.net.head.pooled(fmap)
+        logits = self.net.head.classify(feats)
+        area = fmap.shape[2] * fmap.shape[3]
+        cam = torch.relu(nn.functional.conv2d(fmap, self.cam_weights) / area)
+        return logits, feats, cam
 
 
 def onnx_bytes(net, meta: ModelMeta, opset: int = OPSET) -> bytes:
@@ -78,7 +106,7 @@ def onnx_bytes(net, meta: ModelMeta, opset: int = OPSET) -> bytes:
     buf = io.BytesIO()
     with warnings.catch_warnings():  # "legacy exporter" deprecation notices on every export
         warnings.simplefilter("ignore")
-        torch.onnx.export(_WithFeatures(net).eval(), (dummy,), buf, dynamo=False,
+        torch.onnx.export(_InferenceGraph(net).eval(), (dummy,), buf, dynamo=False,
                           opset_version=opset, input_names=[INPUT], output_names=list(OUTPUTS),
                           dynamic_axes={n: {0: "batch"} for n in (INPUT, *OUTPUTS)},
                           do_constant_folding=True)
@@ -94,6 +122,38 @@ def onnx_bytes(net, meta: ModelMeta, opset: int = OPSET) -> bytes:
         model.metadata_props.add(key=k, value=v)
     model.producer_name = "medlens"
     return model.SerializeToString()
+
+
+def halve_weights(model: bytes, min_elements: int = 256) -> bytes:
+    """Store the graph's large float32 weights as float16, computing in float32 as before.
+
+    Each weight tensor of at least ``min_elements`` values becomes a float16 initializer
+    followed by a ``Cast`` back to float32; ONNX Runtime folds those casts into float32
+    constants when it loads the graph, so the file is about half the size and inference runs
+    exactly as fast. The only change is rounding every weight to float16 (about 3 significant
+    digits): re-measure the model after this step (``medlens export --half`` does).
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    m = onnx.load_from_string(model)
+    casts = []
+    for init in m.graph.initializer:
+        if init.data_type != TensorProto.FLOAT:
+            continue
+        arr = numpy_helper.to_array(init)
+        if arr.size < min_elements or not np.all(np.abs(arr) < 60000):
+            continue
+        name = init.name
+        init.CopyFrom(numpy_helper.from_array(arr.astype(np.float16), name=f"{name}.fp16"))
+        casts.append(helper.make_node("Cast", [f"{name}.fp16"], [name], to=TensorProto.FLOAT,
+                                      name=f"{name}.to_fp32"))
+    nodes = casts + list(m.graph.node)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    m.metadata_props.add(key="medlens.weights_storage", value="float16")
+    onnx.checker.check_model(m)
+    return m.SerializeToString()
 
 
 def ort_session(model: bytes | str | os.PathLike, threads: int | None = None):
@@ -192,13 +252,21 @@ def model_card(meta: ModelMeta, folder: str | Path | None = None,
         "training": meta.extra.get("training") or {},
         **{k: card[k] for k in CARD_FIELDS if k not in ("title", "modality")},
         "disclaimer": DISCLAIMER,
+        "ood": meta.extra.get("ood"),
+        "export": meta.extra.get("export"),
         "files": {ONNX_FILE: {"sha256": onnx_sha256} if onnx_sha256 else None,
-                  MODEL_WEIGHTS: {"sha256": weights}},
+                  **({MODEL_WEIGHTS: {"sha256": weights}} if not _inference_only(folder)
+                     else {})},
         "medlens_version": __version__,
     }
     for k, v in given.items():  # further fields the author put in the card; ours win
         out.setdefault(k, v)
     return out
+
+
+def _inference_only(folder: str | Path | None) -> bool:
+    """A folder shipped without ``model.pt`` (a bundled model)."""
+    return folder is not None and not (Path(folder) / MODEL_WEIGHTS).exists()
 
 
 def _fmt(v, digits: int = 3) -> str:
@@ -246,11 +314,40 @@ def model_card_markdown(card: dict) -> str:
     lines += ["## Training data", ""]
     if training:
         lines += [f"- data: `{training.get('data')}` ({training.get('layout')})"]
+        if training.get("command"):
+            lines.append(f"- command: `{training['command']}`")
+        if training.get("wall_seconds") is not None:
+            lines.append(f"- wall time: {training['wall_seconds']:.0f} s, seed "
+                         f"{training.get('seed')}, precision {training.get('precision')}")
         for split, counts in (training.get("split_counts") or {}).items():
             lines.append(f"- {split}: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
         lines += [f"- note: {n}" for n in training.get("notes") or []]
     else:
         lines.append("_Not recorded._")
+    if card["decision"]["threshold"] is not None:
+        lines += ["", "## Operating point", "",
+                  f"Threshold {_fmt(card['decision']['threshold'], 4)} on the calibrated "
+                  f"probability of {card['labels'][1]!r}, chosen on the validation split by "
+                  f"{card['decision']['method']} (Youden's J maximises sensitivity + "
+                  "specificity; a target-sensitivity rule picks the highest threshold that "
+                  "keeps that sensitivity)."]
+    ood = card.get("ood")
+    if ood:
+        lines += ["", "## Out-of-distribution guard", "",
+                  f"`{ood.get('method')}` on the penultimate features ({ood.get('dim')} "
+                  f"components); an image is flagged when its score exceeds "
+                  f"{_fmt(ood.get('threshold'), 3)}, the {ood.get('quantile')} quantile of the "
+                  "validation images' scores. Flagged images get a warning instead of a "
+                  "confident answer."]
+    export = card.get("export")
+    if export:
+        lines += ["", "## Export", "",
+                  f"Weights: {export.get('weights')}; the metrics above were measured on the "
+                  f"shipped `{export.get('metrics_measured_on')}` (largest probability change "
+                  f"against the training run: {_fmt(export.get('max_probability_change'), 4)})."]
+    for key, title in (("license", "Licence"), ("citation", "Citation")):
+        if card.get(key):
+            lines += ["", f"## {title}", "", card[key]]
     lines += ["", "## Files", ""]
     for name, f in card["files"].items():
         lines.append(f"- `{name}`: sha256 `{f['sha256']}`" if f else f"- `{name}`: not exported")

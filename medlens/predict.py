@@ -7,7 +7,9 @@ app all go through it.
 
 The network's logits come from ONNX Runtime when the model folder has ``model.onnx``
 (``medlens export``), or when asked with ``backend="onnx"`` (the graph is then exported in
-memory); the torch network is kept for Grad-CAM, which needs gradients.
+memory); the torch network, when the folder has ``model.pt``, serves the torch backend and MONAI's
+Grad-CAM. A folder with only ``model.json`` and ``model.onnx`` (a bundled model) runs on ONNX
+Runtime alone, Grad-CAM included (the graph's ``cam`` output).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .modelfile import ModelLoadError, ModelMeta, load_network, read_meta
+from .modelfile import MODEL_WEIGHTS, ModelLoadError, ModelMeta, load_network, read_meta
 
 __all__ = ["Predictor", "resolve_model", "Prediction", "bundled_models_dir", "OODGuard",
            "load_ood_guard", "NO_OOD"]
@@ -116,12 +118,18 @@ class Predictor:
         if backend not in ("auto", "onnx", "torch"):
             raise ValueError(f"backend must be auto, onnx or torch, got {backend!r}")
         self.folder = resolve_model(ref, extra_dirs)
-        self.net, self.meta = load_network(self.folder)
-        self.net = self.net.to(memory_format=torch.channels_last)
+        onnx_path = self.folder / ONNX_FILE
+        self.session, self.backend, self.net = None, "torch", None
+        if (self.folder / MODEL_WEIGHTS).exists() or not onnx_path.exists():
+            self.net, self.meta = load_network(self.folder)
+            self.net = self.net.to(memory_format=torch.channels_last)
+        else:  # an inference-only folder (a bundled model): model.json + model.onnx
+            self.meta = read_meta(self.folder)
+            if backend == "torch":
+                raise ModelLoadError(f"{self.folder} holds only {ONNX_FILE} (no "
+                                     f"{MODEL_WEIGHTS}): it runs with ONNX Runtime only")
         self.pre = self.meta.preprocess
         self.dtype = dtype
-        self.session, self.backend = None, "torch"
-        onnx_path = self.folder / ONNX_FILE
         if backend != "torch" and onnx_path.exists():
             self.session, self.backend = ort_session(onnx_path), "onnx"
             check_onnx_matches(self.session, self.meta, self.folder)
@@ -199,16 +207,35 @@ class Predictor:
                           {c: round(float(v), 6) for c, v in zip(self.labels, probs)},
                           self.meta.threshold, dict(ood or NO_OOD))
 
+    @property
+    def _onnx_cam(self) -> bool:
+        return self.session is not None and "cam" in {o.name for o in self.session.get_outputs()}
+
     def explain(self, pixels: np.ndarray, class_index: int | None = None) -> tuple[np.ndarray, int]:
-        """Grad-CAM (Selvaraju et al. 2017) through MONAI on the last backbone stage.
+        """Grad-CAM (Selvaraju et al. 2017) of one class on the last backbone stage.
+
+        With the torch backend it is MONAI's ``GradCAM`` (autograd through the network); with
+        ONNX Runtime it is the graph's ``cam`` output, the same map in closed form (see
+        :mod:`medlens.export`), so inference-only model folders explain too.
 
         Returns:
             ``(cam, class_index)``: ``cam`` is ``float32 (S, S)`` in [0, 1] at the network's
-            input size; for a binary model the map explains the positive-class logit.
+            input size, 1 where the evidence for the class is strongest; for a binary model the
+            map explains the positive-class logit.
         """
+        x = self.pre(pixels)[None].contiguous()
+        if self._onnx_cam:
+            logits, maps = self.session.run(["logits", "cam"], {"input": x.numpy()})
+            if self.meta.binary:
+                channel, idx = 0, 1
+            else:
+                idx = int(np.argmax(logits[0])) if class_index is None else int(class_index)
+                channel = idx
+            return _cam_to_heat(torch.from_numpy(maps[:, channel:channel + 1]),
+                                x.shape[-2:]), idx
         # An input that requires grad keeps MONAI's full backward hook from warning that
         # "no inputs require gradients" on every call.
-        x = self.pre(pixels)[None].contiguous().requires_grad_(True)
+        x.requires_grad_(True)
         # GradCAM hooks the shared network: concurrent calls (web app threads) would record
         # each other's activations.
         with self._cam_lock:
@@ -219,22 +246,32 @@ class Predictor:
 
         net = self.net.float().to(memory_format=torch.contiguous_format)
         net.eval()
-        cam = GradCAM(nn_module=net, target_layers="backbone")
+        # MONAI's default post-processing maps (min, max) to (1, 0), i.e. it inverts the map;
+        # the raw map is taken and scaled by _cam_to_heat instead.
+        cam = GradCAM(nn_module=net, target_layers="backbone", postprocessing=lambda m: m,
+                      upsampler=lambda size: (lambda m: m))
         with torch.enable_grad():
             if self.meta.binary:
                 # Grad-CAM of the single logit; class_idx 0 is that logit.
-                heat = cam(x, class_idx=0)
+                acti = cam(x, class_idx=0)
                 idx = 1
             else:
                 if class_index is None:
                     with torch.no_grad():
                         class_index = int(net(x).argmax(1))
-                heat = cam(x, class_idx=class_index)
+                acti = cam(x, class_idx=class_index)
                 idx = class_index
-        heat = heat[0, 0].detach().float().numpy()
-        lo, hi = float(heat.min()), float(heat.max())
-        heat = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
-        return heat.astype(np.float32), idx
+        return _cam_to_heat(acti.detach().float(), x.shape[-2:]), idx
+
+
+def _cam_to_heat(acti: torch.Tensor, size) -> np.ndarray:
+    """``(1, 1, h, w)`` activation map -> ``float32 (S, S)`` in [0, 1]: bilinear upsampling to
+    the input size (MONAI's default upsampler) and min-max scaling, 1 = strongest evidence."""
+    heat = torch.nn.functional.interpolate(acti, size=tuple(size), mode="bilinear",
+                                           align_corners=False)[0, 0].numpy()
+    lo, hi = float(heat.min()), float(heat.max())
+    heat = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
+    return heat.astype(np.float32)
 
 
 def overlay_cam(pixels: np.ndarray, cam: np.ndarray, size: int | None = None,

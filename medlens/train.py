@@ -84,6 +84,7 @@ class TrainConfig:
     pretrained: bool = True
     name: str | None = None
     progress: bool = True
+    card: dict | None = None         # model-card text (title, intended use, citation, ...)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -306,7 +307,8 @@ def _prepare_out(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
     return out
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, log=print) -> Path:
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, log=print,
+          command: str | None = None) -> Path:
     """Train, calibrate, save and evaluate. Returns the run folder."""
     from . import data as mdata
     from .calibration import choose_threshold, fit_temperature
@@ -548,11 +550,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
                      threshold=threshold, threshold_method=method, dropout=cfg.dropout,
                      name=cfg.name or out.name)
     meta.extra.update({
-        "training": {"data": str(cfg.data), "layout": ds.layout, "split_counts": split_counts,
+        "training": {"command": command, "data": str(cfg.data), "layout": ds.layout,
+                     "split_counts": split_counts,
                      "notes": ds.notes, "epochs_run": len(history), "stages": stages,
                      "wall_seconds": round(wall, 1), "seed": cfg.seed,
                      "precision": "bf16" if dtype else "fp32"},
     })
+    if cfg.card:
+        meta.extra["card"] = dict(cfg.card)
     log(f"calibration: temperature {temperature:.3f}"
         + (f", threshold {threshold:.4f} ({method})" if binary else ""))
 

@@ -36,12 +36,12 @@ def test_export_writes_onnx_that_matches_torch(exported):
     net, meta = load_network(exported)
     session = ort_session(exported / "model.onnx")
     assert [i.name for i in session.get_inputs()] == ["input"]
-    assert [o.name for o in session.get_outputs()] == ["logits", "features"]
+    assert [o.name for o in session.get_outputs()] == ["logits", "features", "cam"]
     for batch in (1, 5):  # dynamic batch axis
         x = torch.randn(batch, 1, 32, 32, generator=torch.Generator().manual_seed(batch))
         with torch.no_grad():
             ref_logits, ref_feats = net.forward_with_features(x)
-        logits, feats = session.run(None, {"input": x.numpy()})
+        logits, feats = session.run(["logits", "features"], {"input": x.numpy()})
         assert logits.shape == (batch, 1) and feats.shape == (batch, net.num_features)
         rel = np.abs(logits - ref_logits.numpy()).max() / np.abs(ref_logits.numpy()).max()
         assert rel <= 1e-4
@@ -104,9 +104,11 @@ def test_predictor_uses_model_onnx_and_agrees_with_torch(exported, image_factory
     x = np.stack([onnx.pre.prepare(p) for p in imgs])
     logits, feats = onnx.forward_prepared(x, batch_size=2, features=True)
     assert logits.shape == (3, 1) and feats.shape == (3, onnx.net.num_features)
-    # Grad-CAM still works from the torch network kept beside the session.
+    # Grad-CAM from the graph's cam output is MONAI's Grad-CAM from the torch network.
     cam, idx = onnx.explain(imgs[0])
-    assert idx == 1 and cam.shape == (32, 32)
+    ref, ref_idx = torch_pred.explain(imgs[0])
+    assert idx == ref_idx == 1 and cam.shape == (32, 32)
+    np.testing.assert_allclose(cam, ref, atol=1e-4)
 
 
 def test_in_memory_export_when_the_folder_has_no_onnx(trained_run):

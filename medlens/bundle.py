@@ -1,0 +1,137 @@
+"""Inference-only model folders: what MedLens ships as its bundled models.
+
+``medlens export --model RUN --bundle DEST [--half]`` turns a training run into a folder that
+holds only what serving needs:
+
+* ``model.json`` - labels, preprocessing, temperature, threshold, card text, and the metrics
+  re-measured on the shipped file (below);
+* ``model.onnx`` - the graph of :func:`medlens.export.onnx_bytes` (logits, features and the
+  closed-form Grad-CAM maps), with float16 weight storage when ``half`` is set
+  (:func:`medlens.export.halve_weights`);
+* ``ood.npz`` - the run's out-of-distribution guard;
+* ``model_card.json`` / ``model_card.md`` - the card, with the sha256 of ``model.onnx``.
+
+There is no ``model.pt``: the folder runs on ONNX Runtime alone (see
+:class:`medlens.predict.Predictor`), which keeps the four bundled models within the package's
+size budget. Because storing weights in float16 rounds them, the validation (and carved test)
+images listed in the run's ``eval/<split>/predictions.csv`` are predicted again through the
+shipped file and its metrics replace the run's; the largest probability change is recorded.
+
+The folder is assembled beside ``DEST`` and moved into place at the end, so an interrupted
+export never leaves a half-written bundle.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from .modelfile import (MODEL_JSON, MODEL_WEIGHTS, ModelLoadError, atomic_write_text,
+                        load_network, write_json)
+
+__all__ = ["make_bundle", "BUNDLE_FILES"]
+
+BUNDLE_FILES = (MODEL_JSON, "model.onnx", "ood.npz", "model_card.json", "model_card.md")
+
+
+def _held_out(run: Path, split: str, labels: list[str]):
+    """Samples of the run's ``eval/<split>/predictions.csv`` and the run's probabilities."""
+    from .data import Sample
+
+    path = run / "eval" / split / "predictions.csv"
+    if not path.exists():
+        return None
+    samples, probs = [], []
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            samples.append(Sample(row["path"], labels.index(row["true"])))
+            probs.append([float(row[f"p_{c}"]) for c in labels])
+    return samples, np.asarray(probs)
+
+
+def make_bundle(run: str | os.PathLike, dest: str | os.PathLike, *, half: bool = True,
+                overwrite: bool = False, log=print) -> dict:
+    """Write an inference-only model folder ``dest`` from the training run ``run``.
+
+    Returns:
+        ``{"folder", "onnx_bytes", "metrics": {split: metrics}, "max_prob_change"}``.
+
+    Raises:
+        ModelLoadError: ``run`` is not a complete run, or ``dest`` exists without
+            ``overwrite``.
+    """
+    from .cache import prepare_samples
+    from .export import (CARD_JSON, CARD_MD, ONNX_FILE, check_onnx, halve_weights,
+                         model_card, model_card_markdown, onnx_bytes)
+    from .metrics import compute_metrics
+    from .ood import OOD_FILE
+    from .predict import Predictor, resolve_model
+    from .train import _headline
+
+    run = resolve_model(run)
+    dest = Path(dest)
+    if not (run / MODEL_WEIGHTS).exists():
+        raise ModelLoadError(f"{run} has no {MODEL_WEIGHTS}: bundle a training run folder")
+    if dest.exists() and not overwrite:
+        raise ModelLoadError(f"{dest} exists; pass --overwrite to replace it")
+    net, meta = load_network(run)
+    blob = onnx_bytes(net, meta)
+    check_onnx(net, blob, meta)
+    if half:
+        blob = halve_weights(blob)
+    tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    try:
+        (tmp / ONNX_FILE).write_bytes(blob)
+        if (run / OOD_FILE).exists():
+            shutil.copyfile(run / OOD_FILE, tmp / OOD_FILE)
+        meta.name = dest.name
+        meta.extra["export"] = {"from_run": run.name,
+                                "weights": "float16 storage, float32 compute" if half
+                                else "float32",
+                                "metrics_measured_on": ONNX_FILE}
+        write_json(tmp / MODEL_JSON, meta.to_dict())
+        pred = Predictor(tmp)
+        metrics, change = {}, 0.0
+        for split in ("val", "test"):
+            held = _held_out(run, split, meta.labels)
+            if held is None:
+                continue
+            samples, run_probs = held
+            res = prepare_samples(samples, meta.preprocess, progress=False, desc=split)
+            if res.errors:
+                raise ModelLoadError(f"{len(res.errors)} {split} image(s) of {run} cannot be "
+                                     f"read any more (first: {res.errors[0][0]}); the shipped "
+                                     "model cannot be re-measured")
+            probs = pred.probs_prepared(res.pixels)
+            change = max(change, float(np.abs(probs - run_probs[res.keep]).max()))
+            y = np.array([samples[i].label for i in res.keep])
+            m = compute_metrics(y, probs, meta.labels, meta.threshold)
+            metrics[split] = _headline(m)
+            log(f"{split}: n {m['n']}, accuracy {m['accuracy']:.4f}, auc {m['auc']:.4f} "
+                f"(shipped {ONNX_FILE})")
+        if metrics:
+            meta.extra["metrics"] = metrics
+        meta.extra["export"]["max_probability_change"] = round(change, 6)
+        write_json(tmp / MODEL_JSON, meta.to_dict())
+        card = model_card(meta, tmp, onnx_sha256=hashlib.sha256(blob).hexdigest())
+        write_json(tmp / CARD_JSON, card)
+        atomic_write_text(tmp / CARD_MD, model_card_markdown(card))
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+            dest.rename(old)
+            tmp.rename(dest)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"folder": dest, "onnx_bytes": len(blob), "metrics": metrics,
+            "max_prob_change": change}
