@@ -63,8 +63,12 @@ def _add_train(sub):
     p.add_argument("--channels", type=int, choices=[1, 3], default=None,
                    help="input channels; default 3 for pretrained backbones, else 1 unless "
                         "the images are in colour")
-    p.add_argument("--resize", choices=["stretch", "pad"], default="stretch",
-                   help="stretch to a square, or pad (letterbox) keeping the aspect ratio")
+    p.add_argument("--resize", choices=["stretch", "pad", "crop"], default="stretch",
+                   help="stretch to a square; pad (letterbox) keeping the aspect ratio; or crop "
+                        "the centre square (no distortion, no bars)")
+    p.add_argument("--grayscale", action="store_true",
+                   help="convert every image to grey first (grey modalities stored partly as "
+                        "RGB files, so the file's colour mode is no cue)")
     p.add_argument("--dropout", type=float, default=0.3, help="head dropout")
     p.add_argument("--val-fraction", type=float, default=0.15,
                    help="fraction of patients carved out for validation when needed")
@@ -117,6 +121,7 @@ def _cmd_train(a) -> int:
                optimizer=a.optimizer, seed=a.seed, transfer=a.transfer, unfreeze=a.unfreeze,
                aug_copies=a.aug_copies, augment=aug, patience=a.patience, monitor=a.monitor,
                class_weights=not a.no_class_weights, channels=a.channels, resize=a.resize,
+               grayscale=a.grayscale,
                dropout=a.dropout, val_fraction=a.val_fraction, test_fraction=a.test_fraction,
                patient_regex=a.patient_regex, target_sensitivity=a.target_sensitivity,
                skip_bad_images=a.skip_bad_images, precision=a.precision, threads=a.threads,

@@ -25,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-__all__ = ["Preprocess", "AugmentSpec", "augment", "compute_mean_std"]
+__all__ = ["Preprocess", "AugmentSpec", "augment", "compute_mean_std", "RESIZE_MODES"]
+
+RESIZE_MODES = ("stretch", "pad", "crop")
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,12 @@ class Preprocess:
         channels: 1 (grey) or 3 (RGB; grey images are replicated).
         mean, std: per-channel statistics applied after scaling to [0, 1].
         resize: "stretch" (resize to SxS, aspect ratio not kept: the public datasets are
-            distributed like that) or "pad" (letterbox on black, aspect ratio kept).
+            distributed like that), "pad" (letterbox on black, aspect ratio kept) or "crop"
+            (centre square crop, aspect ratio kept, no bars: when image shape differs between
+            sources of one dataset, neither distortion nor bars can give the source away).
+        grayscale: convert every image to grey before channel handling (a 3-channel input
+            then holds three equal channels). For modalities that are grey by nature but
+            stored partly as RGB files, so the file's colour mode cannot become a cue.
     """
 
     image_size: int = 224
@@ -45,6 +52,7 @@ class Preprocess:
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.25, 0.25, 0.25)
     resize: str = "stretch"
+    grayscale: bool = False
 
     def __post_init__(self):
         if self.channels not in (1, 3):
@@ -54,8 +62,9 @@ class Preprocess:
                              f"{list(self.mean)} and {list(self.std)}")
         if any(s <= 0 for s in self.std):
             raise ValueError(f"preprocess.std must be positive, got {list(self.std)}")
-        if self.resize not in ("stretch", "pad"):
-            raise ValueError(f"preprocess.resize must be 'stretch' or 'pad', got {self.resize!r}")
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"preprocess.resize must be one of {', '.join(RESIZE_MODES)}, "
+                             f"got {self.resize!r}")
         if not 8 <= self.image_size <= 2048:
             raise ValueError(f"preprocess.image_size must be 8..2048, got {self.image_size}")
 
@@ -73,8 +82,14 @@ class Preprocess:
             raise ValueError(f"expected uint8 (H,W) or (H,W,3) pixels, got {pixels.dtype} "
                              f"{pixels.shape}")
         img = Image.fromarray(pixels)
+        if self.grayscale:
+            img = img.convert("L")
         img = img.convert("L" if self.channels == 1 else "RGB")
         s = self.image_size
+        if self.resize == "crop" and img.width != img.height:
+            side = min(img.size)
+            left, top = (img.width - side) // 2, (img.height - side) // 2
+            img = img.crop((left, top, left + side, top + side))
         if self.resize == "pad":
             scale = s / max(img.size)
             w, h = max(1, round(img.width * scale)), max(1, round(img.height * scale))
@@ -118,7 +133,8 @@ class Preprocess:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocess":
-        known = {k: d[k] for k in ("image_size", "channels", "mean", "std", "resize") if k in d}
+        known = {k: d[k] for k in ("image_size", "channels", "mean", "std", "resize", "grayscale")
+                 if k in d}
         for k in ("mean", "std"):
             if k in known:
                 known[k] = tuple(float(v) for v in known[k])
@@ -127,7 +143,8 @@ class Preprocess:
     def geometry_key(self) -> str:
         """Hash of what :meth:`prepare` depends on (the cache key for prepared pixels)."""
         blob = json.dumps({"size": self.image_size, "channels": self.channels,
-                           "resize": self.resize, "v": 1}, sort_keys=True)
+                           "resize": self.resize, "grayscale": self.grayscale, "v": 1},
+                          sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

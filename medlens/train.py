@@ -71,7 +71,8 @@ class TrainConfig:
     monitor: str = "val_auc"        # val_auc | val_loss
     class_weights: bool = True
     channels: int | None = None      # None: 3 for pretrained, else 1 unless images have colour
-    resize: str = "stretch"
+    resize: str = "stretch"          # stretch | pad | crop (see Preprocess)
+    grayscale: bool = False          # grey every image first (see Preprocess)
     dropout: float = 0.3
     val_fraction: float = 0.15
     test_fraction: float = 0.15
@@ -363,7 +364,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
     else:
         channels = cfg.channels
     geometry = Preprocess(image_size=size, channels=channels, mean=(0.5,) * channels,
-                          std=(0.25,) * channels, resize=cfg.resize)
+                          std=(0.25,) * channels, resize=cfg.resize,
+                          grayscale=cfg.grayscale)
     prepared, sources, bad = {}, {}, []
     for split, samples in ds.splits.items():
         res = prepare_samples(samples, geometry, cache_dir=cfg.cache_dir, progress=cfg.progress,
@@ -392,7 +394,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
     else:
         mean, std = compute_mean_std(prepared["train"][0])
     pre = Preprocess(image_size=size, channels=channels, mean=tuple(mean), std=tuple(std),
-                     resize=cfg.resize)
+                     resize=cfg.resize, grayscale=cfg.grayscale)
     aug = AugmentSpec.from_dict(cfg.augment)
 
     resolved = asdict(cfg)

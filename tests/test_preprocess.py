@@ -134,7 +134,7 @@ def test_to_dict_from_dict_round_trip():
                      std=(0.229, 0.224, 0.225), resize="pad")
     d = pre.to_dict()
     assert d == {"image_size": 96, "channels": 3, "mean": [0.485, 0.456, 0.406],
-                 "std": [0.229, 0.224, 0.225], "resize": "pad"}
+                 "std": [0.229, 0.224, 0.225], "resize": "pad", "grayscale": False}
     import json
     back = Preprocess.from_dict(json.loads(json.dumps(d)))
     assert back == pre
@@ -147,7 +147,7 @@ def test_to_dict_from_dict_round_trip():
     (dict(channels=2), "preprocess.channels"),
     (dict(channels=1), "preprocess.mean/std"),            # 3 default means for 1 channel
     (dict(std=(0.2, 0.0, 0.2)), "preprocess.std"),
-    (dict(resize="crop"), "preprocess.resize"),
+    (dict(resize="fit"), "preprocess.resize"),
     (dict(image_size=4), "preprocess.image_size"),
     (dict(image_size=4096), "preprocess.image_size"),
 ])
@@ -166,6 +166,33 @@ def test_geometry_key_depends_on_geometry_only():
     assert a.geometry_key() != Preprocess(image_size=32, channels=3).geometry_key()
     assert a.geometry_key() != Preprocess(image_size=32, channels=1, mean=(0.5,), std=(0.25,),
                                           resize="pad").geometry_key()
+    assert Preprocess(image_size=32, grayscale=True).geometry_key() != \
+        Preprocess(image_size=32).geometry_key()
+
+
+def test_crop_keeps_the_centre_square_without_distortion_or_bars():
+    img = np.zeros((60, 100), np.uint8)
+    img[:, 20:80] = 200          # the centre 60x60 square is bright; the sides are black
+    out = Preprocess(image_size=30, channels=1, mean=(0.5,), std=(0.25,),
+                     resize="crop").prepare(img)
+    assert out.shape == (1, 30, 30) and out.min() == 200  # the sides were cut off
+    pad = Preprocess(image_size=30, channels=1, mean=(0.5,), std=(0.25,),
+                     resize="pad").prepare(img)
+    assert pad.min() == 0        # letterboxing keeps them (and adds bars)
+
+
+def test_grayscale_makes_rgb_and_grey_files_of_one_picture_identical():
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (40, 40), dtype=np.uint8)
+    rgb = np.repeat(grey[..., None], 3, axis=2).copy()
+    rgb[..., 0] = np.clip(rgb[..., 0].astype(int) + 3, 0, 255)  # JPEG-like chroma noise
+    pre = Preprocess(image_size=32, grayscale=True)
+    a, b = pre.prepare(grey), pre.prepare(rgb)
+    assert a.shape == (3, 32, 32)
+    assert (a[0] == a[1]).all() and (b[0] == b[2]).all()   # three equal channels
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    assert not (Preprocess(image_size=32).prepare(rgb)[0] == Preprocess(
+        image_size=32).prepare(rgb)[1]).all()               # without it the cue survives
 
 
 def test_compute_mean_std():
