@@ -406,10 +406,70 @@ def _cmd_serve(a) -> int:
     return 0
 
 
+def _add_bench(sub):
+    p = sub.add_parser(
+        "bench", help="benchmark inference, the web app under load and training speed",
+        description="Measure on this machine, in one run: network latency p50/p95 at batch 1 "
+                    "and throughput at batch 32 through eager torch, ONNX Runtime fp32 and "
+                    "(when the folder ships model.int8.onnx) int8; the web app under load "
+                    "(`medlens serve` on 127.0.0.1, N keep-alive connections posting one "
+                    "synthetic 1024x1024 JPEG: requests/s, p50/p95, errors); and, with "
+                    "--train-log, a finished run's training images/s and time to its best "
+                    "validation AUC. Writes bench-<time>.json/.csv and latest.json/.csv/.md "
+                    "into --out.")
+    p.add_argument("--model", default="pneumonia",
+                   help="run folder or bundled model name; default %(default)s")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
+    p.add_argument("--out", default="bench/results",
+                   help="folder for the result files; default %(default)s")
+    p.add_argument("--n", type=int, default=50,
+                   help="measured batch-1 runs per engine; default %(default)s")
+    p.add_argument("--duration", type=float, default=20.0,
+                   help="seconds of measured web-app load (after --warmup); default "
+                        "%(default)s")
+    p.add_argument("--warmup", type=float, default=3.0,
+                   help="seconds of unmeasured load first; default %(default)s")
+    p.add_argument("--concurrency", type=int, default=8,
+                   help="simultaneous connections of the load generator; default %(default)s")
+    p.add_argument("--image", default=None,
+                   help="upload this image file instead of the synthetic JPEG")
+    p.add_argument("--train-log", default=None, metavar="RUN",
+                   help="run folder whose training_metrics.csv and model.json give the "
+                        "training figures (nothing is retrained)")
+    p.add_argument("--target-auc", type=float, default=None,
+                   help="with --train-log: also report the epoch time to this validation AUC")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads of torch and ONNX Runtime for the inference figures "
+                        "(default: each library's own, every core)")
+    p.add_argument("--no-inference", action="store_true", help="skip the inference figures")
+    p.add_argument("--no-serve", action="store_true", help="skip the web-app load test")
+
+
+def _cmd_bench(a) -> int:
+    from .bench import run_bench, summary_table, write_results
+
+    if a.n < 1 or a.duration <= 0 or a.concurrency < 1 or a.warmup < 0 or (a.threads or 1) < 1:
+        raise ValueError("--n, --concurrency and --threads must be >= 1, --duration > 0, "
+                         "--warmup >= 0")
+    image = Path(a.image).read_bytes() if a.image else None
+    res = run_bench(a.model, n=a.n, duration=a.duration, concurrency=a.concurrency,
+                    warmup_s=a.warmup, train_log=a.train_log, target_auc=a.target_auc,
+                    inference=not a.no_inference, serve=not a.no_serve, image=image,
+                    threads=a.threads)
+    paths = write_results(res, a.out)
+    if a.json:
+        print(json.dumps(res, indent=2, default=str))
+    else:
+        print(summary_table(res), end="")
+    print(f"wrote {paths['json']} and {paths['latest_md']}", file=sys.stderr)
+    return 0
+
+
 COMMANDS = {"train": (_add_train, _cmd_train), "evaluate": (_add_evaluate, _cmd_evaluate),
             "predict": (_add_predict, _cmd_predict), "explain": (_add_explain, _cmd_explain),
             "compare": (_add_compare, _cmd_compare), "models": (_add_models, _cmd_models),
-            "export": (_add_export, _cmd_export), "serve": (_add_serve, _cmd_serve)}
+            "export": (_add_export, _cmd_export), "serve": (_add_serve, _cmd_serve),
+            "bench": (_add_bench, _cmd_bench)}
 
 
 def build_parser() -> argparse.ArgumentParser:
