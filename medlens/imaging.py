@@ -65,7 +65,7 @@ class DecodedImage:
 
 
 def read_image(src: str | os.PathLike[str] | bytes, *, name: str | None = None,
-               max_pixels: int = MAX_PIXELS) -> DecodedImage:
+               max_pixels: int = MAX_PIXELS, target_size: int | None = None) -> DecodedImage:
     """Decode a raster image or a DICOM file into a ``uint8`` array.
 
     Args:
@@ -73,6 +73,13 @@ def read_image(src: str | os.PathLike[str] | bytes, *, name: str | None = None,
         name: How error messages refer to the image; defaults to the path, or ``"upload"``.
         max_pixels: Refuse images with more than this many pixels (width * height), checked from
             the header before any pixel data is decoded.
+        target_size: The side of the square the caller resizes to next (the model's input
+            size), or None for the full image. A JPEG at least twice that size on both sides is
+            then decoded at 1/2, 1/4 or 1/8 scale by libjpeg's scaled IDCT (Pillow's
+            ``draft``), keeping both sides ``>= target_size``: a 1024x1024 upload for a 224 px
+            model decodes to 256x256, which is faster to decode and to resize. Pass the same
+            value wherever images are decoded for one model (training cache, prediction,
+            serving) so that every path sees the same pixels. Other formats ignore it.
 
     Returns:
         A :class:`DecodedImage` with ``(H, W)`` or ``(H, W, 3)`` ``uint8`` pixels.
@@ -87,7 +94,7 @@ def read_image(src: str | os.PathLike[str] | bytes, *, name: str | None = None,
         data = bytes(src)
         if not data:
             raise ImageReadError(f"`{label}` is empty (0 bytes); {hint}")
-        return _decode(io.BytesIO(data), label, hint, max_pixels)
+        return _decode(io.BytesIO(data), label, hint, max_pixels, target_size)
     if not isinstance(src, (str, os.PathLike)):
         raise TypeError(f"read_image() needs a path or bytes, not {type(src).__name__}")
     label, hint = name or str(src), "remove it or pass --skip-bad-images"
@@ -106,7 +113,7 @@ def read_image(src: str | os.PathLike[str] | bytes, *, name: str | None = None,
     with fh:
         if os.fstat(fh.fileno()).st_size == 0:
             raise ImageReadError(f"`{label}` is empty (0 bytes); {hint}")
-        return _decode(fh, label, hint, max_pixels)
+        return _decode(fh, label, hint, max_pixels, target_size)
 
 
 def is_dicom(data: bytes | str | os.PathLike[str]) -> bool:
@@ -148,11 +155,12 @@ def _read_bare_dicom(fh: IO[bytes]) -> Any:
     return ds if any(k in ds for k in _PIXEL_KEYWORDS) else None
 
 
-def _decode(fh: IO[bytes], label: str, hint: str, max_pixels: int) -> DecodedImage:
+def _decode(fh: IO[bytes], label: str, hint: str, max_pixels: int,
+            target_size: int | None = None) -> DecodedImage:
     if fh.read(132)[128:132] == b"DICM":
         return _read_dicom(fh, label, hint, max_pixels)
     fh.seek(0)
-    decoded = _read_raster(fh, label, hint, max_pixels)
+    decoded = _read_raster(fh, label, hint, max_pixels, target_size)
     if decoded is not None:
         return decoded
     ds = _read_bare_dicom(fh)
@@ -165,7 +173,8 @@ def _decode(fh: IO[bytes], label: str, hint: str, max_pixels: int) -> DecodedIma
 
 # ----------------------------------------------------------------------------- raster (Pillow)
 
-def _read_raster(fh: IO[bytes], label: str, hint: str, max_pixels: int) -> DecodedImage | None:
+def _read_raster(fh: IO[bytes], label: str, hint: str, max_pixels: int,
+                 target_size: int | None = None) -> DecodedImage | None:
     """Decode through Pillow; None when Pillow does not recognise the format."""
     try:
         # Image.open parses only the header. Pillow's own bomb warning is silenced because our
@@ -188,6 +197,9 @@ def _read_raster(fh: IO[bytes], label: str, hint: str, max_pixels: int) -> Decod
         notes = []
         if getattr(im, "is_animated", False) or getattr(im, "n_frames", 1) > 1:
             notes.append(f"multi-frame {fmt} ({im.n_frames} frames): used the first frame")
+        if target_size and fmt == "JPEG" and min(im.size) >= 2 * target_size:
+            # DCT-domain downscaling by 2/4/8 while decoding; both sides stay >= target_size.
+            im.draft(None, (int(target_size), int(target_size)))
         try:
             im.load()  # force the full decode so truncated files fail here, not later
         except Image.DecompressionBombError as exc:

@@ -16,6 +16,7 @@ import base64
 import hashlib
 import io
 import logging
+import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -30,11 +31,12 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field
-from starlette.concurrency import run_in_threadpool
+from anyio import CapacityLimiter
+from anyio.to_thread import run_sync
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from ..export import DISCLAIMER, model_card, model_version
+from ..export import DISCLAIMER, ONNX_FILE, model_card, model_version, onnx_bytes, ort_session
 from ..imaging import MAX_PIXELS, ImageReadError, read_image
 from ..modelfile import MODEL_JSON, ModelLoadError
 from ..predict import Predictor, bundled_models_dir, overlay_cam
@@ -62,8 +64,11 @@ class ServedModel:
     card: dict
 
     @classmethod
-    def load(cls, name: str, folder: Path, backend: str = "onnx") -> "ServedModel":
-        pred = Predictor(folder, backend=backend)
+    def load(cls, name: str, folder: Path, backend: str = "onnx",
+             threads: int | None = None) -> "ServedModel":
+        """Load a model folder; ``threads``: ONNX Runtime intra-op threads of its session
+        (None: the Predictor's default, every core)."""
+        pred = _serving_predictor(folder, backend, threads)
         meta = pred.meta
         card = model_card(meta, folder)
         info = {"name": name, "title": card["title"], "task": card["task"],
@@ -71,6 +76,35 @@ class ServedModel:
                                                         "size": meta.preprocess.image_size},
                 "version": model_version(meta, folder), "metrics": card["metrics"]}
         return cls(name, folder, pred, info, card)
+
+
+def _serving_predictor(folder: Path, backend: str, threads: int | None) -> Predictor:
+    """A :class:`Predictor` whose ONNX Runtime session has ``threads`` intra-op threads.
+
+    The app computes several predictions at once, one per worker (see :func:`create_app`):
+    a session per request that spreads over every core would make the concurrent runs fight
+    for the same cores, so serving sessions default to one thread each.
+    """
+    in_memory = backend == "onnx" and not (folder / ONNX_FILE).exists()
+    if threads is None and not in_memory:
+        return Predictor(folder, backend=backend)
+    # Export in memory here (once) rather than letting the Predictor do it with its default
+    # threads and doing it again; a folder with model.onnx is opened by the Predictor (which
+    # checks that it matches model.pt) and re-opened with the serving thread count.
+    pred = Predictor(folder, backend="torch" if in_memory else backend)
+    if in_memory:
+        pred.session = ort_session(onnx_bytes(pred.net, pred.meta), threads=threads)
+        pred.backend = "onnx (exported in memory)"
+    elif pred.session is not None:
+        pred.session = ort_session(folder / ONNX_FILE, threads=threads)
+    return pred
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def discover_models(model_dirs=()) -> dict[str, Path]:
@@ -206,7 +240,8 @@ def _validation_detail(exc: RequestValidationError) -> str:
 
 
 def create_app(model_dirs=(), max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-               max_pixels: int = MAX_PIXELS, backend: str = "onnx") -> FastAPI:
+               max_pixels: int = MAX_PIXELS, backend: str = "onnx",
+               workers: int | None = None, inference_threads: int | None = 1) -> FastAPI:
     """Build the web app and load its models.
 
     Args:
@@ -216,17 +251,26 @@ def create_app(model_dirs=(), max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
         max_pixels: decompression-bomb guard (width * height), checked before decoding.
         backend: see :class:`~medlens.predict.Predictor`; ``"onnx"`` (default) serves every
             model through ONNX Runtime, exporting in memory models without ``model.onnx``.
+        workers: how many uploads are decoded and predicted at once, each in a worker
+            thread (default: the cores this process may use); further requests wait their
+            turn after their upload has been read.
+        inference_threads: ONNX Runtime intra-op threads per model session (default 1: the
+            workers already keep the cores busy; None: every core, for one request at a time).
     """
     app = FastAPI(title="MedLens", version=__version__, docs_url=None, redoc_url=None,
                   description="Calibrated, explainable medical image classifiers. "
                               + DISCLAIMER)
-    models = {name: ServedModel.load(name, folder, backend)
+    models = {name: ServedModel.load(name, folder, backend, inference_threads)
               for name, folder in discover_models(model_dirs).items()}
     for m in models.values():
         log.info("loaded model %s version %s (%s) from %s", m.name, m.info["version"],
                  m.predictor.backend, m.folder)
     app.state.models = models
     app.state.max_upload_bytes = max_upload_bytes
+    # Decoding, preprocessing and inference release the GIL: `workers` threads keep that many
+    # cores busy. Bounding them (anyio's default pool is 40 threads) keeps a burst of uploads
+    # from time-slicing the cores between dozens of half-done predictions.
+    app.state.workers = CapacityLimiter(workers or _cores())
     vendor = _vendor_files()
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
@@ -282,7 +326,8 @@ def create_app(model_dirs=(), max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
         """
         model = get_model(name)  # before reading the body: unknown models cost nothing
         data = await read_file_field(request, "file", request.app.state.max_upload_bytes)
-        result = await run_in_threadpool(_predict, model, data, explain, max_pixels)
+        result = await run_sync(_predict, model, data, explain, max_pixels,
+                                limiter=request.app.state.workers)
         return JSONResponse(result)
 
     # -- pages -----------------------------------------------------------------------
@@ -335,7 +380,9 @@ def _predict(model: ServedModel, data: bytes, explain: bool, max_pixels: int) ->
     digest = hashlib.sha256(data).hexdigest()
     version = model.info["version"]
     try:
-        img = read_image(data, name="upload", max_pixels=max_pixels)
+        # target_size: a large JPEG decodes straight to >= the network's input size.
+        img = read_image(data, name="upload", max_pixels=max_pixels,
+                         target_size=model.predictor.pre.image_size)
     except ImageReadError as e:
         log.info("rejected time=%s model=%s version=%s upload_sha256=%s status=422 "
                  "elapsed_ms=%.1f", _now(), model.name, version, digest,
@@ -371,6 +418,13 @@ def serve(host: str = "127.0.0.1", port: int = 8000, model_dirs=(),
 
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import torch
+
+    # One torch thread per request (preprocessing, Grad-CAM): the app runs one prediction per
+    # core at once (create_app's workers), and torch's OpenMP threads spreading one request over
+    # cores that are busy make it far slower, not faster (Grad-CAM measured 0.22 s with one
+    # thread, 5-9 s with two, while another process kept one of two cores busy).
+    torch.set_num_threads(1)
     app = create_app(model_dirs, max_upload_bytes)
     if not app.state.models:
         log.warning("no models loaded: pass --models DIR (a run folder of `medlens train` or a "
