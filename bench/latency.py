@@ -8,6 +8,8 @@ of the client-side wall time. Bounded in count (``-n``) and time (``--max-second
     python bench/latency.py --model runs/pneumonia -n 30
 
 ``--model`` is a model folder (a run of ``medlens train``); without it, the first bundled model.
+For throughput under concurrent load, and inference and training figures, see ``medlens bench``
+(:mod:`medlens.bench`).
 """
 
 from __future__ import annotations
@@ -17,15 +19,15 @@ import http.client
 import io
 import json
 import os
-import platform
-import socket
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
+
+from medlens.bench import cpu_model as cpu_name
+from medlens.bench import free_port, multipart_body, wait_ready
 
 
 def make_jpeg(side: int = 1024, seed: int = 0) -> bytes:
@@ -41,45 +43,6 @@ def make_jpeg(side: int = 1024, seed: int = 0) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
     return buf.getvalue()
-
-
-def multipart(data: bytes, name: str = "bench.jpg") -> tuple[bytes, str]:
-    boundary = uuid.uuid4().hex
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
-            f"filename=\"{name}\"\r\nContent-Type: image/jpeg\r\n\r\n").encode() + data + \
-        f"\r\n--{boundary}--\r\n".encode()
-    return body, f"multipart/form-data; boundary={boundary}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(port: int, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with code {proc.returncode} before it was ready")
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/healthz")
-            if conn.getresponse().status == 200:
-                return
-        except OSError:
-            time.sleep(0.3)
-    raise SystemExit(f"the server was not ready after {timeout:.0f} s")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def run(port: int, name: str, body: bytes, ctype: str, explain: bool, n: int,
@@ -131,7 +94,7 @@ def main(argv=None) -> int:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_ready(port, proc, timeout=300)
-        body, ctype = multipart(make_jpeg())
+        body, ctype = multipart_body(make_jpeg())
         deadline = time.time() + args.max_seconds
         results = {}
         for explain in (False, True):
