@@ -521,6 +521,19 @@ def wait_ready(port: int, proc: subprocess.Popen, timeout: float) -> None:
     raise RuntimeError(f"the server was not ready after {timeout:.0f} s")
 
 
+def _server_config() -> str:
+    """How `medlens serve` computes predictions (create_app's defaults) on this machine."""
+    import inspect
+
+    from .serve.app import create_app
+
+    params = inspect.signature(create_app).parameters
+    workers = params["workers"].default or usable_cores()
+    threads = params["inference_threads"].default or usable_cores()
+    return (f"medlens serve: one uvicorn process, up to {workers} predictions at once (worker "
+            f"threads), {threads} ONNX Runtime intra-op thread(s) per session")
+
+
 def bench_serve(ref, duration: float = 20.0, concurrency: int = 8, warmup: float = 3.0,
                 image: bytes | None = None, start_timeout: float = 300.0,
                 request_timeout: float = 30.0, log: Log = _stderr) -> dict:
@@ -531,8 +544,10 @@ def bench_serve(ref, duration: float = 20.0, concurrency: int = 8, warmup: float
     folder = resolve_model(ref)
     data = image if image is not None else synthetic_jpeg()
     port = free_port()
+    # `medlens serve` as a user starts it (default log level: one line per request), its log
+    # kept in an anonymous temporary file for the error message should it fail to start.
     cmd = [sys.executable, "-m", "medlens.cli", "serve", "--models", str(folder), "--port",
-           str(port), "--log-level", "warning"]
+           str(port)]
     errlog = tempfile.TemporaryFile()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errlog)
     t_start = time.perf_counter()
@@ -567,6 +582,7 @@ def bench_serve(ref, duration: float = 20.0, concurrency: int = 8, warmup: float
     n_all = res.requests + res.warmup_requests
     out.update({
         "model": folder.name, "upload_bytes": len(data),
+        "server": _server_config(),
         "upload": "synthetic 1024x1024 greyscale JPEG" if image is None else "given image",
         "server_startup_s": round(startup, 2), "load_average_before": load_before,
         # CPU used over warm-up + measured window, per request answered in it
@@ -767,7 +783,7 @@ def summary_table(res: dict) -> str:
                   f"| `POST predict`, {sv['concurrency']} connections, {sv['duration_s']:g} s, "
                   f"{sv['upload_bytes'] / 1e3:.0f} KB 1024x1024 JPEG | {f(sv['rps'])} | "
                   f"{f(sv['latency_ms_p50'], ' ms')} | {f(sv['latency_ms_p95'], ' ms')} | "
-                  f"{sv['errors']} of {sv['requests']} |"]
+                  f"{sv['errors']} of {sv['requests']} |", "", f"Server: {sv['server']}."]
     if res.get("training"):
         t = res["training"]
         lines += ["", "| training | images/s | epochs | best val AUC | epoch time to it | wall "
