@@ -374,20 +374,47 @@ def _percentiles(ms: list[float]) -> dict:
             "p95": round(float(np.percentile(a, 95)), 3), "mean": round(float(a.mean()), 3)}
 
 
-def _engines(folder: Path, threads: int | None, log: Log) -> tuple[dict, dict, list[str]]:
+def _torch_folder(folder: Path, torch_ref, notes: list[str]) -> Path | None:
+    """The folder whose model.pt times eager torch: the model's own, or ``torch_ref`` (the
+    training run of an inference-only bundle), checked to be the same network."""
+    from .modelfile import MODEL_WEIGHTS, read_meta
+    from .predict import resolve_model
+
+    if torch_ref is None:
+        if (folder / MODEL_WEIGHTS).exists():
+            return folder
+        notes.append(f"torch: not measured ({folder} has no {MODEL_WEIGHTS}: an inference-only "
+                     "model folder; --torch-model RUN times the run it was exported from)")
+        return None
+    run = resolve_model(torch_ref)
+    mine, theirs = read_meta(folder), read_meta(run)
+    if (mine.arch, mine.preprocess.image_size, mine.preprocess.channels) != \
+            (theirs.arch, theirs.preprocess.image_size, theirs.preprocess.channels):
+        raise ValueError(f"--torch-model {run} is a {theirs.arch} at "
+                         f"{theirs.preprocess.image_size} px, the model a {mine.arch} at "
+                         f"{mine.preprocess.image_size} px: not the same network")
+    a, b = mine.extra.get("weights_sha256"), theirs.extra.get("weights_sha256")
+    notes.append(f"torch: timed with {run}/{MODEL_WEIGHTS} ("
+                 + ("the weights the ONNX graph was exported from" if a and a == b else
+                    "same architecture and input size; other weights") + ")")
+    return run
+
+
+def _engines(folder: Path, threads: int | None, log: Log, torch_ref=None
+             ) -> tuple[dict, dict, list[str]]:
     """name -> callable(x: float32 ndarray) -> logits ndarray; name -> description; notes."""
     import torch
 
     from .export import ONNX_FILE, onnx_bytes, ort_session
-    from .modelfile import MODEL_WEIGHTS
     from .predict import Predictor
 
     engines, about, notes = {}, {}, []
     if threads:
         torch.set_num_threads(threads)
-    if (folder / MODEL_WEIGHTS).exists():
+    torch_folder = _torch_folder(folder, torch_ref, notes)
+    if torch_folder is not None:
         try:
-            tp = Predictor(folder, backend="torch")
+            tp = Predictor(torch_folder, backend="torch")
             net = tp.net.float().eval()
 
             def run_torch(x, net=net):
@@ -399,9 +426,6 @@ def _engines(folder: Path, threads: int | None, log: Log) -> tuple[dict, dict, l
                               "threads": torch.get_num_threads()}
         except Exception as e:  # noqa: BLE001 - report why, measure the rest
             notes.append(f"torch: not measured ({type(e).__name__}: {e})")
-    else:
-        notes.append(f"torch: not measured ({folder} has no {MODEL_WEIGHTS}: an inference-only "
-                     "model folder)")
     op = Predictor(folder, backend="onnx")
     sess = op.session
     if threads:  # the same thread count as torch: re-open (or re-export) the graph
@@ -428,7 +452,7 @@ def _engines(folder: Path, threads: int | None, log: Log) -> tuple[dict, dict, l
 
 def bench_inference(ref, n: int = 50, warmup: int = 5, batch: int = 32, batch_runs: int = 3,
                     max_seconds: float = 120.0, threads: int | None = None,
-                    log: Log = _stderr) -> dict:
+                    torch_model=None, log: Log = _stderr) -> dict:
     """Network latency at batch 1 and throughput at batch ``batch`` per engine.
 
     The input is a normalised ``float32`` batch of random images of the model's input size
@@ -436,7 +460,8 @@ def bench_inference(ref, n: int = 50, warmup: int = 5, batch: int = 32, batch_ru
     web app figures include it). The engines run interleaved (torch, onnx, int8, torch, ...),
     ``warmup`` unmeasured rounds first; measuring stops early after ``max_seconds``.
     ``threads``: intra-op threads of torch and of every ONNX Runtime session (default: each
-    library's own, every core).
+    library's own, every core). ``torch_model``: a run folder whose ``model.pt`` times eager
+    torch when ``ref`` is an inference-only folder (a bundle exported from that run).
 
     Returns:
         ``{"rows": {engine: {...}}, "notes": [...], "max_abs_logit_diff_onnx_vs_torch": ...}``
@@ -446,7 +471,7 @@ def bench_inference(ref, n: int = 50, warmup: int = 5, batch: int = 32, batch_ru
     from .predict import resolve_model
 
     folder = resolve_model(ref)
-    engines, about, notes = _engines(folder, threads, log)
+    engines, about, notes = _engines(folder, threads, log, torch_model)
     pre = about.pop("pre")
     meter, own0 = _CpuMeter(), time.process_time()
     rng = np.random.default_rng(0)
@@ -678,7 +703,7 @@ def run_bench(model, *, n: int = 50, duration: float = 20.0, concurrency: int = 
               warmup_s: float = 3.0, train_log=None, target_auc: float | None = None,
               inference: bool = True, serve: bool = True, image: bytes | None = None,
               max_seconds: float = 120.0, threads: int | None = None,
-              log: Log = _stderr) -> dict:
+              torch_model=None, log: Log = _stderr) -> dict:
     """Every measurement of ``medlens bench`` in one flat dict (see the module docstring)."""
     from .predict import resolve_model
 
@@ -697,7 +722,8 @@ def run_bench(model, *, n: int = 50, duration: float = 20.0, concurrency: int = 
         res[k] = None
     if inference:
         log(f"inference: {folder.name}, {n} runs at batch 1, 3 at batch 32")
-        inf = bench_inference(folder, n=n, max_seconds=max_seconds, threads=threads, log=log)
+        inf = bench_inference(folder, n=n, max_seconds=max_seconds, threads=threads,
+                              torch_model=torch_model, log=log)
         res["inference"] = inf
         res["notes"] += inf["notes"]
         for name, row in inf["rows"].items():

@@ -441,6 +441,10 @@ def _add_bench(sub):
     p.add_argument("--threads", type=int, default=None,
                    help="intra-op threads of torch and ONNX Runtime for the inference figures "
                         "(default: each library's own, every core)")
+    p.add_argument("--torch-model", default=None, metavar="RUN",
+                   help="time eager torch with this run's model.pt (for an inference-only "
+                        "--model such as a bundled one, which has no model.pt: the run it was "
+                        "exported from)")
     p.add_argument("--no-inference", action="store_true", help="skip the inference figures")
     p.add_argument("--no-serve", action="store_true", help="skip the web-app load test")
 
@@ -455,7 +459,7 @@ def _cmd_bench(a) -> int:
     res = run_bench(a.model, n=a.n, duration=a.duration, concurrency=a.concurrency,
                     warmup_s=a.warmup, train_log=a.train_log, target_auc=a.target_auc,
                     inference=not a.no_inference, serve=not a.no_serve, image=image,
-                    threads=a.threads)
+                    threads=a.threads, torch_model=a.torch_model)
     paths = write_results(res, a.out)
     if a.json:
         print(json.dumps(res, indent=2, default=str))

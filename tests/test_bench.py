@@ -89,6 +89,10 @@ def test_bench_without_model_weights_reports_torch_as_null(trained_run, tmp_path
     assert res["serve_rps"] is None and res["targets"]["serve_rps"]["met"] is None
     table = bench.summary_table(res)
     assert "ONNX Runtime fp32" in table and "torch eager" not in table
+    # --torch-model: the run the folder was exported from times eager torch
+    res = bench.run_bench(folder, n=2, serve=False, torch_model=trained_run, log=lambda m: None)
+    assert res["latency_ms_p50_torch"] > 0 and res["speedup_onnx_vs_torch_p50"] > 0
+    assert any("the weights the ONNX graph was exported from" in n for n in res["notes"])
 
 
 # --------------------------------------------------------------------------- load generator
