@@ -2,7 +2,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install browser test test-slow clean
+.PHONY: install browser test test-slow models run clean
 
 # The browser test drives Debian's chromium (Playwright never downloads a browser here).
 CHROMIUM ?= /usr/bin/chromium
@@ -28,6 +28,28 @@ test: install browser
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
+
+# The four bundled models, retrained from ../shared/data with the recipes' exact settings,
+# then exported as inference-only folders (float16 weight storage) into the package.
+DATA ?= ../shared/data
+HOST ?= 127.0.0.1
+PORT ?= 8000
+define bundle
+	$(BIN)/medlens train --config recipes/$(1).yaml --data $(DATA)/$(2) --out runs/$(1) --overwrite --quiet
+	$(BIN)/medlens export --model runs/$(1) --bundle medlens/bundled/$(1) --half --overwrite
+endef
+
+models: install
+	@test -d $(DATA) || { echo "make models needs the training data in $(DATA) (DATA=...)"; exit 2; }
+	$(call bundle,pneumonia,chest_xray/train)
+	$(call bundle,brain-tumor,brain_mri/train)
+	$(call bundle,covid,covid_xray/train)
+	$(call bundle,pharyngitis,pharyngitis)
+
+# The diagnosis web app with the bundled models.
+run: install
+	@echo "MedLens: starting the web app at http://$(HOST):$(PORT) (Ctrl+C stops it)"
+	$(BIN)/medlens serve --host $(HOST) --port $(PORT)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

@@ -109,11 +109,16 @@ def make_bundle(run: str | os.PathLike, dest: str | os.PathLike, *, half: bool =
                 raise ModelLoadError(f"{len(res.errors)} {split} image(s) of {run} cannot be "
                                      f"read any more (first: {res.errors[0][0]}); the shipped "
                                      "model cannot be re-measured")
-            probs = pred.probs_prepared(res.pixels)
+            preds = pred.predict_prepared(res.pixels)
+            probs = np.array([[p.probabilities[c] for c in meta.labels] for p in preds])
+            flagged = [p.ood["flag"] for p in preds if p.ood["flag"] is not None]
             change = max(change, float(np.abs(probs - run_probs[res.keep]).max()))
             y = np.array([samples[i].label for i in res.keep])
             m = compute_metrics(y, probs, meta.labels, meta.threshold)
             metrics[split] = _headline(m)
+            if flagged:
+                meta.extra.setdefault("ood", {})[f"flagged_{split}_share"] = round(
+                    float(np.mean(flagged)), 4)
             log(f"{split}: n {m['n']}, accuracy {m['accuracy']:.4f}, auc {m['auc']:.4f} "
                 f"(shipped {ONNX_FILE})")
         if metrics:

@@ -364,6 +364,10 @@ def _add_export(sub):
                    help="with --bundle: store weights as float16 (half the size; computation "
                         "stays float32; metrics are re-measured after this step)")
     p.add_argument("--overwrite", action="store_true", help="with --bundle: replace DEST")
+    p.add_argument("--refit-ood", action="store_true",
+                   help="with --bundle: first fit the run's out-of-distribution guard again from "
+                        "its training data and splits (config.yaml), for runs trained before "
+                        "the guard took its current form")
 
 
 def _cmd_export(a) -> int:
@@ -372,12 +376,17 @@ def _cmd_export(a) -> int:
     if a.bundle:
         from .bundle import make_bundle
 
+        if a.refit_ood:
+            from .predict import resolve_model
+            from .train import refit_ood_guard
+
+            refit_ood_guard(resolve_model(a.model))
         res = make_bundle(a.model, a.bundle, half=a.half, overwrite=a.overwrite)
         print(f"wrote {res['folder']} (model.onnx {res['onnx_bytes'] / 1e6:.1f} MB; largest "
               f"probability change against the run {res['max_prob_change']:.2e})")
         return 0
-    if a.half or a.overwrite:
-        raise ValueError("--half and --overwrite go with --bundle DEST")
+    if a.half or a.overwrite or a.refit_ood:
+        raise ValueError("--half, --overwrite and --refit-ood go with --bundle DEST")
     res = export_model(a.model, opset=a.opset or OPSET)
     print(f"wrote {res['onnx']} (max relative difference to torch "
           f"{res['relative_error']:.1e}), {res['card_json']}, {res['card_md']}")
@@ -393,6 +402,8 @@ def _add_serve(sub):
     p.add_argument("--port", type=int, default=8000, help="default %(default)s")
     p.add_argument("--models", action="append", default=[], metavar="DIR",
                    help="a model/run folder, or a folder of them (repeatable)")
+    p.add_argument("--no-bundled", action="store_true",
+                   help="serve only the --models folders, not the bundled models")
     p.add_argument("--max-upload-mb", type=float, default=20,
                    help="refuse uploads larger than this (413); default %(default)s")
     p.add_argument("--log-level", default="info",
@@ -402,7 +413,8 @@ def _add_serve(sub):
 def _cmd_serve(a) -> int:
     from .serve import serve
 
-    serve(a.host, a.port, a.models, int(a.max_upload_mb * 1024 * 1024), a.log_level)
+    serve(a.host, a.port, a.models, int(a.max_upload_mb * 1024 * 1024), a.log_level,
+          bundled=not a.no_bundled)
     return 0
 
 

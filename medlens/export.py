@@ -5,9 +5,11 @@
 * ``model.onnx`` - the :class:`~medlens.models.Classifier` traced by ``torch.onnx.export``
   with a dynamic batch axis. Input ``input``: the *normalised* ``float32 (N, C, S, S)``
   tensor that :meth:`Preprocess.normalize` produces (preprocessing stays in Python, so there
-  is one definition of it). Outputs ``logits`` ``(N, outputs)`` and ``features`` ``(N, F)``
-  (the penultimate features the out-of-distribution guard works on). The export is checked
-  against the torch network on random input before it is written.
+  is one definition of it). Outputs ``logits`` ``(N, outputs)``, ``features`` ``(N, F)`` (the
+  penultimate features), ``cam`` ``(N, outputs, h, w)`` (Grad-CAM in closed form, see
+  :class:`_InferenceGraph`) and ``stats`` (the activation statistics the out-of-distribution
+  guard works on). The export is checked against the torch network on random input before it
+  is written.
 * ``model_card.json`` and ``model_card.md`` - labels, task, preprocessing, calibration,
   validation metrics with 95% intervals, training data, intended use and limitations, and the
   sha256 of ``model.onnx`` and ``model.pt`` (Mitchell et al., *Model Cards for Model
@@ -42,7 +44,7 @@ ONNX_FILE = "model.onnx"
 CARD_JSON = "model_card.json"
 CARD_MD = "model_card.md"
 OPSET = 17  # supported by the TorchScript exporter and by onnxruntime 1.31
-INPUT, OUTPUTS = "input", ("logits", "features", "cam")
+INPUT, OUTPUTS = "input", ("logits", "features", "cam", "stats")
 # Fields a model.json may carry under "card" (all optional; empty placeholders otherwise).
 CARD_FIELDS = ("title", "modality", "intended_use", "out_of_scope_use", "limitations",
                "ethical_considerations", "caveats", "contact", "license", "citation")
@@ -55,8 +57,8 @@ class ExportError(RuntimeError):
 
 
 class _InferenceGraph(nn.Module):
-    """Classifier -> (logits, penultimate features, class activation maps): all three become
-    ONNX outputs.
+    """Classifier -> (logits, penultimate features, class activation maps, activation
+    statistics for the OOD guard): all four become ONNX outputs.
 
     ``cam`` ``(N, outputs, h, w)`` is Grad-CAM (Selvaraju et al. 2017) of every output logit on
     the last backbone stage, in closed form: the head (pooling, batch norm in eval mode,
@@ -84,12 +86,12 @@ class _InferenceGraph(nn.Module):
         self.register_buffer("cam_weights", jac[:, :, None, None].clone())
 
     def forward(self, x):
-        fmap = self.net.backbone(x)
+        fmap, stats = self.net.backbone_with_stats(x)
         feats = self.net.head.pooled(fmap)
         logits = self.net.head.classify(feats)
         area = fmap.shape[2] * fmap.shape[3]
         cam = torch.relu(nn.functional.conv2d(fmap, self.cam_weights) / area)
-        return logits, feats, cam
+        return logits, feats, cam, stats
 
 
 def onnx_bytes(net, meta: ModelMeta, opset: int = OPSET) -> bytes:

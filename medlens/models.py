@@ -125,6 +125,48 @@ class Classifier(nn.Module):
         feats = self.features(x)
         return self.head.classify(feats), feats
 
+    @property
+    def first_stat_stage(self) -> int:
+        """First backbone stage whose activation statistics feed the OOD guard: the upper
+        two thirds of the network (mid-level texture and style up to the last stage)."""
+        return len(self.backbone) // 3
+
+    def stat_widths(self, in_channels: int, size: int = 64) -> list[int]:
+        """Length of each stage's block in :meth:`forward_with_stats`' statistics."""
+        widths = []
+        with torch.no_grad():
+            x = torch.zeros(1, in_channels, size, size)
+            was = self.training
+            self.eval()
+            for i, stage in enumerate(self.backbone):
+                x = stage(x)
+                if i >= self.first_stat_stage:
+                    widths.append(2 * x.shape[1])
+            self.train(was)
+        return widths
+
+    def backbone_with_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Last feature map and activation statistics ``(B, sum(stat_widths))``: the
+        per-channel spatial mean and standard deviation of every stage from
+        :attr:`first_stat_stage` on (Lee et al. 2018 fit their OOD detector on several layers;
+        channel means and standard deviations are a layer's "style", Huang & Belongie 2017)."""
+        stats = []
+        for i, stage in enumerate(self.backbone):
+            x = stage(x)
+            if i >= self.first_stat_stage:
+                mean = x.mean((2, 3))
+                var = (x * x).mean((2, 3)) - mean * mean
+                stats += [mean, torch.sqrt(torch.clamp(var, min=0.0) + 1e-8)]
+        return x, torch.cat(stats, 1)
+
+    def forward_with_stats(self, x: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits, penultimate features and activation statistics (see
+        :meth:`backbone_with_stats`)."""
+        fmap, stats = self.backbone_with_stats(x)
+        feats = self.head.pooled(fmap)
+        return self.head.classify(feats), feats, stats
+
     def set_trainable_stages(self, n: int | None) -> None:
         """Train only the last ``n`` backbone stages and the head (``None``: everything).
 

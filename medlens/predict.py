@@ -39,13 +39,14 @@ OODGuard = Callable[[np.ndarray], list[dict]]
 def load_ood_guard(folder: Path | None, meta: ModelMeta) -> OODGuard | None:
     """The model's out-of-distribution guard (``ood.npz``, see :mod:`medlens.ood`), or None.
 
-    The :class:`Predictor` passes the penultimate features of every batch to it.
+    The :class:`Predictor` passes every batch's activation statistics (or, for guards of
+    older runs, penultimate features: ``guard.input`` says which) to it.
     """
-    from .ood import OOD_FILE, FeatureGuard
+    from .ood import OOD_FILE, load_guard
 
     if folder is None or not (Path(folder) / OOD_FILE).exists():
         return None
-    return FeatureGuard.load(Path(folder) / OOD_FILE)
+    return load_guard(Path(folder) / OOD_FILE)
 
 
 def bundled_models_dir() -> Path:
@@ -137,6 +138,11 @@ class Predictor:
             self.session = ort_session(onnx_bytes(self.net, self.meta))
             self.backend = "onnx (exported in memory)"
         self.ood_guard = load_ood_guard(self.folder, self.meta)
+        if self.session is not None and self.ood_guard is not None and \
+                self.ood_guard.input not in {o.name for o in self.session.get_outputs()}:
+            raise ModelLoadError(f"{onnx_path} has no {self.ood_guard.input!r} output, which "
+                                 f"the out-of-distribution guard needs; re-run `medlens export "
+                                 f"--model {self.folder}`")
         self._cam_lock = threading.Lock()
 
     @classmethod
@@ -153,26 +159,39 @@ class Predictor:
     def labels(self) -> list[str]:
         return self.meta.labels
 
-    def forward_prepared(self, x_uint8, batch_size: int = 64, features: bool = False
+    def forward_prepared(self, x_uint8, batch_size: int = 64, features: bool | str = False
                          ) -> tuple[torch.Tensor, np.ndarray | None]:
-        """Logits ``(N, outputs)`` and, if asked, penultimate features ``(N, F)`` of prepared
-        ``uint8 (N, C, S, S)`` images."""
+        """Logits ``(N, outputs)`` of prepared ``uint8 (N, C, S, S)`` images and, if asked,
+        ``features=True`` / ``"features"``: the penultimate features ``(N, F)``, or
+        ``"stats"``: the activation statistics of
+        :meth:`~medlens.models.Classifier.forward_with_stats` (what the OOD guard reads)."""
+        extra = "features" if features is True else features or None
+        if extra not in (None, "features", "stats"):
+            raise ValueError(f"features must be a bool, 'features' or 'stats', got {features!r}")
         if self.session is not None:
-            names = ["logits", "features"] if features else ["logits"]
+            names = ["logits", extra] if extra else ["logits"]
             outs = [self.session.run(names, {"input": self.pre.normalize(
                         torch.as_tensor(x_uint8[i:i + batch_size])).numpy()})
                     for i in range(0, len(x_uint8), batch_size)]
             logits = torch.from_numpy(np.concatenate([o[0] for o in outs]))
-            return logits, np.concatenate([o[1] for o in outs]) if features else None
+            return logits, np.concatenate([o[1] for o in outs]) if extra else None
         from .train import compute_logits
 
         self.net.eval()
         n_out = self.meta.num_outputs
-        fn = (lambda b: torch.cat(self.net.forward_with_features(b), 1)) if features else self.net
+        if extra == "features":
+            def fn(b):
+                return torch.cat(self.net.forward_with_features(b), 1)
+        elif extra == "stats":
+            def fn(b):
+                logits, _, stats = self.net.forward_with_stats(b)
+                return torch.cat([logits, stats], 1)
+        else:
+            fn = self.net
         out = compute_logits(fn, x_uint8, batch_size, self.dtype,
                              transform=lambda b: self.pre.normalize(b).contiguous(
                                  memory_format=torch.channels_last))
-        return out[:, :n_out], out[:, n_out:].numpy() if features else None
+        return out[:, :n_out], out[:, n_out:].numpy() if extra else None
 
     def logits_prepared(self, x_uint8, batch_size: int = 64) -> torch.Tensor:
         """Raw logits of prepared ``uint8 (N, C, S, S)`` images."""
@@ -189,8 +208,8 @@ class Predictor:
         """Prepared ``uint8 (N, C, S, S)`` images -> predictions (with the OOD verdict)."""
         from .calibration import logits_to_probs
 
-        logits, feats = self.forward_prepared(x_uint8, batch_size,
-                                              features=self.ood_guard is not None)
+        logits, feats = self.forward_prepared(
+            x_uint8, batch_size, features=self.ood_guard.input if self.ood_guard else False)
         probs = logits_to_probs(logits.numpy(), self.meta.temperature)
         oods = self.ood_guard(feats) if self.ood_guard is not None else [NO_OOD] * len(probs)
         return [self.to_prediction(p, o) for p, o in zip(probs, oods)]

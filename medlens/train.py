@@ -534,10 +534,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
     outputs = {}
     for split in ("val", "test"):
         if split in prepared and len(prepared[split][1]):
-            o = compute_logits(lambda b: torch.cat(net.forward_with_features(b), 1),
-                               prepared[split][0], dtype=None, transform=to_input)
+            o = compute_logits(lambda b: _logits_and_stats(net, b), prepared[split][0],
+                               dtype=None, transform=to_input)
             outputs[split] = (o[:, :n_out], o[:, n_out:].numpy())
-    val_logits, val_feats = outputs["val"]
+    val_logits, val_stats = outputs["val"]
     temperature = float(fit_temperature(val_logits.numpy(), yva.numpy()))
     val_probs = logits_to_probs(val_logits.numpy(), temperature)
     threshold, method = None, None
@@ -545,7 +545,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
         choice = choose_threshold(yva.numpy(), val_probs[:, 1], method="youden",
                                   target_sensitivity=cfg.target_sensitivity)
         threshold, method = float(choice["threshold"]), choice["method"]
-    guard = _fit_ood_guard(net, cut_cache, xtr, ytr, val_feats, to_input, dtype)
+    guard = fit_ood_guard(net, xtr, ytr.numpy(), val_stats, to_input, seed=cfg.seed)
     guard.save(out / OOD_FILE)
     wall = time.time() - t_start
     meta = ModelMeta(arch=cfg.model, labels=ds.classes, preprocess=pre, temperature=temperature,
@@ -582,21 +582,71 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
     return out
 
 
-def _fit_ood_guard(net, cut_cache: dict, xtr, ytr, val_feats, to_input, dtype):
-    """Fit the feature-space OOD guard: statistics from training features, threshold from
-    validation features (float32, as served)."""
-    from .ood import fit_guard
+def _logits_and_stats(net, b: torch.Tensor) -> torch.Tensor:
+    logits, _, stats = net.forward_with_stats(b)
+    return torch.cat([logits, stats], 1)
 
-    n = len(ytr)
-    if "train" in cut_cache:
-        # The clean copy of the cached frozen activations: only the top stages run again.
-        n_top = cut_cache["key"][0]
-        top = nn.Sequential(*list(net.backbone)[len(net.backbone) - n_top:])
-        feats = compute_logits(lambda a: net.head.pooled(top(a.float())),
-                               cut_cache["train"][:n])
-    else:
-        feats = compute_logits(net.features, xtr, dtype=dtype, transform=to_input)
-    return fit_guard(feats.numpy(), ytr.numpy(), val_feats)
+
+def fit_ood_guard(net, xtr, ytr: np.ndarray, val_stats: np.ndarray, to_input, *,
+                  max_train: int = 2000, seed: int = 0):
+    """Fit the out-of-distribution guard (:class:`medlens.ood.StageGuard`) of a trained
+    network: statistics of (up to ``max_train``, stratified at random) clean training images,
+    threshold from the validation images' statistics ``val_stats``; float32, as served."""
+    from .ood import fit_stage_guard
+
+    net.eval()
+    idx = np.arange(len(ytr))
+    if len(idx) > max_train:
+        idx = np.sort(np.random.default_rng(seed).choice(idx, max_train, replace=False))
+    n_out = net.num_outputs
+    stats = compute_logits(lambda b: _logits_and_stats(net, b), xtr[idx], dtype=None,
+                           transform=to_input)[:, n_out:].numpy()
+    return fit_stage_guard(stats, ytr[idx], val_stats,
+                           net.stat_widths(next(net.parameters()).shape[1]))
+
+
+def refit_ood_guard(run: str | Path, log=print):
+    """Fit a run's out-of-distribution guard again, from the same data and splits as its
+    training (``config.yaml``: data, seed, fractions, patient regex), and rewrite ``ood.npz``
+    and the ``ood`` entry of ``model.json``. For runs trained before the guard took its current
+    form; the network, calibration and metrics are untouched."""
+    import yaml
+
+    from . import data as mdata
+    from .modelfile import MODEL_JSON, load_network, write_json
+    from .ood import OOD_FILE
+
+    run = Path(run)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    cfg = TrainConfig.from_dict({k: v for k, v in saved.items()
+                                 if k in {f.name for f in fields(TrainConfig)}})
+    net, meta = load_network(run)
+    net.eval()
+    pre = meta.preprocess
+    ds = mdata.load_dataset(cfg.data, val_fraction=cfg.val_fraction,
+                            test_fraction=cfg.test_fraction, seed=cfg.seed,
+                            patient_regex=cfg.patient_regex, classes=meta.labels)
+    prepared = {}
+    for split, samples in ds.splits.items():
+        res = prepare_samples(samples, pre, progress=False, desc=split)
+        prepared[split] = (res.pixels, np.array([samples[i].label for i in res.keep]))
+
+    def to_input(b):
+        return pre.normalize(b).contiguous(memory_format=torch.channels_last)
+
+    def stats_of(x):
+        return compute_logits(lambda b: _logits_and_stats(net, b), x, transform=to_input
+                              )[:, net.num_outputs:].numpy()
+    xtr, ytr = prepared["train"]
+    guard = fit_ood_guard(net, xtr, ytr, stats_of(prepared["val"][0]), to_input, seed=cfg.seed)
+    guard.save(run / OOD_FILE)
+    meta.extra["ood"] = guard.summary()
+    if "test" in prepared and len(prepared["test"][1]):
+        meta.extra["ood"]["flagged_test_share"] = round(
+            float(np.mean([o["flag"] for o in guard(stats_of(prepared["test"][0]))])), 4)
+    write_json(run / MODEL_JSON, meta.to_dict())
+    log(f"refitted {run / OOD_FILE}: {meta.extra['ood']}")
+    return guard
 
 
 def _probe_colour(sample) -> bool:

@@ -50,7 +50,7 @@ def server(served_models):  # noqa: F811
     from medlens.serve import create_app
 
     models = os.environ.get("MEDLENS_BROWSER_MODELS") or served_models
-    app = create_app([models])
+    app = create_app([models], bundled=bool(os.environ.get("MEDLENS_BROWSER_MODELS")))
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)

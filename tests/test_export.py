@@ -36,7 +36,7 @@ def test_export_writes_onnx_that_matches_torch(exported):
     net, meta = load_network(exported)
     session = ort_session(exported / "model.onnx")
     assert [i.name for i in session.get_inputs()] == ["input"]
-    assert [o.name for o in session.get_outputs()] == ["logits", "features", "cam"]
+    assert [o.name for o in session.get_outputs()] == ["logits", "features", "cam", "stats"]
     for batch in (1, 5):  # dynamic batch axis
         x = torch.randn(batch, 1, 32, 32, generator=torch.Generator().manual_seed(batch))
         with torch.no_grad():
@@ -46,6 +46,11 @@ def test_export_writes_onnx_that_matches_torch(exported):
         rel = np.abs(logits - ref_logits.numpy()).max() / np.abs(ref_logits.numpy()).max()
         assert rel <= 1e-4
         np.testing.assert_allclose(feats, ref_feats.numpy(), rtol=1e-4, atol=1e-5)
+        (stats,) = session.run(["stats"], {"input": x.numpy()})
+        with torch.no_grad():
+            ref_stats = net.forward_with_stats(x)[2].numpy()
+        assert stats.shape == (batch, sum(net.stat_widths(1)))
+        np.testing.assert_allclose(stats, ref_stats, rtol=1e-3, atol=1e-4)
     assert check_onnx(net, (exported / "model.onnx").read_bytes(), meta) <= 1e-4
     # Provenance travels inside the graph.
     props = session.get_modelmeta().custom_metadata_map
@@ -126,7 +131,7 @@ def test_the_web_app_serves_model_onnx_and_the_card(exported):
     app = create_app([exported])
     assert app.state.models["chest"].predictor.backend == "onnx"  # from the file, no re-export
     with TestClient(app) as client:
-        (info,) = client.get("/api/v1/models").json()
+        (info,) = [m for m in client.get("/api/v1/models").json() if m["name"] == "chest"]
         page = client.get("/").text
     assert info["name"] == "chest" and info["title"] == "Tiny chest test model"
     assert info["input"] == {"modality": "chest X-ray (PA)", "size": 32}

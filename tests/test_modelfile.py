@@ -67,7 +67,7 @@ def test_model_json_contents_and_weights_only_load(saved):
     assert d["format_version"] == modelfile.FORMAT_VERSION
     assert d["task"] == "binary" and d["arch"] == "cnn"
     assert d["preprocess"] == {"image_size": 32, "channels": 1, "mean": [0.42], "std": [0.21],
-                               "resize": "stretch"}
+                               "resize": "stretch", "grayscale": False}
     assert d["weights_sha256"] == sha256_file(folder / "model.pt")
     state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
     assert set(state) == set(net.state_dict())

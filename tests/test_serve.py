@@ -31,7 +31,7 @@ PATIENT = ("Doe", "Jane", "12345", "19700101")
 
 @pytest.fixture(scope="module")
 def app(served_models):  # noqa: F811
-    return create_app([served_models])
+    return create_app([served_models], bundled=False)
 
 
 @pytest.fixture(scope="module")

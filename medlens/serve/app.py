@@ -107,15 +107,17 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-def discover_models(model_dirs=()) -> dict[str, Path]:
-    """Model name -> folder, for the bundled models and ``model_dirs``.
+def discover_models(model_dirs=(), bundled: bool = True) -> dict[str, Path]:
+    """Model name -> folder, for the bundled models (unless ``bundled`` is false) and
+    ``model_dirs``.
 
     Each entry of ``model_dirs`` is a model folder itself (it holds ``model.json``; a run of
     ``medlens train`` works directly) or a folder whose subfolders are model folders. A model's
     name is its folder's name.
     """
     found: dict[str, Path] = {}
-    for d, given in [(bundled_models_dir(), False), *((Path(d), True) for d in model_dirs)]:
+    sources = [(bundled_models_dir(), False)] if bundled else []
+    for d, given in [*sources, *((Path(d), True) for d in model_dirs)]:
         if (d / MODEL_JSON).exists():
             folders = [d]
         elif d.is_dir():
@@ -241,12 +243,14 @@ def _validation_detail(exc: RequestValidationError) -> str:
 
 def create_app(model_dirs=(), max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
                max_pixels: int = MAX_PIXELS, backend: str = "onnx",
-               workers: int | None = None, inference_threads: int | None = 1) -> FastAPI:
+               workers: int | None = None, inference_threads: int | None = 1,
+               bundled: bool = True) -> FastAPI:
     """Build the web app and load its models.
 
     Args:
-        model_dirs: model folders, or folders of model folders (``--models DIR``); the
-            bundled models are always included.
+        model_dirs: model folders, or folders of model folders (``--models DIR``).
+        bundled: also serve the bundled models (``medlens/bundled/``); ``medlens serve
+            --no-bundled`` turns them off.
         max_upload_bytes: uploads above this are refused with 413 while being read.
         max_pixels: decompression-bomb guard (width * height), checked before decoding.
         backend: see :class:`~medlens.predict.Predictor`; ``"onnx"`` (default) serves every
@@ -261,7 +265,7 @@ def create_app(model_dirs=(), max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
                   description="Calibrated, explainable medical image classifiers. "
                               + DISCLAIMER)
     models = {name: ServedModel.load(name, folder, backend, inference_threads)
-              for name, folder in discover_models(model_dirs).items()}
+              for name, folder in discover_models(model_dirs, bundled).items()}
     for m in models.values():
         log.info("loaded model %s version %s (%s) from %s", m.name, m.info["version"],
                  m.predictor.backend, m.folder)
@@ -412,7 +416,8 @@ def _now() -> str:
 
 
 def serve(host: str = "127.0.0.1", port: int = 8000, model_dirs=(),
-          max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, log_level: str = "info") -> None:
+          max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, log_level: str = "info",
+          bundled: bool = True) -> None:
     """``medlens serve``: run the app with uvicorn (blocks)."""
     import uvicorn
 
@@ -425,7 +430,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000, model_dirs=(),
     # cores that are busy make it far slower, not faster (Grad-CAM measured 0.22 s with one
     # thread, 5-9 s with two, while another process kept one of two cores busy).
     torch.set_num_threads(1)
-    app = create_app(model_dirs, max_upload_bytes)
+    app = create_app(model_dirs, max_upload_bytes, bundled=bundled)
     if not app.state.models:
         log.warning("no models loaded: pass --models DIR (a run folder of `medlens train` or a "
                     "folder of them)")
