@@ -36,7 +36,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 define bundle
 	$(BIN)/medlens train --config recipes/$(1).yaml --data $(DATA)/$(2) --out runs/$(1) --overwrite --quiet
-	$(BIN)/medlens export --model runs/$(1) --bundle medlens/bundled/$(1) --half --overwrite
+	$(BIN)/medlens export --model runs/$(1) --bundle medlens/bundled/$(1) --half --overwrite --card recipes/$(1).yaml
 endef
 
 models: install

@@ -56,8 +56,11 @@ def _held_out(run: Path, split: str, labels: list[str]):
 
 
 def make_bundle(run: str | os.PathLike, dest: str | os.PathLike, *, half: bool = True,
-                overwrite: bool = False, log=print) -> dict:
+                overwrite: bool = False, card: dict | None = None, log=print) -> dict:
     """Write an inference-only model folder ``dest`` from the training run ``run``.
+
+    ``card``: model-card fields that replace the run's (e.g. the ``card:`` section of the
+    recipe, edited after training).
 
     Returns:
         ``{"folder", "onnx_bytes", "metrics": {split: metrics}, "max_prob_change"}``.
@@ -92,6 +95,8 @@ def make_bundle(run: str | os.PathLike, dest: str | os.PathLike, *, half: bool =
         if (run / OOD_FILE).exists():
             shutil.copyfile(run / OOD_FILE, tmp / OOD_FILE)
         meta.name = dest.name
+        if card:
+            meta.extra["card"] = {**(meta.extra.get("card") or {}), **card}
         meta.extra["export"] = {"from_run": run.name,
                                 "weights": "float16 storage, float32 compute" if half
                                 else "float32",

@@ -320,27 +320,34 @@ def _cmd_compare(a) -> int:
 
 
 def _add_models(sub):
-    sub.add_parser("models", help="list backbones and trained models",
-                   description="List the backbone registry (with parameter counts) and the "
-                               "bundled models.")
+    p = sub.add_parser("models", help="list backbones and trained models",
+                       description="List the backbone registry (with parameter counts), the "
+                                   "bundled models and the models in --models folders.")
+    p.add_argument("--models", action="append", default=[], metavar="DIR",
+                   help="also list the model folders in DIR (as `medlens serve --models`)")
 
 
 def _cmd_models(a) -> int:
     from .models import count_parameters, create_model, list_models, model_info
-    from .predict import available_models
+    from .predict import available_models, bundled_models_dir
 
     print("backbones (medlens train --model NAME):")
     for name in list_models():
         info = model_info(name)
         n = count_parameters(create_model(name, 1, 3, pretrained=False))
         print(f"  {name:<20} {n / 1e6:6.2f}M params  {info.description}")
-    found = available_models()
+    found = available_models(a.models)
     print("trained models (medlens predict --model NAME):")
     if not found:
         print("  none bundled; train one with `medlens train --out RUN` and pass the run folder")
     for name, folder in found.items():
         meta = json.loads((folder / "model.json").read_text())
-        print(f"  {name:<20} {meta.get('arch')}  labels: {', '.join(meta.get('labels', []))}")
+        where = "bundled" if folder.parent == bundled_models_dir() else str(folder)
+        print(f"  {name:<20} {meta.get('arch')}  labels: {', '.join(meta.get('labels', []))}"
+              f"  ({where})")
+    print("another disease (e.g. tuberculosis): `medlens train --data YOUR_FOLDER --out "
+          "runs/NAME`, `medlens export --model runs/NAME --bundle models/NAME --half`, then "
+          "`medlens serve --models models/` (README: Adding your own model)")
     return 0
 
 
@@ -364,6 +371,9 @@ def _add_export(sub):
                    help="with --bundle: store weights as float16 (half the size; computation "
                         "stays float32; metrics are re-measured after this step)")
     p.add_argument("--overwrite", action="store_true", help="with --bundle: replace DEST")
+    p.add_argument("--card", default=None, metavar="YAML",
+                   help="with --bundle: take the model-card text from this file's `card:` "
+                        "section (a recipe), over what the run recorded")
     p.add_argument("--refit-ood", action="store_true",
                    help="with --bundle: first fit the run's out-of-distribution guard again from "
                         "its training data and splits (config.yaml), for runs trained before "
@@ -381,12 +391,19 @@ def _cmd_export(a) -> int:
             from .train import refit_ood_guard
 
             refit_ood_guard(resolve_model(a.model))
-        res = make_bundle(a.model, a.bundle, half=a.half, overwrite=a.overwrite)
+        card = None
+        if a.card:
+            import yaml
+
+            card = (yaml.safe_load(Path(a.card).read_text()) or {}).get("card")
+            if not isinstance(card, dict):
+                raise ValueError(f"--card {a.card}: no `card:` section in it")
+        res = make_bundle(a.model, a.bundle, half=a.half, overwrite=a.overwrite, card=card)
         print(f"wrote {res['folder']} (model.onnx {res['onnx_bytes'] / 1e6:.1f} MB; largest "
               f"probability change against the run {res['max_prob_change']:.2e})")
         return 0
-    if a.half or a.overwrite or a.refit_ood:
-        raise ValueError("--half, --overwrite and --refit-ood go with --bundle DEST")
+    if a.half or a.overwrite or a.refit_ood or a.card:
+        raise ValueError("--half, --overwrite, --card and --refit-ood go with --bundle DEST")
     res = export_model(a.model, opset=a.opset or OPSET)
     print(f"wrote {res['onnx']} (max relative difference to torch "
           f"{res['relative_error']:.1e}), {res['card_json']}, {res['card_md']}")
