@@ -38,7 +38,9 @@ class PreparedImages:
 def _prepare_one(args):
     sample, pre = args
     try:
-        return pre.prepare(sample.load()), None
+        # target_size: the decode that serving uses (reduced-scale JPEG decoding), so a model
+        # sees the same pixels in training and in the web app.
+        return pre.prepare(sample.load(target_size=pre.image_size)), None
     except Exception as e:  # noqa: BLE001 - every decode failure is reported by file
         return None, f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)
 

@@ -228,7 +228,8 @@ def _cmd_predict(a) -> int:
         ok, prepared = [], []
         for f in chunk:
             try:
-                prepared.append(pred.pre.prepare(read_image(f).pixels))
+                prepared.append(pred.pre.prepare(
+                    read_image(f, target_size=pred.pre.image_size).pixels))
                 ok.append(f)
             except (ImageReadError, OSError, ValueError) as e:
                 failed += 1
@@ -282,7 +283,7 @@ def _cmd_explain(a) -> int:
     from .predict import Predictor, overlay_cam
 
     pred = Predictor(a.model)
-    pixels = read_image(a.image).pixels
+    pixels = read_image(a.image, target_size=pred.pre.image_size).pixels
     idx = None
     if a.class_name is not None:
         if a.class_name not in pred.labels:

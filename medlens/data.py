@@ -90,8 +90,13 @@ class Sample:
     label: int
     patient: str | None = None
 
-    def load(self) -> np.ndarray:
+    def load(self, target_size: int | None = None) -> np.ndarray:
         """Decode the image.
+
+        Args:
+            target_size: the side the caller resizes to next (the model's input): a large
+                JPEG is then decoded at reduced scale, as the web app does with uploads
+                (see :func:`medlens.imaging.read_image`).
 
         Returns:
             uint8 array, (H, W) or (H, W, 3).
@@ -104,7 +109,7 @@ class Sample:
             split, _, index = where.partition("/")
             # A copy: callers may modify pixels in place, and the cached array is shared.
             return _npz_array(file, f"{split}_images")[int(index)].copy()
-        return imaging.read_image(self.source).pixels
+        return imaging.read_image(self.source, target_size=target_size).pixels
 
 
 @dataclass

@@ -143,7 +143,7 @@ class Preprocess:
     def geometry_key(self) -> str:
         """Hash of what :meth:`prepare` depends on (the cache key for prepared pixels)."""
         blob = json.dumps({"size": self.image_size, "channels": self.channels,
-                           "resize": self.resize, "grayscale": self.grayscale, "v": 1},
+                           "resize": self.resize, "grayscale": self.grayscale, "v": 2},
                           sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

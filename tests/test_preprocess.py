@@ -355,3 +355,20 @@ def test_prepare_samples_without_cache_dir_writes_nothing(tmp_path):
     prepare_samples([Sample(str(p), 0) for p in paths], Preprocess(image_size=16),
                     workers=1, progress=False)
     assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_training_decodes_a_large_jpeg_as_the_web_app_does(tmp_path):
+    """Training (prepare_samples) and serving (read_image of the upload bytes with the model's
+    size) decode a large JPEG at the same reduced scale, so the network sees the same pixels."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:800, :1000]
+    arr = np.stack([(xx / 4) % 256, (yy / 4) % 256, rng.integers(0, 256, (800, 1000))],
+                   axis=2).astype(np.uint8)
+    path = tmp_path / "throat.jpg"
+    Image.fromarray(arr).save(path, quality=90)
+    pre = Preprocess(image_size=64, resize="crop")
+    res = prepare_samples([Sample(str(path), 0)], pre, workers=1, progress=False)
+    served = pre.prepare(read_image(path.read_bytes(), target_size=64).pixels)
+    assert np.array_equal(res.pixels[0], served)
+    full = pre.prepare(read_image(path).pixels)  # without the hint: full-size decode
+    assert not np.array_equal(full, served)
