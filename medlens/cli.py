@@ -101,6 +101,16 @@ def _add_train(sub):
     return p
 
 
+def _given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """Destinations of the options that appear on the command line ``argv``."""
+    given = set()
+    words = {w.split("=", 1)[0] for w in argv if w.startswith("-")}
+    for action in parser._actions:
+        if any(opt in words for opt in action.option_strings):
+            given.add(action.dest)
+    return given
+
+
 def _cmd_train(a) -> int:
     import yaml
 
@@ -110,9 +120,11 @@ def _cmd_train(a) -> int:
     recipe = {}
     if a.config:
         recipe = yaml.safe_load(Path(a.config).read_text()) or {}
-    # A flag left at its default gives way to the recipe; a flag the user set wins.
-    explicit = {k for k, v in vars(a).items()
-                if not k.startswith("_") and v != a._parser.get_default(k)}
+    # A flag the user gave wins over the recipe, even when it repeats the default
+    # (`--resize stretch` over a recipe's `resize: crop`); flags not given give way.
+    explicit = _given_flags(a._parser, getattr(a, "_argv", None)) if \
+        getattr(a, "_argv", None) is not None else \
+        {k for k, v in vars(a).items() if not k.startswith("_") and v != a._parser.get_default(k)}
     aug = AugmentSpec(rotation=a.rotation, shift=a.shift, zoom=a.zoom, hflip=not a.no_hflip,
                       enabled=not a.no_augment).to_dict()
     cli = dict(data=a.data, out=a.out, model=a.model, epochs=a.epochs, head_epochs=a.head_epochs,

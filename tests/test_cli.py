@@ -115,10 +115,12 @@ def cli_run(tmp_path_factory, synthetic_data):
     recipe = d / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({
         "model": "cnn", "epochs": 2, "image_size": 48, "batch_size": 8, "threads": 1,
-        "patience": 7, "augment": {"rotation": 0.0, "hflip": False}, "precision": "fp32"}))
+        "patience": 7, "augment": {"rotation": 0.0, "hflip": False}, "precision": "fp32",
+        "resize": "pad", "card": {"title": "Recipe card"}}))
     out = d / "recipe_run"
     code = main(["train", "--data", str(synthetic_data), "--out", str(out), "--config",
-                 str(recipe), "--image-size", "32", "--name", "from-recipe", "--quiet"])
+                 str(recipe), "--image-size", "32", "--name", "from-recipe", "--quiet",
+                 "--resize=stretch"])
     assert code == 0
     return out
 
@@ -126,6 +128,7 @@ def cli_run(tmp_path_factory, synthetic_data):
 def test_train_recipe_with_flags_overriding_it(cli_run):
     cfg = yaml.safe_load((cli_run / "config.yaml").read_text())
     assert cfg["image_size"] == 32                 # the flag wins over the recipe's 48
+    assert cfg["resize"] == "stretch"              # ... also when it repeats the default
     assert cfg["epochs"] == 2 and cfg["batch_size"] == 8 and cfg["patience"] == 7  # recipe
     assert cfg["precision"] == "fp32" and cfg["precision_resolved"] == "fp32"
     assert cfg["augment"]["rotation"] == 0.0 and cfg["augment"]["hflip"] is False
@@ -133,7 +136,9 @@ def test_train_recipe_with_flags_overriding_it(cli_run):
     assert cfg["model"] == "cnn" and cfg["progress"] is False
     meta = json.loads((cli_run / "model.json").read_text())
     assert meta["name"] == "from-recipe"
-    assert meta["preprocess"]["image_size"] == 32
+    assert meta["preprocess"]["image_size"] == 32 and meta["preprocess"]["resize"] == "stretch"
+    assert meta["card"] == {"title": "Recipe card"}
+    assert meta["training"]["command"].startswith("medlens train --data ")
     with open(cli_run / "training_metrics.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 2
 
