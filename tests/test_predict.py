@@ -213,3 +213,19 @@ def test_onnx_backend_matches_torch(trained_run, predictor, synthetic_data):
 def test_unknown_backend_is_an_error(trained_run):
     with pytest.raises(ValueError, match="backend must be auto, onnx or torch"):
         Predictor(trained_run, backend="tensorrt")
+
+
+def test_bf16_and_fp32_predictions_agree(trained_run, synthetic_data):
+    """bf16 autocast (what training's frozen passes use where the CPU has it) gives the same
+    labels as float32 on the fixture, with probabilities close."""
+    from medlens.train import bf16_supported
+
+    if not bf16_supported():
+        pytest.skip("this CPU has no bfloat16 support: nothing to compare")
+    files = _files(synthetic_data, "NORMAL", 6) + _files(synthetic_data, "PNEUMONIA", 6)
+    pixels = [read_image(f).pixels for f in files]
+    fp32 = Predictor(trained_run, backend="torch").predict_pixels(pixels)
+    bf16 = Predictor(trained_run, backend="torch", dtype=torch.bfloat16).predict_pixels(pixels)
+    assert [p.label for p in bf16] == [p.label for p in fp32]
+    for a, b in zip(fp32, bf16):
+        assert b.probabilities == pytest.approx(a.probabilities, abs=0.05)
