@@ -1,0 +1,123 @@
+"""The four bundled models (``medlens/bundled/<name>/``, issue 4).
+
+Each is loaded by name, its ``model.onnx`` is checked against the sha256 in its model card,
+it runs on images made here, and its out-of-distribution guard is measured on
+``../shared/data`` (skipped when that folder is absent): images of the other three tasks must
+be flagged at least 95% of the time, the model's own validation images at most 5%.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from medlens.modelfile import sha256_file
+from medlens.predict import Predictor, available_models, bundled_models_dir
+
+from conftest import SHARED_DATA
+
+ROOT = Path(__file__).resolve().parents[1]
+# name -> (data folder under ../shared/data, labels)
+BUNDLED = {
+    "pneumonia": ("chest_xray/train", ["NORMAL", "PNEUMONIA"]),
+    "brain-tumor": ("brain_mri/train", ["glioma", "meningioma", "notumor", "pituitary"]),
+    "covid": ("covid_xray/train", ["covid19", "no_finding", "pneumonia"]),
+    "pharyngitis": ("pharyngitis", ["no_pharyngitis", "yes_pharyngitis"]),
+}
+OTHER_PER_TASK = 120  # images drawn from each other task's data
+needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(),
+                                reason=f"real data not available at {SHARED_DATA} (fresh clone)")
+
+
+@pytest.fixture(scope="module", params=sorted(BUNDLED))
+def bundled(request):
+    return request.param, Predictor(request.param)
+
+
+def test_all_four_are_bundled_within_the_size_budget():
+    found = available_models()
+    assert set(BUNDLED) <= set(found)
+    total = sum(f.stat().st_size for name in BUNDLED
+                for f in (bundled_models_dir() / name).iterdir())
+    assert total <= 40 * 1024 * 1024, f"bundled models take {total / 2**20:.1f} MiB"
+    for name in BUNDLED:
+        assert not (bundled_models_dir() / name / "model.pt").exists()  # ONNX only
+        assert (ROOT / "recipes" / f"{name}.yaml").exists()
+
+
+def test_card_sha256_and_contents(bundled):
+    name, pred = bundled
+    folder = bundled_models_dir() / name
+    card = json.loads((folder / "model_card.json").read_text())
+    assert card["files"]["model.onnx"]["sha256"] == sha256_file(folder / "model.onnx")
+    assert card["name"] == name and card["labels"] == BUNDLED[name][1] == pred.labels
+    for key in ("intended_use", "out_of_scope_use", "limitations", "license", "citation"):
+        assert len(card[key]) > 40, key
+    assert card["training"]["command"].startswith(f"medlens train --config recipes/{name}.yaml")
+    assert card["calibration"]["temperature"] > 0
+    assert card["preprocessing"] == pred.pre.to_dict()
+    val = card["metrics"]["val"]
+    assert val["n"] > 40 and len(val["ci"]["auc"]) == 2
+    assert card["ood"]["threshold"] > 0
+    md = (folder / "model_card.md").read_text()
+    assert card["files"]["model.onnx"]["sha256"] in md and card["citation"][:40] in md
+
+
+def test_runs_on_generated_images_and_flags_blank_and_noise(bundled):
+    name, pred = bundled
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:300, :300]
+    images = {
+        "blank": np.zeros((300, 300), np.uint8),
+        "white": np.full((300, 300, 3), 255, np.uint8),
+        "noise": rng.integers(0, 256, (300, 300, 3), dtype=np.uint8),
+        "stripes": (((xx // 15) % 2) * 255).astype(np.uint8),
+    }
+    preds = pred.predict_pixels(list(images.values()))
+    for kind, p in zip(images, preds):
+        assert p.label in pred.labels
+        assert sum(p.probabilities.values()) == pytest.approx(1.0, abs=1e-4)
+        assert p.ood["flag"] is True, f"{name} did not flag a {kind} image"
+    cam, idx = pred.explain(images["noise"])
+    assert cam.shape == (pred.pre.image_size,) * 2 and 0 <= idx < len(pred.labels)
+
+
+def _sample_files(folder: Path, n: int, seed: int) -> list[Path]:
+    from medlens.data import list_images
+
+    files = sorted(list_images(folder))
+    rng = np.random.default_rng(seed)
+    return [files[i] for i in rng.choice(len(files), size=min(n, len(files)), replace=False)]
+
+
+def _flag_rate(pred: Predictor, samples) -> float:
+    from medlens.cache import prepare_samples
+
+    res = prepare_samples(samples, pred.pre, progress=False, workers=2)
+    assert not res.errors
+    flags = [p.ood["flag"] for p in pred.predict_prepared(res.pixels, batch_size=32)]
+    return float(np.mean(flags))
+
+
+@needs_data
+def test_ood_rates_on_real_data(bundled):
+    from medlens.data import Sample, load_dataset
+
+    name, pred = bundled
+    recipe = yaml.safe_load((ROOT / "recipes" / f"{name}.yaml").read_text())
+    ds = load_dataset(SHARED_DATA / BUNDLED[name][0], seed=recipe.get("seed", 0),
+                      val_fraction=recipe.get("val_fraction", 0.15),
+                      test_fraction=recipe.get("test_fraction", 0.15),
+                      patient_regex=recipe.get("patient_regex"))
+    own = _flag_rate(pred, ds.splits["val"])
+    assert own <= 0.05, f"{name}: {own:.1%} of its own validation images flagged"
+    for other, (folder, _) in BUNDLED.items():
+        if other == name:
+            continue
+        files = _sample_files(SHARED_DATA / folder, OTHER_PER_TASK, seed=1)
+        rate = _flag_rate(pred, [Sample(str(f), 0) for f in files])
+        assert rate >= 0.95, f"{name}: only {rate:.1%} of {other} images flagged"
