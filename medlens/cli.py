@@ -272,14 +272,18 @@ def _cmd_predict(a) -> int:
                 print(f"{r['path']}\tERROR\t{r['error']}")
             else:
                 probs = "  ".join(f"{c}={r[f'p_{c}']:.4f}" for c in pred.labels)
-                print(f"{r['path']}\t{r['label']}\t{probs}")
+                warn = ("\tOUT-OF-DISTRIBUTION: unlike this model's training images; do not "
+                        "trust the label" if r.get("ood_flag") else "")
+                print(f"{r['path']}\t{r['label']}\t{probs}{warn}")
     return 1 if failed and failed == len(rows) else 0
 
 
 def _add_explain(sub):
     p = sub.add_parser("explain", help="Grad-CAM overlay for one image",
-                       description="Write a Grad-CAM heat map (MONAI GradCAM on the last "
-                                   "backbone stage) blended over the image.")
+                       description="Write a Grad-CAM heat map of the last backbone stage "
+                                   "(MONAI GradCAM with a run's torch weights; the ONNX graph's "
+                                   "identical closed-form map for inference-only models such "
+                                   "as the bundled ones) blended over the image.")
     p.add_argument("image", help="image file (PNG, JPEG, DICOM, ...)")
     p.add_argument("--model", required=True, help="run folder or bundled/installed model name")
     p.add_argument("--out", required=True, help="PNG file to write")

@@ -86,6 +86,18 @@ def test_runs_on_generated_images_and_flags_blank_and_noise(bundled):
     assert cam.shape == (pred.pre.image_size,) * 2 and 0 <= idx < len(pred.labels)
 
 
+def test_predict_cli_warns_about_an_out_of_distribution_image(tmp_path, capsys):
+    from PIL import Image
+
+    from medlens.cli import main
+
+    noise = np.random.default_rng(1).integers(0, 256, (300, 300), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "noise.png")
+    assert main(["predict", "--model", "pneumonia", str(tmp_path / "noise.png")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(str(tmp_path / "noise.png")) and "OUT-OF-DISTRIBUTION" in out
+
+
 def _sample_files(folder: Path, n: int, seed: int) -> list[Path]:
     from medlens.data import list_images
 
