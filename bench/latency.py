@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import io
 import json
 import os
 import subprocess
@@ -27,22 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from medlens.bench import cpu_model as cpu_name
-from medlens.bench import free_port, multipart_body, wait_ready
-
-
-def make_jpeg(side: int = 1024, seed: int = 0) -> bytes:
-    """A chest-film-like greyscale JPEG: dark background, two bright lung-shaped ellipses."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:side, :side] / side
-    img = 40 + 30 * yy + rng.normal(0, 12, (side, side))
-    for cx in (0.32, 0.68):
-        inside = ((xx - cx) / 0.16) ** 2 + ((yy - 0.5) / 0.32) ** 2 <= 1
-        img[inside] += 110
-    buf = io.BytesIO()
-    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
+from medlens.bench import (free_port, multipart_body, serve_command, stop_server,
+                           synthetic_jpeg, wait_ready)
 
 
 def run(port: int, name: str, body: bytes, ctype: str, explain: bool, n: int,
@@ -89,12 +74,11 @@ def main(argv=None) -> int:
         ap.error(f"{folder} is not a model folder (no model.json)")
     load_before = os.getloadavg()
     port = free_port()
-    cmd = [sys.executable, "-m", "medlens.cli", "serve", "--models", str(folder), "--port",
-           str(port), "--log-level", "warning"]
+    cmd = serve_command(folder, port, "--log-level", "warning")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_ready(port, proc, timeout=300)
-        body, ctype = multipart_body(make_jpeg())
+        body, ctype = multipart_body(synthetic_jpeg())
         deadline = time.time() + args.max_seconds
         results = {}
         for explain in (False, True):
@@ -103,11 +87,7 @@ def main(argv=None) -> int:
             if wall:
                 results[explain] = (wall, server)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
     import onnxruntime
 
     print(f"model {folder.name} ({folder}); 1024x1024 JPEG of {len(body) / 1e3:.0f} KB")

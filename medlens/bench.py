@@ -546,6 +546,22 @@ def wait_ready(port: int, proc: subprocess.Popen, timeout: float) -> None:
     raise RuntimeError(f"the server was not ready after {timeout:.0f} s")
 
 
+def serve_command(folder: Path, port: int, *extra: str) -> list[str]:
+    """``medlens serve`` of one model folder (the bundled models are not loaded beside it)."""
+    return [sys.executable, "-m", "medlens.cli", "serve", "--models", str(folder), "--no-bundled",
+            "--port", str(port), *extra]
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """Terminate a server subprocess; kill it if it has not exited after 20 s."""
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def _server_config() -> str:
     """How `medlens serve` computes predictions (create_app's defaults) on this machine."""
     import inspect
@@ -571,8 +587,7 @@ def bench_serve(ref, duration: float = 20.0, concurrency: int = 8, warmup: float
     port = free_port()
     # `medlens serve` as a user starts it (default log level: one line per request), its log
     # kept in an anonymous temporary file for the error message should it fail to start.
-    cmd = [sys.executable, "-m", "medlens.cli", "serve", "--models", str(folder), "--port",
-           str(port)]
+    cmd = serve_command(folder, port)
     errlog = tempfile.TemporaryFile()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errlog)
     t_start = time.perf_counter()
@@ -595,12 +610,7 @@ def bench_serve(ref, duration: float = 20.0, concurrency: int = 8, warmup: float
         srv1, cli1 = _process_cpu_seconds(proc.pid), time.process_time()
         busy = meter.busy_seconds()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
         errlog.close()
     out = res.to_dict()
     window = warmup + duration

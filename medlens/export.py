@@ -336,8 +336,8 @@ def model_card_markdown(card: dict) -> str:
     ood = card.get("ood")
     if ood:
         lines += ["", "## Out-of-distribution guard", "",
-                  f"`{ood.get('method')}` on the penultimate features ({ood.get('dim')} "
-                  f"components); an image is flagged when its score exceeds "
+                  f"{ood.get('method')} (up to {ood.get('dim')} principal components per "
+                  f"block); an image is flagged when its score exceeds "
                   f"{_fmt(ood.get('threshold'), 3)}, the {ood.get('quantile')} quantile of the "
                   "validation images' scores. Flagged images get a warning instead of a "
                   "confident answer."]
