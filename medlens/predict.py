@@ -175,7 +175,7 @@ class Predictor:
                     for i in range(0, len(x_uint8), batch_size)]
             logits = torch.from_numpy(np.concatenate([o[0] for o in outs]))
             return logits, np.concatenate([o[1] for o in outs]) if extra else None
-        from .train import compute_logits
+        from .train import _logits_and_stats, compute_logits
 
         self.net.eval()
         n_out = self.meta.num_outputs
@@ -184,8 +184,7 @@ class Predictor:
                 return torch.cat(self.net.forward_with_features(b), 1)
         elif extra == "stats":
             def fn(b):
-                logits, _, stats = self.net.forward_with_stats(b)
-                return torch.cat([logits, stats], 1)
+                return _logits_and_stats(self.net, b)
         else:
             fn = self.net
         out = compute_logits(fn, x_uint8, batch_size, self.dtype,
