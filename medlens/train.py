@@ -529,7 +529,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
     # bf16 autocast moves probabilities by up to ~0.25 on some images, so a threshold fitted
     # on bf16 outputs would not be the one that serves.
     # One float32 pass per held-out split gives the logits (calibration, evaluation) and the
-    # features (OOD guard) together.
+    # activation statistics (OOD guard) together.
     n_out = net.num_outputs
     outputs = {}
     for split in ("val", "test"):
