@@ -83,6 +83,9 @@ def _add_train(sub):
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="bf16 autocast where the CPU supports it (auto), or force one")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default="auto",
+                   help="where training runs: auto (a CUDA GPU when torch sees one, else the "
+                        "CPU), cpu, or cuda[:N]; prediction and serving always use the CPU")
     p.add_argument("--cache-dir", default=None,
                    help="keep decoded, resized images here for later runs (holds patient "
                         "images: off unless asked)")
@@ -137,6 +140,7 @@ def _cmd_train(a) -> int:
                dropout=a.dropout, val_fraction=a.val_fraction, test_fraction=a.test_fraction,
                patient_regex=a.patient_regex, target_sensitivity=a.target_sensitivity,
                skip_bad_images=a.skip_bad_images, precision=a.precision, threads=a.threads,
+               device=a.device,
                cache_dir=a.cache_dir, pretrained=not a.no_pretrained, name=a.name,
                progress=not a.quiet)
     settings = {}

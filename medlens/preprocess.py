@@ -111,8 +111,8 @@ class Preprocess:
 
     def standardize(self, x: torch.Tensor) -> torch.Tensor:
         """[0, 1] floats -> ``(x - mean) / std`` per channel."""
-        mean = torch.tensor(self.mean, dtype=x.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype).view(1, -1, 1, 1)
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
         return (x - mean) / std
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -221,13 +221,15 @@ def augment(x: torch.Tensor, spec: AugmentSpec, generator: torch.Generator | Non
     flip = torch.where(torch.rand(b, generator=generator) < 0.5, -1.0, 1.0) if spec.hflip \
         else torch.ones(b)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    # Draws come from the (CPU) generator whatever the batch's device: same augmentation
+    # sequence on CPU and GPU.
     theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1),
-                         torch.stack([sin * flip, cos, ty], 1)], 1)
+                         torch.stack([sin * flip, cos, ty], 1)], 1).to(x.device)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     if spec.brightness or spec.contrast:
-        gain = uniform(1 - spec.contrast, 1 + spec.contrast).view(b, 1, 1, 1)
-        bias = uniform(-spec.brightness, spec.brightness).view(b, 1, 1, 1)
+        gain = uniform(1 - spec.contrast, 1 + spec.contrast).view(b, 1, 1, 1).to(x.device)
+        bias = uniform(-spec.brightness, spec.brightness).view(b, 1, 1, 1).to(x.device)
         mean = out.mean(dim=(1, 2, 3), keepdim=True)
         out = (out - mean) * gain + mean + bias
     return out.clamp_(0.0, 1.0)

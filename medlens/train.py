@@ -80,6 +80,7 @@ class TrainConfig:
     target_sensitivity: float | None = None
     skip_bad_images: bool = False
     precision: str = "auto"          # auto (bf16 frozen passes, fp32 training) | fp32 | bf16
+    device: str = "auto"             # auto (cuda when torch sees one, else cpu) | cpu | cuda[:N]
     threads: int | None = None
     cache_dir: str | None = None
     pretrained: bool = True
@@ -108,11 +109,31 @@ def bf16_supported() -> bool:
     return " amx_bf16" in flags or " avx512_bf16" in flags
 
 
-def resolve_precision(precision: str) -> torch.dtype | None:
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> the first CUDA device when torch sees one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise TrainError(f"--device must be auto, cpu or cuda[:N], got {name!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"--device {name}: torch {torch.__version__} sees no CUDA device; "
+                         "use --device cpu (or auto)")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise TrainError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type not in ("cpu", "cuda"):
+        raise TrainError(f"--device must be auto, cpu or cuda[:N], got {name!r}")
+    return dev
+
+
+def resolve_precision(precision: str, device: torch.device | None = None) -> torch.dtype | None:
     if precision == "fp32":
         return None
     if precision == "bf16":
         return torch.bfloat16
+    if device is not None and device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     return torch.bfloat16 if bf16_supported() else None
 
 
@@ -121,20 +142,25 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _autocast(dtype):
-    return torch.autocast("cpu", dtype=dtype, enabled=dtype is not None)
+def _autocast(dtype, device: torch.device | None = None):
+    kind = device.type if device is not None else "cpu"
+    return torch.autocast(kind, dtype=dtype, enabled=dtype is not None)
 
 
 def compute_logits(fn: Callable[[torch.Tensor], torch.Tensor], x, batch_size: int = 64,
-                   dtype=None, transform: Callable | None = None) -> torch.Tensor:
-    """Apply ``fn`` to ``x`` in batches under no_grad; returns float32 logits on CPU."""
+                   dtype=None, transform: Callable | None = None,
+                   device: torch.device | None = None) -> torch.Tensor:
+    """Apply ``fn`` to ``x`` in batches under no_grad (each batch moved to ``device`` first,
+    then ``transform``-ed); returns float32 logits on CPU."""
     outs = []
-    with torch.no_grad(), _autocast(dtype):
+    with torch.no_grad(), _autocast(dtype, device):
         for i in range(0, len(x), batch_size):
             b = torch.as_tensor(x[i:i + batch_size])
+            if device is not None:
+                b = b.to(device, non_blocking=True)
             if transform is not None:
                 b = transform(b)
-            outs.append(fn(b).float())
+            outs.append(fn(b).float().cpu())
     return torch.cat(outs) if outs else torch.empty(0)
 
 
@@ -184,6 +210,7 @@ class Stage:
     epochs: int
     lr: float
     dtype: torch.dtype | None
+    device: torch.device | None = None
 
 
 class _Checkpointer:
@@ -232,7 +259,7 @@ def _fit(stage: Stage, net: nn.Module, cfg: TrainConfig, weights, binary: bool,
             bar = tqdm(total=stage.n_train, desc=f"{stage.name} {epoch + 1}/{stage.epochs}",
                        unit="img", leave=False, file=sys.stderr)
         for xb, yb in stage.train_batches(epoch, gen):
-            with _autocast(stage.dtype):
+            with _autocast(stage.dtype, stage.device):
                 logits = stage.forward(xb)
             logits = logits.float()
             loss = loss_fn(logits, yb, weights, binary)
@@ -251,7 +278,7 @@ def _fit(stage: Stage, net: nn.Module, cfg: TrainConfig, weights, binary: bool,
             bar.close()
         stage.module.eval()
         val_logits = compute_logits(stage.forward, stage.val_x, dtype=stage.dtype,
-                                    transform=stage.val_transform)
+                                    transform=stage.val_transform, device=stage.device)
         scores = _quick_scores(val_logits, stage.val_y, binary)
         row = {"epoch": len(history) + 1, "stage": stage.name,
                "train_loss": round(loss_sum / max(total, 1), 6),
@@ -333,12 +360,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
     t_start = time.time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    # TF32 stays off on CUDA: calibration and evaluation must be the float32 that serves.
+    device = resolve_device(cfg.device)
     set_seed(cfg.seed)
     pretrained = cfg.pretrained and info.pretrained
-    # Frozen (no-grad) passes use bf16 where the CPU has it: ~1.6x faster. Backward passes
-    # stay float32 unless asked: on this CPU bf16 autocast makes depthwise-conv training
-    # slower, not faster.
-    dtype = resolve_precision(cfg.precision)
+    # Frozen (no-grad) passes use bf16 where the CPU (or GPU) has it: ~1.6x faster on CPU.
+    # Backward passes stay float32 unless asked: on this CPU bf16 autocast makes
+    # depthwise-conv training slower, not faster.
+    dtype = resolve_precision(cfg.precision, device)
     train_dtype = dtype if cfg.precision == "bf16" else None
 
     # -- data (validated before the run folder is touched) ------------------------------
@@ -401,6 +430,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
     resolved.update({"image_size": size, "channels": channels, "pretrained": pretrained,
                      "lr": cfg.lr or 1e-3,
                      "precision_resolved": "bf16" if dtype else "fp32",
+                     "device_resolved": str(device),
                      "preprocess": pre.to_dict(), "classes": ds.classes,
                      "split_counts": split_counts, "data_notes": ds.notes,
                      "torch_threads": torch.get_num_threads()})
@@ -409,10 +439,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
     # -- model and loss ------------------------------------------------------------------
     net = build_network(ModelMeta(arch=cfg.model, labels=ds.classes, preprocess=pre,
                                   dropout=cfg.dropout), pretrained=pretrained)
-    net = net.to(memory_format=torch.channels_last)
+    net = net.to(device, memory_format=torch.channels_last)
     ytr = prepared["train"][1]
     counts = torch.bincount(ytr, minlength=len(ds.classes)).float()
     weights = (counts.sum() / (len(counts) * counts.clamp_min(1))) if cfg.class_weights else None
+    if weights is not None:
+        weights = weights.to(device)
 
     ckpt = _Checkpointer(out)
     resume_state = ckpt.load() if resume else None
@@ -435,10 +467,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
                 idx = order[i:i + cfg.batch_size]
                 if len(idx) < 2:  # batch norm cannot train on one sample
                     continue
-                xb = pre.to_unit(torch.from_numpy(np.ascontiguousarray(x_uint8[idx.numpy()])))
+                xb = torch.from_numpy(np.ascontiguousarray(x_uint8[idx.numpy()]))
+                xb = pre.to_unit(xb.to(device, non_blocking=True))
                 if augmenting:
                     xb = augment(xb, aug, gen)
-                yield pre.standardize(xb).contiguous(memory_format=torch.channels_last), y[idx]
+                yield (pre.standardize(xb).contiguous(memory_format=torch.channels_last),
+                       y[idx].to(device))
         return batches
 
     def tensor_batches(x, y, copies: int = 1):
@@ -452,7 +486,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
                 idx = order[i:i + cfg.batch_size]
                 if len(idx) < 2:
                     continue
-                yield x[base + idx].float(), y[idx]
+                yield x[base + idx].to(device, non_blocking=True).float(), y[idx].to(device)
         return batches
 
     stages = []
@@ -479,9 +513,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
                     if _c > 0:
                         u = augment(u, aug, gen)
                     return pre.standardize(u).contiguous(memory_format=torch.channels_last)
-                acts.append(compute_logits(prefix, xtr, dtype=dtype, transform=aug_input)
-                            .to(torch.bfloat16))
-            ava = compute_logits(prefix, xva, dtype=dtype, transform=to_input)
+                acts.append(compute_logits(prefix, xtr, dtype=dtype, transform=aug_input,
+                                           device=device).to(torch.bfloat16))
+            ava = compute_logits(prefix, xva, dtype=dtype, transform=to_input, device=device)
             log(f"cached frozen activations {tuple(ava.shape[1:])} of {copies} cop"
                 f"{'y' if copies == 1 else 'ies'} of the training set in {time.time() - t0:.1f}s")
             cut_cache.update(key=(n_top, copies), train=torch.cat(acts), val=ava)
@@ -502,23 +536,23 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
 
             def pooled(a):
                 return net.head.pooled(top(a.float()))
-            ftr = compute_logits(pooled, atr[: len(ytr)], dtype=dtype)
-            fva = compute_logits(pooled, ava, dtype=dtype)
+            ftr = compute_logits(pooled, atr[: len(ytr)], dtype=dtype, device=device)
+            fva = compute_logits(pooled, ava, dtype=dtype, device=device)
             stage = Stage("head", net.head, net.head.classify, list(net.head.parameters()),
                           tensor_batches(ftr, ytr), len(ytr), fva, None, yva, cfg.head_epochs,
-                          lr, None)
+                          lr, None, device)
         elif name == "finetune":
             net.set_trainable_stages(n_top)
             atr, ava = cut_activations(n_top, copies)
             top = nn.Sequential(*list(net.backbone)[len(net.backbone) - n_top:], net.head)
             stage = Stage("finetune", top, top, [p for p in top.parameters() if p.requires_grad],
                           tensor_batches(atr, ytr, copies), len(ytr), ava, None,
-                          yva, cfg.epochs, lr * cfg.finetune_lr_scale, train_dtype)
+                          yva, cfg.epochs, lr * cfg.finetune_lr_scale, train_dtype, device)
         else:
             net.set_trainable_stages(None)
             stage = Stage("full", net, net, list(net.parameters()),
                           image_batches(xtr, ytr, aug.enabled), len(ytr), xva, to_input, yva,
-                          cfg.epochs, lr, train_dtype)
+                          cfg.epochs, lr, train_dtype, device)
         _fit(stage, net, cfg, weights, binary, history, ckpt, stages_done, st, log)
         resume_state = None
 
@@ -535,7 +569,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
     for split in ("val", "test"):
         if split in prepared and len(prepared[split][1]):
             o = compute_logits(lambda b: _logits_and_stats(net, b), prepared[split][0],
-                               dtype=None, transform=to_input)
+                               dtype=None, transform=to_input, device=device)
             outputs[split] = (o[:, :n_out], o[:, n_out:].numpy())
     val_logits, val_stats = outputs["val"]
     temperature = float(fit_temperature(val_logits.numpy(), yva.numpy()))
@@ -545,7 +579,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
         choice = choose_threshold(yva.numpy(), val_probs[:, 1], method="youden",
                                   target_sensitivity=cfg.target_sensitivity)
         threshold, method = float(choice["threshold"]), choice["method"]
-    guard = fit_ood_guard(net, xtr, ytr.numpy(), val_stats, to_input, seed=cfg.seed)
+    guard = fit_ood_guard(net, xtr, ytr.numpy(), val_stats, to_input, seed=cfg.seed,
+                          device=device)
     guard.save(out / OOD_FILE)
     wall = time.time() - t_start
     meta = ModelMeta(arch=cfg.model, labels=ds.classes, preprocess=pre, temperature=temperature,
@@ -556,7 +591,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
                      "split_counts": split_counts,
                      "notes": ds.notes, "epochs_run": len(history), "stages": stages,
                      "wall_seconds": round(wall, 1), "seed": cfg.seed,
-                     "precision": "bf16" if dtype else "fp32"},
+                     "precision": "bf16" if dtype else "fp32", "device": str(device)},
     })
     if cfg.card:
         meta.extra["card"] = dict(cfg.card)
@@ -588,7 +623,7 @@ def _logits_and_stats(net, b: torch.Tensor) -> torch.Tensor:
 
 
 def fit_ood_guard(net, xtr, ytr: np.ndarray, val_stats: np.ndarray, to_input, *,
-                  max_train: int = 2000, seed: int = 0):
+                  max_train: int = 2000, seed: int = 0, device: torch.device | None = None):
     """Fit the out-of-distribution guard (:class:`medlens.ood.StageGuard`) of a trained
     network: statistics of (up to ``max_train``, stratified at random) clean training images,
     threshold from the validation images' statistics ``val_stats``; float32, as served."""
@@ -600,7 +635,7 @@ def fit_ood_guard(net, xtr, ytr: np.ndarray, val_stats: np.ndarray, to_input, *,
         idx = np.sort(np.random.default_rng(seed).choice(idx, max_train, replace=False))
     n_out = net.num_outputs
     stats = compute_logits(lambda b: _logits_and_stats(net, b), xtr[idx], dtype=None,
-                           transform=to_input)[:, n_out:].numpy()
+                           transform=to_input, device=device)[:, n_out:].numpy()
     return fit_stage_guard(stats, ytr[idx], val_stats,
                            net.stat_widths(next(net.parameters()).shape[1]))
 

@@ -485,3 +485,14 @@ def test_lite0_on_real_chest_xrays_generalises_to_unseen_patients(tmp_path, caps
     assert m["auc"] > 0.8, m["auc"]
     assert (out / "report.html").is_file()
     capsys.readouterr()
+
+
+def test_train_device_cuda_without_gpu_is_one_line_error(capsys, tmp_path, synthetic_data,
+                                                         monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, _, err = _run(capsys, "train", "--data", synthetic_data, "--out", tmp_path / "r",
+                        "--model", "cnn", "--device", "cuda")
+    assert code == 2
+    assert "--device cuda" in err and "use --device cpu" in err
+    assert "Traceback" not in err and not (tmp_path / "r").exists()

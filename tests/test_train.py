@@ -64,6 +64,8 @@ def test_config_yaml_is_fully_resolved(trained_run, synthetic_data):
     assert cfg["epochs"] == 4 and cfg["seed"] == 0
     assert cfg["classes"] == ["NORMAL", "PNEUMONIA"]
     assert cfg["precision_resolved"] in ("fp32", "bf16")
+    assert cfg["device"] == "auto"
+    assert cfg["device_resolved"] == ("cuda" if torch.cuda.is_available() else "cpu")
     pre = cfg["preprocess"]
     assert pre["image_size"] == 32 and pre["channels"] == 1 and pre["resize"] == "stretch"
     # From-scratch models standardise with the TRAIN split's statistics, not 0.5/0.25.
@@ -375,3 +377,30 @@ def test_lite0_finetune_trains_head_then_top_stages(tmp_path, synthetic_data, tr
     assert torch.equal(state["backbone.7.15._project_conv.weight"],
                        pth["_blocks.15._project_conv.weight"])
     assert not torch.equal(state["backbone.8.1.weight"], pth["_conv_head.weight"])
+
+
+# --------------------------------------------------------------------------- --device
+
+
+def test_resolve_device_auto_cpu_and_errors(monkeypatch):
+    from medlens.train import resolve_device
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(TrainError, match=r"--device cuda: .*sees no CUDA device; use --device cpu"):
+        resolve_device("cuda")
+    with pytest.raises(TrainError, match="--device must be auto, cpu or cuda"):
+        resolve_device("gpu0")
+    with pytest.raises(TrainError, match="--device must be auto, cpu or cuda"):
+        resolve_device("meta")
+
+
+def test_device_cuda_without_gpu_fails_before_the_run_folder(tmp_path, synthetic_data,
+                                                             monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "run"
+    cfg = TrainConfig(data=str(synthetic_data), out=str(out), model="cnn", image_size=32,
+                      epochs=1, device="cuda", progress=False)
+    with pytest.raises(TrainError, match="sees no CUDA device"):
+        train(cfg, log=_quiet)
+    assert not out.exists()
