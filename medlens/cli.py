@@ -83,6 +83,10 @@ def _add_train(sub):
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="bf16 autocast where the CPU supports it (auto), or force one")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--bn-momentum", type=float, default=None,
+                   help="batch-norm momentum while training (default: the backbone's own; "
+                        "MONAI's EfficientNets use 0.01, slow to adapt when every layer "
+                        "fine-tunes on a small dataset; 0.1 is PyTorch's default)")
     p.add_argument("--device", default="auto",
                    help="where training runs: auto (a CUDA GPU when torch sees one, else the "
                         "CPU), cpu, or cuda[:N]; prediction and serving always use the CPU")
@@ -140,7 +144,7 @@ def _cmd_train(a) -> int:
                dropout=a.dropout, val_fraction=a.val_fraction, test_fraction=a.test_fraction,
                patient_regex=a.patient_regex, target_sensitivity=a.target_sensitivity,
                skip_bad_images=a.skip_bad_images, precision=a.precision, threads=a.threads,
-               device=a.device,
+               device=a.device, bn_momentum=a.bn_momentum,
                cache_dir=a.cache_dir, pretrained=not a.no_pretrained, name=a.name,
                progress=not a.quiet)
     settings = {}

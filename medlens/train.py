@@ -74,6 +74,7 @@ class TrainConfig:
     resize: str = "stretch"          # stretch | pad | crop (see Preprocess)
     grayscale: bool = False          # grey every image first (see Preprocess)
     dropout: float = 0.3
+    bn_momentum: float | None = None  # None: the backbone's own (MONAI EfficientNet: 0.01)
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     patient_regex: str | None = None
@@ -140,6 +141,17 @@ def resolve_precision(precision: str, device: torch.device | None = None) -> tor
 def set_seed(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def set_bn_momentum(net: nn.Module, momentum: float) -> int:
+    """Set every batch-norm layer's momentum; returns how many layers were set.
+
+    MONAI's EfficientNet keeps TensorFlow's momentum (0.01): fine-tuning every layer on a few
+    hundred images then leaves the running statistics mostly ImageNet's."""
+    layers = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in layers:
+        m.momentum = momentum
+    return len(layers)
 
 
 def _autocast(dtype, device: torch.device | None = None):
@@ -344,6 +356,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
     info = model_info(cfg.model)  # unknown model: clear error before anything is written
     if cfg.transfer not in ("frozen", "finetune", "full"):
         raise TrainError(f"--transfer must be frozen, finetune or full, got {cfg.transfer!r}")
+    if cfg.bn_momentum is not None and not 0.0 < cfg.bn_momentum <= 1.0:
+        raise TrainError(f"--bn-momentum must be in (0, 1], got {cfg.bn_momentum}")
     if cfg.optimizer not in ("adam", "adamw"):
         raise TrainError(f"--optimizer must be adam or adamw, got {cfg.optimizer!r}")
     out = Path(cfg.out)
@@ -439,6 +453,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
     # -- model and loss ------------------------------------------------------------------
     net = build_network(ModelMeta(arch=cfg.model, labels=ds.classes, preprocess=pre,
                                   dropout=cfg.dropout), pretrained=pretrained)
+    if cfg.bn_momentum is not None:
+        set_bn_momentum(net, cfg.bn_momentum)
     net = net.to(device, memory_format=torch.channels_last)
     ytr = prepared["train"][1]
     counts = torch.bincount(ytr, minlength=len(ds.classes)).float()

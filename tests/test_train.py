@@ -404,3 +404,23 @@ def test_device_cuda_without_gpu_fails_before_the_run_folder(tmp_path, synthetic
     with pytest.raises(TrainError, match="sees no CUDA device"):
         train(cfg, log=_quiet)
     assert not out.exists()
+
+
+def test_bn_momentum_setting(tmp_path, synthetic_data):
+    from medlens.modelfile import ModelMeta, build_network
+    from medlens.preprocess import Preprocess
+    from medlens.train import set_bn_momentum
+    net = build_network(ModelMeta(arch="efficientnet-lite0", labels=["a", "b"],
+                                  preprocess=Preprocess(image_size=64, channels=3)),
+                        pretrained=False)
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    # MONAI's EfficientNet keeps TensorFlow's 0.01 in the backbone (why the option exists).
+    head = set(net.head.modules())
+    assert all(m.momentum == pytest.approx(0.01) for m in bns if m not in head)
+    assert set_bn_momentum(net, 0.1) == len(bns) > 40
+    assert {m.momentum for m in bns} == {0.1}
+    cfg = TrainConfig(data=str(synthetic_data), out=str(tmp_path / "r"), model="cnn",
+                      bn_momentum=1.5, progress=False)
+    with pytest.raises(TrainError, match=r"--bn-momentum must be in \(0, 1\], got 1.5"):
+        train(cfg, log=_quiet)
+    assert not (tmp_path / "r").exists()
