@@ -18,6 +18,7 @@ evaluated with reports.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import sys
@@ -159,13 +160,21 @@ def _autocast(dtype, device: torch.device | None = None):
     return torch.autocast(kind, dtype=dtype, enabled=dtype is not None)
 
 
+def _exact_float32(dtype, device: torch.device | None):
+    """cuDNN convolutions run in TF32 by default on recent GPUs; a float32 pass (calibration,
+    evaluation, the OOD guard) must be the float32 that CPU serving computes."""
+    if dtype is not None or device is None or device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.backends.cudnn.flags(enabled=True, allow_tf32=False)
+
+
 def compute_logits(fn: Callable[[torch.Tensor], torch.Tensor], x, batch_size: int = 64,
                    dtype=None, transform: Callable | None = None,
                    device: torch.device | None = None) -> torch.Tensor:
     """Apply ``fn`` to ``x`` in batches under no_grad (each batch moved to ``device`` first,
     then ``transform``-ed); returns float32 logits on CPU."""
     outs = []
-    with torch.no_grad(), _autocast(dtype, device):
+    with torch.no_grad(), _autocast(dtype, device), _exact_float32(dtype, device):
         for i in range(0, len(x), batch_size):
             b = torch.as_tensor(x[i:i + batch_size])
             if device is not None:
@@ -374,7 +383,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
     t_start = time.time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    # TF32 stays off on CUDA: calibration and evaluation must be the float32 that serves.
     device = resolve_device(cfg.device)
     set_seed(cfg.seed)
     pretrained = cfg.pretrained and info.pretrained

@@ -424,3 +424,15 @@ def test_bn_momentum_setting(tmp_path, synthetic_data):
     with pytest.raises(TrainError, match=r"--bn-momentum must be in \(0, 1\], got 1.5"):
         train(cfg, log=_quiet)
     assert not (tmp_path / "r").exists()
+
+
+def test_float32_passes_turn_tf32_off_on_cuda_only():
+    from medlens.train import _exact_float32
+    before = torch.backends.cudnn.allow_tf32
+    with _exact_float32(None, torch.device("cuda")):
+        assert torch.backends.cudnn.allow_tf32 is False
+    assert torch.backends.cudnn.allow_tf32 == before
+    with _exact_float32(torch.bfloat16, torch.device("cuda")):
+        assert torch.backends.cudnn.allow_tf32 == before
+    with _exact_float32(None, torch.device("cpu")):
+        assert torch.backends.cudnn.allow_tf32 == before
