@@ -165,7 +165,7 @@ def _exact_float32(dtype, device: torch.device | None):
     evaluation, the OOD guard) must be the float32 that CPU serving computes."""
     if dtype is not None or device is None or device.type != "cuda":
         return contextlib.nullcontext()
-    return torch.backends.cudnn.flags(enabled=True, allow_tf32=False)
+    return torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False)
 
 
 def compute_logits(fn: Callable[[torch.Tensor], torch.Tensor], x, batch_size: int = 64,
