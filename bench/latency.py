@@ -26,12 +26,26 @@ from pathlib import Path
 import numpy as np
 
 from medlens.bench import cpu_model as cpu_name
-from medlens.bench import (free_port, multipart_body, serve_command, stop_server,
-                           synthetic_jpeg, wait_ready)
+from medlens.bench import (
+    free_port,
+    multipart_body,
+    serve_command,
+    stop_server,
+    synthetic_jpeg,
+    wait_ready,
+)
 
 
-def run(port: int, name: str, body: bytes, ctype: str, explain: bool, n: int,
-        deadline: float, warmup: int) -> tuple[list[float], list[float]]:
+def run(
+    port: int,
+    name: str,
+    body: bytes,
+    ctype: str,
+    explain: bool,
+    n: int,
+    deadline: float,
+    warmup: int,
+) -> tuple[list[float], list[float]]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     path = f"/api/v1/models/{name}/predict?explain={'true' if explain else 'false'}"
     wall, server = [], []
@@ -57,8 +71,12 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None, help="model folder (default: first bundled model)")
     ap.add_argument("-n", type=int, default=30, help="measured requests per mode (default 30)")
     ap.add_argument("--warmup", type=int, default=3, help="unmeasured requests first")
-    ap.add_argument("--max-seconds", type=float, default=300,
-                    help="stop measuring after this long (default 300)")
+    ap.add_argument(
+        "--max-seconds",
+        type=float,
+        default=300,
+        help="stop measuring after this long (default 300)",
+    )
     args = ap.parse_args(argv)
 
     from medlens.predict import available_models
@@ -82,8 +100,9 @@ def main(argv=None) -> int:
         deadline = time.time() + args.max_seconds
         results = {}
         for explain in (False, True):
-            wall, server = run(port, folder.name, body, ctype, explain, args.n, deadline,
-                               args.warmup)
+            wall, server = run(
+                port, folder.name, body, ctype, explain, args.n, deadline, args.warmup
+            )
             if wall:
                 results[explain] = (wall, server)
     finally:
@@ -91,14 +110,18 @@ def main(argv=None) -> int:
     import onnxruntime
 
     print(f"model {folder.name} ({folder}); 1024x1024 JPEG of {len(body) / 1e3:.0f} KB")
-    print(f"machine: {cpu_name()}, {len(os.sched_getaffinity(0))} cores; onnxruntime "
-          f"{onnxruntime.__version__}; load average before: "
-          f"{' '.join(f'{x:.2f}' for x in load_before)}")
+    print(
+        f"machine: {cpu_name()}, {len(os.sched_getaffinity(0))} cores; onnxruntime "
+        f"{onnxruntime.__version__}; load average before: "
+        f"{' '.join(f'{x:.2f}' for x in load_before)}"
+    )
     print(f"{'request':<22}{'n':>4}{'p50 ms':>10}{'p95 ms':>10}{'server p50 ms':>15}")
     for explain, (wall, server) in results.items():
         label = "predict, explain=true" if explain else "predict"
-        print(f"{label:<22}{len(wall):>4}{np.percentile(wall, 50):>10.1f}"
-              f"{np.percentile(wall, 95):>10.1f}{np.percentile(server, 50):>15.1f}")
+        print(
+            f"{label:<22}{len(wall):>4}{np.percentile(wall, 50):>10.1f}"
+            f"{np.percentile(wall, 95):>10.1f}{np.percentile(server, 50):>15.1f}"
+        )
     return 0
 
 

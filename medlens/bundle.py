@@ -32,8 +32,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .modelfile import (MODEL_JSON, MODEL_WEIGHTS, ModelLoadError, atomic_write_text,
-                        load_network, write_json)
+from medlens.modelfile import (
+    MODEL_JSON,
+    MODEL_WEIGHTS,
+    ModelLoadError,
+    atomic_write_text,
+    load_network,
+    write_json,
+)
 
 __all__ = ["make_bundle", "BUNDLE_FILES"]
 
@@ -42,7 +48,7 @@ BUNDLE_FILES = (MODEL_JSON, "model.onnx", "ood.npz", "model_card.json", "model_c
 
 def _held_out(run: Path, split: str, labels: list[str]):
     """Samples of the run's ``eval/<split>/predictions.csv`` and the run's probabilities."""
-    from .data import Sample
+    from medlens.data import Sample
 
     path = run / "eval" / split / "predictions.csv"
     if not path.exists():
@@ -55,8 +61,15 @@ def _held_out(run: Path, split: str, labels: list[str]):
     return samples, np.asarray(probs)
 
 
-def make_bundle(run: str | os.PathLike, dest: str | os.PathLike, *, half: bool = True,
-                overwrite: bool = False, card: dict | None = None, log=print) -> dict:
+def make_bundle(
+    run: str | os.PathLike,
+    dest: str | os.PathLike,
+    *,
+    half: bool = True,
+    overwrite: bool = False,
+    card: dict | None = None,
+    log=print,
+) -> dict:
     """Write an inference-only model folder ``dest`` from the training run ``run``.
 
     ``card``: model-card fields that replace the run's (e.g. the ``card:`` section of the
@@ -69,13 +82,21 @@ def make_bundle(run: str | os.PathLike, dest: str | os.PathLike, *, half: bool =
         ModelLoadError: ``run`` is not a complete run, or ``dest`` exists without
             ``overwrite``.
     """
-    from .cache import prepare_samples
-    from .export import (CARD_JSON, CARD_MD, ONNX_FILE, check_onnx, halve_weights,
-                         model_card, model_card_markdown, onnx_bytes)
-    from .metrics import compute_metrics
-    from .ood import OOD_FILE
-    from .predict import Predictor, resolve_model
-    from .train import _headline
+    from medlens.cache import prepare_samples
+    from medlens.export import (
+        CARD_JSON,
+        CARD_MD,
+        ONNX_FILE,
+        check_onnx,
+        halve_weights,
+        model_card,
+        model_card_markdown,
+        onnx_bytes,
+    )
+    from medlens.metrics import compute_metrics
+    from medlens.ood import OOD_FILE
+    from medlens.predict import Predictor, resolve_model
+    from medlens.train import _headline
 
     run = resolve_model(run)
     dest = Path(dest)
@@ -97,10 +118,11 @@ def make_bundle(run: str | os.PathLike, dest: str | os.PathLike, *, half: bool =
         meta.name = dest.name
         if card:
             meta.extra["card"] = {**(meta.extra.get("card") or {}), **card}
-        meta.extra["export"] = {"from_run": run.name,
-                                "weights": "float16 storage, float32 compute" if half
-                                else "float32",
-                                "metrics_measured_on": ONNX_FILE}
+        meta.extra["export"] = {
+            "from_run": run.name,
+            "weights": "float16 storage, float32 compute" if half else "float32",
+            "metrics_measured_on": ONNX_FILE,
+        }
         write_json(tmp / MODEL_JSON, meta.to_dict())
         pred = Predictor(tmp)
         metrics, change = {}, 0.0
@@ -111,9 +133,11 @@ def make_bundle(run: str | os.PathLike, dest: str | os.PathLike, *, half: bool =
             samples, run_probs = held
             res = prepare_samples(samples, meta.preprocess, progress=False, desc=split)
             if res.errors:
-                raise ModelLoadError(f"{len(res.errors)} {split} image(s) of {run} cannot be "
-                                     f"read any more (first: {res.errors[0][0]}); the shipped "
-                                     "model cannot be re-measured")
+                raise ModelLoadError(
+                    f"{len(res.errors)} {split} image(s) of {run} cannot be "
+                    f"read any more (first: {res.errors[0][0]}); the shipped "
+                    "model cannot be re-measured"
+                )
             preds = pred.predict_prepared(res.pixels)
             probs = np.array([[p.probabilities[c] for c in meta.labels] for p in preds])
             flagged = [p.ood["flag"] for p in preds if p.ood["flag"] is not None]
@@ -123,9 +147,12 @@ def make_bundle(run: str | os.PathLike, dest: str | os.PathLike, *, half: bool =
             metrics[split] = _headline(m)
             if flagged:
                 meta.extra.setdefault("ood", {})[f"flagged_{split}_share"] = round(
-                    float(np.mean(flagged)), 4)
-            log(f"{split}: n {m['n']}, accuracy {m['accuracy']:.4f}, auc {m['auc']:.4f} "
-                f"(shipped {ONNX_FILE})")
+                    float(np.mean(flagged)), 4
+                )
+            log(
+                f"{split}: n {m['n']}, accuracy {m['accuracy']:.4f}, auc {m['auc']:.4f} "
+                f"(shipped {ONNX_FILE})"
+            )
         if metrics:
             meta.extra["metrics"] = metrics
         meta.extra["export"]["max_probability_change"] = round(change, 6)
@@ -143,5 +170,4 @@ def make_bundle(run: str | os.PathLike, dest: str | os.PathLike, *, half: bool =
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"folder": dest, "onnx_bytes": len(blob), "metrics": metrics,
-            "max_prob_change": change}
+    return {"folder": dest, "onnx_bytes": len(blob), "metrics": metrics, "max_prob_change": change}

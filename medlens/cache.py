@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .preprocess import Preprocess
+from medlens.preprocess import Preprocess
 
 __all__ = ["PreparedImages", "prepare_samples", "is_colour"]
 
@@ -30,9 +30,9 @@ __all__ = ["PreparedImages", "prepare_samples", "is_colour"]
 class PreparedImages:
     """Prepared pixels of the samples that decoded, and the failures of those that did not."""
 
-    pixels: np.ndarray                  # uint8 (N_ok, C, S, S)
-    keep: list[int]                     # indices into the input list of the decoded samples
-    errors: list[tuple[str, str]]       # (source, reason) of the samples that failed
+    pixels: np.ndarray  # uint8 (N_ok, C, S, S)
+    keep: list[int]  # indices into the input list of the decoded samples
+    errors: list[tuple[str, str]]  # (source, reason) of the samples that failed
 
 
 def _prepare_one(args):
@@ -58,9 +58,15 @@ def _cache_key(samples, pre: Preprocess) -> str:
     return h.hexdigest()[:24]
 
 
-def prepare_samples(samples, pre: Preprocess, *, workers: int | None = None,
-                    cache_dir: str | Path | None = None, progress: bool = True,
-                    desc: str = "decode") -> PreparedImages:
+def prepare_samples(
+    samples,
+    pre: Preprocess,
+    *,
+    workers: int | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    desc: str = "decode",
+) -> PreparedImages:
     """Decode and prepare ``samples`` (objects with ``.source`` and ``.load()``).
 
     Args:
@@ -83,8 +89,9 @@ def prepare_samples(samples, pre: Preprocess, *, workers: int | None = None,
             info = json.loads(meta.read_text())
             # Copy-on-write: writable for torch.from_numpy/as_tensor (a read-only map makes
             # torch warn on every batch), while writes never reach the cache file.
-            return PreparedImages(np.load(npy, mmap_mode="c"), info["keep"],
-                                  [tuple(e) for e in info["errors"]])
+            return PreparedImages(
+                np.load(npy, mmap_mode="c"), info["keep"], [tuple(e) for e in info["errors"]]
+            )
     out = np.empty((len(samples),) + shape, dtype=np.uint8)
     keep, errors = [], []
     workers = workers or os.cpu_count() or 1
@@ -92,6 +99,7 @@ def prepare_samples(samples, pre: Preprocess, *, workers: int | None = None,
     bar = None
     if progress:
         from tqdm.auto import tqdm
+
         bar = tqdm(total=len(samples), desc=desc, unit="img", leave=False)
 
     def consume(results):
@@ -113,8 +121,10 @@ def prepare_samples(samples, pre: Preprocess, *, workers: int | None = None,
         bar.close()
     pixels = out[: len(keep)]
     if cache_dir is not None:
-        from .modelfile import atomic_write_bytes, atomic_write_text
         import io
+
+        from medlens.modelfile import atomic_write_bytes, atomic_write_text
+
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
         np.save(buf, pixels)
@@ -128,4 +138,7 @@ def is_colour(pixels: np.ndarray, tolerance: float = 3.0) -> bool:
     if pixels.ndim == 2:
         return False
     p = pixels.astype(np.int16)
-    return float(np.abs(p[..., 0] - p[..., 1]).mean() + np.abs(p[..., 1] - p[..., 2]).mean()) > tolerance
+    return (
+        float(np.abs(p[..., 0] - p[..., 1]).mean() + np.abs(p[..., 1] - p[..., 2]).mean())
+        > tolerance
+    )

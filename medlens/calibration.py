@@ -18,8 +18,14 @@ from scipy.special import expit, log_softmax, softmax
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import roc_curve
 
-__all__ = ["fit_temperature", "logits_to_probs", "choose_threshold", "reliability_curve",
-           "T_MIN", "T_MAX"]
+__all__ = [
+    "fit_temperature",
+    "logits_to_probs",
+    "choose_threshold",
+    "reliability_curve",
+    "T_MIN",
+    "T_MAX",
+]
 
 T_MIN, T_MAX = 0.05, 20.0
 
@@ -69,9 +75,12 @@ def fit_temperature(logits, y_true, *, max_iter: int = 200) -> float:
         raise ValueError("cannot fit a temperature on an empty set (N=0)")
     if len(y) != len(z):
         raise ValueError(f"y_true has {len(y)} entries but logits has {len(z)} rows")
-    res = minimize_scalar(lambda log_t: _nll(z, y, binary, float(np.exp(log_t))),
-                          bounds=(np.log(T_MIN), np.log(T_MAX)), method="bounded",
-                          options={"maxiter": max_iter, "xatol": 1e-6})
+    res = minimize_scalar(
+        lambda log_t: _nll(z, y, binary, float(np.exp(log_t))),
+        bounds=(np.log(T_MIN), np.log(T_MAX)),
+        method="bounded",
+        options={"maxiter": max_iter, "xatol": 1e-6},
+    )
     return float(np.clip(np.exp(res.x), T_MIN, T_MAX))
 
 
@@ -94,8 +103,9 @@ def logits_to_probs(logits, temperature: float = 1.0) -> np.ndarray:
     return softmax(z / temperature, axis=1)
 
 
-def choose_threshold(y_true, p_pos, *, method: str = "youden",
-                     target_sensitivity: float | None = None) -> dict:
+def choose_threshold(
+    y_true, p_pos, *, method: str = "youden", target_sensitivity: float | None = None
+) -> dict:
     """Choose a binary operating threshold on validation data.
 
     Candidate thresholds are the scores returned by scikit-learn's ``roc_curve`` with the
@@ -128,15 +138,18 @@ def choose_threshold(y_true, p_pos, *, method: str = "youden",
     if len(y) != len(p):
         raise ValueError(f"y_true has {len(y)} entries but p_pos has {len(p)}")
     if len(np.unique(y)) != 2:
-        raise ValueError("choose_threshold needs both positive and negative cases in y_true "
-                         f"(found classes {np.unique(y).tolist()}); cannot trade off "
-                         "sensitivity and specificity")
+        raise ValueError(
+            "choose_threshold needs both positive and negative cases in y_true "
+            f"(found classes {np.unique(y).tolist()}); cannot trade off "
+            "sensitivity and specificity"
+        )
     if target_sensitivity is not None:
         method = "target_sensitivity"
     if method not in ("youden", "target_sensitivity"):
         raise ValueError(f"unknown method {method!r}; use 'youden' or 'target_sensitivity'")
-    if method == "target_sensitivity" and not (target_sensitivity is not None
-                                               and 0 < target_sensitivity <= 1):
+    if method == "target_sensitivity" and not (
+        target_sensitivity is not None and 0 < target_sensitivity <= 1
+    ):
         raise ValueError("method='target_sensitivity' needs target_sensitivity in (0, 1]")
 
     fpr, tpr, thr = roc_curve(y, p, drop_intermediate=False)  # thresholds decreasing
@@ -151,10 +164,13 @@ def choose_threshold(y_true, p_pos, *, method: str = "youden",
         # (on separable data that score can round to 1.0).
         t = float((t + thr[i + 1]) / 2)
     pred = p >= t
-    return {"threshold": t, "method": method,
-            "sensitivity": float(pred[y == 1].mean()),
-            "specificity": float((~pred[y == 0]).mean()),
-            "target_sensitivity": None if target_sensitivity is None else float(target_sensitivity)}
+    return {
+        "threshold": t,
+        "method": method,
+        "sensitivity": float(pred[y == 1].mean()),
+        "specificity": float((~pred[y == 0]).mean()),
+        "target_sensitivity": None if target_sensitivity is None else float(target_sensitivity),
+    }
 
 
 def reliability_curve(y_true, probs, n_bins: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -180,8 +196,9 @@ def reliability_curve(y_true, probs, n_bins: int = 10) -> tuple[np.ndarray, np.n
     else:
         score, hit = p.max(axis=1), (p.argmax(axis=1) == y).astype(int)
     score = np.clip(score, 0.0, 1.0)
-    frac_pos, mean_pred = calibration_curve(hit, score, n_bins=n_bins, strategy="uniform",
-                                            pos_label=1)
+    frac_pos, mean_pred = calibration_curve(
+        hit, score, n_bins=n_bins, strategy="uniform", pos_label=1
+    )
     # Same binning as calibration_curve(strategy="uniform").
     bins = np.searchsorted(np.linspace(0.0, 1.0, n_bins + 1)[1:-1], score)
     counts = np.bincount(bins, minlength=n_bins)

@@ -13,96 +13,197 @@ EXIT_USAGE = 2
 
 def _add_train(sub):
     p = sub.add_parser(
-        "train", help="train a classifier on a folder of images",
+        "train",
+        help="train a classifier on a folder of images",
         description="Train, calibrate (on the validation split only) and evaluate a classifier. "
-                    "DATA may be <root>/<class>/<image> (split into train/val/test, stratified "
-                    "and patient-grouped), <root>/{train,val,test}/<class>/<image>, a CSV "
-                    "manifest (path,label[,patient_id][,split]) or a MedMNIST .npz file.")
+        "DATA may be <root>/<class>/<image> (split into train/val/test, stratified "
+        "and patient-grouped), <root>/{train,val,test}/<class>/<image>, a CSV "
+        "manifest (path,label[,patient_id][,split]) or a MedMNIST .npz file.",
+    )
     p.add_argument("--data", required=True, help="image folder, CSV manifest or .npz file")
-    p.add_argument("--model", default="efficientnet-lite0",
-                   help="backbone from the registry (`medlens models`); default %(default)s")
-    p.add_argument("--out", required=True, help="run folder to create (model, config.yaml, "
-                   "training_metrics.csv, checkpoints, evaluation reports)")
-    p.add_argument("--epochs", type=int, default=15,
-                   help="maximum epochs of the main stage (fine-tuning or full training); "
-                        "early stopping may end sooner; default %(default)s")
-    p.add_argument("--head-epochs", type=int, default=40,
-                   help="maximum epochs of the frozen-backbone head stage; default %(default)s")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="square input side in pixels; default: the backbone's (224)")
+    p.add_argument(
+        "--model",
+        default="efficientnet-lite0",
+        help="backbone from the registry (`medlens models`); default %(default)s",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="run folder to create (model, config.yaml, "
+        "training_metrics.csv, checkpoints, evaluation reports)",
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=15,
+        help="maximum epochs of the main stage (fine-tuning or full training); "
+        "early stopping may end sooner; default %(default)s",
+    )
+    p.add_argument(
+        "--head-epochs",
+        type=int,
+        default=40,
+        help="maximum epochs of the frozen-backbone head stage; default %(default)s",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="square input side in pixels; default: the backbone's (224)",
+    )
     p.add_argument("--batch-size", type=int, default=32, help="default %(default)s")
-    p.add_argument("--lr", type=float, default=None,
-                   help="learning rate of the head / full stage (default 1e-3); fine-tuning "
-                        "uses lr x --finetune-lr-scale")
-    p.add_argument("--finetune-lr-scale", type=float, default=0.1,
-                   help="fine-tuning learning rate as a fraction of --lr; default %(default)s")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="learning rate of the head / full stage (default 1e-3); fine-tuning "
+        "uses lr x --finetune-lr-scale",
+    )
+    p.add_argument(
+        "--finetune-lr-scale",
+        type=float,
+        default=0.1,
+        help="fine-tuning learning rate as a fraction of --lr; default %(default)s",
+    )
     p.add_argument("--optimizer", choices=["adam", "adamw"], default="adamw")
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0, help="seed for splits, init and augmentation")
-    p.add_argument("--transfer", choices=["frozen", "finetune", "full"], default="finetune",
-                   help="pretrained backbones: frozen = train only a new head on frozen "
-                        "features; finetune = then unfreeze the top --unfreeze stages at a "
-                        "lower LR; full = train everything; default %(default)s")
-    p.add_argument("--unfreeze", type=int, default=2,
-                   help="backbone stages to fine-tune (counted from the top); default "
-                        "%(default)s")
-    p.add_argument("--aug-copies", type=int, default=4,
-                   help="augmented copies of the training set cached for fine-tuning; "
-                        "default %(default)s")
+    p.add_argument(
+        "--transfer",
+        choices=["frozen", "finetune", "full"],
+        default="finetune",
+        help="pretrained backbones: frozen = train only a new head on frozen "
+        "features; finetune = then unfreeze the top --unfreeze stages at a "
+        "lower LR; full = train everything; default %(default)s",
+    )
+    p.add_argument(
+        "--unfreeze",
+        type=int,
+        default=2,
+        help="backbone stages to fine-tune (counted from the top); default %(default)s",
+    )
+    p.add_argument(
+        "--aug-copies",
+        type=int,
+        default=4,
+        help="augmented copies of the training set cached for fine-tuning; default %(default)s",
+    )
     p.add_argument("--no-augment", action="store_true", help="turn augmentation off")
     p.add_argument("--rotation", type=float, default=10.0, help="max rotation, degrees")
     p.add_argument("--shift", type=float, default=0.08, help="max shift, fraction of side")
     p.add_argument("--zoom", type=float, default=0.1, help="max zoom, fraction")
     p.add_argument("--no-hflip", action="store_true", help="no random horizontal flips")
-    p.add_argument("--patience", type=int, default=5,
-                   help="early stopping: epochs without improvement; default %(default)s")
-    p.add_argument("--monitor", choices=["val_auc", "val_loss"], default="val_auc",
-                   help="what early stopping and best-checkpoint selection watch")
-    p.add_argument("--no-class-weights", action="store_true",
-                   help="do not weight the loss by inverse class frequency")
-    p.add_argument("--channels", type=int, choices=[1, 3], default=None,
-                   help="input channels; default 3 for pretrained backbones, else 1 unless "
-                        "the images are in colour")
-    p.add_argument("--resize", choices=["stretch", "pad", "crop"], default="stretch",
-                   help="stretch to a square; pad (letterbox) keeping the aspect ratio; or crop "
-                        "the centre square (no distortion, no bars)")
-    p.add_argument("--grayscale", action="store_true",
-                   help="convert every image to grey first (grey modalities stored partly as "
-                        "RGB files, so the file's colour mode is no cue)")
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=5,
+        help="early stopping: epochs without improvement; default %(default)s",
+    )
+    p.add_argument(
+        "--monitor",
+        choices=["val_auc", "val_loss"],
+        default="val_auc",
+        help="what early stopping and best-checkpoint selection watch",
+    )
+    p.add_argument(
+        "--no-class-weights",
+        action="store_true",
+        help="do not weight the loss by inverse class frequency",
+    )
+    p.add_argument(
+        "--channels",
+        type=int,
+        choices=[1, 3],
+        default=None,
+        help="input channels; default 3 for pretrained backbones, else 1 unless "
+        "the images are in colour",
+    )
+    p.add_argument(
+        "--resize",
+        choices=["stretch", "pad", "crop"],
+        default="stretch",
+        help="stretch to a square; pad (letterbox) keeping the aspect ratio; or crop "
+        "the centre square (no distortion, no bars)",
+    )
+    p.add_argument(
+        "--grayscale",
+        action="store_true",
+        help="convert every image to grey first (grey modalities stored partly as "
+        "RGB files, so the file's colour mode is no cue)",
+    )
     p.add_argument("--dropout", type=float, default=0.3, help="head dropout")
-    p.add_argument("--val-fraction", type=float, default=0.15,
-                   help="fraction of patients carved out for validation when needed")
-    p.add_argument("--test-fraction", type=float, default=0.15,
-                   help="fraction of patients held out for testing (class-folder layouts)")
-    p.add_argument("--patient-regex", default=None,
-                   help="regex whose first group (or group 'patient') reads a patient id from a "
-                        "file name; default reads Kermany names (person1234_..., IM-0115-...)")
-    p.add_argument("--target-sensitivity", type=float, default=None,
-                   help="binary: choose the threshold reaching this validation sensitivity "
-                        "(e.g. 0.95 for screening) instead of Youden's J")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="bf16 autocast where the CPU supports it (auto), or force one")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.15,
+        help="fraction of patients carved out for validation when needed",
+    )
+    p.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.15,
+        help="fraction of patients held out for testing (class-folder layouts)",
+    )
+    p.add_argument(
+        "--patient-regex",
+        default=None,
+        help="regex whose first group (or group 'patient') reads a patient id from a "
+        "file name; default reads Kermany names (person1234_..., IM-0115-...)",
+    )
+    p.add_argument(
+        "--target-sensitivity",
+        type=float,
+        default=None,
+        help="binary: choose the threshold reaching this validation sensitivity "
+        "(e.g. 0.95 for screening) instead of Youden's J",
+    )
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="bf16 autocast where the CPU supports it (auto), or force one",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--bn-momentum", type=float, default=None,
-                   help="batch-norm momentum while training (default: the backbone's own; "
-                        "MONAI's EfficientNets use 0.01, slow to adapt when every layer "
-                        "fine-tunes on a small dataset; 0.1 is PyTorch's default)")
-    p.add_argument("--device", default="auto",
-                   help="where training runs: auto (a CUDA GPU when torch sees one, else the "
-                        "CPU), cpu, or cuda[:N]; prediction and serving always use the CPU")
-    p.add_argument("--cache-dir", default=None,
-                   help="keep decoded, resized images here for later runs (holds patient "
-                        "images: off unless asked)")
-    p.add_argument("--no-pretrained", action="store_true",
-                   help="random init even where ImageNet weights exist")
+    p.add_argument(
+        "--bn-momentum",
+        type=float,
+        default=None,
+        help="batch-norm momentum while training (default: the backbone's own; "
+        "MONAI's EfficientNets use 0.01, slow to adapt when every layer "
+        "fine-tunes on a small dataset; 0.1 is PyTorch's default)",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="where training runs: auto (a CUDA GPU when torch sees one, else the "
+        "CPU), cpu, or cuda[:N]; prediction and serving always use the CPU",
+    )
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="keep decoded, resized images here for later runs (holds patient "
+        "images: off unless asked)",
+    )
+    p.add_argument(
+        "--no-pretrained", action="store_true", help="random init even where ImageNet weights exist"
+    )
     p.add_argument("--name", default=None, help="model name (default: the run folder's name)")
-    p.add_argument("--config", default=None,
-                   help="YAML recipe with any of these settings (command-line flags win)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run in --out from its last checkpoint")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="YAML recipe with any of these settings (command-line flags win)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run in --out from its last checkpoint",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    p.add_argument("--skip-bad-images", action="store_true",
-                   help="skip unreadable images (they are counted) instead of stopping")
+    p.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="skip unreadable images (they are counted) instead of stopping",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(_parser=p)
     return p
@@ -121,70 +222,122 @@ def _given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
 def _cmd_train(a) -> int:
     import yaml
 
-    from .preprocess import AugmentSpec
-    from .train import TrainConfig, train
+    from medlens.preprocess import AugmentSpec
+    from medlens.train import TrainConfig, train
 
     recipe = {}
     if a.config:
         recipe = yaml.safe_load(Path(a.config).read_text()) or {}
     # A flag the user gave wins over the recipe, even when it repeats the default
     # (`--resize stretch` over a recipe's `resize: crop`); flags not given give way.
-    explicit = _given_flags(a._parser, getattr(a, "_argv", None)) if \
-        getattr(a, "_argv", None) is not None else \
-        {k for k, v in vars(a).items() if not k.startswith("_") and v != a._parser.get_default(k)}
-    aug = AugmentSpec(rotation=a.rotation, shift=a.shift, zoom=a.zoom, hflip=not a.no_hflip,
-                      enabled=not a.no_augment).to_dict()
-    cli = dict(data=a.data, out=a.out, model=a.model, epochs=a.epochs, head_epochs=a.head_epochs,
-               image_size=a.image_size, batch_size=a.batch_size, lr=a.lr,
-               finetune_lr_scale=a.finetune_lr_scale, weight_decay=a.weight_decay,
-               optimizer=a.optimizer, seed=a.seed, transfer=a.transfer, unfreeze=a.unfreeze,
-               aug_copies=a.aug_copies, augment=aug, patience=a.patience, monitor=a.monitor,
-               class_weights=not a.no_class_weights, channels=a.channels, resize=a.resize,
-               grayscale=a.grayscale,
-               dropout=a.dropout, val_fraction=a.val_fraction, test_fraction=a.test_fraction,
-               patient_regex=a.patient_regex, target_sensitivity=a.target_sensitivity,
-               skip_bad_images=a.skip_bad_images, precision=a.precision, threads=a.threads,
-               device=a.device, bn_momentum=a.bn_momentum,
-               cache_dir=a.cache_dir, pretrained=not a.no_pretrained, name=a.name,
-               progress=not a.quiet)
+    explicit = (
+        _given_flags(a._parser, getattr(a, "_argv", None))
+        if getattr(a, "_argv", None) is not None
+        else {
+            k for k, v in vars(a).items() if not k.startswith("_") and v != a._parser.get_default(k)
+        }
+    )
+    aug = AugmentSpec(
+        rotation=a.rotation,
+        shift=a.shift,
+        zoom=a.zoom,
+        hflip=not a.no_hflip,
+        enabled=not a.no_augment,
+    ).to_dict()
+    cli = dict(
+        data=a.data,
+        out=a.out,
+        model=a.model,
+        epochs=a.epochs,
+        head_epochs=a.head_epochs,
+        image_size=a.image_size,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        finetune_lr_scale=a.finetune_lr_scale,
+        weight_decay=a.weight_decay,
+        optimizer=a.optimizer,
+        seed=a.seed,
+        transfer=a.transfer,
+        unfreeze=a.unfreeze,
+        aug_copies=a.aug_copies,
+        augment=aug,
+        patience=a.patience,
+        monitor=a.monitor,
+        class_weights=not a.no_class_weights,
+        channels=a.channels,
+        resize=a.resize,
+        grayscale=a.grayscale,
+        dropout=a.dropout,
+        val_fraction=a.val_fraction,
+        test_fraction=a.test_fraction,
+        patient_regex=a.patient_regex,
+        target_sensitivity=a.target_sensitivity,
+        skip_bad_images=a.skip_bad_images,
+        precision=a.precision,
+        threads=a.threads,
+        device=a.device,
+        bn_momentum=a.bn_momentum,
+        cache_dir=a.cache_dir,
+        pretrained=not a.no_pretrained,
+        name=a.name,
+        progress=not a.quiet,
+    )
     settings = {}
     for k, v in cli.items():
-        flag = {"class_weights": "no_class_weights", "pretrained": "no_pretrained",
-                "progress": "quiet"}.get(k, k)
+        flag = {
+            "class_weights": "no_class_weights",
+            "pretrained": "no_pretrained",
+            "progress": "quiet",
+        }.get(k, k)
         if k in recipe and flag not in explicit and k not in ("data", "out"):
             settings[k] = recipe[k]
         else:
             settings[k] = v
-    if "augment" in recipe and not explicit & {"no_augment", "rotation", "shift", "zoom",
-                                               "no_hflip"}:
+    if "augment" in recipe and not explicit & {
+        "no_augment",
+        "rotation",
+        "shift",
+        "zoom",
+        "no_hflip",
+    }:
         settings["augment"] = AugmentSpec.from_dict(recipe["augment"]).to_dict()
     for k in recipe:
         settings.setdefault(k, recipe[k])
-    train(TrainConfig.from_dict(settings), resume=a.resume, overwrite=a.overwrite,
-          command="medlens " + shlex.join(a._argv) if getattr(a, "_argv", None) else None)
+    train(
+        TrainConfig.from_dict(settings),
+        resume=a.resume,
+        overwrite=a.overwrite,
+        command="medlens " + shlex.join(a._argv) if getattr(a, "_argv", None) else None,
+    )
     return 0
 
 
 def _add_evaluate(sub):
-    p = sub.add_parser("evaluate", help="evaluate a model on a labelled folder",
-                       description="Evaluate every image under DATA (nothing is split off): "
-                                   "metrics.json (with 95%% bootstrap intervals), report.html, "
-                                   "predictions.csv in --out.")
+    p = sub.add_parser(
+        "evaluate",
+        help="evaluate a model on a labelled folder",
+        description="Evaluate every image under DATA (nothing is split off): "
+        "metrics.json (with 95%% bootstrap intervals), report.html, "
+        "predictions.csv in --out.",
+    )
     p.add_argument("--model", required=True, help="run folder, or a bundled/installed model name")
-    p.add_argument("--data", required=True,
-                   help="<root>/<class>/<image>, <root>/{train,val,test}/<class>/<image> "
-                        "(all splits), a CSV manifest, or a MedMNIST .npz (its test split)")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="<root>/<class>/<image>, <root>/{train,val,test}/<class>/<image> "
+        "(all splits), a CSV manifest, or a MedMNIST .npz (its test split)",
+    )
     p.add_argument("--out", required=True, help="folder for metrics.json and report.html")
-    p.add_argument("--skip-bad-images", action="store_true",
-                   help="skip unreadable images instead of stopping")
+    p.add_argument(
+        "--skip-bad-images", action="store_true", help="skip unreadable images instead of stopping"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _cmd_evaluate(a) -> int:
-    from .evaluate import evaluate
+    from medlens.evaluate import evaluate
 
-    m = evaluate(a.model, a.data, a.out, skip_bad_images=a.skip_bad_images,
-                 progress=not a.quiet)
+    m = evaluate(a.model, a.data, a.out, skip_bad_images=a.skip_bad_images, progress=not a.quiet)
     ci = m.get("ci", {})
 
     def fmt(k):
@@ -192,38 +345,52 @@ def _cmd_evaluate(a) -> int:
         if v is None:
             return f"{k} n/a"
         lo_hi = ci.get(k)
-        return f"{k} {v:.4f}" + (f" [{lo_hi[0]:.4f}, {lo_hi[1]:.4f}]" if lo_hi and None not in
-                                 lo_hi else "")
-    print(f"n={m['n']}  " + "  ".join(fmt(k) for k in ("accuracy", "auc", "sensitivity",
-                                                        "specificity")))
+        return f"{k} {v:.4f}" + (
+            f" [{lo_hi[0]:.4f}, {lo_hi[1]:.4f}]" if lo_hi and None not in lo_hi else ""
+        )
+
+    print(
+        f"n={m['n']}  "
+        + "  ".join(fmt(k) for k in ("accuracy", "auc", "sensitivity", "specificity"))
+    )
     print(f"wrote {Path(a.out) / 'metrics.json'} and {Path(a.out) / 'report.html'}")
     return 0
 
 
 def _add_predict(sub):
-    p = sub.add_parser("predict", help="predict images or folders",
-                       description="Predict the label and calibrated class probabilities of "
-                                   "images (PNG, JPEG, DICOM, ...) or folders (recursive).")
+    p = sub.add_parser(
+        "predict",
+        help="predict images or folders",
+        description="Predict the label and calibrated class probabilities of "
+        "images (PNG, JPEG, DICOM, ...) or folders (recursive).",
+    )
     p.add_argument("paths", nargs="+", help="image files and/or folders")
     p.add_argument("--model", required=True, help="run folder or bundled/installed model name")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
-    p.add_argument("--out", default=None,
-                   help="write a CSV (path,label,p_<class>...,ood_flag,error); unreadable files "
-                        "are listed with their error instead of stopping the batch")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="write a CSV (path,label,p_<class>...,ood_flag,error); unreadable files "
+        "are listed with their error instead of stopping the batch",
+    )
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--backend", choices=["onnx", "torch"], default="onnx",
-                   help="ONNX Runtime (model.onnx, or exported in memory when the folder has "
-                        "none) or torch; default %(default)s")
+    p.add_argument(
+        "--backend",
+        choices=["onnx", "torch"],
+        default="onnx",
+        help="ONNX Runtime (model.onnx, or exported in memory when the folder has "
+        "none) or torch; default %(default)s",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _cmd_predict(a) -> int:
     import numpy as np
 
-    from .data import list_images
-    from .imaging import ImageReadError, read_image
-    from .modelfile import write_csv
-    from .predict import Predictor
+    from medlens.data import list_images
+    from medlens.imaging import ImageReadError, read_image
+    from medlens.modelfile import write_csv
+    from medlens.predict import Predictor
 
     pred = Predictor(a.model, backend=a.backend)
     files = []
@@ -242,23 +409,31 @@ def _cmd_predict(a) -> int:
     bar = None
     if not a.quiet and len(files) > 1:
         from tqdm.auto import tqdm
+
         bar = tqdm(total=len(files), unit="img", desc="predict", file=sys.stderr)
     for i in range(0, len(files), a.batch_size):
-        chunk = files[i:i + a.batch_size]
+        chunk = files[i : i + a.batch_size]
         ok, prepared = [], []
         for f in chunk:
             try:
-                prepared.append(pred.pre.prepare(
-                    read_image(f, target_size=pred.pre.image_size).pixels))
+                prepared.append(
+                    pred.pre.prepare(read_image(f, target_size=pred.pre.image_size).pixels)
+                )
                 ok.append(f)
             except (ImageReadError, OSError, ValueError) as e:
                 failed += 1
                 rows.append({"path": f, "label": None, "error": str(e)})
         if prepared:
             for f, r in zip(ok, pred.predict_prepared(np.stack(prepared), a.batch_size)):
-                rows.append({"path": f, "label": r.label, **{f"p_{c}": v for c, v in
-                                                             r.probabilities.items()},
-                             "ood_flag": r.ood["flag"], "error": None})
+                rows.append(
+                    {
+                        "path": f,
+                        "label": r.label,
+                        **{f"p_{c}": v for c, v in r.probabilities.items()},
+                        "ood_flag": r.ood["flag"],
+                        "error": None,
+                    }
+                )
         if bar is not None:
             bar.update(len(chunk))
     if bar is not None:
@@ -269,42 +444,63 @@ def _cmd_predict(a) -> int:
         print(f"wrote {len(rows)} rows to {a.out} ({failed} unreadable)", file=sys.stderr)
     if a.json:
         for r in rows:
-            print(json.dumps({"path": r["path"], "model": pred.meta.name, "label": r["label"],
-                              "probabilities": {c: r.get(f"p_{c}") for c in pred.labels}
-                              if r["label"] else None,
-                              "threshold": pred.meta.threshold, "ood_flag": r.get("ood_flag"),
-                              "error": r["error"]}))
+            print(
+                json.dumps(
+                    {
+                        "path": r["path"],
+                        "model": pred.meta.name,
+                        "label": r["label"],
+                        "probabilities": {c: r.get(f"p_{c}") for c in pred.labels}
+                        if r["label"]
+                        else None,
+                        "threshold": pred.meta.threshold,
+                        "ood_flag": r.get("ood_flag"),
+                        "error": r["error"],
+                    }
+                )
+            )
     elif not a.out:
         for r in rows:
             if r["error"]:
                 print(f"{r['path']}\tERROR\t{r['error']}")
             else:
                 probs = "  ".join(f"{c}={r[f'p_{c}']:.4f}" for c in pred.labels)
-                warn = ("\tOUT-OF-DISTRIBUTION: unlike this model's training images; do not "
-                        "trust the label" if r.get("ood_flag") else "")
+                warn = (
+                    "\tOUT-OF-DISTRIBUTION: unlike this model's training images; do not "
+                    "trust the label"
+                    if r.get("ood_flag")
+                    else ""
+                )
                 print(f"{r['path']}\t{r['label']}\t{probs}{warn}")
     return 1 if failed and failed == len(rows) else 0
 
 
 def _add_explain(sub):
-    p = sub.add_parser("explain", help="Grad-CAM overlay for one image",
-                       description="Write a Grad-CAM heat map of the last backbone stage "
-                                   "(MONAI GradCAM with a run's torch weights; the ONNX graph's "
-                                   "identical closed-form map for inference-only models such "
-                                   "as the bundled ones) blended over the image.")
+    p = sub.add_parser(
+        "explain",
+        help="Grad-CAM overlay for one image",
+        description="Write a Grad-CAM heat map of the last backbone stage "
+        "(MONAI GradCAM with a run's torch weights; the ONNX graph's "
+        "identical closed-form map for inference-only models such "
+        "as the bundled ones) blended over the image.",
+    )
     p.add_argument("image", help="image file (PNG, JPEG, DICOM, ...)")
     p.add_argument("--model", required=True, help="run folder or bundled/installed model name")
     p.add_argument("--out", required=True, help="PNG file to write")
-    p.add_argument("--class", dest="class_name", default=None,
-                   help="multi-class: explain this class instead of the predicted one")
+    p.add_argument(
+        "--class",
+        dest="class_name",
+        default=None,
+        help="multi-class: explain this class instead of the predicted one",
+    )
 
 
 def _cmd_explain(a) -> int:
     from PIL import Image
 
-    from .imaging import read_image
-    from .modelfile import atomic_write_bytes
-    from .predict import Predictor, overlay_cam
+    from medlens.imaging import read_image
+    from medlens.modelfile import atomic_write_bytes
+    from medlens.predict import Predictor, overlay_cam
 
     pred = Predictor(a.model)
     pixels = read_image(a.image, target_size=pred.pre.image_size).pixels
@@ -316,27 +512,30 @@ def _cmd_explain(a) -> int:
     cam, _ = pred.explain(pixels, idx)
     over = overlay_cam(pixels, cam, size=max(pred.pre.image_size, 224))
     import io
+
     buf = io.BytesIO()
     Image.fromarray(over).save(buf, format="PNG")
     atomic_write_bytes(a.out, buf.getvalue())
     r = pred.predict_pixels([pixels])[0]
-    print(f"{a.image}\t{r.label}\t" + "  ".join(f"{c}={v:.4f}" for c, v in
-                                                 r.probabilities.items()))
+    print(f"{a.image}\t{r.label}\t" + "  ".join(f"{c}={v:.4f}" for c, v in r.probabilities.items()))
     print(f"wrote {a.out}")
     return 0
 
 
 def _add_compare(sub):
-    p = sub.add_parser("compare", help="compare runs side by side",
-                       description="Print a table and write plots comparing run folders "
-                                   "(their validation evaluation unless --split says otherwise).")
+    p = sub.add_parser(
+        "compare",
+        help="compare runs side by side",
+        description="Print a table and write plots comparing run folders "
+        "(their validation evaluation unless --split says otherwise).",
+    )
     p.add_argument("runs", nargs="+", help="run folders")
     p.add_argument("--split", default="val", help="which evaluation of each run: val or test")
     p.add_argument("--out", default="compare", help="folder for compare.html, compare.csv, plots")
 
 
 def _cmd_compare(a) -> int:
-    from .compare import compare_runs
+    from medlens.compare import compare_runs
 
     table, html = compare_runs(a.runs, a.out, split=a.split)
     print(table)
@@ -345,16 +544,24 @@ def _cmd_compare(a) -> int:
 
 
 def _add_models(sub):
-    p = sub.add_parser("models", help="list backbones and trained models",
-                       description="List the backbone registry (with parameter counts), the "
-                                   "bundled models and the models in --models folders.")
-    p.add_argument("--models", action="append", default=[], metavar="DIR",
-                   help="also list the model folders in DIR (as `medlens serve --models`)")
+    p = sub.add_parser(
+        "models",
+        help="list backbones and trained models",
+        description="List the backbone registry (with parameter counts), the "
+        "bundled models and the models in --models folders.",
+    )
+    p.add_argument(
+        "--models",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="also list the model folders in DIR (as `medlens serve --models`)",
+    )
 
 
 def _cmd_models(a) -> int:
-    from .models import count_parameters, create_model, list_models, model_info
-    from .predict import available_models, bundled_models_dir
+    from medlens.models import count_parameters, create_model, list_models, model_info
+    from medlens.predict import available_models, bundled_models_dir
 
     print("backbones (medlens train --model NAME):")
     for name in list_models():
@@ -368,52 +575,73 @@ def _cmd_models(a) -> int:
     for name, folder in found.items():
         meta = json.loads((folder / "model.json").read_text())
         where = "bundled" if folder.parent == bundled_models_dir() else str(folder)
-        print(f"  {name:<20} {meta.get('arch')}  labels: {', '.join(meta.get('labels', []))}"
-              f"  ({where})")
-    print("another disease (e.g. tuberculosis): `medlens train --data YOUR_FOLDER --out "
-          "runs/NAME`, `medlens export --model runs/NAME --bundle models/NAME --half`, then "
-          "`medlens serve --models models/` (README: Adding your own model)")
+        print(
+            f"  {name:<20} {meta.get('arch')}  labels: {', '.join(meta.get('labels', []))}"
+            f"  ({where})"
+        )
+    print(
+        "another disease (e.g. tuberculosis): `medlens train --data YOUR_FOLDER --out "
+        "runs/NAME`, `medlens export --model runs/NAME --bundle models/NAME --half`, then "
+        "`medlens serve --models models/` (README: Adding your own model)"
+    )
     return 0
 
 
 def _add_export(sub):
-    p = sub.add_parser("export", help="export a model to ONNX and write its model card",
-                       description="Write model.onnx (checked against the torch network on "
-                                   "random input), model_card.json and model_card.md into the "
-                                   "model folder. Card fields (intended_use, limitations, "
-                                   "modality, ...) are read from a `card` dict in model.json "
-                                   "(a recipe's `card:` section). With --bundle, write an "
-                                   "inference-only folder instead (model.json, model.onnx, "
-                                   "ood.npz, card; no model.pt), its metrics re-measured on the "
-                                   "shipped file: what `medlens serve --models` and the "
-                                   "bundled models use.")
+    p = sub.add_parser(
+        "export",
+        help="export a model to ONNX and write its model card",
+        description="Write model.onnx (checked against the torch network on "
+        "random input), model_card.json and model_card.md into the "
+        "model folder. Card fields (intended_use, limitations, "
+        "modality, ...) are read from a `card` dict in model.json "
+        "(a recipe's `card:` section). With --bundle, write an "
+        "inference-only folder instead (model.json, model.onnx, "
+        "ood.npz, card; no model.pt), its metrics re-measured on the "
+        "shipped file: what `medlens serve --models` and the "
+        "bundled models use.",
+    )
     p.add_argument("--model", required=True, help="run folder or bundled model name")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
-    p.add_argument("--bundle", default=None, metavar="DEST",
-                   help="write an inference-only model folder DEST (its name is the model's "
-                        "name in the app) instead of adding files to the run")
-    p.add_argument("--half", action="store_true",
-                   help="with --bundle: store weights as float16 (half the size; computation "
-                        "stays float32; metrics are re-measured after this step)")
+    p.add_argument(
+        "--bundle",
+        default=None,
+        metavar="DEST",
+        help="write an inference-only model folder DEST (its name is the model's "
+        "name in the app) instead of adding files to the run",
+    )
+    p.add_argument(
+        "--half",
+        action="store_true",
+        help="with --bundle: store weights as float16 (half the size; computation "
+        "stays float32; metrics are re-measured after this step)",
+    )
     p.add_argument("--overwrite", action="store_true", help="with --bundle: replace DEST")
-    p.add_argument("--card", default=None, metavar="YAML",
-                   help="with --bundle: take the model-card text from this file's `card:` "
-                        "section (a recipe), over what the run recorded")
-    p.add_argument("--refit-ood", action="store_true",
-                   help="with --bundle: first fit the run's out-of-distribution guard again from "
-                        "its training data and splits (config.yaml), for runs trained before "
-                        "the guard took its current form")
+    p.add_argument(
+        "--card",
+        default=None,
+        metavar="YAML",
+        help="with --bundle: take the model-card text from this file's `card:` "
+        "section (a recipe), over what the run recorded",
+    )
+    p.add_argument(
+        "--refit-ood",
+        action="store_true",
+        help="with --bundle: first fit the run's out-of-distribution guard again from "
+        "its training data and splits (config.yaml), for runs trained before "
+        "the guard took its current form",
+    )
 
 
 def _cmd_export(a) -> int:
-    from .export import OPSET, export_model
+    from medlens.export import OPSET, export_model
 
     if a.bundle:
-        from .bundle import make_bundle
+        from medlens.bundle import make_bundle
 
         if a.refit_ood:
-            from .predict import resolve_model
-            from .train import refit_ood_guard
+            from medlens.predict import resolve_model
+            from medlens.train import refit_ood_guard
 
             refit_ood_guard(resolve_model(a.model))
         card = None
@@ -424,96 +652,166 @@ def _cmd_export(a) -> int:
             if not isinstance(card, dict):
                 raise ValueError(f"--card {a.card}: no `card:` section in it")
         res = make_bundle(a.model, a.bundle, half=a.half, overwrite=a.overwrite, card=card)
-        print(f"wrote {res['folder']} (model.onnx {res['onnx_bytes'] / 1e6:.1f} MB; largest "
-              f"probability change against the run {res['max_prob_change']:.2e})")
+        print(
+            f"wrote {res['folder']} (model.onnx {res['onnx_bytes'] / 1e6:.1f} MB; largest "
+            f"probability change against the run {res['max_prob_change']:.2e})"
+        )
         return 0
     if a.half or a.overwrite or a.refit_ood or a.card:
         raise ValueError("--half, --overwrite, --card and --refit-ood go with --bundle DEST")
     res = export_model(a.model, opset=a.opset or OPSET)
-    print(f"wrote {res['onnx']} (max relative difference to torch "
-          f"{res['relative_error']:.1e}), {res['card_json']}, {res['card_md']}")
+    print(
+        f"wrote {res['onnx']} (max relative difference to torch "
+        f"{res['relative_error']:.1e}), {res['card_json']}, {res['card_md']}"
+    )
     return 0
 
 
 def _add_serve(sub):
-    p = sub.add_parser("serve", help="web app and REST API",
-                       description="Serve the diagnose page (/), the training dashboard "
-                                   "(/dashboard), the REST API (/api/v1) and its docs (/docs) "
-                                   "with uvicorn. Models: the bundled ones plus --models.")
+    p = sub.add_parser(
+        "serve",
+        help="web app and REST API",
+        description="Serve the diagnose page (/), the training dashboard "
+        "(/dashboard), the REST API (/api/v1) and its docs (/docs) "
+        "with uvicorn. Models: the bundled ones plus --models.",
+    )
     p.add_argument("--host", default="127.0.0.1", help="default %(default)s (this machine only)")
     p.add_argument("--port", type=int, default=8000, help="default %(default)s")
-    p.add_argument("--models", action="append", default=[], metavar="DIR",
-                   help="a model/run folder, or a folder of them (repeatable)")
-    p.add_argument("--no-bundled", action="store_true",
-                   help="serve only the --models folders, not the bundled models")
-    p.add_argument("--max-upload-mb", type=float, default=20,
-                   help="refuse uploads larger than this (413); default %(default)s")
-    p.add_argument("--log-level", default="info",
-                   choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument(
+        "--models",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a model/run folder, or a folder of them (repeatable)",
+    )
+    p.add_argument(
+        "--no-bundled",
+        action="store_true",
+        help="serve only the --models folders, not the bundled models",
+    )
+    p.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=20,
+        help="refuse uploads larger than this (413); default %(default)s",
+    )
+    p.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
 
 
 def _cmd_serve(a) -> int:
-    from .serve import serve
+    from medlens.serve import serve
 
-    serve(a.host, a.port, a.models, int(a.max_upload_mb * 1024 * 1024), a.log_level,
-          bundled=not a.no_bundled)
+    serve(
+        a.host,
+        a.port,
+        a.models,
+        int(a.max_upload_mb * 1024 * 1024),
+        a.log_level,
+        bundled=not a.no_bundled,
+    )
     return 0
 
 
 def _add_bench(sub):
     p = sub.add_parser(
-        "bench", help="benchmark inference, the web app under load and training speed",
+        "bench",
+        help="benchmark inference, the web app under load and training speed",
         description="Measure on this machine, in one run: network latency p50/p95 at batch 1 "
-                    "and throughput at batch 32 through eager torch, ONNX Runtime fp32 and "
-                    "(when the folder ships model.int8.onnx) int8; the web app under load "
-                    "(`medlens serve` on 127.0.0.1, N keep-alive connections posting one "
-                    "synthetic 1024x1024 JPEG: requests/s, p50/p95, errors); and, with "
-                    "--train-log, a finished run's training images/s and time to its best "
-                    "validation AUC. Writes bench-<time>.json/.csv and latest.json/.csv/.md "
-                    "into --out.")
-    p.add_argument("--model", default="pneumonia",
-                   help="run folder or bundled model name; default %(default)s")
+        "and throughput at batch 32 through eager torch, ONNX Runtime fp32 and "
+        "(when the folder ships model.int8.onnx) int8; the web app under load "
+        "(`medlens serve` on 127.0.0.1, N keep-alive connections posting one "
+        "synthetic 1024x1024 JPEG: requests/s, p50/p95, errors); and, with "
+        "--train-log, a finished run's training images/s and time to its best "
+        "validation AUC. Writes bench-<time>.json/.csv and latest.json/.csv/.md "
+        "into --out.",
+    )
+    p.add_argument(
+        "--model", default="pneumonia", help="run folder or bundled model name; default %(default)s"
+    )
     p.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
-    p.add_argument("--out", default="bench/results",
-                   help="folder for the result files; default %(default)s")
-    p.add_argument("--n", type=int, default=50,
-                   help="measured batch-1 runs per engine; default %(default)s")
-    p.add_argument("--duration", type=float, default=20.0,
-                   help="seconds of measured web-app load (after --warmup); default "
-                        "%(default)s")
-    p.add_argument("--warmup", type=float, default=3.0,
-                   help="seconds of unmeasured load first; default %(default)s")
-    p.add_argument("--concurrency", type=int, default=8,
-                   help="simultaneous connections of the load generator; default %(default)s")
-    p.add_argument("--image", default=None,
-                   help="upload this image file instead of the synthetic JPEG")
-    p.add_argument("--train-log", default=None, metavar="RUN",
-                   help="run folder whose training_metrics.csv and model.json give the "
-                        "training figures (nothing is retrained)")
-    p.add_argument("--target-auc", type=float, default=None,
-                   help="with --train-log: also report the epoch time to this validation AUC")
-    p.add_argument("--threads", type=int, default=None,
-                   help="intra-op threads of torch and ONNX Runtime for the inference figures "
-                        "(default: each library's own, every core)")
-    p.add_argument("--torch-model", default=None, metavar="RUN",
-                   help="time eager torch with this run's model.pt (for an inference-only "
-                        "--model such as a bundled one, which has no model.pt: the run it was "
-                        "exported from)")
+    p.add_argument(
+        "--out", default="bench/results", help="folder for the result files; default %(default)s"
+    )
+    p.add_argument(
+        "--n", type=int, default=50, help="measured batch-1 runs per engine; default %(default)s"
+    )
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=20.0,
+        help="seconds of measured web-app load (after --warmup); default %(default)s",
+    )
+    p.add_argument(
+        "--warmup",
+        type=float,
+        default=3.0,
+        help="seconds of unmeasured load first; default %(default)s",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=8,
+        help="simultaneous connections of the load generator; default %(default)s",
+    )
+    p.add_argument(
+        "--image", default=None, help="upload this image file instead of the synthetic JPEG"
+    )
+    p.add_argument(
+        "--train-log",
+        default=None,
+        metavar="RUN",
+        help="run folder whose training_metrics.csv and model.json give the "
+        "training figures (nothing is retrained)",
+    )
+    p.add_argument(
+        "--target-auc",
+        type=float,
+        default=None,
+        help="with --train-log: also report the epoch time to this validation AUC",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op threads of torch and ONNX Runtime for the inference figures "
+        "(default: each library's own, every core)",
+    )
+    p.add_argument(
+        "--torch-model",
+        default=None,
+        metavar="RUN",
+        help="time eager torch with this run's model.pt (for an inference-only "
+        "--model such as a bundled one, which has no model.pt: the run it was "
+        "exported from)",
+    )
     p.add_argument("--no-inference", action="store_true", help="skip the inference figures")
     p.add_argument("--no-serve", action="store_true", help="skip the web-app load test")
 
 
 def _cmd_bench(a) -> int:
-    from .bench import run_bench, summary_table, write_results
+    from medlens.bench import run_bench, summary_table, write_results
 
     if a.n < 1 or a.duration <= 0 or a.concurrency < 1 or a.warmup < 0 or (a.threads or 1) < 1:
-        raise ValueError("--n, --concurrency and --threads must be >= 1, --duration > 0, "
-                         "--warmup >= 0")
+        raise ValueError(
+            "--n, --concurrency and --threads must be >= 1, --duration > 0, --warmup >= 0"
+        )
     image = Path(a.image).read_bytes() if a.image else None
-    res = run_bench(a.model, n=a.n, duration=a.duration, concurrency=a.concurrency,
-                    warmup_s=a.warmup, train_log=a.train_log, target_auc=a.target_auc,
-                    inference=not a.no_inference, serve=not a.no_serve, image=image,
-                    threads=a.threads, torch_model=a.torch_model)
+    res = run_bench(
+        a.model,
+        n=a.n,
+        duration=a.duration,
+        concurrency=a.concurrency,
+        warmup_s=a.warmup,
+        train_log=a.train_log,
+        target_auc=a.target_auc,
+        inference=not a.no_inference,
+        serve=not a.no_serve,
+        image=image,
+        threads=a.threads,
+        torch_model=a.torch_model,
+    )
     paths = write_results(res, a.out)
     if a.json:
         print(json.dumps(res, indent=2, default=str))
@@ -523,17 +821,23 @@ def _cmd_bench(a) -> int:
     return 0
 
 
-COMMANDS = {"train": (_add_train, _cmd_train), "evaluate": (_add_evaluate, _cmd_evaluate),
-            "predict": (_add_predict, _cmd_predict), "explain": (_add_explain, _cmd_explain),
-            "compare": (_add_compare, _cmd_compare), "models": (_add_models, _cmd_models),
-            "export": (_add_export, _cmd_export), "serve": (_add_serve, _cmd_serve),
-            "bench": (_add_bench, _cmd_bench)}
+COMMANDS = {
+    "train": (_add_train, _cmd_train),
+    "evaluate": (_add_evaluate, _cmd_evaluate),
+    "predict": (_add_predict, _cmd_predict),
+    "explain": (_add_explain, _cmd_explain),
+    "compare": (_add_compare, _cmd_compare),
+    "models": (_add_models, _cmd_models),
+    "export": (_add_export, _cmd_export),
+    "serve": (_add_serve, _cmd_serve),
+    "bench": (_add_bench, _cmd_bench),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="medlens", description="Train, evaluate, explain and serve medical image "
-                                    "classifiers.")
+        prog="medlens", description="Train, evaluate, explain and serve medical image classifiers."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add, _ in COMMANDS.values():
         add(sub)
@@ -553,21 +857,29 @@ def main(argv: list[str] | None = None) -> int:
 
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-    from .data import DataError
-    from .export import ExportError
-    from .imaging import ImageReadError
-    from .modelfile import ModelLoadError
-    from .train import TrainError
+    from medlens.data import DataError
+    from medlens.export import ExportError
+    from medlens.imaging import ImageReadError
+    from medlens.modelfile import ModelLoadError
+    from medlens.train import TrainError
 
     try:
         return COMMANDS[args.command][1](args)
-    except (DataError, TrainError, ModelLoadError, ImageReadError, ValueError,
-            FileNotFoundError, ExportError) as e:
+    except (
+        DataError,
+        TrainError,
+        ModelLoadError,
+        ImageReadError,
+        ValueError,
+        FileNotFoundError,
+        ExportError,
+    ) as e:
         print(f"medlens {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("medlens: interrupted; a training run can be continued with --resume",
-              file=sys.stderr)
+        print(
+            "medlens: interrupted; a training run can be continued with --resume", file=sys.stderr
+        )
         return 130
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .evaluate import read_history
-from .modelfile import ModelLoadError
+from medlens.evaluate import read_history
+from medlens.modelfile import ModelLoadError
 
 
 def load_run_evaluation(run: str | Path, split: str = "val") -> dict:
@@ -17,8 +17,10 @@ def load_run_evaluation(run: str | Path, split: str = "val") -> dict:
     run = Path(run)
     mpath = run / "eval" / split / "metrics.json"
     if not mpath.exists():
-        raise ModelLoadError(f"{run} has no {split} evaluation ({mpath} is missing); is it a "
-                             "finished `medlens train` run? (--split val or test)")
+        raise ModelLoadError(
+            f"{run} has no {split} evaluation ({mpath} is missing); is it a "
+            "finished `medlens train` run? (--split val or test)"
+        )
     metrics = json.loads(mpath.read_text())
     labels = metrics.get("labels") or json.loads((run / "model.json").read_text())["labels"]
     y_true = probs = None
@@ -29,13 +31,19 @@ def load_run_evaluation(run: str | Path, split: str = "val") -> dict:
         if rows:
             y_true = np.array([labels.index(r["true"]) for r in rows])
             probs = np.array([[float(r[f"p_{c}"]) for c in labels] for r in rows])
-    return {"name": run.name, "metrics": metrics, "history": read_history(run),
-            "y_true": y_true, "probs": probs, "labels": labels}
+    return {
+        "name": run.name,
+        "metrics": metrics,
+        "history": read_history(run),
+        "y_true": y_true,
+        "probs": probs,
+        "labels": labels,
+    }
 
 
 def compare_runs(runs: list[str], out: str | Path, split: str = "val") -> tuple[str, Path]:
     """Table (text) and ``compare.html`` for several runs. Returns ``(table, html_path)``."""
-    from .report import comparison_table, write_comparison
+    from medlens.report import comparison_table, write_comparison
 
     loaded = [load_run_evaluation(r, split) for r in runs]
     names = [r["name"] for r in loaded]

@@ -26,14 +26,14 @@ import re
 import sys
 import warnings
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
-from . import imaging
+from medlens import imaging
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -63,7 +63,13 @@ KERMANY_PATIENT_REGEX = r"^(?P<patient>person\d+(?=_)|(?:NORMAL2-)?IM-\d+(?=-)|\
 
 SPLITS = ("train", "val", "test")
 # Folder names (lower-cased) accepted for each split.
-_SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "valid": "val", "test": "test"}
+_SPLIT_ALIASES = {
+    "train": "train",
+    "val": "val",
+    "validation": "val",
+    "valid": "val",
+    "test": "test",
+}
 _LAYOUT_HINT = "expected <root>/<class>/<image> or <root>/{train,val,test}/<class>/<image>"
 
 # Opened MedMNIST arrays, keyed by npz path then array name: np.load decompresses a whole
@@ -145,7 +151,9 @@ class Dataset:
         lines = [
             f"data: {self.root} (layout: {self.layout})",
             f"classes: {', '.join(self.classes)}",
-            "  " + "split".ljust(6) + "".join(f"{c:>{width + 2}}" for c in [*self.classes, "images"])
+            "  "
+            + "split".ljust(6)
+            + "".join(f"{c:>{width + 2}}" for c in [*self.classes, "images"])
             + "  patients",
         ]
         for split, samples in self.splits.items():
@@ -153,8 +161,11 @@ class Dataset:
             unknown = sum(s.patient is None for s in samples)
             cells = [*counts[split].values(), len(samples)]
             lines.append(
-                "  " + split.ljust(6) + "".join(f"{n:>{width + 2}}" for n in cells)
-                + f"  {len(known)}" + (f" (+{unknown} images without id)" if unknown else "")
+                "  "
+                + split.ljust(6)
+                + "".join(f"{n:>{width + 2}}" for n in cells)
+                + f"  {len(known)}"
+                + (f" (+{unknown} images without id)" if unknown else "")
             )
         lines += ["notes:"] + [f"  - {n}" for n in self.notes]
         return "\n".join(lines)
@@ -229,13 +240,17 @@ def _compile(regex: str | None) -> re.Pattern:
     try:
         return re.compile(KERMANY_PATIENT_REGEX if regex is None else regex)
     except re.error as e:
-        raise DataError(f"--patient-regex {regex!r} is not a valid regular expression ({e}); fix it") from None
+        raise DataError(
+            f"--patient-regex {regex!r} is not a valid regular expression ({e}); fix it"
+        ) from None
 
 
 # --------------------------------------------------------------------------- splitting
 
 
-def split_grouped(samples: Sequence[Sample], fraction: float, seed: int = 0) -> tuple[list[Sample], list[Sample]]:
+def split_grouped(
+    samples: Sequence[Sample], fraction: float, seed: int = 0
+) -> tuple[list[Sample], list[Sample]]:
     """Hold out about ``fraction`` of the samples, stratified by class, grouped by patient.
 
     Samples with a patient id go through scikit-learn's ``StratifiedGroupKFold`` with
@@ -257,7 +272,9 @@ def split_grouped(samples: Sequence[Sample], fraction: float, seed: int = 0) -> 
     samples = list(samples)
     labels = np.array([s.label for s in samples], dtype=int)
     known = np.array([i for i, s in enumerate(samples) if s.patient is not None], dtype=int)
-    held = set(_held_groups(known, labels[known], [samples[i].patient for i in known], fraction, seed))
+    held = set(
+        _held_groups(known, labels[known], [samples[i].patient for i in known], fraction, seed)
+    )
     rng = np.random.default_rng(seed)
     unknown = np.array([i for i, s in enumerate(samples) if s.patient is None], dtype=int)
     for c in np.unique(labels[unknown]):
@@ -269,12 +286,16 @@ def split_grouped(samples: Sequence[Sample], fraction: float, seed: int = 0) -> 
     )
 
 
-def _held_groups(index: np.ndarray, labels: np.ndarray, groups: list[str], fraction: float, seed: int) -> list[int]:
+def _held_groups(
+    index: np.ndarray, labels: np.ndarray, groups: list[str], fraction: float, seed: int
+) -> list[int]:
     """Entries of ``index`` in the StratifiedGroupKFold fold closest to ``fraction``."""
     from sklearn.model_selection import StratifiedGroupKFold  # slow import; only splits need it
 
     # StratifiedGroupKFold needs n_splits <= number of groups and <= the largest class.
-    n_splits = min(max(2, round(1 / fraction)), len(set(groups)), int(np.bincount(labels).max(initial=0)))
+    n_splits = min(
+        max(2, round(1 / fraction)), len(set(groups)), int(np.bincount(labels).max(initial=0))
+    )
     if n_splits < 2:
         return []  # one patient cannot be split; holding nothing out beats leaking
     cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
@@ -308,7 +329,9 @@ def _split_all(samples, val_fraction, test_fraction, seed, notes) -> dict[str, l
     """
     splits = {"train": list(samples)}
     if test_fraction > 0:
-        splits["train"], splits["test"] = _carve(splits["train"], test_fraction, seed, "test", "all images", notes)
+        splits["train"], splits["test"] = _carve(
+            splits["train"], test_fraction, seed, "test", "all images", notes
+        )
     if val_fraction > 0:
         splits["train"], splits["val"] = _carve(
             splits["train"], val_fraction / (1 - test_fraction), seed, "val", "the rest", notes
@@ -319,18 +342,26 @@ def _split_all(samples, val_fraction, test_fraction, seed, notes) -> dict[str, l
 def _use_given_splits(splits, val_fraction, seed, min_val, notes, where) -> dict[str, list[Sample]]:
     """Keep given splits; carve val from train when it is missing or smaller than min_val."""
     if "train" not in splits:
-        raise DataError(f"no train split in {where}; add a train folder (or split=train rows) to train a model")
+        raise DataError(
+            f"no train split in {where}; add a train folder (or split=train rows) to train a model"
+        )
     splits = {k: list(v) for k, v in splits.items()}
-    notes.append("given splits kept: " + ", ".join(f"{k} ({len(v)} images)" for k, v in splits.items()))
+    notes.append(
+        "given splits kept: " + ", ".join(f"{k} ({len(v)} images)" for k, v in splits.items())
+    )
     val = splits.pop("val", [])
     if val and len(val) >= min_val:
         splits["val"] = val
     else:
         if val:
-            notes.append(f"given val had only {len(val)} images (< min_val={min_val}): merged into train")
+            notes.append(
+                f"given val had only {len(val)} images (< min_val={min_val}): merged into train"
+            )
             splits["train"] += val
         if val_fraction > 0:
-            splits["train"], splits["val"] = _carve(splits["train"], val_fraction, seed, "val", "train", notes)
+            splits["train"], splits["val"] = _carve(
+                splits["train"], val_fraction, seed, "val", "train", notes
+            )
     _note_overlap(splits, notes)
     return {k: splits[k] for k in SPLITS if k in splits}
 
@@ -392,7 +423,9 @@ def load_dataset(
         if not 0 <= f < 1:
             raise DataError(f"{name} must be in [0, 1), got {f}")
     if val_fraction + test_fraction >= 1:
-        raise DataError(f"val_fraction + test_fraction must be below 1, got {val_fraction} + {test_fraction}")
+        raise DataError(
+            f"val_fraction + test_fraction must be below 1, got {val_fraction} + {test_fraction}"
+        )
     _compile(patient_regex)  # fail early, before scanning thousands of files
 
     path = Path(data).expanduser().absolute()
@@ -406,7 +439,9 @@ def load_dataset(
     elif path.is_dir():
         (layout, found), from_column = _scan_folder(path, patient_regex, notes), False
     else:
-        raise DataError(f"{path} is neither a folder, a .csv manifest nor a .npz file; {_LAYOUT_HINT}")
+        raise DataError(
+            f"{path} is neither a folder, a .csv manifest nor a .npz file; {_LAYOUT_HINT}"
+        )
 
     # found: split name ("" = unsplit) -> [(source, class name, patient)]
     names = {c for rows in found.values() for _, c, _ in rows}
@@ -414,8 +449,13 @@ def load_dataset(
     index = {c: i for i, c in enumerate(class_list)}
     given = {k: [Sample(src, index[c], p) for src, c, p in rows] for k, rows in found.items()}
     every = [s for rows in given.values() for s in rows]
-    where = "the patient_id column" if from_column else (
-        "file names, regex " + (repr(patient_regex) if patient_regex else "KERMANY_PATIENT_REGEX (default)")
+    where = (
+        "the patient_id column"
+        if from_column
+        else (
+            "file names, regex "
+            + (repr(patient_regex) if patient_regex else "KERMANY_PATIENT_REGEX (default)")
+        )
     )
     notes.insert(0, f"layout: {layout}; {len(every)} images, {len(class_list)} classes")
     unknown = sum(s.patient is None for s in every)
@@ -426,7 +466,11 @@ def load_dataset(
 
     if mode == "all":
         if set(given) - {""}:
-            notes.append("mode=all: merged " + ", ".join(k for k in SPLITS if k in given) + " into one 'all' split")
+            notes.append(
+                "mode=all: merged "
+                + ", ".join(k for k in SPLITS if k in given)
+                + " into one 'all' split"
+            )
         splits = {"all": sorted(every, key=lambda s: s.source)}
     elif "" in given:
         splits = _split_all(given[""], val_fraction, test_fraction, seed, notes)
@@ -466,7 +510,9 @@ def _nested_hint(where: Path, name: str) -> str:
     return ""
 
 
-def _scan_folder(root: Path, regex, notes) -> tuple[str, dict[str, list[tuple[str, str, str | None]]]]:
+def _scan_folder(
+    root: Path, regex, notes
+) -> tuple[str, dict[str, list[tuple[str, str, str | None]]]]:
     """Detect class_folders vs split_folders and list (path, class, patient) per split."""
     dirs = _subdirs(root)
     split_dirs = [d for d in dirs if d.name.lower() in _SPLIT_ALIASES]
@@ -489,9 +535,15 @@ def _scan_folder(root: Path, regex, notes) -> tuple[str, dict[str, list[tuple[st
 
 def _scan_classes(folder: Path, regex, notes) -> list[tuple[str, str, str | None]]:
     class_dirs = _subdirs(folder)
-    loose = [f for f in folder.iterdir() if f.is_file() and not _hidden(f.name) and _is_image(f.name)]
+    loose = [
+        f for f in folder.iterdir() if f.is_file() and not _hidden(f.name) and _is_image(f.name)
+    ]
     if not class_dirs:
-        what = f"{len(loose)} images directly in {folder} but no class folders" if loose else f"no images found under {folder}"
+        what = (
+            f"{len(loose)} images directly in {folder} but no class folders"
+            if loose
+            else f"no images found under {folder}"
+        )
         raise DataError(f"{what}; {_LAYOUT_HINT}")
     if loose:
         notes.append(f"ignored {len(loose)} images directly in {folder} (not in a class folder)")
@@ -526,7 +578,9 @@ def _read_manifest(path: Path, regex) -> tuple[dict[str, list[tuple[str, str, st
             if not file and not label:
                 continue  # blank line
             if not file or not label:
-                raise DataError(f"manifest {path} line {line}: empty {'path' if not file else 'label'}; fill it in")
+                raise DataError(
+                    f"manifest {path} line {line}: empty {'path' if not file else 'label'}; fill it in"
+                )
             split = ""
             if has_split:
                 split = _SPLIT_ALIASES.get((row["split"] or "").strip().lower(), "")
@@ -538,7 +592,11 @@ def _read_manifest(path: Path, regex) -> tuple[dict[str, list[tuple[str, str, st
             if not full.is_file():
                 missing.append(f"line {line}: {file}")
                 continue
-            pid = ((row["patient_id"] or "").strip() or None) if has_patient else patient_id(file, regex)
+            pid = (
+                ((row["patient_id"] or "").strip() or None)
+                if has_patient
+                else patient_id(file, regex)
+            )
             found.setdefault(split, []).append((str(full), label, pid))
     if missing:
         more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
@@ -578,7 +636,9 @@ def _load_npz(path: Path, mode: str, classes, notes) -> Dataset:
         if y.ndim == 2 and y.shape[1] == 1:
             y = y[:, 0]
         if y.ndim != 1:
-            raise DataError(f"npz {path}: {s}_labels has shape {y.shape}; expected (N,) or (N, 1) class indices")
+            raise DataError(
+                f"npz {path}: {s}_labels has shape {y.shape}; expected (N,) or (N, 1) class indices"
+            )
         if images.ndim not in (3, 4) or len(images) != len(y):
             raise DataError(
                 f"npz {path}: {s}_images has shape {images.shape} but {s}_labels has {len(y)} labels; "
@@ -591,18 +651,29 @@ def _load_npz(path: Path, mode: str, classes, notes) -> Dataset:
     if classes is None:
         class_list = [str(i) for i in range(top + 1)]
         if len(class_list) < 2:
-            raise DataError(f"only one class (0) found in {path}; a classifier needs at least two classes")
+            raise DataError(
+                f"only one class (0) found in {path}; a classifier needs at least two classes"
+            )
     else:
         class_list = [str(c) for c in classes]
         if top >= len(class_list):
-            raise DataError(f"npz {path} has label {top} but only {len(class_list)} classes were given: {', '.join(class_list)}")
+            raise DataError(
+                f"npz {path} has label {top} but only {len(class_list)} classes were given: {', '.join(class_list)}"
+            )
     out = {
-        ("all" if mode == "all" else s): [Sample(f"npz:{path}#{s}/{i}", int(c), None) for i, c in enumerate(y)]
+        ("all" if mode == "all" else s): [
+            Sample(f"npz:{path}#{s}/{i}", int(c), None) for i, c in enumerate(y)
+        ]
         for s, y in labels.items()
     }
-    notes.append("layout: npz (MedMNIST); official splits " + ", ".join(f"{s} {len(y)}" for s, y in labels.items()))
+    notes.append(
+        "layout: npz (MedMNIST); official splits "
+        + ", ".join(f"{s} {len(y)}" for s, y in labels.items())
+    )
     if mode == "all":
-        notes.append("mode=all: the npz's official test split only (its train/val trained the model)")
+        notes.append(
+            "mode=all: the npz's official test split only (its train/val trained the model)"
+        )
     notes.append("no patient ids in the npz; splits are the official MedMNIST ones")
     return Dataset(str(path), "npz", class_list, out, notes)
 
@@ -633,8 +704,16 @@ def find_bad_images(samples: Iterable[Sample], *, progress: bool = False) -> lis
     samples = list(samples)
     # Decoders release the GIL, so threads give a real speed-up on large folders.
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        reasons = list(tqdm(pool.map(_try_load, samples), total=len(samples), disable=not progress,
-                            desc="checking images", unit="img", file=sys.stderr))
+        reasons = list(
+            tqdm(
+                pool.map(_try_load, samples),
+                total=len(samples),
+                disable=not progress,
+                desc="checking images",
+                unit="img",
+                file=sys.stderr,
+            )
+        )
     return [(s.source, r) for s, r in zip(samples, reasons) if r is not None]
 
 
@@ -656,7 +735,9 @@ def check_images(dataset: Dataset, *, skip_bad: bool, progress: bool = False) ->
     everything = [s for samples in dataset.splits.values() for s in samples]
     bad = dict(find_bad_images(everything, progress=progress))
     if not bad:
-        return replace(dataset, notes=[*dataset.notes, f"decoded all {len(everything)} images: all readable"])
+        return replace(
+            dataset, notes=[*dataset.notes, f"decoded all {len(everything)} images: all readable"]
+        )
     if not skip_bad:
         raise DataError(
             f"{len(bad)} unreadable images; fix or remove them, or pass --skip-bad-images\n"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .modelfile import ModelMeta, write_csv, write_json
+from medlens.modelfile import ModelMeta, write_csv, write_json
 
 __all__ = ["evaluate", "write_evaluation", "read_history"]
 
@@ -31,42 +31,79 @@ def read_history(folder: str | Path) -> list[dict] | None:
 
 
 def _model_info(meta: ModelMeta) -> dict:
-    return {"model": meta.name, "architecture": meta.arch,
-            "version": (meta.extra.get("weights_sha256") or "")[:12] or None,
-            "labels": ", ".join(meta.labels), "temperature": round(meta.temperature, 4),
-            "threshold": meta.threshold, "threshold_method": meta.threshold_method,
-            "image_size": meta.preprocess.image_size}
+    return {
+        "model": meta.name,
+        "architecture": meta.arch,
+        "version": (meta.extra.get("weights_sha256") or "")[:12] or None,
+        "labels": ", ".join(meta.labels),
+        "temperature": round(meta.temperature, 4),
+        "threshold": meta.threshold,
+        "threshold_method": meta.threshold_method,
+        "image_size": meta.preprocess.image_size,
+    }
 
 
-def write_evaluation(out_dir: str | Path, meta: ModelMeta, y_true: np.ndarray, probs: np.ndarray,
-                     *, history=None, title: str = "MedLens evaluation",
-                     sources: list[str] | None = None) -> dict:
+def write_evaluation(
+    out_dir: str | Path,
+    meta: ModelMeta,
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    *,
+    history=None,
+    title: str = "MedLens evaluation",
+    sources: list[str] | None = None,
+) -> dict:
     """Metrics at the stored threshold (and 0.5), ``metrics.json``, ``report.html``."""
-    from .metrics import compute_metrics, predict_labels
-    from .report import write_report
+    from medlens.metrics import compute_metrics, predict_labels
+    from medlens.report import write_report
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = compute_metrics(y_true, probs, meta.labels, meta.threshold)
     write_json(out_dir / "metrics.json", metrics)
-    write_report(out_dir, metrics, y_true, probs, meta.labels, threshold=meta.threshold,
-                 history=history, title=title, model_info=_model_info(meta))
+    write_report(
+        out_dir,
+        metrics,
+        y_true,
+        probs,
+        meta.labels,
+        threshold=meta.threshold,
+        history=history,
+        title=title,
+        model_info=_model_info(meta),
+    )
     if sources is not None:
         pred = predict_labels(probs, meta.threshold)
-        rows = [{"path": s, "true": meta.labels[t], "pred": meta.labels[p],
-                 **{f"p_{c}": round(float(v), 6) for c, v in zip(meta.labels, pr)}}
-                for s, t, p, pr in zip(sources, y_true, pred, probs)]
-        write_csv(out_dir / "predictions.csv", rows,
-                  ["path", "true", "pred"] + [f"p_{c}" for c in meta.labels])
+        rows = [
+            {
+                "path": s,
+                "true": meta.labels[t],
+                "pred": meta.labels[p],
+                **{f"p_{c}": round(float(v), 6) for c, v in zip(meta.labels, pr)},
+            }
+            for s, t, p, pr in zip(sources, y_true, pred, probs)
+        ]
+        write_csv(
+            out_dir / "predictions.csv",
+            rows,
+            ["path", "true", "pred"] + [f"p_{c}" for c in meta.labels],
+        )
     return metrics
 
 
-def evaluate(model_ref: str, data: str, out: str, *, skip_bad_images: bool = False,
-             progress: bool = True, log=print) -> dict:
+def evaluate(
+    model_ref: str,
+    data: str,
+    out: str,
+    *,
+    skip_bad_images: bool = False,
+    progress: bool = True,
+    log=print,
+) -> dict:
     """``medlens evaluate``: every image under ``data`` is evaluated; nothing is split off."""
-    from .cache import prepare_samples
-    from .data import DataError, load_dataset
-    from .predict import Predictor
+    from medlens.cache import prepare_samples
+    from medlens.data import DataError, load_dataset
+    from medlens.predict import Predictor
 
     predictor = Predictor(model_ref)
     meta = predictor.meta
@@ -75,15 +112,23 @@ def evaluate(model_ref: str, data: str, out: str, *, skip_bad_images: bool = Fal
     res = prepare_samples(samples, meta.preprocess, progress=progress, desc="decode")
     if res.errors and not skip_bad_images:
         lines = "\n".join(f"  {s}: {why}" for s, why in res.errors)
-        raise DataError(f"{len(res.errors)} unreadable image(s); fix or remove them, or pass "
-                        f"--skip-bad-images:\n{lines}")
+        raise DataError(
+            f"{len(res.errors)} unreadable image(s); fix or remove them, or pass "
+            f"--skip-bad-images:\n{lines}"
+        )
     kept = [samples[i] for i in res.keep]
     y = np.array([s.label for s in kept])
     probs = predictor.probs_prepared(res.pixels)
     history = read_history(predictor.folder) if predictor.folder else None
-    metrics = write_evaluation(out, meta, y, probs, history=history,
-                               title=f"{meta.name}: evaluation on {data}",
-                               sources=[s.source for s in kept])
+    metrics = write_evaluation(
+        out,
+        meta,
+        y,
+        probs,
+        history=history,
+        title=f"{meta.name}: evaluation on {data}",
+        sources=[s.source for s in kept],
+    )
     if res.errors:
         log(f"skipped {len(res.errors)} unreadable image(s)")
     return metrics

@@ -32,13 +32,31 @@ import numpy as np
 import torch
 from torch import nn
 
-from .modelfile import (MODEL_WEIGHTS, ModelLoadError, ModelMeta, atomic_write_bytes,
-                        atomic_write_text, load_network, sha256_file, write_json)
+from medlens.modelfile import (
+    MODEL_WEIGHTS,
+    ModelLoadError,
+    ModelMeta,
+    atomic_write_bytes,
+    atomic_write_text,
+    load_network,
+    sha256_file,
+    write_json,
+)
 
-__all__ = ["ONNX_FILE", "OPSET", "ExportError", "onnx_bytes", "check_onnx", "ort_session",
-           "halve_weights",
-           "model_card", "model_card_markdown", "export_model", "model_version",
-           "weights_sha256"]
+__all__ = [
+    "ONNX_FILE",
+    "OPSET",
+    "ExportError",
+    "onnx_bytes",
+    "check_onnx",
+    "ort_session",
+    "halve_weights",
+    "model_card",
+    "model_card_markdown",
+    "export_model",
+    "model_version",
+    "weights_sha256",
+]
 
 ONNX_FILE = "model.onnx"
 CARD_JSON = "model_card.json"
@@ -46,10 +64,22 @@ CARD_MD = "model_card.md"
 OPSET = 17  # supported by the TorchScript exporter and by onnxruntime 1.31
 INPUT, OUTPUTS = "input", ("logits", "features", "cam", "stats")
 # Fields a model.json may carry under "card" (all optional; empty placeholders otherwise).
-CARD_FIELDS = ("title", "modality", "intended_use", "out_of_scope_use", "limitations",
-               "ethical_considerations", "caveats", "contact", "license", "citation")
-DISCLAIMER = ("Research software: not a medical device. Predictions must not be used for "
-              "diagnosis without clinical validation on the population the model would serve.")
+CARD_FIELDS = (
+    "title",
+    "modality",
+    "intended_use",
+    "out_of_scope_use",
+    "limitations",
+    "ethical_considerations",
+    "caveats",
+    "contact",
+    "license",
+    "citation",
+)
+DISCLAIMER = (
+    "Research software: not a medical device. Predictions must not be used for "
+    "diagnosis without clinical validation on the population the model would serve."
+)
 
 
 class ExportError(RuntimeError):
@@ -76,13 +106,16 @@ class _InferenceGraph(nn.Module):
         with torch.no_grad():
             eye = torch.eye(net.num_features)
             zero = torch.zeros(1, net.num_features)
-            jac = (head.classify(eye) - head.classify(zero)).T       # (outputs, F)
+            jac = (head.classify(eye) - head.classify(zero)).T  # (outputs, F)
             # The head must be affine for the closed form to be Grad-CAM.
             probe = torch.randn(3, net.num_features, generator=torch.Generator().manual_seed(0))
-            if not torch.allclose(head.classify(probe), probe @ jac.T + head.classify(zero),
-                                  rtol=1e-4, atol=1e-4):
-                raise ExportError("the classifier head is not affine in its features; the "
-                                  "closed-form Grad-CAM output cannot be exported")
+            if not torch.allclose(
+                head.classify(probe), probe @ jac.T + head.classify(zero), rtol=1e-4, atol=1e-4
+            ):
+                raise ExportError(
+                    "the classifier head is not affine in its features; the "
+                    "closed-form Grad-CAM output cannot be exported"
+                )
         self.register_buffer("cam_weights", jac[:, :, None, None].clone())
 
     def forward(self, x):
@@ -108,18 +141,27 @@ def onnx_bytes(net, meta: ModelMeta, opset: int = OPSET) -> bytes:
     buf = io.BytesIO()
     with warnings.catch_warnings():  # "legacy exporter" deprecation notices on every export
         warnings.simplefilter("ignore")
-        torch.onnx.export(_InferenceGraph(net).eval(), (dummy,), buf, dynamo=False,
-                          opset_version=opset, input_names=[INPUT], output_names=list(OUTPUTS),
-                          dynamic_axes={n: {0: "batch"} for n in (INPUT, *OUTPUTS)},
-                          do_constant_folding=True)
+        torch.onnx.export(
+            _InferenceGraph(net).eval(),
+            (dummy,),
+            buf,
+            dynamo=False,
+            opset_version=opset,
+            input_names=[INPUT],
+            output_names=list(OUTPUTS),
+            dynamic_axes={n: {0: "batch"} for n in (INPUT, *OUTPUTS)},
+            do_constant_folding=True,
+        )
     model = onnx.load_from_string(buf.getvalue())
     # Provenance inside the graph: a stale model.onnx (exported before retraining) is
     # detected by comparing this hash with model.json's at load time.
-    props = {"medlens.weights_sha256": meta.extra.get("weights_sha256") or "",
-             "medlens.labels": json.dumps(meta.labels),
-             "medlens.preprocess": json.dumps(meta.preprocess.to_dict()),
-             "medlens.temperature": repr(meta.temperature),
-             "medlens.threshold": json.dumps(meta.threshold)}
+    props = {
+        "medlens.weights_sha256": meta.extra.get("weights_sha256") or "",
+        "medlens.labels": json.dumps(meta.labels),
+        "medlens.preprocess": json.dumps(meta.preprocess.to_dict()),
+        "medlens.temperature": repr(meta.temperature),
+        "medlens.threshold": json.dumps(meta.threshold),
+    }
     for k, v in props.items():
         model.metadata_props.add(key=k, value=v)
     model.producer_name = "medlens"
@@ -148,8 +190,11 @@ def halve_weights(model: bytes, min_elements: int = 256) -> bytes:
             continue
         name = init.name
         init.CopyFrom(numpy_helper.from_array(arr.astype(np.float16), name=f"{name}.fp16"))
-        casts.append(helper.make_node("Cast", [f"{name}.fp16"], [name], to=TensorProto.FLOAT,
-                                      name=f"{name}.to_fp32"))
+        casts.append(
+            helper.make_node(
+                "Cast", [f"{name}.fp16"], [name], to=TensorProto.FLOAT, name=f"{name}.to_fp32"
+            )
+        )
     nodes = casts + list(m.graph.node)
     del m.graph.node[:]
     m.graph.node.extend(nodes)
@@ -183,8 +228,9 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-def check_onnx(net, model: bytes, meta: ModelMeta, batch: int = 2, rtol: float = 1e-4,
-               seed: int = 0) -> float:
+def check_onnx(
+    net, model: bytes, meta: ModelMeta, batch: int = 2, rtol: float = 1e-4, seed: int = 0
+) -> float:
     """Compare ONNX Runtime's logits with the torch network's on random normal input.
 
     Returns:
@@ -194,17 +240,24 @@ def check_onnx(net, model: bytes, meta: ModelMeta, batch: int = 2, rtol: float =
         ExportError: the relative error exceeds ``rtol``.
     """
     pre = meta.preprocess
-    x = torch.randn(batch, pre.channels, pre.image_size, pre.image_size,
-                    generator=torch.Generator().manual_seed(seed))
+    x = torch.randn(
+        batch,
+        pre.channels,
+        pre.image_size,
+        pre.image_size,
+        generator=torch.Generator().manual_seed(seed),
+    )
     net = net.float().to(memory_format=torch.contiguous_format).eval()
     with torch.no_grad():
         ref = net(x).numpy()
     got = ort_session(model).run([OUTPUTS[0]], {INPUT: x.numpy()})[0]
     err = float(np.abs(got - ref).max() / max(float(np.abs(ref).max()), 1e-12))
     if not err <= rtol:
-        raise ExportError(f"the ONNX graph's logits differ from torch's by {err:.2e} (relative; "
-                          f"allowed {rtol:.0e}); the network uses an operation the exporter "
-                          "does not translate faithfully")
+        raise ExportError(
+            f"the ONNX graph's logits differ from torch's by {err:.2e} (relative; "
+            f"allowed {rtol:.0e}); the network uses an operation the exporter "
+            "does not translate faithfully"
+        )
     return err
 
 
@@ -221,14 +274,15 @@ def model_version(meta: ModelMeta, folder: str | Path | None = None) -> str:
     return (weights_sha256(meta, folder) or "unknown")[:12]
 
 
-def model_card(meta: ModelMeta, folder: str | Path | None = None,
-               onnx_sha256: str | None = None) -> dict:
+def model_card(
+    meta: ModelMeta, folder: str | Path | None = None, onnx_sha256: str | None = None
+) -> dict:
     """The model card of a model as a dict (what ``model_card.json`` holds).
 
     Card fields (intended use, limitations, ...) come from a ``card`` dict in ``model.json``;
     missing ones are empty strings to fill in.
     """
-    from . import __version__
+    from medlens import __version__
 
     given = dict(meta.extra.get("card") or {})
     card = {k: given.pop(k, "") for k in CARD_FIELDS}
@@ -241,24 +295,35 @@ def model_card(meta: ModelMeta, folder: str | Path | None = None,
         "task": "binary" if meta.binary else "multiclass",
         "labels": list(meta.labels),
         "architecture": meta.arch,
-        "input": {"modality": card["modality"] or None, "size": meta.preprocess.image_size,
-                  "channels": meta.preprocess.channels},
+        "input": {
+            "modality": card["modality"] or None,
+            "size": meta.preprocess.image_size,
+            "channels": meta.preprocess.channels,
+        },
         "preprocessing": meta.preprocess.to_dict(),
-        "calibration": {"method": "temperature scaling (Guo et al. 2017), fitted on validation",
-                        "temperature": meta.temperature},
-        "decision": ({"threshold": meta.threshold, "method": meta.threshold_method,
-                      "rule": f"predict {meta.labels[1]!r} when its probability >= threshold"}
-                     if meta.binary else {"threshold": None, "method": None,
-                                          "rule": "predict the most probable class"}),
+        "calibration": {
+            "method": "temperature scaling (Guo et al. 2017), fitted on validation",
+            "temperature": meta.temperature,
+        },
+        "decision": (
+            {
+                "threshold": meta.threshold,
+                "method": meta.threshold_method,
+                "rule": f"predict {meta.labels[1]!r} when its probability >= threshold",
+            }
+            if meta.binary
+            else {"threshold": None, "method": None, "rule": "predict the most probable class"}
+        ),
         "metrics": meta.extra.get("metrics") or {},
         "training": meta.extra.get("training") or {},
         **{k: card[k] for k in CARD_FIELDS if k not in ("title", "modality")},
         "disclaimer": DISCLAIMER,
         "ood": meta.extra.get("ood"),
         "export": meta.extra.get("export"),
-        "files": {ONNX_FILE: {"sha256": onnx_sha256} if onnx_sha256 else None,
-                  **({MODEL_WEIGHTS: {"sha256": weights}} if not _inference_only(folder)
-                     else {})},
+        "files": {
+            ONNX_FILE: {"sha256": onnx_sha256} if onnx_sha256 else None,
+            **({MODEL_WEIGHTS: {"sha256": weights}} if not _inference_only(folder) else {}),
+        },
         "medlens_version": __version__,
     }
     for k, v in given.items():  # further fields the author put in the card; ours win
@@ -277,39 +342,67 @@ def _fmt(v, digits: int = 3) -> str:
 
 def model_card_markdown(card: dict) -> str:
     """Render :func:`model_card` as Markdown."""
-    lines = [f"# Model card: {card['title']}", "", f"> {card['disclaimer']}", "",
-             "| | |", "|---|---|",
-             f"| name | `{card['name']}` |", f"| version | `{card['version']}` |",
-             f"| task | {card['task']}: {', '.join(card['labels'])} |",
-             f"| architecture | {card['architecture']} |",
-             f"| input | {card['input']['modality'] or 'modality not stated'}, "
-             f"{card['input']['size']} px, {card['input']['channels']} channel(s) |",
-             f"| preprocessing | resize `{card['preprocessing']['resize']}`, mean "
-             f"{card['preprocessing']['mean']}, std {card['preprocessing']['std']} |",
-             f"| calibration | temperature {_fmt(card['calibration']['temperature'], 4)} |",
-             f"| decision | {card['decision']['rule']}"
-             + (f" (threshold {_fmt(card['decision']['threshold'], 4)}, "
-                f"{card['decision']['method']})" if card['decision']['threshold'] is not None
-                else "") + " |", ""]
-    for key, title in (("intended_use", "Intended use"), ("out_of_scope_use", "Out-of-scope use"),
-                       ("limitations", "Limitations"),
-                       ("ethical_considerations", "Ethical considerations"),
-                       ("caveats", "Caveats")):
+    lines = [
+        f"# Model card: {card['title']}",
+        "",
+        f"> {card['disclaimer']}",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| name | `{card['name']}` |",
+        f"| version | `{card['version']}` |",
+        f"| task | {card['task']}: {', '.join(card['labels'])} |",
+        f"| architecture | {card['architecture']} |",
+        f"| input | {card['input']['modality'] or 'modality not stated'}, "
+        f"{card['input']['size']} px, {card['input']['channels']} channel(s) |",
+        f"| preprocessing | resize `{card['preprocessing']['resize']}`, mean "
+        f"{card['preprocessing']['mean']}, std {card['preprocessing']['std']} |",
+        f"| calibration | temperature {_fmt(card['calibration']['temperature'], 4)} |",
+        f"| decision | {card['decision']['rule']}"
+        + (
+            f" (threshold {_fmt(card['decision']['threshold'], 4)}, {card['decision']['method']})"
+            if card["decision"]["threshold"] is not None
+            else ""
+        )
+        + " |",
+        "",
+    ]
+    for key, title in (
+        ("intended_use", "Intended use"),
+        ("out_of_scope_use", "Out-of-scope use"),
+        ("limitations", "Limitations"),
+        ("ethical_considerations", "Ethical considerations"),
+        ("caveats", "Caveats"),
+    ):
         lines += [f"## {title}", "", card.get(key) or "_Not stated yet._", ""]
     lines += ["## Evaluation (95% bootstrap intervals)", ""]
     metrics = card.get("metrics") or {}
     if not metrics:
         lines += ["_No evaluation recorded in model.json._", ""]
     for split, m in metrics.items():
-        lines += [f"### {split} split (n = {m.get('n')})", "", "| metric | value | 95% CI |",
-                  "|---|---|---|"]
+        lines += [
+            f"### {split} split (n = {m.get('n')})",
+            "",
+            "| metric | value | 95% CI |",
+            "|---|---|---|",
+        ]
         ci = m.get("ci") or {}
-        for k in ("accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity",
-                  "precision", "f1", "ece", "brier"):
+        for k in (
+            "accuracy",
+            "balanced_accuracy",
+            "auc",
+            "sensitivity",
+            "specificity",
+            "precision",
+            "f1",
+            "ece",
+            "brier",
+        ):
             if k in m:
                 lo_hi = ci.get(k)
-                interval = (f"{_fmt(lo_hi[0])} – {_fmt(lo_hi[1])}" if lo_hi and None not in lo_hi
-                            else "")
+                interval = (
+                    f"{_fmt(lo_hi[0])} – {_fmt(lo_hi[1])}" if lo_hi and None not in lo_hi else ""
+                )
                 lines.append(f"| {k} | {_fmt(m[k])} | {interval} |")
         lines.append("")
     training = card.get("training") or {}
@@ -319,34 +412,48 @@ def model_card_markdown(card: dict) -> str:
         if training.get("command"):
             lines.append(f"- command: `{training['command']}`")
         if training.get("wall_seconds") is not None:
-            lines.append(f"- wall time: {training['wall_seconds']:.0f} s, seed "
-                         f"{training.get('seed')}, precision {training.get('precision')}")
+            lines.append(
+                f"- wall time: {training['wall_seconds']:.0f} s, seed "
+                f"{training.get('seed')}, precision {training.get('precision')}"
+            )
         for split, counts in (training.get("split_counts") or {}).items():
             lines.append(f"- {split}: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
         lines += [f"- note: {n}" for n in training.get("notes") or []]
     else:
         lines.append("_Not recorded._")
     if card["decision"]["threshold"] is not None:
-        lines += ["", "## Operating point", "",
-                  f"Threshold {_fmt(card['decision']['threshold'], 4)} on the calibrated "
-                  f"probability of {card['labels'][1]!r}, chosen on the validation split by "
-                  f"{card['decision']['method']} (Youden's J maximises sensitivity + "
-                  "specificity; a target-sensitivity rule picks the highest threshold that "
-                  "keeps that sensitivity)."]
+        lines += [
+            "",
+            "## Operating point",
+            "",
+            f"Threshold {_fmt(card['decision']['threshold'], 4)} on the calibrated "
+            f"probability of {card['labels'][1]!r}, chosen on the validation split by "
+            f"{card['decision']['method']} (Youden's J maximises sensitivity + "
+            "specificity; a target-sensitivity rule picks the highest threshold that "
+            "keeps that sensitivity).",
+        ]
     ood = card.get("ood")
     if ood:
-        lines += ["", "## Out-of-distribution guard", "",
-                  f"{ood.get('method')} (up to {ood.get('dim')} principal components per "
-                  f"block); an image is flagged when its score exceeds "
-                  f"{_fmt(ood.get('threshold'), 3)}, the {ood.get('quantile')} quantile of the "
-                  "validation images' scores. Flagged images get a warning instead of a "
-                  "confident answer."]
+        lines += [
+            "",
+            "## Out-of-distribution guard",
+            "",
+            f"{ood.get('method')} (up to {ood.get('dim')} principal components per "
+            f"block); an image is flagged when its score exceeds "
+            f"{_fmt(ood.get('threshold'), 3)}, the {ood.get('quantile')} quantile of the "
+            "validation images' scores. Flagged images get a warning instead of a "
+            "confident answer.",
+        ]
     export = card.get("export")
     if export:
-        lines += ["", "## Export", "",
-                  f"Weights: {export.get('weights')}; the metrics above were measured on the "
-                  f"shipped `{export.get('metrics_measured_on')}` (largest probability change "
-                  f"against the training run: {_fmt(export.get('max_probability_change'), 4)})."]
+        lines += [
+            "",
+            "## Export",
+            "",
+            f"Weights: {export.get('weights')}; the metrics above were measured on the "
+            f"shipped `{export.get('metrics_measured_on')}` (largest probability change "
+            f"against the training run: {_fmt(export.get('max_probability_change'), 4)}).",
+        ]
     for key, title in (("license", "Licence"), ("citation", "Citation")):
         if card.get(key):
             lines += ["", f"## {title}", "", card[key]]
@@ -365,7 +472,7 @@ def export_model(ref: str | os.PathLike, opset: int = OPSET, rtol: float = 1e-4)
     Returns:
         ``{"folder", "onnx", "card_json", "card_md", "relative_error"}``.
     """
-    from .predict import resolve_model
+    from medlens.predict import resolve_model
 
     folder = resolve_model(ref)
     net, meta = load_network(folder)
@@ -376,8 +483,13 @@ def export_model(ref: str | os.PathLike, opset: int = OPSET, rtol: float = 1e-4)
     card = model_card(meta, folder, onnx_sha256=hashlib.sha256(blob).hexdigest())
     write_json(folder / CARD_JSON, card)
     atomic_write_text(folder / CARD_MD, model_card_markdown(card))
-    return {"folder": folder, "onnx": folder / ONNX_FILE, "card_json": folder / CARD_JSON,
-            "card_md": folder / CARD_MD, "relative_error": err}
+    return {
+        "folder": folder,
+        "onnx": folder / ONNX_FILE,
+        "card_json": folder / CARD_JSON,
+        "card_md": folder / CARD_MD,
+        "relative_error": err,
+    }
 
 
 def onnx_weights_sha256(session) -> str | None:
@@ -390,6 +502,8 @@ def check_onnx_matches(session, meta: ModelMeta, folder: Path) -> None:
     recorded = onnx_weights_sha256(session)
     expected = meta.extra.get("weights_sha256")
     if recorded and expected and recorded != expected:
-        raise ModelLoadError(f"{folder / ONNX_FILE} was exported from other weights than "
-                             f"{folder / MODEL_WEIGHTS} (sha256 {recorded[:12]} vs "
-                             f"{expected[:12]}); re-run `medlens export --model {folder}`")
+        raise ModelLoadError(
+            f"{folder / ONNX_FILE} was exported from other weights than "
+            f"{folder / MODEL_WEIGHTS} (sha256 {recorded[:12]} vs "
+            f"{expected[:12]}); re-run `medlens export --model {folder}`"
+        )

@@ -30,8 +30,14 @@ MAX_PIXELS = 64_000_000
 """Default decompression-bomb guard: the largest width*height :func:`read_image` will decode."""
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
-_HIGH_DEPTH_MODES = {"I;16": "16-bit", "I;16L": "16-bit", "I;16B": "16-bit", "I;16N": "16-bit",
-                     "I": "32-bit integer", "F": "floating-point"}
+_HIGH_DEPTH_MODES = {
+    "I;16": "16-bit",
+    "I;16L": "16-bit",
+    "I;16B": "16-bit",
+    "I;16N": "16-bit",
+    "I": "32-bit integer",
+    "F": "floating-point",
+}
 # Install hints for compressed transfer syntaxes that pydicom decodes only through plugins.
 # First match on the transfer syntax name wins, so "JPEG-LS" must come before "JPEG".
 _CODEC_HINTS = (
@@ -64,8 +70,13 @@ class DecodedImage:
     modality: str | None = None
 
 
-def read_image(src: str | os.PathLike[str] | bytes, *, name: str | None = None,
-               max_pixels: int = MAX_PIXELS, target_size: int | None = None) -> DecodedImage:
+def read_image(
+    src: str | os.PathLike[str] | bytes,
+    *,
+    name: str | None = None,
+    max_pixels: int = MAX_PIXELS,
+    target_size: int | None = None,
+) -> DecodedImage:
     """Decode a raster image or a DICOM file into a ``uint8`` array.
 
     Args:
@@ -155,8 +166,9 @@ def _read_bare_dicom(fh: IO[bytes]) -> Any:
     return ds if any(k in ds for k in _PIXEL_KEYWORDS) else None
 
 
-def _decode(fh: IO[bytes], label: str, hint: str, max_pixels: int,
-            target_size: int | None = None) -> DecodedImage:
+def _decode(
+    fh: IO[bytes], label: str, hint: str, max_pixels: int, target_size: int | None = None
+) -> DecodedImage:
     if fh.read(132)[128:132] == b"DICM":
         return _read_dicom(fh, label, hint, max_pixels)
     fh.seek(0)
@@ -173,8 +185,10 @@ def _decode(fh: IO[bytes], label: str, hint: str, max_pixels: int,
 
 # ----------------------------------------------------------------------------- raster (Pillow)
 
-def _read_raster(fh: IO[bytes], label: str, hint: str, max_pixels: int,
-                 target_size: int | None = None) -> DecodedImage | None:
+
+def _read_raster(
+    fh: IO[bytes], label: str, hint: str, max_pixels: int, target_size: int | None = None
+) -> DecodedImage | None:
     """Decode through Pillow; None when Pillow does not recognise the format."""
     try:
         # Image.open parses only the header. Pillow's own bomb warning is silenced because our
@@ -205,8 +219,9 @@ def _read_raster(fh: IO[bytes], label: str, hint: str, max_pixels: int,
         except Image.DecompressionBombError as exc:
             raise _pillow_bomb(fh, label, max_pixels, exc) from None
         except Exception as exc:  # noqa: BLE001 - OSError, SyntaxError, EOFError, zlib.error...
-            raise ImageReadError(f"`{label}` is damaged or truncated ({_reason(exc)}); "
-                                 f"re-export it, or {hint}") from None
+            raise ImageReadError(
+                f"`{label}` is damaged or truncated ({_reason(exc)}); re-export it, or {hint}"
+            ) from None
         try:  # photographs of films/screens often carry an EXIF rotation
             orientation = im.getexif().get(0x0112, 1)
             if orientation not in (1, None):
@@ -245,8 +260,10 @@ def _pil_to_uint8(im: Image.Image, notes: list[str], label: str) -> np.ndarray:
     try:  # CMYK, YCbCr, LAB, HSV, RGBX, ...
         rgb = im.convert("RGB")
     except Exception as exc:  # noqa: BLE001
-        raise ImageReadError(f"`{label}` uses Pillow mode {im.mode}, which cannot be converted "
-                             f"to RGB ({_reason(exc)}); convert it to PNG or JPEG") from None
+        raise ImageReadError(
+            f"`{label}` uses Pillow mode {im.mode}, which cannot be converted "
+            f"to RGB ({_reason(exc)}); convert it to PNG or JPEG"
+        ) from None
     notes.append(f"{im.mode} converted to RGB")
     return np.asarray(rgb)
 
@@ -263,8 +280,10 @@ def _pillow_bomb(fh: IO[bytes], label: str, max_pixels: int, exc: Exception) -> 
     if size is None:  # fall back to the pixel count in Pillow's message
         count = re.search(r"\((\d+) pixels\)", str(exc))
         pixels = int(count.group(1)) if count else 0
-        return ImageReadError(f"`{label}` is {pixels / 1e6:.1f} MP, more than the decoding limit; "
-                              "downscale it before uploading")
+        return ImageReadError(
+            f"`{label}` is {pixels / 1e6:.1f} MP, more than the decoding limit; "
+            "downscale it before uploading"
+        )
     # Over our limit: say so. Under it (max_pixels was raised): Pillow's hard limit refused it.
     over_ours = size[0] * size[1] > max_pixels
     return _too_big(label, size, max_pixels if over_ours else 2 * (Image.MAX_IMAGE_PIXELS or 0))
@@ -292,6 +311,7 @@ def _header_size(fh: IO[bytes]) -> tuple[int, int] | None:
 
 # ------------------------------------------------------------------------------ DICOM (pydicom)
 
+
 def _read_dicom(
     fh: IO[bytes], label: str, hint: str, max_pixels: int, ds: Any = None
 ) -> DecodedImage:
@@ -307,19 +327,25 @@ def _read_dicom(
             raise _unreadable_dicom(label, exc, hint) from None
     if not any(k in ds for k in _PIXEL_KEYWORDS):
         if "Rows" in ds and "Columns" in ds:  # image attributes but no pixels: cut-off download
-            raise ImageReadError(f"`{label}` has no pixel data although it describes an image, "
-                                 f"so it is probably truncated; re-export it, or {hint}")
+            raise ImageReadError(
+                f"`{label}` has no pixel data although it describes an image, "
+                f"so it is probably truncated; re-export it, or {hint}"
+            )
         sop = getattr(ds.get("SOPClassUID"), "name", None) or "object"
-        raise ImageReadError(f"`{label}` has no pixel data (it is a DICOM {sop} without an image); "
-                             "export the image series, not the report/structured document")
+        raise ImageReadError(
+            f"`{label}` has no pixel data (it is a DICOM {sop} without an image); "
+            "export the image series, not the report/structured document"
+        )
     size = (int(ds.get("Columns") or 0), int(ds.get("Rows") or 0))
     if size[0] * size[1] > max_pixels:
         raise _too_big(label, size, max_pixels)
     if not ds.file_meta.get("TransferSyntaxUID"):  # preamble-less files often lack file meta
         implicit, little = ds.original_encoding
         ds.file_meta.TransferSyntaxUID = (
-            ImplicitVRLittleEndian if implicit
-            else ExplicitVRBigEndian if little is False
+            ImplicitVRLittleEndian
+            if implicit
+            else ExplicitVRBigEndian
+            if little is False
             else ExplicitVRLittleEndian
         )
     tsyntax = ds.file_meta.TransferSyntaxUID
@@ -376,13 +402,17 @@ def _dicom_mono(arr: np.ndarray, ds: Any, notes: list[str]) -> np.ndarray:
             # Windowing maps below/above the window to fixed y_min/y_max that depend on
             # BitsStored, signedness and rescale; probing with -inf/+inf reads them back exactly.
             lo, hi = dpx.apply_windowing(np.array([-np.inf, np.inf]), ds)
-            notes.append(f"window from the file applied (center {_first(ds.WindowCenter):g}, "
-                         f"width {_first(ds.WindowWidth):g})")
+            notes.append(
+                f"window from the file applied (center {_first(ds.WindowCenter):g}, "
+                f"width {_first(ds.WindowWidth):g})"
+            )
             return _scale_uint8(out, float(lo), float(hi))
     except Exception as exc:  # noqa: BLE001 - e.g. width < 1, unknown VOI function
         notes.append(f"VOI LUT/window in the file is invalid ({_reason(exc)}): ignored")
-    notes.append(f"{int(ds.get('BitsStored') or 8 * arr.itemsize)}-bit DICOM without a window: "
-                 "scaled to 8 bits (min-max)")
+    notes.append(
+        f"{int(ds.get('BitsStored') or 8 * arr.itemsize)}-bit DICOM without a window: "
+        "scaled to 8 bits (min-max)"
+    )
     return _minmax_uint8(values)
 
 
@@ -399,16 +429,21 @@ def _codec_error(label: str, tsyntax: Any, hint: str) -> ImageReadError:
         plugins = ()
     ts = f"transfer syntax {tsyntax.name} ({tsyntax})"
     if plugins:  # a decoder is installed but rejected the data
-        return ImageReadError(f"`{label}` uses {ts}, but its compressed pixel data could not be "
-                              "decoded "
-                              f"(corrupt?); re-export it as uncompressed DICOM, or {hint}")
+        return ImageReadError(
+            f"`{label}` uses {ts}, but its compressed pixel data could not be "
+            "decoded "
+            f"(corrupt?); re-export it as uncompressed DICOM, or {hint}"
+        )
     pkgs = next((p for key, p in _CODEC_HINTS if key in tsyntax.name), None)
     install = f"install {pkgs} or " if pkgs else ""
-    return ImageReadError(f"`{label}` uses {ts}, which this installation cannot decode; "
-                          f"{install}convert the file to uncompressed DICOM")
+    return ImageReadError(
+        f"`{label}` uses {ts}, which this installation cannot decode; "
+        f"{install}convert the file to uncompressed DICOM"
+    )
 
 
 # ------------------------------------------------------------------------------------- helpers
+
 
 def _owned(pixels: np.ndarray) -> np.ndarray:
     # np.asarray(PIL image) is a read-only view; callers (and torch.from_numpy) expect to own
@@ -436,8 +471,10 @@ def _minmax_uint8(arr: np.ndarray) -> np.ndarray:
 
 def _too_big(label: str, size: tuple[int, int], limit: int) -> ImageReadError:
     w, h = size
-    return ImageReadError(f"`{label}` is {w}x{h} pixels ({w * h / 1e6:.1f} MP), more than the "
-                          f"{limit / 1e6:.1f} MP limit; downscale it before uploading")
+    return ImageReadError(
+        f"`{label}` is {w}x{h} pixels ({w * h / 1e6:.1f} MP), more than the "
+        f"{limit / 1e6:.1f} MP limit; downscale it before uploading"
+    )
 
 
 def _first(value: Any) -> float:

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from sklearn.metrics import (
@@ -39,8 +40,15 @@ __all__ = [
 ]
 
 #: Metrics that depend on the decision rule (threshold / argmax); these get bootstrap CIs.
-THRESHOLD_METRICS = ("accuracy", "balanced_accuracy", "sensitivity", "specificity",
-                     "precision", "f1", "f2")
+THRESHOLD_METRICS = (
+    "accuracy",
+    "balanced_accuracy",
+    "sensitivity",
+    "specificity",
+    "precision",
+    "f1",
+    "f2",
+)
 
 # Upper bound on the size of one (resamples x N) count matrix in the bootstrap.
 _BOOTSTRAP_CELLS = 4_000_000
@@ -150,24 +158,34 @@ def _threshold_metrics(y: np.ndarray, pred: np.ndarray, k: int) -> dict[str, flo
         bal = balanced_accuracy_score(y, pred)
         if k == 2:
             prec, rec, f1, _ = precision_recall_fscore_support(
-                y, pred, labels=cls, pos_label=1, average="binary", zero_division=np.nan)
+                y, pred, labels=cls, pos_label=1, average="binary", zero_division=np.nan
+            )
             f2 = precision_recall_fscore_support(
-                y, pred, labels=cls, pos_label=1, average="binary", beta=2.0,
-                zero_division=np.nan)[2]
+                y, pred, labels=cls, pos_label=1, average="binary", beta=2.0, zero_division=np.nan
+            )[2]
             tn, fp = cm[0, 0], cm[0, 1]
             spec = tn / (tn + fp) if tn + fp else np.nan
         else:
             prec, rec, f1, _ = precision_recall_fscore_support(
-                y, pred, labels=cls, average="macro", zero_division=np.nan)
+                y, pred, labels=cls, average="macro", zero_division=np.nan
+            )
             f2 = precision_recall_fscore_support(
-                y, pred, labels=cls, average="macro", beta=2.0, zero_division=np.nan)[2]
+                y, pred, labels=cls, average="macro", beta=2.0, zero_division=np.nan
+            )[2]
             neg = cm.sum() - cm.sum(axis=1)
             tn = neg - (cm.sum(axis=0) - np.diag(cm))
             spec = np.nanmean(np.where(neg > 0, tn / np.maximum(neg, 1), np.nan))
     if k == 2 and not (y == 1).any():
         rec = np.nan  # sensitivity is undefined without positives
-    return {"accuracy": accuracy_score(y, pred), "balanced_accuracy": bal, "sensitivity": rec,
-            "specificity": spec, "precision": prec, "f1": f1, "f2": f2}
+    return {
+        "accuracy": accuracy_score(y, pred),
+        "balanced_accuracy": bal,
+        "sensitivity": rec,
+        "specificity": spec,
+        "precision": prec,
+        "f1": f1,
+        "f2": f2,
+    }
 
 
 def _auc(y: np.ndarray, p: np.ndarray) -> float:
@@ -178,8 +196,9 @@ def _auc(y: np.ndarray, p: np.ndarray) -> float:
             warnings.simplefilter("ignore")
             if k == 2:
                 return float(roc_auc_score(y, p[:, 1]))
-            return float(roc_auc_score(y, p, multi_class="ovr", average="macro",
-                                       labels=list(range(k))))
+            return float(
+                roc_auc_score(y, p, multi_class="ovr", average="macro", labels=list(range(k)))
+            )
     except ValueError:
         return float("nan")
 
@@ -196,15 +215,24 @@ def _per_class(y: np.ndarray, pred: np.ndarray, p: np.ndarray, labels: Sequence[
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prec, rec, f1, sup = precision_recall_fscore_support(
-            y, pred, labels=list(range(k)), average=None, zero_division=np.nan)
+            y, pred, labels=list(range(k)), average=None, zero_division=np.nan
+        )
     if k == 2:
         aucs = [_auc(y, p)] * 2
     else:
-        aucs = [_auc((y == c).astype(int), np.column_stack([1 - p[:, c], p[:, c]]))
-                for c in range(k)]
-    return {str(lab): {"precision": prec[c], "recall": rec[c], "f1": f1[c],
-                       "support": int(sup[c]), "auc": aucs[c]}
-            for c, lab in enumerate(labels)}
+        aucs = [
+            _auc((y == c).astype(int), np.column_stack([1 - p[:, c], p[:, c]])) for c in range(k)
+        ]
+    return {
+        str(lab): {
+            "precision": prec[c],
+            "recall": rec[c],
+            "f1": f1[c],
+            "support": int(sup[c]),
+            "auc": aucs[c],
+        }
+        for c, lab in enumerate(labels)
+    }
 
 
 # --------------------------------------------------------------------------------------
@@ -236,12 +264,21 @@ def _confusion_metrics(cm: np.ndarray) -> dict[str, np.ndarray]:
         warnings.simplefilter("ignore", RuntimeWarning)
         out = {"accuracy": div(tp.sum(axis=1), n), "balanced_accuracy": np.nanmean(recall, 1)}
         if k == 2:
-            out.update(sensitivity=recall[:, 1], specificity=spec[:, 1],
-                       precision=precision[:, 1], f1=f1[:, 1], f2=f2[:, 1])
+            out.update(
+                sensitivity=recall[:, 1],
+                specificity=spec[:, 1],
+                precision=precision[:, 1],
+                f1=f1[:, 1],
+                f2=f2[:, 1],
+            )
         else:
-            out.update(sensitivity=np.nanmean(recall, 1), specificity=np.nanmean(spec, 1),
-                       precision=np.nanmean(precision, 1), f1=np.nanmean(f1, 1),
-                       f2=np.nanmean(f2, 1))
+            out.update(
+                sensitivity=np.nanmean(recall, 1),
+                specificity=np.nanmean(spec, 1),
+                precision=np.nanmean(precision, 1),
+                f1=np.nanmean(f1, 1),
+                f2=np.nanmean(f2, 1),
+            )
     return out
 
 
@@ -263,8 +300,9 @@ def _weighted_auc(scores: np.ndarray, positive: np.ndarray, counts: np.ndarray) 
         return np.where(denom > 0, (pw * (below + 0.5 * nw)).sum(axis=1) / denom, np.nan)
 
 
-def _bootstrap(y: np.ndarray, pred: np.ndarray, p: np.ndarray, n_bootstrap: int,
-               seed: int) -> dict[str, np.ndarray]:
+def _bootstrap(
+    y: np.ndarray, pred: np.ndarray, p: np.ndarray, n_bootstrap: int, seed: int
+) -> dict[str, np.ndarray]:
     """Bootstrap replicates (Efron, 1979) of the decision-rule metrics and AUC.
 
     Each resample draws N indices with replacement; it is represented by its count vector so
@@ -303,8 +341,16 @@ def _percentile_ci(values: np.ndarray, ci_level: float) -> list[float] | None:
 # --------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------
-def compute_metrics(y_true, probs, labels: Sequence[str], threshold: float | None = None, *,
-                    n_bootstrap: int = 1000, seed: int = 0, ci_level: float = 0.95) -> dict:
+def compute_metrics(
+    y_true,
+    probs,
+    labels: Sequence[str],
+    threshold: float | None = None,
+    *,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    ci_level: float = 0.95,
+) -> dict:
     """Compute the MedLens evaluation metrics with bootstrap confidence intervals.
 
     Binary tasks (``K == 2``) are evaluated at ``threshold`` (0.5 if ``None``) on
@@ -347,28 +393,64 @@ def compute_metrics(y_true, probs, labels: Sequence[str], threshold: float | Non
         warnings.simplefilter("ignore")
         ll = log_loss(y, p, labels=list(range(k)))
 
-    out: dict[str, Any] = {"n": n, "labels": [str(s) for s in labels], **point, "auc": auc,
-                           "log_loss": ll, "brier": _brier(y, p),
-                           "ece": expected_calibration_error(y, p),
-                           "confusion_matrix": confusion_matrix(y, pred, labels=list(range(k))),
-                           "per_class": _per_class(y, pred, p, labels), "threshold": thr,
-                           "at_0_5": _threshold_metrics(y, predict_labels(p, 0.5), k)
-                           if binary else None}
+    out: dict[str, Any] = {
+        "n": n,
+        "labels": [str(s) for s in labels],
+        **point,
+        "auc": auc,
+        "log_loss": ll,
+        "brier": _brier(y, p),
+        "ece": expected_calibration_error(y, p),
+        "confusion_matrix": confusion_matrix(y, pred, labels=list(range(k))),
+        "per_class": _per_class(y, pred, p, labels),
+        "threshold": thr,
+        "at_0_5": _threshold_metrics(y, predict_labels(p, 0.5), k) if binary else None,
+    }
     ci: dict[str, list[float] | None] = {}
     if n_bootstrap > 0:
         reps = _bootstrap(y, pred, p, int(n_bootstrap), seed)
-        ci = {name: _percentile_ci(reps[name], ci_level)
-              for name in ("accuracy", "balanced_accuracy", "auc", "sensitivity",
-                           "specificity", "precision", "f1", "f2")}
+        ci = {
+            name: _percentile_ci(reps[name], ci_level)
+            for name in (
+                "accuracy",
+                "balanced_accuracy",
+                "auc",
+                "sensitivity",
+                "specificity",
+                "precision",
+                "f1",
+                "f2",
+            )
+        }
     out.update(ci=ci, ci_level=float(ci_level), n_bootstrap=int(n_bootstrap))
-    order = ["n", "labels", "accuracy", "balanced_accuracy", "auc", "f1", "f2", "precision",
-             "sensitivity", "specificity", "log_loss", "brier", "ece", "confusion_matrix",
-             "per_class", "threshold", "at_0_5", "ci", "ci_level", "n_bootstrap"]
+    order = [
+        "n",
+        "labels",
+        "accuracy",
+        "balanced_accuracy",
+        "auc",
+        "f1",
+        "f2",
+        "precision",
+        "sensitivity",
+        "specificity",
+        "log_loss",
+        "brier",
+        "ece",
+        "confusion_matrix",
+        "per_class",
+        "threshold",
+        "at_0_5",
+        "ci",
+        "ci_level",
+        "n_bootstrap",
+    ]
     return _nan_to_none({key: out[key] for key in order})
 
 
-def classification_report_text(y_true, probs, labels: Sequence[str],
-                               threshold: float | None = None) -> str:
+def classification_report_text(
+    y_true, probs, labels: Sequence[str], threshold: float | None = None
+) -> str:
     """scikit-learn ``classification_report`` at the MedLens decision rule.
 
     Args:
@@ -381,6 +463,11 @@ def classification_report_text(y_true, probs, labels: Sequence[str],
         The plain-text report.
     """
     y, p = _validate(y_true, probs, labels)
-    return classification_report(y, predict_labels(p, threshold), labels=list(range(p.shape[1])),
-                                 target_names=[str(s) for s in labels], digits=3,
-                                 zero_division=0)
+    return classification_report(
+        y,
+        predict_labels(p, threshold),
+        labels=list(range(p.shape[1])),
+        target_names=[str(s) for s in labels],
+        digits=3,
+        zero_division=0,
+    )

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 import yaml
 
-from .models import Classifier, create_model
-from .preprocess import Preprocess
+from medlens.models import Classifier, create_model
+from medlens.preprocess import Preprocess
 
 FORMAT_VERSION = 1
 MODEL_JSON = "model.json"
@@ -121,34 +121,62 @@ class ModelMeta:
         return 1 if self.binary else len(self.labels)
 
     def to_dict(self) -> dict:
-        d = {"format_version": FORMAT_VERSION, "name": self.name, "arch": self.arch,
-             "labels": list(self.labels), "task": "binary" if self.binary else "multiclass",
-             "preprocess": self.preprocess.to_dict(), "temperature": self.temperature,
-             "threshold": self.threshold, "threshold_method": self.threshold_method,
-             "dropout": self.dropout}
+        d = {
+            "format_version": FORMAT_VERSION,
+            "name": self.name,
+            "arch": self.arch,
+            "labels": list(self.labels),
+            "task": "binary" if self.binary else "multiclass",
+            "preprocess": self.preprocess.to_dict(),
+            "temperature": self.temperature,
+            "threshold": self.threshold,
+            "threshold_method": self.threshold_method,
+            "dropout": self.dropout,
+        }
         d.update(self.extra)
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelMeta":
-        core = {"format_version", "name", "arch", "labels", "task", "preprocess", "temperature",
-                "threshold", "threshold_method", "dropout"}
+    def from_dict(cls, d: dict) -> ModelMeta:
+        core = {
+            "format_version",
+            "name",
+            "arch",
+            "labels",
+            "task",
+            "preprocess",
+            "temperature",
+            "threshold",
+            "threshold_method",
+            "dropout",
+        }
         try:
-            return cls(arch=d["arch"], labels=list(d["labels"]),
-                       preprocess=Preprocess.from_dict(d["preprocess"]),
-                       temperature=float(d.get("temperature", 1.0)),
-                       threshold=d.get("threshold"), threshold_method=d.get("threshold_method"),
-                       dropout=float(d.get("dropout", 0.3)), name=d.get("name"),
-                       extra={k: v for k, v in d.items() if k not in core})
+            return cls(
+                arch=d["arch"],
+                labels=list(d["labels"]),
+                preprocess=Preprocess.from_dict(d["preprocess"]),
+                temperature=float(d.get("temperature", 1.0)),
+                threshold=d.get("threshold"),
+                threshold_method=d.get("threshold_method"),
+                dropout=float(d.get("dropout", 0.3)),
+                name=d.get("name"),
+                extra={k: v for k, v in d.items() if k not in core},
+            )
         except KeyError as e:
-            raise ModelLoadError(f"model.json lacks the field {e.args[0]!r}; re-export the model "
-                                 "with `medlens train` or `medlens export`") from None
+            raise ModelLoadError(
+                f"model.json lacks the field {e.args[0]!r}; re-export the model "
+                "with `medlens train` or `medlens export`"
+            ) from None
 
 
 def build_network(meta: ModelMeta, pretrained: bool = False) -> Classifier:
-    return create_model(meta.arch, num_outputs=meta.num_outputs,
-                        in_channels=meta.preprocess.channels, pretrained=pretrained,
-                        dropout=meta.dropout)
+    return create_model(
+        meta.arch,
+        num_outputs=meta.num_outputs,
+        in_channels=meta.preprocess.channels,
+        pretrained=pretrained,
+        dropout=meta.dropout,
+    )
 
 
 def save_model(folder: str | Path, net: Classifier, meta: ModelMeta) -> None:
@@ -167,9 +195,11 @@ def read_meta(folder: str | Path) -> ModelMeta:
     try:
         return ModelMeta.from_dict(json.loads(path.read_text()))
     except FileNotFoundError:
-        raise ModelLoadError(f"{folder} is not a trained model: {MODEL_JSON} is missing "
-                             "(train one with `medlens train --out RUN` or name a bundled "
-                             "model; `medlens models` lists them)") from None
+        raise ModelLoadError(
+            f"{folder} is not a trained model: {MODEL_JSON} is missing "
+            "(train one with `medlens train --out RUN` or name a bundled "
+            "model; `medlens models` lists them)"
+        ) from None
     except json.JSONDecodeError as e:
         raise ModelLoadError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from None
 
@@ -185,12 +215,16 @@ def load_network(folder: str | Path, meta: ModelMeta | None = None) -> tuple[Cla
     try:
         state = torch.load(wpath, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated zip, pickled code, not a torch file
-        raise ModelLoadError(f"{wpath} cannot be read as model weights ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0]}); the file is damaged or not a MedLens "
-                             "model.pt: copy the model folder again or retrain it") from None
+        raise ModelLoadError(
+            f"{wpath} cannot be read as model weights ({type(e).__name__}: "
+            f"{str(e).splitlines()[0]}); the file is damaged or not a MedLens "
+            "model.pt: copy the model folder again or retrain it"
+        ) from None
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise ModelLoadError(f"{wpath} does not match architecture {meta.arch!r} in "
-                             f"{MODEL_JSON}: {str(e).splitlines()[0]}") from None
+        raise ModelLoadError(
+            f"{wpath} does not match architecture {meta.arch!r} in "
+            f"{MODEL_JSON}: {str(e).splitlines()[0]}"
+        ) from None
     return net.eval(), meta

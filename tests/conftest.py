@@ -43,8 +43,14 @@ def synth_image(kind: str, rng: np.random.Generator, size: int = 48) -> np.ndarr
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def make_dataset(root: Path, classes: dict[str, str], n_patients: int = 20,
-                 per_patient: int = 2, size: int = 48, seed: int = 0) -> Path:
+def make_dataset(
+    root: Path,
+    classes: dict[str, str],
+    n_patients: int = 20,
+    per_patient: int = 2,
+    size: int = 48,
+    seed: int = 0,
+) -> Path:
     """Write ``root/<class>/<image>.png``.
 
     Args:
@@ -69,23 +75,29 @@ def make_dataset(root: Path, classes: dict[str, str], n_patients: int = 20,
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory) -> Path:
     """Binary class folders NORMAL (dark disc) / PNEUMONIA (bright disc), 40 PNGs each."""
-    return make_dataset(tmp_path_factory.mktemp("synth2") / "data",
-                        {"NORMAL": "dark", "PNEUMONIA": "bright"})
+    return make_dataset(
+        tmp_path_factory.mktemp("synth2") / "data", {"NORMAL": "dark", "PNEUMONIA": "bright"}
+    )
 
 
 @pytest.fixture(scope="session")
 def synthetic_data_3class(tmp_path_factory) -> Path:
     """Three classes (bright disc, dark disc, stripes), 32 PNGs each."""
-    return make_dataset(tmp_path_factory.mktemp("synth3") / "data",
-                        {"bright": "bright", "dark": "dark", "stripes": "stripes"},
-                        n_patients=16, seed=1)
+    return make_dataset(
+        tmp_path_factory.mktemp("synth3") / "data",
+        {"bright": "bright", "dark": "dark", "stripes": "stripes"},
+        n_patients=16,
+        seed=1,
+    )
 
 
 @pytest.fixture(scope="session")
 def image_factory():
     """``image_factory(kind, seed=0, size=48)`` -> one synthetic ``uint8`` image."""
+
     def make(kind: str, seed: int = 0, size: int = 48) -> np.ndarray:
         return synth_image(kind, np.random.default_rng(seed), size)
+
     return make
 
 
@@ -93,8 +105,17 @@ def tiny_config(data, out, **overrides):
     """A TrainConfig for a fast from-scratch ``cnn`` run at 32 px."""
     from medlens.train import TrainConfig
 
-    settings = dict(data=str(data), out=str(out), model="cnn", image_size=IMAGE_SIZE, epochs=2,
-                    batch_size=8, progress=False, threads=1, seed=0)
+    settings = dict(
+        data=str(data),
+        out=str(out),
+        model="cnn",
+        image_size=IMAGE_SIZE,
+        epochs=2,
+        batch_size=8,
+        progress=False,
+        threads=1,
+        seed=0,
+    )
     settings.update(overrides)
     return TrainConfig(**settings)
 

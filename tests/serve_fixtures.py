@@ -29,9 +29,13 @@ def save_untrained_multiclass(folder: Path) -> Path:
     from medlens.modelfile import ModelMeta, build_network, save_model
     from medlens.preprocess import Preprocess
 
-    meta = ModelMeta(arch="cnn", labels=["bright", "dark", "stripes"],
-                     preprocess=Preprocess(image_size=32, channels=1, mean=(0.4,), std=(0.2,)),
-                     temperature=1.5, name=MULTI)
+    meta = ModelMeta(
+        arch="cnn",
+        labels=["bright", "dark", "stripes"],
+        preprocess=Preprocess(image_size=32, channels=1, mean=(0.4,), std=(0.2,)),
+        temperature=1.5,
+        name=MULTI,
+    )
     torch.manual_seed(0)
     save_model(folder, build_network(meta).eval(), meta)
     return folder

@@ -16,21 +16,38 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 from PIL import Image
+from serve_fixtures import served_models  # noqa: F401 - fixture
 
 from medlens import bench
 from medlens.cli import main
 from medlens.imaging import read_image
 from medlens.predict import Predictor
-from serve_fixtures import served_models  # noqa: F401 - fixture
 
 # --------------------------------------------------------------------------- medlens bench
 
 
 def test_bench_cli_json_has_the_figures(trained_run, tmp_path, capsys):
     out = tmp_path / "results"
-    code = main(["bench", "--model", str(trained_run), "--json", "--out", str(out), "--n", "3",
-                 "--duration", "1", "--warmup", "0.5", "--concurrency", "2",
-                 "--train-log", str(trained_run)])
+    code = main(
+        [
+            "bench",
+            "--model",
+            str(trained_run),
+            "--json",
+            "--out",
+            str(out),
+            "--n",
+            "3",
+            "--duration",
+            "1",
+            "--warmup",
+            "0.5",
+            "--concurrency",
+            "2",
+            "--train-log",
+            str(trained_run),
+        ]
+    )
     assert code == 0
     res = json.loads(capsys.readouterr().out)
     for key in bench.REQUIRED_KEYS:
@@ -40,7 +57,8 @@ def test_bench_cli_json_has_the_figures(trained_run, tmp_path, capsys):
     assert res["latency_ms_p95_onnx"] >= res["latency_ms_p50_onnx"]
     assert res["throughput_img_s_b32_onnx"] > 0 and res["throughput_img_s_b32_torch"] > 0
     assert res["speedup_onnx_vs_torch_p50"] == pytest.approx(
-        res["latency_ms_p50_torch"] / res["latency_ms_p50_onnx"], rel=0.01)
+        res["latency_ms_p50_torch"] / res["latency_ms_p50_onnx"], rel=0.01
+    )
     # the ONNX graph computes what the torch network computes
     assert res["inference"]["max_abs_logit_diff_onnx_vs_torch"] < 1e-3
     # no int8 model in the run: that row is skipped, and the notes say so
@@ -74,8 +92,9 @@ def test_bench_without_model_weights_reports_torch_as_null(trained_run, tmp_path
     from medlens.export import export_model
     from medlens.modelfile import ModelLoadError
 
-    folder = shutil.copytree(trained_run, tmp_path / "onnx_only",
-                             ignore=shutil.ignore_patterns("checkpoints"))
+    folder = shutil.copytree(
+        trained_run, tmp_path / "onnx_only", ignore=shutil.ignore_patterns("checkpoints")
+    )
     export_model(folder)
     (folder / "model.pt").unlink()
     try:
@@ -133,8 +152,9 @@ def test_load_generator_counts_errors():
     try:
         port = server.server_address[1]
         req = bench.predict_request("127.0.0.1", port, "m", b"\xff\xd8 not really a jpeg")
-        res = bench.load_test("127.0.0.1", port, req, concurrency=3, duration=0.6, warmup=0,
-                              timeout=5)
+        res = bench.load_test(
+            "127.0.0.1", port, req, concurrency=3, duration=0.6, warmup=0, timeout=5
+        )
     finally:
         server.shutdown()
         server.server_close()
@@ -145,16 +165,22 @@ def test_load_generator_counts_errors():
     assert res.errors == c.get("503", 0) + c.get("closed", 0)
     assert res.requests == c["n"]
     d = res.to_dict()
-    assert d["errors"] == res.errors and d["rps"] == pytest.approx(res.ok / res.elapsed_s,
-                                                                    rel=0.01)
+    assert d["errors"] == res.errors and d["rps"] == pytest.approx(res.ok / res.elapsed_s, rel=0.01)
     assert d["server_elapsed_ms_p50"] == 1.5
     assert any(e.startswith("HTTP 503") for e in d["error_examples"])
 
 
 def test_load_generator_counts_refused_connections():
     port = bench.free_port()  # nothing listens there
-    res = bench.load_test("127.0.0.1", port, b"GET / HTTP/1.1\r\n\r\n", concurrency=2,
-                          duration=0.2, warmup=0, timeout=2).to_dict()
+    res = bench.load_test(
+        "127.0.0.1",
+        port,
+        b"GET / HTTP/1.1\r\n\r\n",
+        concurrency=2,
+        duration=0.2,
+        warmup=0,
+        timeout=2,
+    ).to_dict()
     assert res["ok"] == 0 and res["rps"] == 0.0
     assert res["errors"] >= 2 and res["statuses"] == {"error": res["errors"]}
     assert res["latency_ms_p50"] is None or res["latency_ms_p50"] >= 0
@@ -192,14 +218,19 @@ def test_training_figures_from_a_run(trained_run):
     assert t["train_best_val_auc"] == max(aucs)
     best = aucs.index(max(aucs))
     assert t["train_best_epoch"] == best + 1
-    assert t["train_epoch_seconds_to_best_val_auc"] == pytest.approx(sum(secs[:best + 1]),
-                                                                     abs=0.01)
+    assert t["train_epoch_seconds_to_best_val_auc"] == pytest.approx(
+        sum(secs[: best + 1]), abs=0.01
+    )
     assert t["train_wall_seconds_to_best_val_auc_max"] <= t["train_wall_seconds"]
     assert sum(s["epochs"] for s in t["train_stages"].values()) == len(rows)
     hit = bench.training_figures(trained_run, target_auc=0.0)
     assert hit["train_epoch_seconds_to_target_val_auc"] == pytest.approx(secs[0], abs=0.01)
-    assert bench.training_figures(trained_run, target_auc=1.01)[
-        "train_epoch_seconds_to_target_val_auc"] is None
+    assert (
+        bench.training_figures(trained_run, target_auc=1.01)[
+            "train_epoch_seconds_to_target_val_auc"
+        ]
+        is None
+    )
 
 
 def test_training_figures_need_a_run(tmp_path):
@@ -217,8 +248,11 @@ def _jpeg(pixels: np.ndarray, quality: int = 90) -> bytes:
 
 
 def test_target_size_decodes_large_jpegs_at_reduced_scale(image_factory):
-    big = np.asarray(Image.fromarray(image_factory("bright", seed=3, size=128))
-                     .resize((1024, 1024), Image.BICUBIC))
+    big = np.asarray(
+        Image.fromarray(image_factory("bright", seed=3, size=128)).resize(
+            (1024, 1024), Image.BICUBIC
+        )
+    )
     data = _jpeg(big)
     assert read_image(data).pixels.shape == (1024, 1024)
     # 1/4 scale: the largest of 1/2, 1/4, 1/8 that keeps both sides >= 224
@@ -242,8 +276,11 @@ def test_target_size_changes_predictions_negligibly(trained_run, image_factory):
     size = pred.pre.image_size
     full, reduced = [], []
     for seed, kind in enumerate(["bright", "dark"] * 4):
-        img = np.asarray(Image.fromarray(image_factory(kind, seed=seed, size=96))
-                         .resize((1024, 1024), Image.BICUBIC))
+        img = np.asarray(
+            Image.fromarray(image_factory(kind, seed=seed, size=96)).resize(
+                (1024, 1024), Image.BICUBIC
+            )
+        )
         data = _jpeg(img)
         full.append(pred.pre.prepare(read_image(data).pixels))
         reduced.append(pred.pre.prepare(read_image(data, target_size=size).pixels))
@@ -251,8 +288,9 @@ def test_target_size_changes_predictions_negligibly(trained_run, image_factory):
     assert np.abs(a - b).mean() < 1.5  # grey levels out of 255
     pa, pb = pred.probs_prepared(np.stack(full)), pred.probs_prepared(np.stack(reduced))
     assert np.abs(pa - pb).max() < 0.05
-    assert [p.label for p in pred.predict_prepared(np.stack(full))] == \
-        [p.label for p in pred.predict_prepared(np.stack(reduced))]
+    assert [p.label for p in pred.predict_prepared(np.stack(full))] == [
+        p.label for p in pred.predict_prepared(np.stack(reduced))
+    ]
 
 
 # --------------------------------------------------------------------------- serving set-up
@@ -268,4 +306,3 @@ def test_app_serves_with_one_inference_thread_per_worker(served_models):  # noqa
         assert m.predictor.session.get_session_options().intra_op_num_threads == 1
     default = create_app([served_models], inference_threads=None)
     assert default.state.workers.total_tokens == bench.usable_cores()
-

@@ -20,15 +20,17 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-
 from serve_fixtures import BINARY, encode, served_models  # noqa: F401 - fixture
 
 CHROMIUM = "/usr/bin/chromium"
 SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
 
 if not Path(CHROMIUM).exists() and not os.environ.get("CI"):
-    pytest.skip(f"{CHROMIUM} is missing: `make test` installs it (apt-get install chromium); "
-                "in CI this test runs", allow_module_level=True)
+    pytest.skip(
+        f"{CHROMIUM} is missing: `make test` installs it (apt-get install chromium); "
+        "in CI this test runs",
+        allow_module_level=True,
+    )
 try:
     from playwright.sync_api import sync_playwright
 except ImportError:
@@ -69,13 +71,23 @@ def page(server):
     base, _ = server
     with sync_playwright() as p:
         browser = p.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"])
+            executable_path=CHROMIUM,
+            headless=True,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
         pg = browser.new_page(viewport={"width": 1280, "height": 900})
         external, errors = [], []
-        pg.on("request", lambda r: None if r.url.startswith((base, "data:"))
-              else external.append(r.url))
+        pg.on(
+            "request",
+            lambda r: None if r.url.startswith((base, "data:")) else external.append(r.url),
+        )
         pg.on("pageerror", lambda e: errors.append(str(e)))
         pg.external, pg.errors = external, errors
         yield pg
@@ -88,8 +100,9 @@ def _screenshot(pg, name: str) -> None:
         pg.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
 
 
-def test_diagnose_upload_shows_label_probabilities_and_grad_cam(server, page, tmp_path,
-                                                                image_factory):
+def test_diagnose_upload_shows_label_probabilities_and_grad_cam(
+    server, page, tmp_path, image_factory
+):
     base, app = server
     image = os.environ.get("MEDLENS_BROWSER_IMAGE")
     page.goto(base + "/")
@@ -141,9 +154,15 @@ def test_dashboard_renders_plotly_plots(server, page):
     assert len(plots) >= 4  # accuracy, loss, ROC, confusion (+ comparison)
     assert all(p.query_selector("svg.main-svg") for p in plots)
     assert page.query_selector("#comparison .js-plotly-plot") is not None
-    titles = page.eval_on_selector_all(".js-plotly-plot .gtitle", "ts => ts.map(t => t.textContent)")
-    assert {"Accuracy per epoch", "Loss per epoch", "ROC curve (validation)",
-            "Confusion matrix (validation)"} <= set(titles)
+    titles = page.eval_on_selector_all(
+        ".js-plotly-plot .gtitle", "ts => ts.map(t => t.textContent)"
+    )
+    assert {
+        "Accuracy per epoch",
+        "Loss per epoch",
+        "ROC curve (validation)",
+        "Confusion matrix (validation)",
+    } <= set(titles)
     assert "Classification report" in page.text_content("main")
     _screenshot(page, "dashboard")
     assert page.errors == [] and page.external == []
@@ -155,7 +174,8 @@ def test_swagger_ui_renders_offline(server, page):
     page.wait_for_selector(".swagger-ui .info .title", timeout=30_000)
     assert "MedLens" in page.text_content(".swagger-ui .info .title")
     page.wait_for_selector(".opblock-summary-path")
-    paths = page.eval_on_selector_all(".opblock-summary-path",
-                                      "es => es.map(e => e.getAttribute('data-path'))")
+    paths = page.eval_on_selector_all(
+        ".opblock-summary-path", "es => es.map(e => e.getAttribute('data-path'))"
+    )
     assert {"/healthz", "/api/v1/models", "/api/v1/models/{name}/predict"} <= set(paths)
     assert page.errors == [] and page.external == []

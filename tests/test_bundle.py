@@ -23,8 +23,13 @@ def _manual_grad_cam(net, x: torch.Tensor, k: int) -> np.ndarray:
         fmap = net.backbone(x).detach().requires_grad_(True)
         (g,) = torch.autograd.grad(net.head(fmap)[0, k], fmap)
     m = torch.relu((g.mean((2, 3), keepdim=True) * fmap).sum(1, keepdim=True))
-    m = torch.nn.functional.interpolate(m, size=x.shape[-2:], mode="bilinear",
-                                        align_corners=False)[0, 0].detach().numpy()
+    m = (
+        torch.nn.functional.interpolate(m, size=x.shape[-2:], mode="bilinear", align_corners=False)[
+            0, 0
+        ]
+        .detach()
+        .numpy()
+    )
     return (m - m.min()) / (m.max() - m.min()) if m.max() > m.min() else np.zeros_like(m)
 
 
@@ -45,13 +50,16 @@ def test_grad_cam_highlights_the_evidence_not_its_inverse(trained_run, image_fac
     np.testing.assert_allclose(cam, ref, atol=1e-5)
 
 
-def test_multiclass_grad_cam_onnx_equals_monai(tmp_path, synthetic_data_3class, image_factory,
-                                               train_config):
-    from medlens.train import train
+def test_multiclass_grad_cam_onnx_equals_monai(
+    tmp_path, synthetic_data_3class, image_factory, train_config
+):
     from conftest import tiny_config
 
-    run = train(tiny_config(synthetic_data_3class, tmp_path / "run3", epochs=1),
-                log=lambda *a: None)
+    from medlens.train import train
+
+    run = train(
+        tiny_config(synthetic_data_3class, tmp_path / "run3", epochs=1), log=lambda *a: None
+    )
     net, meta = load_network(run)
     pred = Predictor(run, backend="torch")
     onnx = Predictor(run, backend="onnx")
@@ -82,7 +90,8 @@ def test_halve_weights_halves_the_file_and_keeps_the_outputs(trained_run):
 
 def test_bundle_holds_only_inference_files_and_its_card_matches(bundle, trained_run):
     assert sorted(p.name for p in bundle.iterdir()) == sorted(
-        ["model.json", "model.onnx", "ood.npz", "model_card.json", "model_card.md"])
+        ["model.json", "model.onnx", "ood.npz", "model_card.json", "model_card.md"]
+    )
     card = json.loads((bundle / "model_card.json").read_text())
     assert card["files"] == {"model.onnx": {"sha256": sha256_file(bundle / "model.onnx")}}
     assert card["name"] == "tiny-pneumonia"
@@ -91,7 +100,8 @@ def test_bundle_holds_only_inference_files_and_its_card_matches(bundle, trained_
     # Metrics were re-measured on the shipped file, on the run's own validation images.
     assert meta.extra["metrics"]["val"]["n"] == run_meta.extra["metrics"]["val"]["n"]
     assert meta.extra["metrics"]["val"]["auc"] == pytest.approx(
-        run_meta.extra["metrics"]["val"]["auc"], abs=0.02)
+        run_meta.extra["metrics"]["val"]["auc"], abs=0.02
+    )
     assert 0 <= card["export"]["max_probability_change"] < 0.05
     assert meta.threshold == run_meta.threshold and meta.temperature == run_meta.temperature
     md = (bundle / "model_card.md").read_text()

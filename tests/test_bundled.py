@@ -14,11 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import SHARED_DATA
 
 from medlens.modelfile import sha256_file
 from medlens.predict import Predictor, available_models, bundled_models_dir
-
-from conftest import SHARED_DATA
 
 ROOT = Path(__file__).resolve().parents[1]
 # name -> (data folder under ../shared/data, labels)
@@ -29,8 +28,9 @@ BUNDLED = {
     "pharyngitis": ("pharyngitis", ["no_pharyngitis", "yes_pharyngitis"]),
 }
 OTHER_PER_TASK = 120  # images drawn from each other task's data
-needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(),
-                                reason=f"real data not available at {SHARED_DATA} (fresh clone)")
+needs_data = pytest.mark.skipif(
+    not SHARED_DATA.is_dir(), reason=f"real data not available at {SHARED_DATA} (fresh clone)"
+)
 
 
 @pytest.fixture(scope="module", params=sorted(BUNDLED))
@@ -41,8 +41,9 @@ def bundled(request):
 def test_all_four_are_bundled_within_the_size_budget():
     found = available_models()
     assert set(BUNDLED) <= set(found)
-    total = sum(f.stat().st_size for name in BUNDLED
-                for f in (bundled_models_dir() / name).iterdir())
+    total = sum(
+        f.stat().st_size for name in BUNDLED for f in (bundled_models_dir() / name).iterdir()
+    )
     assert total <= 40 * 1024 * 1024, f"bundled models take {total / 2**20:.1f} MiB"
     for name in BUNDLED:
         assert not (bundled_models_dir() / name / "model.pt").exists()  # ONNX only
@@ -121,10 +122,13 @@ def test_ood_rates_on_real_data(bundled):
 
     name, pred = bundled
     recipe = yaml.safe_load((ROOT / "recipes" / f"{name}.yaml").read_text())
-    ds = load_dataset(SHARED_DATA / BUNDLED[name][0], seed=recipe.get("seed", 0),
-                      val_fraction=recipe.get("val_fraction", 0.15),
-                      test_fraction=recipe.get("test_fraction", 0.15),
-                      patient_regex=recipe.get("patient_regex"))
+    ds = load_dataset(
+        SHARED_DATA / BUNDLED[name][0],
+        seed=recipe.get("seed", 0),
+        val_fraction=recipe.get("val_fraction", 0.15),
+        test_fraction=recipe.get("test_fraction", 0.15),
+        patient_regex=recipe.get("patient_regex"),
+    )
     own = _flag_rate(pred, ds.splits["val"])
     assert own <= 0.05, f"{name}: {own:.1%} of its own validation images flagged"
     for other, (folder, _) in BUNDLED.items():

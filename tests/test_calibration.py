@@ -73,8 +73,13 @@ def test_youden_threshold_on_constructed_case():
     # t=0.7: J=0.75+1-1=0.75; t=0.5: J=1+0.8-1=0.8 (best); t=0.45: J=0.6
     # The threshold sits midway between the best score (0.5) and the next lower one (0.45).
     r = choose_threshold(y, p)
-    assert r == {"threshold": pytest.approx(0.475), "method": "youden", "sensitivity": 1.0,
-                 "specificity": 0.8, "target_sensitivity": None}
+    assert r == {
+        "threshold": pytest.approx(0.475),
+        "method": "youden",
+        "sensitivity": 1.0,
+        "specificity": 0.8,
+        "target_sensitivity": None,
+    }
 
 
 def test_target_sensitivity():

@@ -23,16 +23,30 @@ from medlens.cli import COMMANDS, build_parser, main
 from medlens.data import patient_id
 from medlens.models import count_parameters, create_model, list_models
 
-METRIC_KEYS = {"n", "accuracy", "balanced_accuracy", "auc", "f1", "f2", "precision",
-               "sensitivity", "specificity", "log_loss", "brier", "ece", "confusion_matrix",
-               "per_class", "threshold", "ci"}
+METRIC_KEYS = {
+    "n",
+    "accuracy",
+    "balanced_accuracy",
+    "auc",
+    "f1",
+    "f2",
+    "precision",
+    "sensitivity",
+    "specificity",
+    "log_loss",
+    "brier",
+    "ece",
+    "confusion_matrix",
+    "per_class",
+    "threshold",
+    "ci",
+}
 VENV_BIN = Path(sys.executable).parent
 CHEST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "chest_xray" / "train"
 
 
 def _subparsers() -> dict[str, argparse.ArgumentParser]:
-    action = next(a for a in build_parser()._actions
-                  if isinstance(a, argparse._SubParsersAction))
+    action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     return dict(action.choices)
 
 
@@ -83,14 +97,31 @@ def test_installed_entry_point_and_module_run_as_subprocesses(tmp_path):
     assert r.returncode == 0
     for cmd in COMMANDS:
         assert cmd in r.stdout
-    r = subprocess.run([sys.executable, "-m", "medlens.cli", "predict", "--help"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "medlens.cli", "predict", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0 and "--json" in r.stdout
     # A real exit status for a user error: 2 and a one-line message naming the path.
     missing = tmp_path / "no-such-data"
-    r = subprocess.run([str(exe), "train", "--data", str(missing), "--out", str(tmp_path / "o"),
-                        "--model", "cnn", "--quiet"], capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [
+            str(exe),
+            "train",
+            "--data",
+            str(missing),
+            "--out",
+            str(tmp_path / "o"),
+            "--model",
+            "cnn",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert str(missing) in r.stderr and r.stderr.startswith("medlens train: error:")
@@ -98,8 +129,10 @@ def test_installed_entry_point_and_module_run_as_subprocesses(tmp_path):
 
 
 def test_help_does_not_import_torch():
-    code = ("import sys\nfrom medlens.cli import main\ntry:\n    main(['train', '--help'])\n"
-            "except SystemExit as e:\n    assert e.code == 0\nprint('torch' in sys.modules)")
+    code = (
+        "import sys\nfrom medlens.cli import main\ntry:\n    main(['train', '--help'])\n"
+        "except SystemExit as e:\n    assert e.code == 0\nprint('torch' in sys.modules)"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "False"
@@ -113,26 +146,52 @@ def cli_run(tmp_path_factory, synthetic_data):
     """A run trained through `medlens train --config recipe.yaml` with overriding flags."""
     d = tmp_path_factory.mktemp("cli")
     recipe = d / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "model": "cnn", "epochs": 2, "image_size": 48, "batch_size": 8, "threads": 1,
-        "patience": 7, "augment": {"rotation": 0.0, "hflip": False}, "precision": "fp32",
-        "resize": "pad", "card": {"title": "Recipe card"}}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "model": "cnn",
+                "epochs": 2,
+                "image_size": 48,
+                "batch_size": 8,
+                "threads": 1,
+                "patience": 7,
+                "augment": {"rotation": 0.0, "hflip": False},
+                "precision": "fp32",
+                "resize": "pad",
+                "card": {"title": "Recipe card"},
+            }
+        )
+    )
     out = d / "recipe_run"
-    code = main(["train", "--data", str(synthetic_data), "--out", str(out), "--config",
-                 str(recipe), "--image-size", "32", "--name", "from-recipe", "--quiet",
-                 "--resize=stretch"])
+    code = main(
+        [
+            "train",
+            "--data",
+            str(synthetic_data),
+            "--out",
+            str(out),
+            "--config",
+            str(recipe),
+            "--image-size",
+            "32",
+            "--name",
+            "from-recipe",
+            "--quiet",
+            "--resize=stretch",
+        ]
+    )
     assert code == 0
     return out
 
 
 def test_train_recipe_with_flags_overriding_it(cli_run):
     cfg = yaml.safe_load((cli_run / "config.yaml").read_text())
-    assert cfg["image_size"] == 32                 # the flag wins over the recipe's 48
-    assert cfg["resize"] == "stretch"              # ... also when it repeats the default
+    assert cfg["image_size"] == 32  # the flag wins over the recipe's 48
+    assert cfg["resize"] == "stretch"  # ... also when it repeats the default
     assert cfg["epochs"] == 2 and cfg["batch_size"] == 8 and cfg["patience"] == 7  # recipe
     assert cfg["precision"] == "fp32" and cfg["precision_resolved"] == "fp32"
     assert cfg["augment"]["rotation"] == 0.0 and cfg["augment"]["hflip"] is False
-    assert cfg["augment"]["zoom"] == pytest.approx(0.1)   # unspecified: the default
+    assert cfg["augment"]["zoom"] == pytest.approx(0.1)  # unspecified: the default
     assert cfg["model"] == "cnn" and cfg["progress"] is False
     meta = json.loads((cli_run / "model.json").read_text())
     assert meta["name"] == "from-recipe"
@@ -146,30 +205,60 @@ def test_train_recipe_with_flags_overriding_it(cli_run):
 def test_train_recipe_with_unknown_setting_is_exit_2(capsys, tmp_path, synthetic_data):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("epochz: 3\n")
-    code, _, err = _run(capsys, "train", "--data", synthetic_data, "--out", tmp_path / "o",
-                        "--config", recipe, "--model", "cnn", "--quiet")
+    code, _, err = _run(
+        capsys,
+        "train",
+        "--data",
+        synthetic_data,
+        "--out",
+        tmp_path / "o",
+        "--config",
+        recipe,
+        "--model",
+        "cnn",
+        "--quiet",
+    )
     assert code == 2 and "epochz" in err
     assert not (tmp_path / "o").exists()
 
 
 def test_train_missing_recipe_file_is_exit_2(capsys, tmp_path, synthetic_data):
-    code, _, err = _run(capsys, "train", "--data", synthetic_data, "--out", tmp_path / "o",
-                        "--config", tmp_path / "nope.yaml", "--quiet")
+    code, _, err = _run(
+        capsys,
+        "train",
+        "--data",
+        synthetic_data,
+        "--out",
+        tmp_path / "o",
+        "--config",
+        tmp_path / "nope.yaml",
+        "--quiet",
+    )
     assert code == 2 and "nope.yaml" in err
 
 
 def test_train_nonexistent_data_is_exit_2_with_one_line(capsys, tmp_path):
     missing = tmp_path / "nowhere"
-    code, out, err = _run(capsys, "train", "--data", missing, "--out", tmp_path / "o",
-                          "--model", "cnn", "--quiet")
+    code, out, err = _run(
+        capsys, "train", "--data", missing, "--out", tmp_path / "o", "--model", "cnn", "--quiet"
+    )
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and str(missing) in err
     assert not (tmp_path / "o").exists()
 
 
 def test_train_unknown_model_is_exit_2_listing_choices(capsys, tmp_path, synthetic_data):
-    code, _, err = _run(capsys, "train", "--data", synthetic_data, "--out", tmp_path / "o",
-                        "--model", "alexnet", "--quiet")
+    code, _, err = _run(
+        capsys,
+        "train",
+        "--data",
+        synthetic_data,
+        "--out",
+        tmp_path / "o",
+        "--model",
+        "alexnet",
+        "--quiet",
+    )
     assert code == 2 and "alexnet" in err
     for name in list_models():
         assert name in err
@@ -177,8 +266,19 @@ def test_train_unknown_model_is_exit_2_listing_choices(capsys, tmp_path, synthet
 
 
 def test_train_existing_run_is_exit_2(capsys, trained_run, synthetic_data):
-    code, _, err = _run(capsys, "train", "--data", synthetic_data, "--out", trained_run,
-                        "--model", "cnn", "--image-size", "32", "--quiet")
+    code, _, err = _run(
+        capsys,
+        "train",
+        "--data",
+        synthetic_data,
+        "--out",
+        trained_run,
+        "--model",
+        "cnn",
+        "--image-size",
+        "32",
+        "--quiet",
+    )
     assert code == 2 and "already holds a run" in err
     assert (trained_run / "model.json").exists()
 
@@ -186,11 +286,21 @@ def test_train_existing_run_is_exit_2(capsys, trained_run, synthetic_data):
 # --------------------------------------------------------------------------- evaluate
 
 
-def test_evaluate_writes_metrics_report_and_predictions(capsys, tmp_path, trained_run,
-                                                        synthetic_data):
+def test_evaluate_writes_metrics_report_and_predictions(
+    capsys, tmp_path, trained_run, synthetic_data
+):
     out = tmp_path / "ev"
-    code, stdout, _ = _run(capsys, "evaluate", "--model", trained_run, "--data", synthetic_data,
-                           "--out", out, "--quiet")
+    code, stdout, _ = _run(
+        capsys,
+        "evaluate",
+        "--model",
+        trained_run,
+        "--data",
+        synthetic_data,
+        "--out",
+        out,
+        "--quiet",
+    )
     assert code == 0
     m = json.loads((out / "metrics.json").read_text())
     assert METRIC_KEYS <= set(m)
@@ -201,7 +311,8 @@ def test_evaluate_writes_metrics_report_and_predictions(capsys, tmp_path, traine
     assert set(m["per_class"]) == {"NORMAL", "PNEUMONIA"}
     assert np.array(m["confusion_matrix"]).sum() == 80
     assert m["threshold"] == pytest.approx(
-        json.loads((trained_run / "model.json").read_text())["threshold"])
+        json.loads((trained_run / "model.json").read_text())["threshold"]
+    )
     assert m["auc"] >= 0.95
     assert (out / "report.html").is_file() and (out / "predictions.csv").is_file()
     with open(out / "predictions.csv", newline="") as f:
@@ -217,25 +328,63 @@ def test_evaluate_bad_image_stops_unless_skipped(capsys, tmp_path, trained_run, 
     shutil.copytree(synthetic_data, data)
     bad = data / "NORMAL" / "IM-0999-0001.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    code, _, err = _run(capsys, "evaluate", "--model", trained_run, "--data", data, "--out",
-                        tmp_path / "ev", "--quiet")
+    code, _, err = _run(
+        capsys,
+        "evaluate",
+        "--model",
+        trained_run,
+        "--data",
+        data,
+        "--out",
+        tmp_path / "ev",
+        "--quiet",
+    )
     assert code == 2 and str(bad) in err and "--skip-bad-images" in err
     assert not (tmp_path / "ev" / "metrics.json").exists()
-    code, stdout, _ = _run(capsys, "evaluate", "--model", trained_run, "--data", data, "--out",
-                           tmp_path / "ev", "--quiet", "--skip-bad-images")
+    code, stdout, _ = _run(
+        capsys,
+        "evaluate",
+        "--model",
+        trained_run,
+        "--data",
+        data,
+        "--out",
+        tmp_path / "ev",
+        "--quiet",
+        "--skip-bad-images",
+    )
     assert code == 0
     assert "skipped 1 unreadable image(s)" in stdout
     assert any(line.startswith("n=80 ") for line in stdout.splitlines())
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["n"] == 80
 
 
-def test_evaluate_unknown_class_and_unknown_model_are_exit_2(capsys, tmp_path, trained_run,
-                                                             synthetic_data_3class):
-    code, _, err = _run(capsys, "evaluate", "--model", trained_run, "--data",
-                        synthetic_data_3class, "--out", tmp_path / "ev", "--quiet")
+def test_evaluate_unknown_class_and_unknown_model_are_exit_2(
+    capsys, tmp_path, trained_run, synthetic_data_3class
+):
+    code, _, err = _run(
+        capsys,
+        "evaluate",
+        "--model",
+        trained_run,
+        "--data",
+        synthetic_data_3class,
+        "--out",
+        tmp_path / "ev",
+        "--quiet",
+    )
     assert code == 2 and "unknown class names" in err and "NORMAL" in err
-    code, _, err = _run(capsys, "evaluate", "--model", "no-such-model", "--data",
-                        synthetic_data_3class, "--out", tmp_path / "ev", "--quiet")
+    code, _, err = _run(
+        capsys,
+        "evaluate",
+        "--model",
+        "no-such-model",
+        "--data",
+        synthetic_data_3class,
+        "--out",
+        tmp_path / "ev",
+        "--quiet",
+    )
     assert code == 2 and "no-such-model" in err and "available" in err
 
 
@@ -244,8 +393,10 @@ def test_evaluate_unknown_class_and_unknown_model_are_exit_2(capsys, tmp_path, t
 
 @pytest.fixture()
 def predict_inputs(tmp_path, synthetic_data):
-    good = sorted((synthetic_data / "NORMAL").glob("*.png"))[:2] + \
-        sorted((synthetic_data / "PNEUMONIA").glob("*.png"))[:2]
+    good = (
+        sorted((synthetic_data / "NORMAL").glob("*.png"))[:2]
+        + sorted((synthetic_data / "PNEUMONIA").glob("*.png"))[:2]
+    )
     junk = tmp_path / "junk.png"
     junk.write_text("not an image")
     missing = tmp_path / "missing.png"
@@ -262,8 +413,10 @@ def test_predict_table(capsys, trained_run, predict_inputs):
     by_path = {line.split("\t")[0]: line.split("\t") for line in lines}
     for f in good:
         path, label, probs, *warning = by_path[str(f)]
-        assert warning in ([], ["OUT-OF-DISTRIBUTION: unlike this model's training images; "
-                                "do not trust the label"])
+        assert warning in (
+            [],
+            ["OUT-OF-DISTRIBUTION: unlike this model's training images; do not trust the label"],
+        )
         assert label in ("NORMAL", "PNEUMONIA")
         values = dict(kv.split("=") for kv in probs.split())
         assert set(values) == {"NORMAL", "PNEUMONIA"}
@@ -274,8 +427,9 @@ def test_predict_table(capsys, trained_run, predict_inputs):
 
 def test_predict_json_lines(capsys, trained_run, predict_inputs):
     files, good, junk, _ = predict_inputs
-    code, out, _ = _run(capsys, "predict", *files, "--model", trained_run, "--json", "--quiet",
-                        "--batch-size", "2")
+    code, out, _ = _run(
+        capsys, "predict", *files, "--model", trained_run, "--json", "--quiet", "--batch-size", "2"
+    )
     assert code == 0
     records = [json.loads(line) for line in out.strip().splitlines()]
     assert len(records) == len(files)
@@ -285,8 +439,7 @@ def test_predict_json_lines(capsys, trained_run, predict_inputs):
     for r in ok:
         assert r["model"] == trained_run.name and r["threshold"] == thr
         assert sum(r["probabilities"].values()) == pytest.approx(1, abs=1e-5)
-        assert r["label"] == ("PNEUMONIA" if r["probabilities"]["PNEUMONIA"] >= thr
-                              else "NORMAL")
+        assert r["label"] == ("PNEUMONIA" if r["probabilities"]["PNEUMONIA"] >= thr else "NORMAL")
     bad = next(r for r in records if r["path"] == str(junk))
     assert bad["label"] is None and bad["probabilities"] is None and "not an image" in bad["error"]
 
@@ -294,8 +447,9 @@ def test_predict_json_lines(capsys, trained_run, predict_inputs):
 def test_predict_csv_lists_unreadable_files(capsys, tmp_path, trained_run, predict_inputs):
     files, good, junk, missing = predict_inputs
     out_csv = tmp_path / "preds.csv"
-    code, out, err = _run(capsys, "predict", *files, "--model", trained_run, "--out", out_csv,
-                          "--quiet")
+    code, out, err = _run(
+        capsys, "predict", *files, "--model", trained_run, "--out", out_csv, "--quiet"
+    )
     assert code == 0
     assert out == ""
     assert f"wrote {len(files)} rows" in err and "(2 unreadable)" in err
@@ -319,8 +473,17 @@ def test_predict_backends_agree(capsys, trained_run, synthetic_data):
     files = sorted((synthetic_data / "PNEUMONIA").glob("*.png"))[:3]
     results = {}
     for backend in ("torch", "onnx"):
-        code, out, _ = _run(capsys, "predict", *files, "--model", trained_run, "--json",
-                            "--quiet", "--backend", backend)
+        code, out, _ = _run(
+            capsys,
+            "predict",
+            *files,
+            "--model",
+            trained_run,
+            "--json",
+            "--quiet",
+            "--backend",
+            backend,
+        )
         assert code == 0
         results[backend] = [json.loads(line) for line in out.strip().splitlines()]
     for t, o in zip(results["torch"], results["onnx"]):
@@ -330,8 +493,9 @@ def test_predict_backends_agree(capsys, trained_run, synthetic_data):
 
 
 def test_predict_folder_recurses(capsys, trained_run, synthetic_data):
-    code, out, _ = _run(capsys, "predict", synthetic_data, "--model", trained_run, "--json",
-                        "--quiet")
+    code, out, _ = _run(
+        capsys, "predict", synthetic_data, "--model", trained_run, "--json", "--quiet"
+    )
     assert code == 0
     records = [json.loads(line) for line in out.strip().splitlines()]
     assert len(records) == 80
@@ -347,8 +511,9 @@ def test_predict_only_unreadable_files_is_exit_1(capsys, tmp_path, trained_run):
 
 
 def test_predict_unknown_model_is_exit_2(capsys, tmp_path, synthetic_data):
-    code, _, err = _run(capsys, "predict", synthetic_data, "--model", tmp_path / "nothing",
-                        "--quiet")
+    code, _, err = _run(
+        capsys, "predict", synthetic_data, "--model", tmp_path / "nothing", "--quiet"
+    )
     assert code == 2 and "nothing" in err and "available" in err
 
 
@@ -372,11 +537,27 @@ def test_explain_writes_a_colour_overlay_png(capsys, tmp_path, trained_run, synt
 
 def test_explain_errors_are_exit_2(capsys, tmp_path, trained_run, synthetic_data):
     img = sorted((synthetic_data / "NORMAL").glob("*.png"))[0]
-    code, _, err = _run(capsys, "explain", img, "--model", trained_run, "--out",
-                        tmp_path / "x.png", "--class", "COVID")
+    code, _, err = _run(
+        capsys,
+        "explain",
+        img,
+        "--model",
+        trained_run,
+        "--out",
+        tmp_path / "x.png",
+        "--class",
+        "COVID",
+    )
     assert code == 2 and "COVID" in err and "NORMAL" in err
-    code, _, err = _run(capsys, "explain", tmp_path / "none.png", "--model", trained_run,
-                        "--out", tmp_path / "x.png")
+    code, _, err = _run(
+        capsys,
+        "explain",
+        tmp_path / "none.png",
+        "--model",
+        trained_run,
+        "--out",
+        tmp_path / "x.png",
+    )
     assert code == 2 and "none.png" in err
     assert not (tmp_path / "x.png").exists()
 
@@ -393,14 +574,14 @@ def test_compare_two_runs(capsys, tmp_path, trained_run, cli_run):
     assert any(line.startswith(trained_run.name) for line in lines)
     assert any(line.startswith(cli_run.name) for line in lines)
     assert (out / "compare.html").is_file() and f"wrote {out / 'compare.html'}" in stdout
-    code, stdout, _ = _run(capsys, "compare", trained_run, cli_run, "--out", out, "--split",
-                           "test")
+    code, stdout, _ = _run(capsys, "compare", trained_run, cli_run, "--out", out, "--split", "test")
     assert code == 0 and cli_run.name in stdout
 
 
 def test_compare_missing_run_is_exit_2(capsys, tmp_path, trained_run):
-    code, _, err = _run(capsys, "compare", trained_run, tmp_path / "ghost", "--out",
-                        tmp_path / "cmp")
+    code, _, err = _run(
+        capsys, "compare", trained_run, tmp_path / "ghost", "--out", tmp_path / "cmp"
+    )
     assert code == 2 and "ghost" in err
 
 
@@ -453,8 +634,11 @@ def _manifest(path: Path, rows: list[tuple[Path, str]]) -> Path:
     return path
 
 
-@pytest.mark.skipif(not CHEST.is_dir(), reason=f"real data not available: {CHEST} is absent "
-                    "(the shared data folder sits beside the project root in the workspace)")
+@pytest.mark.skipif(
+    not CHEST.is_dir(),
+    reason=f"real data not available: {CHEST} is absent "
+    "(the shared data folder sits beside the project root in the workspace)",
+)
 def test_lite0_on_real_chest_xrays_generalises_to_unseen_patients(tmp_path, capsys):
     train_rows, eval_rows = [], []
     for label in ("NORMAL", "PNEUMONIA"):
@@ -468,17 +652,37 @@ def test_lite0_on_real_chest_xrays_generalises_to_unseen_patients(tmp_path, caps
     train_csv = _manifest(tmp_path / "train.csv", train_rows)
     eval_csv = _manifest(tmp_path / "eval.csv", eval_rows)
     run = tmp_path / "run"
-    code = main(["train", "--data", str(train_csv), "--out", str(run),
-                 "--model", "efficientnet-lite0", "--transfer", "frozen", "--image-size", "64",
-                 "--head-epochs", "30", "--batch-size", "16", "--threads", "1", "--quiet"])
+    code = main(
+        [
+            "train",
+            "--data",
+            str(train_csv),
+            "--out",
+            str(run),
+            "--model",
+            "efficientnet-lite0",
+            "--transfer",
+            "frozen",
+            "--image-size",
+            "64",
+            "--head-epochs",
+            "30",
+            "--batch-size",
+            "16",
+            "--threads",
+            "1",
+            "--quiet",
+        ]
+    )
     assert code == 0
     meta = json.loads((run / "model.json").read_text())
     assert meta["arch"] == "efficientnet-lite0" and meta["labels"] == ["NORMAL", "PNEUMONIA"]
     assert meta["training"]["layout"] == "csv"
 
     out = tmp_path / "eval"
-    code = main(["evaluate", "--model", str(run), "--data", str(eval_csv), "--out", str(out),
-                 "--quiet"])
+    code = main(
+        ["evaluate", "--model", str(run), "--data", str(eval_csv), "--out", str(out), "--quiet"]
+    )
     assert code == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["n"] == len(eval_rows)
@@ -487,12 +691,24 @@ def test_lite0_on_real_chest_xrays_generalises_to_unseen_patients(tmp_path, caps
     capsys.readouterr()
 
 
-def test_train_device_cuda_without_gpu_is_one_line_error(capsys, tmp_path, synthetic_data,
-                                                         monkeypatch):
+def test_train_device_cuda_without_gpu_is_one_line_error(
+    capsys, tmp_path, synthetic_data, monkeypatch
+):
     import torch
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    code, _, err = _run(capsys, "train", "--data", synthetic_data, "--out", tmp_path / "r",
-                        "--model", "cnn", "--device", "cuda")
+    code, _, err = _run(
+        capsys,
+        "train",
+        "--data",
+        synthetic_data,
+        "--out",
+        tmp_path / "r",
+        "--model",
+        "cnn",
+        "--device",
+        "cuda",
+    )
     assert code == 2
     assert "--device cuda" in err and "use --device cpu" in err
     assert "Traceback" not in err and not (tmp_path / "r").exists()

@@ -40,8 +40,10 @@ def test_load_run_evaluation_reads_metrics_predictions_and_history(trained_run):
     np.testing.assert_allclose(r["probs"].sum(1), 1, atol=1e-5)
     assert len(r["history"]) == 4 and r["history"][0]["epoch"] == 1.0
     test = load_run_evaluation(trained_run, split="test")
-    assert test["metrics"]["n"] == json.loads(
-        (trained_run / "eval" / "test" / "metrics.json").read_text())["n"]
+    assert (
+        test["metrics"]["n"]
+        == json.loads((trained_run / "eval" / "test" / "metrics.json").read_text())["n"]
+    )
 
 
 def test_load_run_evaluation_without_evaluation_is_a_clear_error(tmp_path, trained_run):
@@ -54,8 +56,9 @@ def test_load_run_evaluation_without_evaluation_is_a_clear_error(tmp_path, train
 
 def test_load_run_evaluation_without_predictions_still_works(tmp_path, trained_run):
     run = tmp_path / "run"
-    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("predictions.csv",
-                                                                    "checkpoints"))
+    shutil.copytree(
+        trained_run, run, ignore=shutil.ignore_patterns("predictions.csv", "checkpoints")
+    )
     r = load_run_evaluation(run)
     assert r["y_true"] is None and r["probs"] is None
     assert r["metrics"]["n"] > 0

@@ -28,10 +28,15 @@ def _kermany(root: Path, n_patients: int = 20, first: int = 0) -> list[Path]:
     """Kermany-like class folders: every patient has 2-3 images, so grouping matters."""
     files = []
     for p in range(first, first + n_patients):
-        files += [_img(root / "NORMAL" / f"IM-{p:04d}-0001.jpeg"), _img(root / "NORMAL" / f"IM-{p:04d}-0002.jpeg")]
+        files += [
+            _img(root / "NORMAL" / f"IM-{p:04d}-0001.jpeg"),
+            _img(root / "NORMAL" / f"IM-{p:04d}-0002.jpeg"),
+        ]
         files.append(_img(root / "NORMAL" / f"NORMAL2-IM-{p:04d}-0001.jpeg"))  # a different patient
-        files += [_img(root / "PNEUMONIA" / f"person{p}_bacteria_{p * 10}.jpeg", 200),
-                  _img(root / "PNEUMONIA" / f"person{p}_virus_{p * 10 + 1}.jpeg", 200)]
+        files += [
+            _img(root / "PNEUMONIA" / f"person{p}_bacteria_{p * 10}.jpeg", 200),
+            _img(root / "PNEUMONIA" / f"person{p}_virus_{p * 10 + 1}.jpeg", 200),
+        ]
     return files
 
 
@@ -45,24 +50,27 @@ def _assert_partition(ds, files):
     assert sorted(sources) == sorted(str(f) for f in files)
     names = list(ds.splits)
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             assert not _patients(ds.splits[a]) & _patients(ds.splits[b]), (a, b)
 
 
 # --------------------------------------------------------------------------- patient ids
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("person1234_bacteria_5678.jpeg", "person1234"),
-    ("person1234_virus_99.jpeg", "person1234"),
-    ("person447_virus_921_1.jpeg", "person447"),
-    ("IM-0115-0001.jpeg", "IM-0115"),
-    ("IM-0429-0001-0002.jpeg", "IM-0429"),
-    ("NORMAL2-IM-0115-0001.jpeg", "NORMAL2-IM-0115"),  # another series: not IM-0115
-    ("00001280_004.png", "00001280"),  # NIH ChestX-ray8
-    ("Tr-glTr_0000.jpg", None),
-    ("scan.png", None),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("person1234_bacteria_5678.jpeg", "person1234"),
+        ("person1234_virus_99.jpeg", "person1234"),
+        ("person447_virus_921_1.jpeg", "person447"),
+        ("IM-0115-0001.jpeg", "IM-0115"),
+        ("IM-0429-0001-0002.jpeg", "IM-0429"),
+        ("NORMAL2-IM-0115-0001.jpeg", "NORMAL2-IM-0115"),  # another series: not IM-0115
+        ("00001280_004.png", "00001280"),  # NIH ChestX-ray8
+        ("Tr-glTr_0000.jpg", None),
+        ("scan.png", None),
+    ],
+)
 def test_patient_id_default_reads_kermany_names(name, expected):
     assert patient_id(f"/some/folder/{name}") == expected
 
@@ -89,7 +97,10 @@ def test_list_images_recursive_sorted_skips_hidden(tmp_path):
     (tmp_path / ".DS_Store").write_bytes(b"\0")
     _img(tmp_path / ".hidden" / "h.png")
     _img(tmp_path / "__MACOSX" / "._a.jpg")
-    assert data.list_images(tmp_path) == [str(tmp_path / "a.jpg"), str(tmp_path / "b" / "deep" / "x.PNG")]
+    assert data.list_images(tmp_path) == [
+        str(tmp_path / "a.jpg"),
+        str(tmp_path / "b" / "deep" / "x.PNG"),
+    ]
     with pytest.raises(DataError, match="nope"):
         data.list_images(tmp_path / "nope")
 
@@ -194,7 +205,9 @@ def test_csv_with_patient_and_split_columns(tmp_path):
             f = _img(tmp_path / "imgs" / f"scan{p}_{k}.png")
             rows.append(f"imgs/{f.name},{'sick' if p % 2 else 'healthy'},P{p},{split}")
     rows[0] = f"{tmp_path / 'imgs' / 'scan0_0.png'},healthy,P0,test"  # absolute paths work too
-    ds = load_dataset(_manifest(tmp_path / "m.csv", "path,label,patient_id,split", rows), min_val=10)
+    ds = load_dataset(
+        _manifest(tmp_path / "m.csv", "path,label,patient_id,split", rows), min_val=10
+    )
     assert ds.layout == "csv" and ds.classes == ["healthy", "sick"]
     assert {k: len(v) for k, v in ds.splits.items()} == {"train": 32, "val": 16, "test": 12}
     assert ds.splits["test"][0] == Sample(str(tmp_path / "imgs" / "scan0_0.png"), 0, "P0")
@@ -222,10 +235,14 @@ def test_csv_integer_labels_sort_numerically(tmp_path):
 def test_csv_errors_name_file_line_and_column(tmp_path):
     _img(tmp_path / "ok.png")
     m = _manifest(tmp_path / "m.csv", "path,label", ["ok.png,a", "gone.png,b", "ok.png,b"])
-    with pytest.raises(DataError, match=r"m\.csv: 1 listed files do not exist \(line 3: gone\.png\)"):
+    with pytest.raises(
+        DataError, match=r"m\.csv: 1 listed files do not exist \(line 3: gone\.png\)"
+    ):
         load_dataset(m)
     m = _manifest(tmp_path / "m2.csv", "path,patient_id", ["ok.png,P1"])
-    with pytest.raises(DataError, match=r"m2\.csv has no 'label' column \(columns: path, patient_id\)"):
+    with pytest.raises(
+        DataError, match=r"m2\.csv has no 'label' column \(columns: path, patient_id\)"
+    ):
         load_dataset(m)
     m = _manifest(tmp_path / "m3.csv", "path,label,split", ["ok.png,a,training-ish"])
     with pytest.raises(DataError, match=r"m3\.csv line 2: split 'training-ish'"):
@@ -262,7 +279,9 @@ def test_npz_official_splits_and_loading(tmp_path):
         np.testing.assert_array_equal(s.load(), z["val_images"][3])
     assert str(f) in data._NPZ_CACHE  # opened once, reused by every sample
 
-    named = load_dataset(_npz(tmp_path / "flat.npz", flat_labels=True), classes=["normal", "pneumonia"])
+    named = load_dataset(
+        _npz(tmp_path / "flat.npz", flat_labels=True), classes=["normal", "pneumonia"]
+    )
     assert named.classes == ["normal", "pneumonia"] and named.splits["train"][1].label == 1
 
     every = load_dataset(f, mode="all")
@@ -273,15 +292,24 @@ def test_npz_official_splits_and_loading(tmp_path):
 
 def test_npz_errors(tmp_path):
     f = _npz(tmp_path / "partial.npz", val_images=1, val_labels=1)
-    with pytest.raises(DataError, match=r"lacks arrays val_images, val_labels \(present: test_images, test_labels, "
-                                        r"train_images, train_labels\)"):
+    with pytest.raises(
+        DataError,
+        match=r"lacks arrays val_images, val_labels \(present: test_images, test_labels, "
+        r"train_images, train_labels\)",
+    ):
         load_dataset(f)
     assert len(load_dataset(f, mode="all").splits["all"]) == 12  # evaluation needs test only
 
     rng = np.random.default_rng(0)
     bad = tmp_path / "mismatch.npz"
-    np.savez(bad, **{f"{s}_images": rng.integers(0, 255, (5, 4, 4), dtype=np.uint8) for s in ("train", "val", "test")},
-             **{f"{s}_labels": np.zeros((4, 1), np.uint8) for s in ("train", "val", "test")})
+    np.savez(
+        bad,
+        **{
+            f"{s}_images": rng.integers(0, 255, (5, 4, 4), dtype=np.uint8)
+            for s in ("train", "val", "test")
+        },
+        **{f"{s}_labels": np.zeros((4, 1), np.uint8) for s in ("train", "val", "test")},
+    )
     with pytest.raises(DataError, match="mismatch.npz: train_images has shape"):
         load_dataset(bad)
     with pytest.raises(DataError, match="only 1 classes were given"):
@@ -300,9 +328,14 @@ def test_mode_all_and_class_mapping(tmp_path):
 
     mapped = load_dataset(tmp_path / "test", mode="all", classes=["PNEUMONIA", "NORMAL", "COVID"])
     assert mapped.classes == ["PNEUMONIA", "NORMAL", "COVID"]
-    assert {Path(s.source).parent.name: s.label for s in mapped.splits["all"]} == {"PNEUMONIA": 0, "NORMAL": 1}
+    assert {Path(s.source).parent.name: s.label for s in mapped.splits["all"]} == {
+        "PNEUMONIA": 0,
+        "NORMAL": 1,
+    }
 
-    with pytest.raises(DataError, match=r"unknown class names in .*test: NORMAL; expected: PNEUMONIA, COVID"):
+    with pytest.raises(
+        DataError, match=r"unknown class names in .*test: NORMAL; expected: PNEUMONIA, COVID"
+    ):
         load_dataset(tmp_path / "test", mode="all", classes=["PNEUMONIA", "COVID"])
 
     # Evaluating a model on one class's images is allowed when the classes are known.
@@ -315,7 +348,9 @@ def test_folder_errors_name_the_path(tmp_path):
         load_dataset(tmp_path / "missing")
 
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match=r"no images found under .*empty; expected <root>/<class>/<image>"):
+    with pytest.raises(
+        DataError, match=r"no images found under .*empty; expected <root>/<class>/<image>"
+    ):
         load_dataset(tmp_path / "empty")
 
     _img(tmp_path / "loose" / "a.png")
@@ -325,11 +360,15 @@ def test_folder_errors_name_the_path(tmp_path):
     _kermany(tmp_path / "hollow", 2)
     (tmp_path / "hollow" / "COVID").mkdir()
     (tmp_path / "hollow" / "COVID" / "readme.txt").write_text("x")
-    with pytest.raises(DataError, match=r"class folder .*hollow/COVID has no images; remove it or add images"):
+    with pytest.raises(
+        DataError, match=r"class folder .*hollow/COVID has no images; remove it or add images"
+    ):
         load_dataset(tmp_path / "hollow")
 
     _img(tmp_path / "single" / "NORMAL" / "a.png")
-    with pytest.raises(DataError, match=r"only one class \(NORMAL\) found in .*single; .*at least two"):
+    with pytest.raises(
+        DataError, match=r"only one class \(NORMAL\) found in .*single; .*at least two"
+    ):
         load_dataset(tmp_path / "single")
 
     _kermany(tmp_path / "nested" / "chest_xray", 2)
@@ -361,7 +400,9 @@ def test_find_and_check_bad_images(tmp_path):
     text = tmp_path / "PNEUMONIA" / "person9001_virus_1.png"
     text.write_text("this is not a picture\n")
     good = tmp_path / "PNEUMONIA" / "person9002_virus_1.jpeg"
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(good, quality=95)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(
+        good, quality=95
+    )
     truncated = tmp_path / "PNEUMONIA" / "person9003_virus_1.jpeg"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     bad = {str(empty), str(text), str(truncated)}
@@ -388,7 +429,9 @@ def test_find_and_check_bad_images(tmp_path):
 # --------------------------------------------------------------------------- real data
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason=f"real data not available at {SHARED} (fresh clone)")
+@pytest.mark.skipif(
+    not SHARED.is_dir(), reason=f"real data not available at {SHARED} (fresh clone)"
+)
 def test_real_kermany_and_pneumoniamnist():
     ds = load_dataset(SHARED / "chest_xray" / "train")
     assert ds.classes == ["NORMAL", "PNEUMONIA"]

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from serve_fixtures import copy_run
 
 from medlens.cli import main
-from medlens.export import (ExportError, check_onnx, export_model, onnx_bytes, ort_session)
+from medlens.export import ExportError, check_onnx, export_model, onnx_bytes, ort_session
 from medlens.modelfile import ModelLoadError, load_network, read_meta, sha256_file
 from medlens.predict import Predictor
-from serve_fixtures import copy_run
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +24,12 @@ def exported(trained_run, tmp_path_factory) -> Path:
     """A copy of the tiny run with a ``card`` in model.json, exported once."""
     run = copy_run(trained_run, tmp_path_factory.mktemp("export") / "chest")
     d = json.loads((run / "model.json").read_text())
-    d["card"] = {"title": "Tiny chest test model", "modality": "chest X-ray (PA)",
-                 "intended_use": "Testing MedLens only.", "references": ["a paper"]}
+    d["card"] = {
+        "title": "Tiny chest test model",
+        "modality": "chest X-ray (PA)",
+        "intended_use": "Testing MedLens only.",
+        "references": ["a paper"],
+    }
     (run / "model.json").write_text(json.dumps(d))
     assert main(["export", "--model", str(run)]) == 0
     return run
@@ -172,14 +176,21 @@ def test_batch_predict_csv(exported, tmp_path, image_factory, capsys):
     (data / "ward" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     (data / "notes.txt").write_text("not an image extension: not listed")
     out = tmp_path / "predictions.csv"
-    rc = main(["predict", "--model", str(exported), str(data), "--out", str(out),
-               "--batch-size", "2"])
+    rc = main(
+        ["predict", "--model", str(exported), str(data), "--out", str(out), "--batch-size", "2"]
+    )
     assert rc == 0
     with open(out, newline="") as f:
         reader = csv.DictReader(f)
         rows = {Path(r["path"]).relative_to(data).as_posix(): r for r in reader}
-        assert reader.fieldnames == ["path", "label", "p_NORMAL", "p_PNEUMONIA", "ood_flag",
-                                     "error"]
+        assert reader.fieldnames == [
+            "path",
+            "label",
+            "p_NORMAL",
+            "p_PNEUMONIA",
+            "ood_flag",
+            "error",
+        ]
     assert set(rows) == {"a.png", "ward/b/c.png", "ward/d.jpg", "ward/broken.png"}
     assert rows["a.png"]["label"] == "PNEUMONIA" and rows["ward/b/c.png"]["label"] == "NORMAL"
     for name in ("a.png", "ward/b/c.png", "ward/d.jpg"):

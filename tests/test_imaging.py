@@ -31,6 +31,7 @@ SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
 
 # ------------------------------------------------------------------------------------ helpers
 
+
 def save(tmp_path: Path, name: str, im: Image.Image, **kwargs) -> Path:
     path = tmp_path / name
     im.save(path, **kwargs)
@@ -46,8 +47,12 @@ def png_header_only(width: int, height: int) -> bytes:
     """A PNG whose IHDR claims width x height (8-bit grey) with a tiny, bogus IDAT."""
     chunk = png_chunk
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def make_dicom(
@@ -106,6 +111,7 @@ def leaks_patient(img: DecodedImage) -> bool:
 
 
 # ----------------------------------------------------------------------------- raster formats
+
 
 def test_png_grey_and_rgb_round_trip_exactly(tmp_path):
     rng = np.random.default_rng(0)
@@ -249,6 +255,7 @@ def test_multi_frame_tiff_uses_first_frame(tmp_path):
 
 # ---------------------------------------------------------------------- decompression bombs
 
+
 def test_bomb_rejected_from_header_without_decoding(tmp_path):
     path = tmp_path / "bomb.png"
     path.write_bytes(png_header_only(30000, 30000))
@@ -287,6 +294,7 @@ def test_dicom_size_guard():
 
 
 # ------------------------------------------------------------------------------- bad inputs
+
 
 def test_empty_file_and_empty_upload(tmp_path):
     path = tmp_path / "x.png"
@@ -339,6 +347,7 @@ def test_name_overrides_path_in_messages(tmp_path):
 
 # ------------------------------------------------------------------------------------- DICOM
 
+
 def test_dicom_window_center_width(tmp_path):
     arr = np.array([[0, 1000, 1548, 2048], [2548, 2600, 3000, 4095]], np.uint16)
     ds = make_dicom(arr, bits_stored=12, WindowCenter=2048, WindowWidth=1000)
@@ -363,8 +372,14 @@ def test_dicom_monochrome1_is_inverted(tmp_path):
 def test_dicom_signed_ct_with_rescale_and_window(tmp_path):
     hu = np.array([[-1000, -160, 40], [240, 1000, 3000]], np.int32)
     stored = ((hu + 1024) // 1).astype(np.int16)  # slope 1, intercept -1024
-    ds = make_dicom(stored, bits_stored=16, RescaleSlope=1, RescaleIntercept=-1024,
-                    WindowCenter=40, WindowWidth=400)
+    ds = make_dicom(
+        stored,
+        bits_stored=16,
+        RescaleSlope=1,
+        RescaleIntercept=-1024,
+        WindowCenter=40,
+        WindowWidth=400,
+    )
     out = read_image(write_dicom(tmp_path, ds))
     px = out.pixels
     assert px[0, 0] == 0 and px[0, 1] == 0  # at or below the window's lower edge (-160)
@@ -484,8 +499,12 @@ def test_16bit_rgb_png_becomes_8bit_rgb():
     arr[0, 0] = (65535, 0, 0)
     arr[1, 3] = (0x1234, 0x8000, 0xFFFF)
     raw = b"".join(b"\0" + row.tobytes() for row in arr)
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 2, 16, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    png = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 2, 16, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
     out = read_image(png)
     assert out.pixels.shape == (2, 4, 3) and out.pixels.dtype == np.uint8
     assert tuple(out.pixels[0, 0]) == (255, 0, 0) and tuple(out.pixels[1, 3]) == (0x12, 0x80, 0xFF)

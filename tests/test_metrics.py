@@ -14,9 +14,28 @@ from medlens.metrics import (
     predict_labels,
 )
 
-KEYS = {"n", "labels", "accuracy", "balanced_accuracy", "auc", "f1", "f2", "precision",
-        "sensitivity", "specificity", "log_loss", "brier", "ece", "confusion_matrix",
-        "per_class", "threshold", "at_0_5", "ci", "ci_level", "n_bootstrap"}
+KEYS = {
+    "n",
+    "labels",
+    "accuracy",
+    "balanced_accuracy",
+    "auc",
+    "f1",
+    "f2",
+    "precision",
+    "sensitivity",
+    "specificity",
+    "log_loss",
+    "brier",
+    "ece",
+    "confusion_matrix",
+    "per_class",
+    "threshold",
+    "at_0_5",
+    "ci",
+    "ci_level",
+    "n_bootstrap",
+}
 
 
 def _binary(p_pos):
@@ -86,8 +105,10 @@ def test_multiclass_matches_sklearn():
     pred = p.argmax(1)
     assert m["f1"] == pytest.approx(f1_score(y, pred, average="macro"))
     cm = np.array(m["confusion_matrix"])
-    spec = [(cm.sum() - cm[c].sum() - cm[:, c].sum() + cm[c, c]) / (cm.sum() - cm[c].sum())
-            for c in range(3)]
+    spec = [
+        (cm.sum() - cm[c].sum() - cm[:, c].sum() + cm[c, c]) / (cm.sum() - cm[c].sum())
+        for c in range(3)
+    ]
     assert m["specificity"] == pytest.approx(np.mean(spec))
     assert sum(r["support"] for r in m["per_class"].values()) == m["n"] == 300
     for c, lab in enumerate("abc"):
@@ -188,7 +209,7 @@ def test_ece_positive_for_overconfident_predictions():
     y = np.array([1] * 6 + [0] * 4)
     assert expected_calibration_error(y, _binary(np.full(10, 0.9))) == pytest.approx(0.3)
     yk, pk = _random_task(3, 500)
-    sharp = pk ** 8 / (pk ** 8).sum(1, keepdims=True)
+    sharp = pk**8 / (pk**8).sum(1, keepdims=True)
     assert expected_calibration_error(yk, sharp) > expected_calibration_error(yk, pk)
 
 

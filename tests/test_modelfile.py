@@ -11,18 +11,36 @@ import torch
 import yaml
 
 from medlens import modelfile
-from medlens.modelfile import (ModelLoadError, ModelMeta, atomic_torch_save, atomic_write_bytes,
-                               atomic_write_text, build_network, load_network, read_meta,
-                               save_model, sha256_file, write_csv, write_json, write_yaml)
+from medlens.modelfile import (
+    ModelLoadError,
+    ModelMeta,
+    atomic_torch_save,
+    atomic_write_bytes,
+    atomic_write_text,
+    build_network,
+    load_network,
+    read_meta,
+    save_model,
+    sha256_file,
+    write_csv,
+    write_json,
+    write_yaml,
+)
 from medlens.preprocess import Preprocess
 
 
 def _meta(labels=("NORMAL", "PNEUMONIA"), arch="cnn", **kw) -> ModelMeta:
-    return ModelMeta(arch=arch, labels=list(labels),
-                     preprocess=Preprocess(image_size=32, channels=1, mean=(0.42,), std=(0.21,)),
-                     temperature=1.7, threshold=0.37 if len(labels) == 2 else None,
-                     threshold_method="youden" if len(labels) == 2 else None, dropout=0.25,
-                     name="tiny", **kw)
+    return ModelMeta(
+        arch=arch,
+        labels=list(labels),
+        preprocess=Preprocess(image_size=32, channels=1, mean=(0.42,), std=(0.21,)),
+        temperature=1.7,
+        threshold=0.37 if len(labels) == 2 else None,
+        threshold_method="youden" if len(labels) == 2 else None,
+        dropout=0.25,
+        name="tiny",
+        **kw,
+    )
 
 
 def _trained_looking(meta: ModelMeta):
@@ -66,8 +84,14 @@ def test_model_json_contents_and_weights_only_load(saved):
     d = json.loads((folder / "model.json").read_text())
     assert d["format_version"] == modelfile.FORMAT_VERSION
     assert d["task"] == "binary" and d["arch"] == "cnn"
-    assert d["preprocess"] == {"image_size": 32, "channels": 1, "mean": [0.42], "std": [0.21],
-                               "resize": "stretch", "grayscale": False}
+    assert d["preprocess"] == {
+        "image_size": 32,
+        "channels": 1,
+        "mean": [0.42],
+        "std": [0.21],
+        "resize": "stretch",
+        "grayscale": False,
+    }
     assert d["weights_sha256"] == sha256_file(folder / "model.pt")
     state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
     assert set(state) == set(net.state_dict())

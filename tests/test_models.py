@@ -10,8 +10,14 @@ from torch import nn
 from medlens import models
 from medlens.models import Classifier, count_parameters, create_model, list_models, model_info
 
-EXPECTED_MODELS = {"cnn", "densenet121", "efficientnet-b0", "efficientnet-lite0", "resnet18",
-                   "resnet50"}
+EXPECTED_MODELS = {
+    "cnn",
+    "densenet121",
+    "efficientnet-b0",
+    "efficientnet-lite0",
+    "resnet18",
+    "resnet50",
+}
 
 
 def test_registry_lists_every_backbone_sorted():
@@ -144,18 +150,20 @@ def lite0_state():
 def test_lite0_state_dict_maps_onto_monai_without_missing_or_unexpected_keys(lite0_state):
     from monai.networks.nets.efficientnet import EfficientNet
 
-    net = EfficientNet(models._LITE0_BLOCKS, spatial_dims=2, in_channels=3, num_classes=1000,
-                       image_size=224)
+    net = EfficientNet(
+        models._LITE0_BLOCKS, spatial_dims=2, in_channels=3, num_classes=1000, image_size=224
+    )
     mapped = models.map_lite0_state_dict(lite0_state, net)
     assert len(mapped) == len(lite0_state)
     result = net.load_state_dict(mapped, strict=False)
     assert result.missing_keys == [] and result.unexpected_keys == []
     # Flat "_blocks.N" keys become "_blocks.<stage>.N", the block index kept.
     assert "_blocks.0.0._depthwise_conv.weight" in mapped
-    assert "_blocks.1.1._depthwise_conv.weight" in mapped   # first block of stage 2 is block 1
-    assert "_blocks.6.15._project_conv.weight" in mapped    # the last of 16 blocks
-    torch.testing.assert_close(mapped["_blocks.6.15._project_conv.weight"],
-                               lite0_state["_blocks.15._project_conv.weight"])
+    assert "_blocks.1.1._depthwise_conv.weight" in mapped  # first block of stage 2 is block 1
+    assert "_blocks.6.15._project_conv.weight" in mapped  # the last of 16 blocks
+    torch.testing.assert_close(
+        mapped["_blocks.6.15._project_conv.weight"], lite0_state["_blocks.15._project_conv.weight"]
+    )
 
 
 def test_lite0_pretrained_weights_relu6_and_no_squeeze_excite(lite0_state):
@@ -167,8 +175,11 @@ def test_lite0_pretrained_weights_relu6_and_no_squeeze_excite(lite0_state):
     assert torch.equal(head_conv.weight, lite0_state["_conv_head.weight"])
     assert net.num_features == 1280
 
-    acts = [m for m in net.modules()
-            if type(m).__name__.lower() in ("swish", "memoryefficientswish", "silu")]
+    acts = [
+        m
+        for m in net.modules()
+        if type(m).__name__.lower() in ("swish", "memoryefficientswish", "silu")
+    ]
     assert acts == [], "Lite0 uses ReLU6, not swish"
     assert any(isinstance(m, nn.ReLU6) for m in net.modules())
     for m in net.modules():

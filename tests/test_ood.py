@@ -19,8 +19,8 @@ def test_in_distribution_rarely_flagged_and_outliers_always():
     xte, _ = _features(rng, 1000, 0.0)
     guard = fit_guard(xtr, ytr, xva, dim=8, quantile=0.99)
     assert np.mean([o["flag"] for o in guard(xva)]) == pytest.approx(0.01, abs=0.005)
-    assert np.mean([o["flag"] for o in guard(xte)]) < 0.05          # unseen in-distribution
-    shifted = xte + 5.0                                               # other data: far away
+    assert np.mean([o["flag"] for o in guard(xte)]) < 0.05  # unseen in-distribution
+    shifted = xte + 5.0  # other data: far away
     assert all(o["flag"] for o in guard(shifted))
     # Off the training manifold but near its centre: caught by the residual term.
     off = 0.0 + 1.0 * rng.normal(size=(200, 64))

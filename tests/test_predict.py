@@ -36,21 +36,21 @@ def test_probabilities_sum_to_one_and_follow_the_threshold_rule(predictor, synth
     preds = predictor.predict_pixels([read_image(f).pixels for f in files])
     assert len(preds) == len(files)
     thr = predictor.meta.threshold
-    for f, p in zip(files, preds):
+    for _f, p in zip(files, preds):
         assert set(p.probabilities) == {"NORMAL", "PNEUMONIA"}
         assert sum(p.probabilities.values()) == pytest.approx(1, abs=1e-5)
         assert all(0 <= v <= 1 for v in p.probabilities.values())
         expected = "PNEUMONIA" if p.probabilities["PNEUMONIA"] >= thr else "NORMAL"
         assert p.label == expected
         assert p.threshold == thr
-        assert p.to_dict() == {"label": p.label, "probabilities": p.probabilities,
-                               "threshold": thr}
+        assert p.to_dict() == {"label": p.label, "probabilities": p.probabilities, "threshold": thr}
     # The model learnt the synthetic task.
     assert sum(p.label == f.parent.name for f, p in zip(files, preds)) >= len(files) - 1
 
 
-def test_predict_pixels_matches_the_prepared_path_and_is_temperature_scaled(predictor,
-                                                                           synthetic_data):
+def test_predict_pixels_matches_the_prepared_path_and_is_temperature_scaled(
+    predictor, synthetic_data
+):
     files = _files(synthetic_data, "PNEUMONIA", 3)
     pixels = [read_image(f).pixels for f in files]
     x = np.stack([predictor.pre.prepare(p) for p in pixels])
@@ -60,7 +60,7 @@ def test_predict_pixels_matches_the_prepared_path_and_is_temperature_scaled(pred
     p_pos = torch.sigmoid(logits / predictor.meta.temperature).numpy()
     np.testing.assert_allclose(probs[:, 1], p_pos, atol=1e-6)
     got = [p.probabilities["PNEUMONIA"] for p in predictor.predict_pixels(pixels)]
-    np.testing.assert_allclose(got, probs[:, 1], atol=1e-6)   # rounded to 6 places
+    np.testing.assert_allclose(got, probs[:, 1], atol=1e-6)  # rounded to 6 places
 
 
 def test_rgb_input_to_a_grey_model_is_converted(predictor, image_factory):
@@ -119,8 +119,9 @@ def test_resolve_model_folder_without_model_json(tmp_path):
 def test_resolve_model_unknown_name_lists_the_available_models(tmp_path, trained_run):
     shelf = tmp_path / "models"
     shelf.mkdir()
-    shutil.copytree(trained_run, shelf / "chest-tiny", ignore=shutil.ignore_patterns("eval",
-                                                                                     "checkpoints"))
+    shutil.copytree(
+        trained_run, shelf / "chest-tiny", ignore=shutil.ignore_patterns("eval", "checkpoints")
+    )
     (shelf / "not-a-model").mkdir()
     assert set(available_models([shelf])) >= {"chest-tiny"}
     assert "not-a-model" not in available_models([shelf])
@@ -152,9 +153,13 @@ def multiclass_predictor(trained_run, tmp_path_factory):
     from medlens.modelfile import ModelMeta, build_network, save_model
     from medlens.preprocess import Preprocess
 
-    meta = ModelMeta(arch="cnn", labels=["a", "b", "c"],
-                     preprocess=Preprocess(image_size=32, channels=1, mean=(0.4,), std=(0.2,)),
-                     temperature=2.0, name="three")
+    meta = ModelMeta(
+        arch="cnn",
+        labels=["a", "b", "c"],
+        preprocess=Preprocess(image_size=32, channels=1, mean=(0.4,), std=(0.2,)),
+        temperature=2.0,
+        name="three",
+    )
     torch.manual_seed(0)
     net = build_network(meta).eval()
     folder = tmp_path_factory.mktemp("three") / "three"
@@ -206,8 +211,9 @@ def test_onnx_backend_matches_torch(trained_run, predictor, synthetic_data):
     t_logits, t_feats = predictor.forward_prepared(x, features=True)
     assert feats.shape == t_feats.shape == (6, 256)
     np.testing.assert_allclose(feats, t_feats, atol=1e-4)
-    assert [p.label for p in onnx.predict_prepared(x)] == \
-        [p.label for p in predictor.predict_prepared(x)]
+    assert [p.label for p in onnx.predict_prepared(x)] == [
+        p.label for p in predictor.predict_prepared(x)
+    ]
 
 
 def test_unknown_backend_is_an_error(trained_run):

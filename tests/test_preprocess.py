@@ -32,8 +32,13 @@ def _rgb(h=40, w=30, seed=0):
 @pytest.mark.parametrize("source", ["grey", "rgb"])
 @pytest.mark.parametrize("resize", ["stretch", "pad"])
 def test_prepare_shape_and_dtype(channels, source, resize):
-    pre = Preprocess(image_size=24, channels=channels, mean=(0.5,) * channels,
-                     std=(0.25,) * channels, resize=resize)
+    pre = Preprocess(
+        image_size=24,
+        channels=channels,
+        mean=(0.5,) * channels,
+        std=(0.25,) * channels,
+        resize=resize,
+    )
     pixels = _grey() if source == "grey" else _rgb()
     out = pre.prepare(pixels)
     assert out.dtype == np.uint8
@@ -69,8 +74,8 @@ def test_pad_keeps_aspect_ratio_with_black_bars():
     pre = Preprocess(image_size=64, channels=1, mean=(0.5,), std=(0.25,), resize="pad")
     out = pre.prepare(white)[0]
     assert out.shape == (64, 64)
-    assert np.all(out[:16] == 0) and np.all(out[48:] == 0)     # black rows top and bottom
-    assert np.all(out[16:48] == 255)                            # the image, full width
+    assert np.all(out[:16] == 0) and np.all(out[48:] == 0)  # black rows top and bottom
+    assert np.all(out[16:48] == 255)  # the image, full width
     # A tall image gets bars left and right instead.
     tall = pre.prepare(np.full((100, 50), 255, np.uint8))[0]
     assert np.all(tall[:, :16] == 0) and np.all(tall[:, 48:] == 0)
@@ -105,12 +110,14 @@ def test_normalize_is_exactly_scaled_and_standardised():
     x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 3, 8, 8), dtype=np.uint8))
     out = pre.normalize(x)
     assert out.dtype == torch.float32 and out.shape == (2, 3, 8, 8)
-    expected = (x.double() / 255 - torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1)) \
-        / torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1)
+    expected = (
+        x.double() / 255 - torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1)
+    ) / torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1)
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-6)
     # Known values: 0 -> -mean/std, 255 -> (1-mean)/std.
-    edge = pre.normalize(torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 1, 2)
-                         .expand(1, 3, 1, 2).contiguous())
+    edge = pre.normalize(
+        torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 1, 2).expand(1, 3, 1, 2).contiguous()
+    )
     for c in range(3):
         assert edge[0, c, 0, 0].item() == pytest.approx(-mean[c] / std[c], abs=1e-6)
         assert edge[0, c, 0, 1].item() == pytest.approx((1 - mean[c]) / std[c], abs=1e-6)
@@ -130,12 +137,24 @@ def test_call_equals_prepare_then_normalize():
 
 
 def test_to_dict_from_dict_round_trip():
-    pre = Preprocess(image_size=96, channels=3, mean=(0.485, 0.456, 0.406),
-                     std=(0.229, 0.224, 0.225), resize="pad")
+    pre = Preprocess(
+        image_size=96,
+        channels=3,
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+        resize="pad",
+    )
     d = pre.to_dict()
-    assert d == {"image_size": 96, "channels": 3, "mean": [0.485, 0.456, 0.406],
-                 "std": [0.229, 0.224, 0.225], "resize": "pad", "grayscale": False}
+    assert d == {
+        "image_size": 96,
+        "channels": 3,
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+        "resize": "pad",
+        "grayscale": False,
+    }
     import json
+
     back = Preprocess.from_dict(json.loads(json.dumps(d)))
     assert back == pre
     # Unknown keys (a newer model.json) are ignored; missing ones take defaults.
@@ -143,14 +162,17 @@ def test_to_dict_from_dict_round_trip():
     assert Preprocess.from_dict({"image_size": 32}) == Preprocess(image_size=32)
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    (dict(channels=2), "preprocess.channels"),
-    (dict(channels=1), "preprocess.mean/std"),            # 3 default means for 1 channel
-    (dict(std=(0.2, 0.0, 0.2)), "preprocess.std"),
-    (dict(resize="fit"), "preprocess.resize"),
-    (dict(image_size=4), "preprocess.image_size"),
-    (dict(image_size=4096), "preprocess.image_size"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(channels=2), "preprocess.channels"),
+        (dict(channels=1), "preprocess.mean/std"),  # 3 default means for 1 channel
+        (dict(std=(0.2, 0.0, 0.2)), "preprocess.std"),
+        (dict(resize="fit"), "preprocess.resize"),
+        (dict(image_size=4), "preprocess.image_size"),
+        (dict(image_size=4096), "preprocess.image_size"),
+    ],
+)
 def test_validation_errors_name_the_field(kwargs, field):
     with pytest.raises(ValueError) as e:
         Preprocess(**kwargs)
@@ -159,26 +181,36 @@ def test_validation_errors_name_the_field(kwargs, field):
 
 def test_geometry_key_depends_on_geometry_only():
     a = Preprocess(image_size=32, channels=1, mean=(0.5,), std=(0.25,))
-    assert a.geometry_key() == Preprocess(image_size=32, channels=1, mean=(0.1,),
-                                          std=(0.9,)).geometry_key()
-    assert a.geometry_key() != Preprocess(image_size=33, channels=1, mean=(0.5,),
-                                          std=(0.25,)).geometry_key()
+    assert (
+        a.geometry_key()
+        == Preprocess(image_size=32, channels=1, mean=(0.1,), std=(0.9,)).geometry_key()
+    )
+    assert (
+        a.geometry_key()
+        != Preprocess(image_size=33, channels=1, mean=(0.5,), std=(0.25,)).geometry_key()
+    )
     assert a.geometry_key() != Preprocess(image_size=32, channels=3).geometry_key()
-    assert a.geometry_key() != Preprocess(image_size=32, channels=1, mean=(0.5,), std=(0.25,),
-                                          resize="pad").geometry_key()
-    assert Preprocess(image_size=32, grayscale=True).geometry_key() != \
-        Preprocess(image_size=32).geometry_key()
+    assert (
+        a.geometry_key()
+        != Preprocess(
+            image_size=32, channels=1, mean=(0.5,), std=(0.25,), resize="pad"
+        ).geometry_key()
+    )
+    assert (
+        Preprocess(image_size=32, grayscale=True).geometry_key()
+        != Preprocess(image_size=32).geometry_key()
+    )
 
 
 def test_crop_keeps_the_centre_square_without_distortion_or_bars():
     img = np.zeros((60, 100), np.uint8)
-    img[:, 20:80] = 200          # the centre 60x60 square is bright; the sides are black
-    out = Preprocess(image_size=30, channels=1, mean=(0.5,), std=(0.25,),
-                     resize="crop").prepare(img)
+    img[:, 20:80] = 200  # the centre 60x60 square is bright; the sides are black
+    out = Preprocess(image_size=30, channels=1, mean=(0.5,), std=(0.25,), resize="crop").prepare(
+        img
+    )
     assert out.shape == (1, 30, 30) and out.min() == 200  # the sides were cut off
-    pad = Preprocess(image_size=30, channels=1, mean=(0.5,), std=(0.25,),
-                     resize="pad").prepare(img)
-    assert pad.min() == 0        # letterboxing keeps them (and adds bars)
+    pad = Preprocess(image_size=30, channels=1, mean=(0.5,), std=(0.25,), resize="pad").prepare(img)
+    assert pad.min() == 0  # letterboxing keeps them (and adds bars)
 
 
 def test_grayscale_makes_rgb_and_grey_files_of_one_picture_identical():
@@ -189,16 +221,17 @@ def test_grayscale_makes_rgb_and_grey_files_of_one_picture_identical():
     pre = Preprocess(image_size=32, grayscale=True)
     a, b = pre.prepare(grey), pre.prepare(rgb)
     assert a.shape == (3, 32, 32)
-    assert (a[0] == a[1]).all() and (b[0] == b[2]).all()   # three equal channels
+    assert (a[0] == a[1]).all() and (b[0] == b[2]).all()  # three equal channels
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
-    assert not (Preprocess(image_size=32).prepare(rgb)[0] == Preprocess(
-        image_size=32).prepare(rgb)[1]).all()               # without it the cue survives
+    assert not (
+        Preprocess(image_size=32).prepare(rgb)[0] == Preprocess(image_size=32).prepare(rgb)[1]
+    ).all()  # without it the cue survives
 
 
 def test_compute_mean_std():
     x = np.zeros((4, 2, 8, 8), np.uint8)
-    x[:, 0] = 51            # constant channel: mean 0.2, std floored at 1e-3
-    x[:2, 1] = 255          # half white, half black: mean 0.5, std 0.5
+    x[:, 0] = 51  # constant channel: mean 0.2, std floored at 1e-3
+    x[:2, 1] = 255  # half white, half black: mean 0.5, std 0.5
     mean, std = compute_mean_std(x, chunk=3)  # chunking must not change the result
     assert mean == pytest.approx([0.2, 0.5], abs=1e-6)
     assert std == pytest.approx([1e-3, 0.5], abs=1e-6)
@@ -246,8 +279,9 @@ def test_augment_disabled_returns_the_input_unchanged():
 def test_augment_with_zero_ranges_is_the_identity_and_flip_only_flips():
     x = _batch()
     still = AugmentSpec(rotation=0, shift=0, zoom=0, hflip=False, brightness=0, contrast=0)
-    torch.testing.assert_close(augment(x, still, torch.Generator().manual_seed(0)), x,
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        augment(x, still, torch.Generator().manual_seed(0)), x, atol=1e-5, rtol=0
+    )
     flip_only = AugmentSpec(rotation=0, shift=0, zoom=0, hflip=True, brightness=0, contrast=0)
     x = torch.rand(16, 1, 12, 12, generator=torch.Generator().manual_seed(1))
     out = augment(x, flip_only, torch.Generator().manual_seed(3))
@@ -283,8 +317,9 @@ def _write_pngs(folder: Path, n: int, colour: bool = False) -> list[Path]:
 @pytest.mark.parametrize("channels, colour", [(1, False), (3, True), (3, False)])
 def test_cached_and_uncached_paths_give_identical_inputs(tmp_path, channels, colour):
     paths = _write_pngs(tmp_path / "imgs", 5, colour)
-    pre = Preprocess(image_size=24, channels=channels, mean=(0.4,) * channels,
-                     std=(0.3,) * channels)
+    pre = Preprocess(
+        image_size=24, channels=channels, mean=(0.4,) * channels, std=(0.3,) * channels
+    )
     samples = [Sample(str(p), 0) for p in paths]
     res = prepare_samples(samples, pre, workers=1, progress=False)
     assert res.errors == [] and res.keep == list(range(5))
@@ -327,9 +362,13 @@ def test_prepare_samples_cache_dir_writes_npy_and_reuses_it(tmp_path):
     assert np.array_equal(np.load(npys[0]), first.pixels)
 
     # Another geometry is another cache entry.
-    other = prepare_samples(samples, Preprocess(image_size=20, channels=1, mean=(0.5,),
-                                                std=(0.25,)),
-                            workers=1, progress=False, cache_dir=cache)
+    other = prepare_samples(
+        samples,
+        Preprocess(image_size=20, channels=1, mean=(0.5,), std=(0.25,)),
+        workers=1,
+        progress=False,
+        cache_dir=cache,
+    )
     assert other.pixels.shape == (4, 1, 20, 20)
     assert len(list(cache.glob("*.npy"))) == 2
 
@@ -352,8 +391,9 @@ def test_prepare_samples_cache_invalidated_when_a_file_changes(tmp_path):
 def test_prepare_samples_without_cache_dir_writes_nothing(tmp_path):
     paths = _write_pngs(tmp_path / "imgs", 2)
     before = sorted(tmp_path.rglob("*"))
-    prepare_samples([Sample(str(p), 0) for p in paths], Preprocess(image_size=16),
-                    workers=1, progress=False)
+    prepare_samples(
+        [Sample(str(p), 0) for p in paths], Preprocess(image_size=16), workers=1, progress=False
+    )
     assert sorted(tmp_path.rglob("*")) == before
 
 
@@ -362,8 +402,9 @@ def test_training_decodes_a_large_jpeg_as_the_web_app_does(tmp_path):
     size) decode a large JPEG at the same reduced scale, so the network sees the same pixels."""
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:800, :1000]
-    arr = np.stack([(xx / 4) % 256, (yy / 4) % 256, rng.integers(0, 256, (800, 1000))],
-                   axis=2).astype(np.uint8)
+    arr = np.stack(
+        [(xx / 4) % 256, (yy / 4) % 256, rng.integers(0, 256, (800, 1000))], axis=2
+    ).astype(np.uint8)
     path = tmp_path / "throat.jpg"
     Image.fromarray(arr).save(path, quality=90)
     pre = Preprocess(image_size=64, resize="crop")

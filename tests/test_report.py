@@ -22,8 +22,14 @@ def _task(k, n=200, seed=0):
 def _history(n=8, with_auc=True):
     rows = []
     for e in range(1, n + 1):
-        row = {"epoch": e, "train_loss": 1 / e, "val_loss": 1.1 / e, "train_acc": 1 - 0.4 / e,
-               "val_acc": 0.9 - 0.4 / e, "lr": 1e-3}
+        row = {
+            "epoch": e,
+            "train_loss": 1 / e,
+            "val_loss": 1.1 / e,
+            "train_acc": 1 - 0.4 / e,
+            "val_acc": 0.9 - 0.4 / e,
+            "lr": 1e-3,
+        }
         row["val_auc"] = 0.95 - 0.3 / e if with_auc else None
         rows.append(row)
     return rows
@@ -42,10 +48,23 @@ def test_write_report(tmp_path, k, history):
     y, p = _task(k)
     threshold = 0.4 if k == 2 else None
     m = compute_metrics(y, p, labels, threshold, n_bootstrap=100)
-    info = {"model": "resnet18", "version": "1.2", "dataset": "demo-xray",
-            "threshold_method": "youden"}
-    path = write_report(tmp_path / "out", m, y, p, labels, threshold=threshold, history=history,
-                        model_info=info, title="Demo <eval>")
+    info = {
+        "model": "resnet18",
+        "version": "1.2",
+        "dataset": "demo-xray",
+        "threshold_method": "youden",
+    }
+    path = write_report(
+        tmp_path / "out",
+        m,
+        y,
+        p,
+        labels,
+        threshold=threshold,
+        history=history,
+        model_info=info,
+        title="Demo <eval>",
+    )
     html = path.read_text()
     assert path.name == "report.html"
     names = BASE_PLOTS | ({"training"} if history else set())
@@ -90,9 +109,16 @@ def test_write_comparison(tmp_path):
     for i, (k, name) in enumerate([(2, "resnet18"), (2, "<effnet>"), (3, "three-class")]):
         y, p = _task(k, seed=i)
         m = compute_metrics(y, p, [str(c) for c in range(k)], n_bootstrap=50)
-        runs.append({"name": name, "metrics": m, "history": _history(4 + i) if i < 2 else None,
-                     "y_true": y if i else None, "probs": p if i else None,
-                     "labels": [str(c) for c in range(k)]})
+        runs.append(
+            {
+                "name": name,
+                "metrics": m,
+                "history": _history(4 + i) if i < 2 else None,
+                "y_true": y if i else None,
+                "probs": p if i else None,
+                "labels": [str(c) for c in range(k)],
+            }
+        )
     path = write_comparison(runs, tmp_path / "cmp")
     html = path.read_text()
     assert path.name == "compare.html"

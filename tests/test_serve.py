@@ -13,13 +13,12 @@ import tempfile
 import numpy as np
 import pytest
 from PIL import Image
+from serve_fixtures import BINARY, MULTI, encode, served_models  # noqa: F401 - fixture
+from test_imaging import SR_STORAGE, _encapsulated, dicom_bytes, make_dicom, png_header_only  # noqa: E402
 
 from medlens.modelfile import ModelLoadError, read_meta
 from medlens.predict import Predictor
 from medlens.serve import create_app, discover_models
-from serve_fixtures import BINARY, MULTI, encode, served_models  # noqa: F401 - fixture
-from test_imaging import (SR_STORAGE, _encapsulated, dicom_bytes, make_dicom,  # noqa: E402
-                          png_header_only)
 
 pytest.importorskip("httpx2", reason="FastAPI's TestClient needs httpx2: pip install -e '.[test]'")
 from fastapi import FastAPI, UploadFile  # noqa: E402
@@ -46,8 +45,11 @@ def png(image_factory) -> bytes:
 
 
 def post(client, data: bytes, name: str = "scan.png", model: str = BINARY, **params):
-    return client.post(f"/api/v1/models/{model}/predict", params=params,
-                       files={"file": (name, data, "application/octet-stream")})
+    return client.post(
+        f"/api/v1/models/{model}/predict",
+        params=params,
+        files={"file": (name, data, "application/octet-stream")},
+    )
 
 
 def detail(r) -> str:
@@ -86,8 +88,16 @@ def test_predict_png_matches_the_torch_network(client, served_models, png, image
     r = post(client, png)
     assert r.status_code == 200, r.text
     body = r.json()
-    assert set(body) == {"model", "version", "label", "probabilities", "threshold", "ood",
-                         "elapsed_ms", "notes"}
+    assert set(body) == {
+        "model",
+        "version",
+        "label",
+        "probabilities",
+        "threshold",
+        "ood",
+        "elapsed_ms",
+        "notes",
+    }
     assert body["model"] == BINARY
     # The run's guard (ood.npz) scores every upload; a training-like image is not flagged.
     assert body["ood"]["flag"] is False and body["ood"]["score"] > 0
@@ -95,15 +105,15 @@ def test_predict_png_matches_the_torch_network(client, served_models, png, image
     assert sum(body["probabilities"].values()) == pytest.approx(1, abs=1e-5)
     thr = read_meta(served_models / BINARY).threshold
     assert body["threshold"] == thr
-    assert body["label"] == ("PNEUMONIA" if body["probabilities"]["PNEUMONIA"] >= thr
-                             else "NORMAL")
+    assert body["label"] == ("PNEUMONIA" if body["probabilities"]["PNEUMONIA"] >= thr else "NORMAL")
     assert body["label"] == "PNEUMONIA"  # a bright disc
     assert body["elapsed_ms"] > 0 and body["notes"] == []
     # ONNX Runtime serves it; the torch network gives the same probabilities.
     served = client.app.state.models[BINARY].predictor
     assert served.backend.startswith("onnx") and served.session is not None
     ref = Predictor(served_models / BINARY, backend="torch").predict_pixels(
-        [image_factory("bright", seed=7)])[0]
+        [image_factory("bright", seed=7)]
+    )[0]
     for c, p in ref.probabilities.items():
         assert body["probabilities"][c] == pytest.approx(p, abs=1e-4)
 
@@ -124,12 +134,16 @@ def test_predict_with_explain_adds_the_grad_cam_overlay(client, png):
 
 
 def test_predict_multiclass_with_explain(client, image_factory):
-    r = post(client, encode(Image.fromarray(image_factory("stripes", seed=2))), model=MULTI,
-             explain=True)
+    r = post(
+        client, encode(Image.fromarray(image_factory("stripes", seed=2))), model=MULTI, explain=True
+    )
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["threshold"] is None and list(body["probabilities"]) == ["bright", "dark",
-                                                                         "stripes"]
+    assert body["threshold"] is None and list(body["probabilities"]) == [
+        "bright",
+        "dark",
+        "stripes",
+    ]
     assert body["label"] == max(body["probabilities"], key=body["probabilities"].get)
     assert "cam_png_base64" in body
 
@@ -148,8 +162,9 @@ def test_unknown_model_is_404_and_names_the_available_ones(client, png):
     assert "'brain-huge'" in msg and BINARY in msg and MULTI in msg and "/api/v1/models" in msg
 
 
-@pytest.mark.parametrize("path", ["/api/v1/models/..%2F..%2Fetc/predict",
-                                  "/api/v1/models/../../etc/passwd/predict"])
+@pytest.mark.parametrize(
+    "path", ["/api/v1/models/..%2F..%2Fetc/predict", "/api/v1/models/../../etc/passwd/predict"]
+)
 def test_model_names_never_become_paths(client, png, path):
     r = client.post(path, files={"file": ("x.png", png)})
     assert r.status_code == 404
@@ -191,8 +206,10 @@ BAD = {
     # 30000 x 30000 grey PNG of 100 bytes: refused from its header, before decoding.
     "decompression bomb": (lambda f: png_header_only(30000, 30000), "900.0 MP"),
     "DICOM without pixel data": (lambda f: _dicom_without_pixels(), "has no pixel data"),
-    "DICOM JPEG-LS": (lambda f: dicom_bytes(_encapsulated("1.2.840.10008.1.2.4.80")),
-                      "JPEG-LS Lossless Image Compression (1.2.840.10008.1.2.4.80)"),
+    "DICOM JPEG-LS": (
+        lambda f: dicom_bytes(_encapsulated("1.2.840.10008.1.2.4.80")),
+        "JPEG-LS Lossless Image Compression (1.2.840.10008.1.2.4.80)",
+    ),
 }
 
 
@@ -203,8 +220,7 @@ def _dicom_without_pixels() -> bytes:
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_upload_is_a_clear_422_and_the_server_keeps_serving(client, png, image_factory,
-                                                                case):
+def test_bad_upload_is_a_clear_422_and_the_server_keeps_serving(client, png, image_factory, case):
     make, expected = BAD[case]
     r = post(client, make(image_factory), name="patient-doe-jane.png")
     assert r.status_code == 422, r.text
@@ -229,15 +245,18 @@ def test_upload_over_the_limit_is_413_while_reading(client, png):
 
         # No Content-Length (chunked): the limit is enforced on the bytes as they arrive.
         def chunks():
-            head = (b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
-                    b"Content-Type: image/png\r\n\r\n")
+            head = (
+                b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
+                b"Content-Type: image/png\r\n\r\n"
+            )
             yield head
             for _ in range(40):
                 yield b"\0" * 65536
             yield b"\r\n--XyZ--\r\n"
 
-        r = client.post(PREDICT, content=chunks(),
-                        headers={"content-type": "multipart/form-data; boundary=XyZ"})
+        r = client.post(
+            PREDICT, content=chunks(), headers={"content-type": "multipart/form-data; boundary=XyZ"}
+        )
         assert r.status_code == 413 and "limit" in detail(r)
         assert post(client, png).status_code == 200  # just under the limit still works
     finally:
@@ -264,7 +283,7 @@ def test_unusual_image_modes_are_handled(client, image_factory, mode):
 
 
 def test_dicom_16bit_and_multi_frame(client, image_factory):
-    frame = (image_factory("bright", seed=4).astype(np.uint16) * 16)  # 12-bit values
+    frame = image_factory("bright", seed=4).astype(np.uint16) * 16  # 12-bit values
     r = post(client, dicom_bytes(make_dicom(frame, bits_stored=12)), name="a.dcm")
     assert r.status_code == 200, r.text
     single = r.json()
@@ -282,8 +301,9 @@ def test_dicom_16bit_and_multi_frame(client, image_factory):
 def test_a_5mb_upload_never_touches_the_disk(client, monkeypatch, tmp_path):
     """The upload is parsed in memory: no temporary file is created, not even spooled."""
     rng = np.random.default_rng(0)
-    data = encode(Image.fromarray(rng.integers(0, 256, (1300, 1300, 3), dtype=np.uint8)),
-                  compress_level=0)
+    data = encode(
+        Image.fromarray(rng.integers(0, 256, (1300, 1300, 3), dtype=np.uint8)), compress_level=0
+    )
     assert len(data) > 5_000_000
     spool = tmp_path / "tmp"
     spool.mkdir()
@@ -322,8 +342,7 @@ def test_the_disk_check_would_see_starlettes_spooling(monkeypatch, tmp_path):
     assert opened, "Starlette no longer spools large uploads; the disk test proves less"
 
 
-def test_one_log_line_per_prediction_without_names_or_patient_fields(client, caplog,
-                                                                     image_factory):
+def test_one_log_line_per_prediction_without_names_or_patient_fields(client, caplog, image_factory):
     frame = image_factory("dark", seed=9).astype(np.uint16) * 16
     data = dicom_bytes(make_dicom(frame, bits_stored=12))
     with caplog.at_level(logging.INFO, logger="medlens.serve"):
@@ -407,11 +426,21 @@ def test_dashboard_page(client):
     html = r.text
     _local_only(html)
     assert 'src="/vendor/plotly.min.js"' in html
-    figures = json.loads(re.search(r'<script type="application/json" id="figures">(.*?)</script>',
-                                   html, re.S).group(1))
+    figures = json.loads(
+        re.search(r'<script type="application/json" id="figures">(.*?)</script>', html, re.S).group(
+            1
+        )
+    )
     # The trained run: curves, ROC, confusion matrix; the comparison across models.
-    assert {"m0-curve-acc", "m0-curve-loss", "m0-roc", "m0-confusion", "compare-metrics",
-            "compare-curves", "compare-roc"} <= set(figures)
+    assert {
+        "m0-curve-acc",
+        "m0-curve-loss",
+        "m0-roc",
+        "m0-confusion",
+        "compare-metrics",
+        "compare-curves",
+        "compare-roc",
+    } <= set(figures)
     acc = figures["m0-curve-acc"]["data"]
     assert [t["name"] for t in acc] == ["train", "validation"]
     assert figures["m0-confusion"]["data"][0]["type"] == "heatmap"

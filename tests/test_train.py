@@ -17,11 +17,19 @@ import yaml
 
 from medlens import models
 from medlens.data import DataError
-from medlens.imaging import ImageReadError
 from medlens.train import HISTORY_COLUMNS, TrainConfig, TrainError, train
 
-COLUMNS = ["epoch", "stage", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "lr",
-           "seconds"]
+COLUMNS = [
+    "epoch",
+    "stage",
+    "train_loss",
+    "train_acc",
+    "val_loss",
+    "val_acc",
+    "val_auc",
+    "lr",
+    "seconds",
+]
 
 
 def _history(run: Path) -> list[dict]:
@@ -47,10 +55,19 @@ def test_history_columns_constant():
 
 
 def test_run_folder_has_every_artefact(trained_run):
-    for rel in ("config.yaml", "training_metrics.csv", "model.json", "model.pt",
-                "checkpoints/last.pt", "eval/val/metrics.json", "eval/val/report.html",
-                "eval/val/predictions.csv", "eval/test/metrics.json", "eval/test/report.html",
-                "eval/test/predictions.csv"):
+    for rel in (
+        "config.yaml",
+        "training_metrics.csv",
+        "model.json",
+        "model.pt",
+        "checkpoints/last.pt",
+        "eval/val/metrics.json",
+        "eval/val/report.html",
+        "eval/val/predictions.csv",
+        "eval/test/metrics.json",
+        "eval/test/report.html",
+        "eval/test/predictions.csv",
+    ):
         assert (trained_run / rel).is_file(), rel
     assert not list(trained_run.rglob("*.tmp"))
 
@@ -59,8 +76,8 @@ def test_config_yaml_is_fully_resolved(trained_run, synthetic_data):
     cfg = yaml.safe_load((trained_run / "config.yaml").read_text())
     assert cfg["model"] == "cnn" and cfg["data"] == str(synthetic_data)
     assert cfg["image_size"] == 32
-    assert cfg["channels"] == 1              # grey images, no pretrained weights
-    assert cfg["pretrained"] is False        # cnn has no ImageNet weights
+    assert cfg["channels"] == 1  # grey images, no pretrained weights
+    assert cfg["pretrained"] is False  # cnn has no ImageNet weights
     assert cfg["epochs"] == 4 and cfg["seed"] == 0
     assert cfg["classes"] == ["NORMAL", "PNEUMONIA"]
     assert cfg["precision_resolved"] in ("fp32", "bf16")
@@ -78,6 +95,7 @@ def test_config_yaml_is_fully_resolved(trained_run, synthetic_data):
     assert any("patient" in n for n in cfg["data_notes"])
     # Every TrainConfig setting is in there.
     from dataclasses import fields
+
     assert {f.name for f in fields(TrainConfig)} <= set(cfg)
 
 
@@ -100,8 +118,9 @@ def test_model_json_is_calibrated_and_binary(trained_run):
     assert m["name"] == trained_run.name
     assert m["temperature"] > 0
     assert 0 < m["threshold"] <= 1 and m["threshold_method"] == "youden"
-    assert m["preprocess"] == yaml.safe_load((trained_run / "config.yaml").read_text())[
-        "preprocess"]
+    assert (
+        m["preprocess"] == yaml.safe_load((trained_run / "config.yaml").read_text())["preprocess"]
+    )
     t = m["training"]
     assert t["epochs_run"] == 4 and t["stages"] == ["full"] and t["layout"] == "class_folders"
     assert set(m["metrics"]) == {"val", "test"}
@@ -128,7 +147,7 @@ def test_predictions_csv_lists_the_split(trained_run):
     assert len(rows) == _json(trained_run / "eval" / "test" / "metrics.json")["n"]
     for r in rows:
         assert Path(r["path"]).exists()
-        assert Path(r["path"]).parent.name == r["true"]   # class folder = true label
+        assert Path(r["path"]).parent.name == r["true"]  # class folder = true label
         assert float(r["p_NORMAL"]) + float(r["p_PNEUMONIA"]) == pytest.approx(1, abs=1e-5)
 
 
@@ -174,7 +193,6 @@ def test_resume_without_checkpoint_is_an_error(tmp_path, synthetic_data, train_c
 # --------------------------------------------------------------------------- resume
 
 
-
 class _Interrupt(Exception):
     pass
 
@@ -184,11 +202,13 @@ def _interrupt_at(prefix: str, logs: list):
         logs.append(msg)
         if msg.startswith(prefix):
             raise _Interrupt(msg)
+
     return log
 
 
-def test_resume_after_a_finished_stage_skips_it(tmp_path, trained_run, train_config,
-                                                synthetic_data):
+def test_resume_after_a_finished_stage_skips_it(
+    tmp_path, trained_run, train_config, synthetic_data
+):
     run = tmp_path / "tiny_cnn"
     shutil.copytree(trained_run, run)
     before = torch.load(run / "model.pt", weights_only=True)
@@ -204,8 +224,9 @@ def test_resume_continues_an_interrupted_run(tmp_path, synthetic_data, train_con
     out = tmp_path / "run"
     logs: list[str] = []
     with pytest.raises(_Interrupt):
-        train(train_config(synthetic_data, out, epochs=3),
-              log=_interrupt_at("[full] epoch 2/3", logs))
+        train(
+            train_config(synthetic_data, out, epochs=3), log=_interrupt_at("[full] epoch 2/3", logs)
+        )
     assert not (out / "model.json").exists()
     logs.clear()
     # As `medlens train --resume`: the settings come from the run's config.yaml.
@@ -222,27 +243,31 @@ def test_resume_checkpoint_mechanics(tmp_path, synthetic_data, train_config):
     out = tmp_path / "run"
     logs: list[str] = []
     with pytest.raises(_Interrupt):
-        train(train_config(synthetic_data, out, epochs=3, test_fraction=0),
-              log=_interrupt_at("[full] epoch 2/3", logs))
+        train(
+            train_config(synthetic_data, out, epochs=3, test_fraction=0),
+            log=_interrupt_at("[full] epoch 2/3", logs),
+        )
     ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["stage"] == "full" and ckpt["epoch"] == 0 and len(ckpt["history"]) == 1
     assert not (out / "model.json").exists()
     first_epoch = _history(out)[0]
     (out / "config.yaml").unlink()
     logs.clear()
-    train(train_config(synthetic_data, out, epochs=3, test_fraction=0), resume=True,
-          log=logs.append)
+    train(
+        train_config(synthetic_data, out, epochs=3, test_fraction=0), resume=True, log=logs.append
+    )
     assert "resuming stage full at epoch 2" in logs
     assert [int(r["epoch"]) for r in _history(out)] == [1, 2, 3]
-    assert _history(out)[0] == first_epoch   # the checkpoint's history, not retrained
+    assert _history(out)[0] == first_epoch  # the checkpoint's history, not retrained
     assert _json(out / "model.json")["training"]["epochs_run"] == 3
 
     # Resuming the finished run again trains nothing and keeps the weights.
     before = torch.load(out / "model.pt", weights_only=True)
     (out / "config.yaml").unlink()
     logs.clear()
-    train(train_config(synthetic_data, out, epochs=3, test_fraction=0), resume=True,
-          log=logs.append)
+    train(
+        train_config(synthetic_data, out, epochs=3, test_fraction=0), resume=True, log=logs.append
+    )
     assert not any(m.startswith("stage ") for m in logs)
     assert len(_history(out)) == 3
     after = torch.load(out / "model.pt", weights_only=True)
@@ -261,13 +286,13 @@ def _with_bad_images(src: Path, dst: Path) -> list[Path]:
     return [empty, text]
 
 
-CHANNELS = [pytest.param(None, id="channels-auto"),
-            pytest.param(1, id="channels-1")]
+CHANNELS = [pytest.param(None, id="channels-auto"), pytest.param(1, id="channels-1")]
 
 
 @pytest.mark.parametrize("channels", CHANNELS)
-def test_unreadable_images_are_listed_before_out_is_touched(tmp_path, synthetic_data,
-                                                            train_config, channels):
+def test_unreadable_images_are_listed_before_out_is_touched(
+    tmp_path, synthetic_data, train_config, channels
+):
     data = tmp_path / "data"
     bad = _with_bad_images(synthetic_data, data)
     out = tmp_path / "run"
@@ -281,17 +306,21 @@ def test_unreadable_images_are_listed_before_out_is_touched(tmp_path, synthetic_
 
 
 @pytest.mark.parametrize("channels", CHANNELS)
-def test_skip_bad_images_trains_and_notes_the_count(tmp_path, synthetic_data, train_config,
-                                                    channels):
+def test_skip_bad_images_trains_and_notes_the_count(
+    tmp_path, synthetic_data, train_config, channels
+):
     data = tmp_path / "data"
     bad = _with_bad_images(synthetic_data, data)
     out = tmp_path / "run"
     out.mkdir()
     (out / "stale.txt").write_text("from an older run")
     logs: list[str] = []
-    train(train_config(data, out, epochs=1, skip_bad_images=True, channels=channels,
-                       test_fraction=0), overwrite=True, log=logs.append)
-    assert not (out / "stale.txt").exists()           # --overwrite replaced the old run
+    train(
+        train_config(data, out, epochs=1, skip_bad_images=True, channels=channels, test_fraction=0),
+        overwrite=True,
+        log=logs.append,
+    )
+    assert not (out / "stale.txt").exists()  # --overwrite replaced the old run
     assert (out / "model.json").exists()
     skipped = [m for m in logs if m.startswith("skipped 2 unreadable")]
     assert skipped and all(str(p) in skipped[0] for p in bad)
@@ -303,22 +332,25 @@ def test_skip_bad_images_trains_and_notes_the_count(tmp_path, synthetic_data, tr
     with open(out / "eval" / "val" / "predictions.csv", newline="") as f:
         sources = [r["path"] for r in csv.DictReader(f)]
     assert len(sources) == _json(out / "eval" / "val" / "metrics.json")["n"]
-    assert not set(map(str, bad)) & set(sources)           # ... but the bad ones not used
+    assert not set(map(str, bad)) & set(sources)  # ... but the bad ones not used
 
 
 # --------------------------------------------------------------------------- multi-class
 
 
-def test_three_classes_train_with_softmax_and_no_threshold(tmp_path, synthetic_data_3class,
-                                                           train_config):
-    out = train(train_config(synthetic_data_3class, tmp_path / "run3", epochs=3,
-                             test_fraction=0), log=_quiet)
+def test_three_classes_train_with_softmax_and_no_threshold(
+    tmp_path, synthetic_data_3class, train_config
+):
+    out = train(
+        train_config(synthetic_data_3class, tmp_path / "run3", epochs=3, test_fraction=0),
+        log=_quiet,
+    )
     m = _json(out / "model.json")
     assert m["task"] == "multiclass" and m["labels"] == ["bright", "dark", "stripes"]
     assert m["threshold"] is None and m["threshold_method"] is None
     assert m["temperature"] > 0
     state = torch.load(out / "model.pt", weights_only=True)
-    assert state["head.fc.weight"].shape[0] == 3          # one logit per class: softmax
+    assert state["head.fc.weight"].shape[0] == 3  # one logit per class: softmax
     val = _json(out / "eval" / "val" / "metrics.json")
     assert val["labels"] == ["bright", "dark", "stripes"]
     assert len(val["confusion_matrix"]) == 3 and val["threshold"] is None
@@ -329,7 +361,7 @@ def test_three_classes_train_with_softmax_and_no_threshold(tmp_path, synthetic_d
     for r in rows:
         probs = [float(r[f"p_{c}"]) for c in m["labels"]]
         assert sum(probs) == pytest.approx(1, abs=1e-5)
-        assert r["pred"] == m["labels"][probs.index(max(probs))]   # argmax, no threshold
+        assert r["pred"] == m["labels"][probs.index(max(probs))]  # argmax, no threshold
 
 
 # --------------------------------------------------------------------------- transfer
@@ -337,9 +369,19 @@ def test_three_classes_train_with_softmax_and_no_threshold(tmp_path, synthetic_d
 
 def test_frozen_lite0_trains_only_the_head(tmp_path, synthetic_data, train_config):
     # 64 px: at 32 px Lite0's pretrained 1x1 head conv outputs all zeros after ReLU6.
-    out = train(train_config(synthetic_data, tmp_path / "lite", model="efficientnet-lite0",
-                             image_size=64, transfer="frozen", head_epochs=3, epochs=50,
-                             test_fraction=0), log=_quiet)
+    out = train(
+        train_config(
+            synthetic_data,
+            tmp_path / "lite",
+            model="efficientnet-lite0",
+            image_size=64,
+            transfer="frozen",
+            head_epochs=3,
+            epochs=50,
+            test_fraction=0,
+        ),
+        log=_quiet,
+    )
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["pretrained"] is True and cfg["channels"] == 3
     m = _json(out / "model.json")
@@ -361,21 +403,34 @@ def test_frozen_lite0_trains_only_the_head(tmp_path, synthetic_data, train_confi
 
 
 def test_lite0_finetune_trains_head_then_top_stages(tmp_path, synthetic_data, train_config):
-    out = train(train_config(synthetic_data, tmp_path / "ft", model="efficientnet-lite0",
-                             image_size=64, transfer="finetune", unfreeze=1, aug_copies=1,
-                             head_epochs=2, epochs=1, test_fraction=0), log=_quiet)
+    out = train(
+        train_config(
+            synthetic_data,
+            tmp_path / "ft",
+            model="efficientnet-lite0",
+            image_size=64,
+            transfer="finetune",
+            unfreeze=1,
+            aug_copies=1,
+            head_epochs=2,
+            epochs=1,
+            test_fraction=0,
+        ),
+        log=_quiet,
+    )
     rows = _history(out)
     assert [r["stage"] for r in rows] == ["head", "head", "finetune"]
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
-    assert float(rows[2]["lr"]) == pytest.approx(1e-4)       # lr x finetune_lr_scale
+    assert float(rows[2]["lr"]) == pytest.approx(1e-4)  # lr x finetune_lr_scale
     m = _json(out / "model.json")
     assert m["training"]["stages"] == ["head", "finetune"]
     pth = torch.load(models.lite0_weights_path(), weights_only=True)
     state = torch.load(out / "model.pt", weights_only=True)
     # Below the unfrozen top stage nothing moved; the top stage (1x1 head conv) did.
     assert torch.equal(state["backbone.0.1.weight"], pth["_conv_stem.weight"])
-    assert torch.equal(state["backbone.7.15._project_conv.weight"],
-                       pth["_blocks.15._project_conv.weight"])
+    assert torch.equal(
+        state["backbone.7.15._project_conv.weight"], pth["_blocks.15._project_conv.weight"]
+    )
     assert not torch.equal(state["backbone.8.1.weight"], pth["_conv_head.weight"])
 
 
@@ -384,6 +439,7 @@ def test_lite0_finetune_trains_head_then_top_stages(tmp_path, synthetic_data, tr
 
 def test_resolve_device_auto_cpu_and_errors(monkeypatch):
     from medlens.train import resolve_device
+
     assert resolve_device("cpu") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu")
@@ -395,12 +451,18 @@ def test_resolve_device_auto_cpu_and_errors(monkeypatch):
         resolve_device("meta")
 
 
-def test_device_cuda_without_gpu_fails_before_the_run_folder(tmp_path, synthetic_data,
-                                                             monkeypatch):
+def test_device_cuda_without_gpu_fails_before_the_run_folder(tmp_path, synthetic_data, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out = tmp_path / "run"
-    cfg = TrainConfig(data=str(synthetic_data), out=str(out), model="cnn", image_size=32,
-                      epochs=1, device="cuda", progress=False)
+    cfg = TrainConfig(
+        data=str(synthetic_data),
+        out=str(out),
+        model="cnn",
+        image_size=32,
+        epochs=1,
+        device="cuda",
+        progress=False,
+    )
     with pytest.raises(TrainError, match="sees no CUDA device"):
         train(cfg, log=_quiet)
     assert not out.exists()
@@ -410,17 +472,28 @@ def test_bn_momentum_setting(tmp_path, synthetic_data):
     from medlens.modelfile import ModelMeta, build_network
     from medlens.preprocess import Preprocess
     from medlens.train import set_bn_momentum
-    net = build_network(ModelMeta(arch="efficientnet-lite0", labels=["a", "b"],
-                                  preprocess=Preprocess(image_size=64, channels=3)),
-                        pretrained=False)
+
+    net = build_network(
+        ModelMeta(
+            arch="efficientnet-lite0",
+            labels=["a", "b"],
+            preprocess=Preprocess(image_size=64, channels=3),
+        ),
+        pretrained=False,
+    )
     bns = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     # MONAI's EfficientNet keeps TensorFlow's 0.01 in the backbone (why the option exists).
     head = set(net.head.modules())
     assert all(m.momentum == pytest.approx(0.01) for m in bns if m not in head)
     assert set_bn_momentum(net, 0.1) == len(bns) > 40
     assert {m.momentum for m in bns} == {0.1}
-    cfg = TrainConfig(data=str(synthetic_data), out=str(tmp_path / "r"), model="cnn",
-                      bn_momentum=1.5, progress=False)
+    cfg = TrainConfig(
+        data=str(synthetic_data),
+        out=str(tmp_path / "r"),
+        model="cnn",
+        bn_momentum=1.5,
+        progress=False,
+    )
     with pytest.raises(TrainError, match=r"--bn-momentum must be in \(0, 1\], got 1.5"):
         train(cfg, log=_quiet)
     assert not (tmp_path / "r").exists()
@@ -428,6 +501,7 @@ def test_bn_momentum_setting(tmp_path, synthetic_data):
 
 def test_float32_passes_turn_tf32_off_on_cuda_only():
     from medlens.train import _exact_float32
+
     before = torch.backends.cudnn.allow_tf32
     with _exact_float32(None, torch.device("cuda")):
         assert torch.backends.cudnn.allow_tf32 is False

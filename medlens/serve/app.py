@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from anyio import CapacityLimiter
+from anyio.to_thread import run_sync
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -31,16 +33,14 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field
-from anyio import CapacityLimiter
-from anyio.to_thread import run_sync
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__
-from ..export import DISCLAIMER, ONNX_FILE, model_card, model_version, onnx_bytes, ort_session
-from ..imaging import MAX_PIXELS, ImageReadError, read_image
-from ..modelfile import MODEL_JSON, ModelLoadError
-from ..predict import Predictor, bundled_models_dir, overlay_cam
-from .upload import UploadError, read_file_field
+from medlens import __version__
+from medlens.export import DISCLAIMER, ONNX_FILE, model_card, model_version, onnx_bytes, ort_session
+from medlens.imaging import MAX_PIXELS, ImageReadError, read_image
+from medlens.modelfile import MODEL_JSON, ModelLoadError
+from medlens.predict import Predictor, bundled_models_dir, overlay_cam
+from medlens.serve.upload import UploadError, read_file_field
 
 __all__ = ["create_app", "ServedModel", "discover_models", "DEFAULT_MAX_UPLOAD_BYTES"]
 
@@ -64,17 +64,23 @@ class ServedModel:
     card: dict
 
     @classmethod
-    def load(cls, name: str, folder: Path, backend: str = "onnx",
-             threads: int | None = None) -> "ServedModel":
+    def load(
+        cls, name: str, folder: Path, backend: str = "onnx", threads: int | None = None
+    ) -> ServedModel:
         """Load a model folder; ``threads``: ONNX Runtime intra-op threads of its session
         (None: the Predictor's default, every core)."""
         pred = _serving_predictor(folder, backend, threads)
         meta = pred.meta
         card = model_card(meta, folder)
-        info = {"name": name, "title": card["title"], "task": card["task"],
-                "labels": list(meta.labels), "input": {"modality": card["input"]["modality"],
-                                                        "size": meta.preprocess.image_size},
-                "version": model_version(meta, folder), "metrics": card["metrics"]}
+        info = {
+            "name": name,
+            "title": card["title"],
+            "task": card["task"],
+            "labels": list(meta.labels),
+            "input": {"modality": card["input"]["modality"], "size": meta.preprocess.image_size},
+            "version": model_version(meta, folder),
+            "metrics": card["metrics"],
+        }
         return cls(name, folder, pred, info, card)
 
 
@@ -123,17 +129,21 @@ def discover_models(model_dirs=(), bundled: bool = True) -> dict[str, Path]:
         elif d.is_dir():
             folders = [s for s in sorted(d.iterdir()) if (s / MODEL_JSON).exists()]
             if given and not folders:
-                raise ModelLoadError(f"--models {d}: no model folders in it (a model folder "
-                                     f"holds {MODEL_JSON}; pass a run folder of `medlens train` "
-                                     "or a folder of them)")
+                raise ModelLoadError(
+                    f"--models {d}: no model folders in it (a model folder "
+                    f"holds {MODEL_JSON}; pass a run folder of `medlens train` "
+                    "or a folder of them)"
+                )
         elif given:
             raise ModelLoadError(f"--models {d}: no such folder")
         else:
             continue
         for f in folders:
             if f.name in found and found[f.name] != f:
-                raise ModelLoadError(f"two models are named {f.name!r} ({found[f.name]} and "
-                                     f"{f}); rename one of the folders")
+                raise ModelLoadError(
+                    f"two models are named {f.name!r} ({found[f.name]} and "
+                    f"{f}); rename one of the folders"
+                )
             found[f.name] = f
     return found
 
@@ -153,13 +163,17 @@ class ModelOut(BaseModel):
     labels: list[str]
     input: InputSpec
     version: str = Field(description="first 12 hex digits of the sha256 of model.pt")
-    metrics: dict[str, Any] = Field(description="headline metrics with 95% bootstrap CIs per "
-                                                "evaluated split (val, test)")
+    metrics: dict[str, Any] = Field(
+        description="headline metrics with 95% bootstrap CIs per evaluated split (val, test)"
+    )
 
 
 class OODOut(BaseModel):
-    flag: bool | None = Field(None, description="true when the image looks unlike the training "
-                                                "data; null when the model has no guard")
+    flag: bool | None = Field(
+        None,
+        description="true when the image looks unlike the training "
+        "data; null when the model has no guard",
+    )
     score: float | None = None
 
 
@@ -168,29 +182,56 @@ class PredictOut(BaseModel):
     version: str
     label: str
     probabilities: dict[str, float] = Field(description="calibrated probability per class")
-    threshold: float | None = Field(description="binary: probability of labels[1] at or above "
-                                                "which it is predicted; null for multiclass")
+    threshold: float | None = Field(
+        description="binary: probability of labels[1] at or above "
+        "which it is predicted; null for multiclass"
+    )
     ood: OODOut
     elapsed_ms: float
-    notes: list[str] = Field(description="conversions applied while decoding (e.g. first frame "
-                                         "of a multi-frame DICOM used)")
+    notes: list[str] = Field(
+        description="conversions applied while decoding (e.g. first frame "
+        "of a multi-frame DICOM used)"
+    )
     cam_png_base64: str | None = Field(None, description="explain=true: Grad-CAM overlay, PNG")
-    image_png_base64: str | None = Field(None, description="explain=true: the image at the "
-                                                           "overlay's size, PNG")
+    image_png_base64: str | None = Field(
+        None, description="explain=true: the image at the overlay's size, PNG"
+    )
 
 
 class ErrorOut(BaseModel):
     detail: str = Field(description="what was wrong and what to do")
 
 
-_ERRORS = {code: {"model": ErrorOut, "description": text} for code, text in (
-    (400, "malformed multipart body"), (404, "unknown model"), (413, "upload over the size limit"),
-    (415, "body is not multipart/form-data"),
-    (422, "no `file` field, or the file is not a usable image"))}
-_UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-    "type": "object", "required": ["file"], "properties": {"file": {
-        "type": "string", "format": "binary",
-        "description": "the image: PNG, JPEG (any mode, 8 or 16 bit) or DICOM"}}}}}}}
+_ERRORS = {
+    code: {"model": ErrorOut, "description": text}
+    for code, text in (
+        (400, "malformed multipart body"),
+        (404, "unknown model"),
+        (413, "upload over the size limit"),
+        (415, "body is not multipart/form-data"),
+        (422, "no `file` field, or the file is not a usable image"),
+    )
+}
+_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "the image: PNG, JPEG (any mode, 8 or 16 bit) or DICOM",
+                        }
+                    },
+                }
+            }
+        },
+    }
+}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -210,13 +251,17 @@ def _vendor_files() -> dict[str, Path]:
     import plotly
 
     swagger = Path(fastapi_offline.__file__).parent / "static"
-    files = {"plotly.min.js": Path(plotly.__file__).parent / "package_data" / "plotly.min.js",
-             "swagger-ui-bundle.js": swagger / "swagger-ui-bundle.js",
-             "swagger-ui.css": swagger / "swagger-ui.css", "favicon.png": swagger / "favicon.png"}
+    files = {
+        "plotly.min.js": Path(plotly.__file__).parent / "package_data" / "plotly.min.js",
+        "swagger-ui-bundle.js": swagger / "swagger-ui-bundle.js",
+        "swagger-ui.css": swagger / "swagger-ui.css",
+        "favicon.png": swagger / "favicon.png",
+    }
     missing = [str(p) for p in files.values() if not p.exists()]
     if missing:
-        raise RuntimeError(f"browser assets missing: {', '.join(missing)}; reinstall MedLens "
-                           "(`make install`)")
+        raise RuntimeError(
+            f"browser assets missing: {', '.join(missing)}; reinstall MedLens (`make install`)"
+        )
     return files
 
 
@@ -224,16 +269,23 @@ def _validation_detail(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors():
         loc = [str(x) for x in err.get("loc", ())]
-        where = (f"query parameter `{loc[1]}`" if loc[:1] == ["query"] and len(loc) > 1 else
-                 f"form field `{loc[-1]}`" if loc[:1] == ["body"] and len(loc) > 1 else
-                 f"path parameter `{loc[1]}`" if loc[:1] == ["path"] and len(loc) > 1 else
-                 " / ".join(loc) or "request")
+        where = (
+            f"query parameter `{loc[1]}`"
+            if loc[:1] == ["query"] and len(loc) > 1
+            else f"form field `{loc[-1]}`"
+            if loc[:1] == ["body"] and len(loc) > 1
+            else f"path parameter `{loc[1]}`"
+            if loc[:1] == ["path"] and len(loc) > 1
+            else " / ".join(loc) or "request"
+        )
         msg = err.get("msg", "invalid")
         if loc[:1] == ["query"] and loc[-1:] == ["explain"]:
             msg += "; use explain=true or explain=false"
         elif err.get("type") == "missing" and loc[:1] == ["body"]:
-            msg = (f"is missing; send the image as multipart/form-data field `{loc[-1]}`, "
-                   f"e.g. `curl -F {loc[-1]}=@image.png`")
+            msg = (
+                f"is missing; send the image as multipart/form-data field `{loc[-1]}`, "
+                f"e.g. `curl -F {loc[-1]}=@image.png`"
+            )
         parts.append(f"{where}: {msg}")
     return "; ".join(parts) + " (see /docs)"
 
@@ -241,10 +293,15 @@ def _validation_detail(exc: RequestValidationError) -> str:
 # ----------------------------------------------------------------------------- the app
 
 
-def create_app(model_dirs=(), max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-               max_pixels: int = MAX_PIXELS, backend: str = "onnx",
-               workers: int | None = None, inference_threads: int | None = 1,
-               bundled: bool = True) -> FastAPI:
+def create_app(
+    model_dirs=(),
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    max_pixels: int = MAX_PIXELS,
+    backend: str = "onnx",
+    workers: int | None = None,
+    inference_threads: int | None = 1,
+    bundled: bool = True,
+) -> FastAPI:
     """Build the web app and load its models.
 
     Args:
@@ -261,14 +318,25 @@ def create_app(model_dirs=(), max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
         inference_threads: ONNX Runtime intra-op threads per model session (default 1: the
             workers already keep the cores busy; None: every core, for one request at a time).
     """
-    app = FastAPI(title="MedLens", version=__version__, docs_url=None, redoc_url=None,
-                  description="Calibrated, explainable medical image classifiers. "
-                              + DISCLAIMER)
-    models = {name: ServedModel.load(name, folder, backend, inference_threads)
-              for name, folder in discover_models(model_dirs, bundled).items()}
+    app = FastAPI(
+        title="MedLens",
+        version=__version__,
+        docs_url=None,
+        redoc_url=None,
+        description="Calibrated, explainable medical image classifiers. " + DISCLAIMER,
+    )
+    models = {
+        name: ServedModel.load(name, folder, backend, inference_threads)
+        for name, folder in discover_models(model_dirs, bundled).items()
+    }
     for m in models.values():
-        log.info("loaded model %s version %s (%s) from %s", m.name, m.info["version"],
-                 m.predictor.backend, m.folder)
+        log.info(
+            "loaded model %s version %s (%s) from %s",
+            m.name,
+            m.info["version"],
+            m.predictor.backend,
+            m.folder,
+        )
     app.state.models = models
     app.state.max_upload_bytes = max_upload_bytes
     # Decoding, preprocessing and inference release the GIL: `workers` threads keep that many
@@ -292,21 +360,27 @@ def create_app(model_dirs=(), max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     async def _http_error(request: Request, exc: StarletteHTTPException):
         detail = exc.detail
         if exc.status_code == 404 and detail == "Not Found":
-            detail = (f"there is no page or endpoint at {request.url.path}; the pages are / and "
-                      f"/dashboard, the API is under {API} (see /docs)")
+            detail = (
+                f"there is no page or endpoint at {request.url.path}; the pages are / and "
+                f"/dashboard, the API is under {API} (see /docs)"
+            )
         elif exc.status_code == 405:
-            detail = (f"{request.method} is not allowed on {request.url.path}; see /docs for "
-                      "the methods each endpoint takes")
-        return JSONResponse({"detail": detail}, status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+            detail = (
+                f"{request.method} is not allowed on {request.url.path}; see /docs for "
+                "the methods each endpoint takes"
+            )
+        return JSONResponse(
+            {"detail": detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None)
+        )
 
     def get_model(name: str) -> ServedModel:
         try:
             return models[name]
         except KeyError:
             known = ", ".join(sorted(models)) or "none are loaded"
-            raise StarletteHTTPException(404, f"no model named {name!r}; GET {API}/models lists "
-                                              f"the available ones ({known})") from None
+            raise StarletteHTTPException(
+                404, f"no model named {name!r}; GET {API}/models lists the available ones ({known})"
+            ) from None
 
     # -- API -------------------------------------------------------------------------
     @app.get("/healthz", tags=["service"])
@@ -319,34 +393,47 @@ def create_app(model_dirs=(), max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
         """The loaded models: labels, input, version and validation metrics."""
         return [m.info for m in models.values()]
 
-    @app.post(f"{API}/models/{{name}}/predict", tags=["models"], openapi_extra=_UPLOAD_BODY,
-              responses={200: {"model": PredictOut}, **_ERRORS})
-    async def predict(request: Request, name: str,
-                      explain: bool = Query(False, description="add a Grad-CAM overlay "
-                                                               "(cam_png_base64)")):
+    @app.post(
+        f"{API}/models/{{name}}/predict",
+        tags=["models"],
+        openapi_extra=_UPLOAD_BODY,
+        responses={200: {"model": PredictOut}, **_ERRORS},
+    )
+    async def predict(
+        request: Request,
+        name: str,
+        explain: bool = Query(False, description="add a Grad-CAM overlay (cam_png_base64)"),
+    ):
         """Diagnose one image sent as multipart field `file` (PNG, JPEG or DICOM).
 
         The upload is processed in memory and never stored.
         """
         model = get_model(name)  # before reading the body: unknown models cost nothing
         data = await read_file_field(request, "file", request.app.state.max_upload_bytes)
-        result = await run_sync(_predict, model, data, explain, max_pixels,
-                                limiter=request.app.state.workers)
+        result = await run_sync(
+            _predict, model, data, explain, max_pixels, limiter=request.app.state.workers
+        )
         return JSONResponse(result)
 
     # -- pages -----------------------------------------------------------------------
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def diagnose_page(request: Request):
-        return templates.TemplateResponse(request, "diagnose.html", {
-            "models": [m.card | {"name": m.name, "version": m.info["version"]}
-                       for m in models.values()],
-            "max_upload_mb": round(app.state.max_upload_bytes / 2**20, 1),
-            "disclaimer": DISCLAIMER,
-            "page": "diagnose"})
+        return templates.TemplateResponse(
+            request,
+            "diagnose.html",
+            {
+                "models": [
+                    m.card | {"name": m.name, "version": m.info["version"]} for m in models.values()
+                ],
+                "max_upload_mb": round(app.state.max_upload_bytes / 2**20, 1),
+                "disclaimer": DISCLAIMER,
+                "page": "diagnose",
+            },
+        )
 
     @app.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)
     def dashboard_page(request: Request):
-        from .dashboard import HEADLINE_LABELS, comparison, run_results
+        from medlens.serve.dashboard import HEADLINE_LABELS, comparison, run_results
 
         runs = [run_results(m.name, m.folder) for m in models.values()]
         figures = {}
@@ -358,16 +445,28 @@ def create_app(model_dirs=(), max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
         for fig in compare:
             fig["dom"] = fig["id"]
             figures[fig["dom"]] = {"data": fig["data"], "layout": fig["layout"]}
-        return templates.TemplateResponse(request, "dashboard.html", {
-            "runs": runs, "compare": compare, "figures": figures, "columns": HEADLINE_LABELS,
-            "disclaimer": DISCLAIMER, "page": "dashboard"})
+        return templates.TemplateResponse(
+            request,
+            "dashboard.html",
+            {
+                "runs": runs,
+                "compare": compare,
+                "figures": figures,
+                "columns": HEADLINE_LABELS,
+                "disclaimer": DISCLAIMER,
+                "page": "dashboard",
+            },
+        )
 
     @app.get("/docs", include_in_schema=False)
     def swagger_ui():
-        return get_swagger_ui_html(openapi_url=app.openapi_url, title="MedLens API",
-                                   swagger_js_url="/vendor/swagger-ui-bundle.js",
-                                   swagger_css_url="/vendor/swagger-ui.css",
-                                   swagger_favicon_url="/vendor/favicon.png")
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url,
+            title="MedLens API",
+            swagger_js_url="/vendor/swagger-ui-bundle.js",
+            swagger_css_url="/vendor/swagger-ui.css",
+            swagger_favicon_url="/vendor/favicon.png",
+        )
 
     @app.get("/vendor/{asset}", include_in_schema=False)
     def vendor_asset(asset: str):
@@ -385,18 +484,31 @@ def _predict(model: ServedModel, data: bytes, explain: bool, max_pixels: int) ->
     version = model.info["version"]
     try:
         # target_size: a large JPEG decodes straight to >= the network's input size.
-        img = read_image(data, name="upload", max_pixels=max_pixels,
-                         target_size=model.predictor.pre.image_size)
+        img = read_image(
+            data, name="upload", max_pixels=max_pixels, target_size=model.predictor.pre.image_size
+        )
     except ImageReadError as e:
-        log.info("rejected time=%s model=%s version=%s upload_sha256=%s status=422 "
-                 "elapsed_ms=%.1f", _now(), model.name, version, digest,
-                 (time.perf_counter() - t0) * 1e3)
+        log.info(
+            "rejected time=%s model=%s version=%s upload_sha256=%s status=422 elapsed_ms=%.1f",
+            _now(),
+            model.name,
+            version,
+            digest,
+            (time.perf_counter() - t0) * 1e3,
+        )
         raise UploadError(422, str(e)) from None
     pred = model.predictor
     result = pred.predict_pixels([img.pixels])[0]
-    out = {"model": model.name, "version": version, "label": result.label,
-           "probabilities": result.probabilities, "threshold": result.threshold,
-           "ood": result.ood, "elapsed_ms": 0.0, "notes": list(img.notes)}
+    out = {
+        "model": model.name,
+        "version": version,
+        "label": result.label,
+        "probabilities": result.probabilities,
+        "threshold": result.threshold,
+        "ood": result.ood,
+        "elapsed_ms": 0.0,
+        "notes": list(img.notes),
+    }
     if explain:
         idx = None if pred.meta.binary else pred.labels.index(result.label)
         cam, _ = pred.explain(img.pixels, idx)
@@ -404,10 +516,19 @@ def _predict(model: ServedModel, data: bytes, explain: bool, max_pixels: int) ->
         out["cam_png_base64"] = _png_base64(overlay_cam(img.pixels, cam, size=side))
         out["image_png_base64"] = _png_base64(overlay_cam(img.pixels, cam, size=side, alpha=0.0))
     out["elapsed_ms"] = round((time.perf_counter() - t0) * 1e3, 1)
-    log.info("prediction time=%s model=%s version=%s upload_sha256=%s label=%s p=%s ood=%s "
-             "explain=%s elapsed_ms=%.1f", _now(), model.name, version, digest, result.label,
-             ",".join(f"{v:.4f}" for v in result.probabilities.values()),
-             result.ood["flag"], explain, out["elapsed_ms"])
+    log.info(
+        "prediction time=%s model=%s version=%s upload_sha256=%s label=%s p=%s ood=%s "
+        "explain=%s elapsed_ms=%.1f",
+        _now(),
+        model.name,
+        version,
+        digest,
+        result.label,
+        ",".join(f"{v:.4f}" for v in result.probabilities.values()),
+        result.ood["flag"],
+        explain,
+        out["elapsed_ms"],
+    )
     return out
 
 
@@ -415,14 +536,21 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-def serve(host: str = "127.0.0.1", port: int = 8000, model_dirs=(),
-          max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, log_level: str = "info",
-          bundled: bool = True) -> None:
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    model_dirs=(),
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    log_level: str = "info",
+    bundled: bool = True,
+) -> None:
     """``medlens serve``: run the app with uvicorn (blocks)."""
     import uvicorn
 
-    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     import torch
 
     # One torch thread per request (preprocessing, Grad-CAM): the app runs one prediction per
@@ -432,6 +560,8 @@ def serve(host: str = "127.0.0.1", port: int = 8000, model_dirs=(),
     torch.set_num_threads(1)
     app = create_app(model_dirs, max_upload_bytes, bundled=bundled)
     if not app.state.models:
-        log.warning("no models loaded: pass --models DIR (a run folder of `medlens train` or a "
-                    "folder of them)")
+        log.warning(
+            "no models loaded: pass --models DIR (a run folder of `medlens train` or a "
+            "folder of them)"
+        )
     uvicorn.run(app, host=host, port=port, log_level=log_level)

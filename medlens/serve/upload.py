@@ -32,9 +32,12 @@ def _mb(n: int) -> str:
 
 
 def _too_large(limit: int) -> UploadError:
-    return UploadError(413, f"the upload is larger than the limit of {_mb(limit)}; send a smaller "
-                            "image (downscale or re-encode it), or start the server with a "
-                            "larger --max-upload-mb")
+    return UploadError(
+        413,
+        f"the upload is larger than the limit of {_mb(limit)}; send a smaller "
+        "image (downscale or re-encode it), or start the server with a "
+        "larger --max-upload-mb",
+    )
 
 
 class _FieldCollector:
@@ -42,16 +45,21 @@ class _FieldCollector:
 
     def __init__(self, field: str, limit: int):
         self.field, self.limit = field, limit
-        self.names: list[str] = []           # every field name seen, for the error message
-        self.data: bytearray | None = None   # the wanted field's bytes, once it starts
-        self.count = 0                       # how many parts carried the wanted field
+        self.names: list[str] = []  # every field name seen, for the error message
+        self.data: bytearray | None = None  # the wanted field's bytes, once it starts
+        self.count = 0  # how many parts carried the wanted field
         self._header, self._value, self._disposition = b"", b"", b""
         self._keep = False
 
     def callbacks(self) -> dict:
-        return {"on_part_begin": self._begin, "on_header_field": self._hfield,
-                "on_header_value": self._hvalue, "on_header_end": self._hend,
-                "on_headers_finished": self._headers_done, "on_part_data": self._pdata}
+        return {
+            "on_part_begin": self._begin,
+            "on_header_field": self._hfield,
+            "on_header_value": self._hvalue,
+            "on_header_end": self._hend,
+            "on_headers_finished": self._headers_done,
+            "on_part_data": self._pdata,
+        }
 
     def _begin(self):
         self._disposition, self._keep = b"", False
@@ -91,12 +99,17 @@ async def read_file_field(request: Request, field: str, limit: int) -> bytes:
         UploadError: 415 not multipart; 400 malformed body or several ``field`` parts;
             413 over ``limit`` bytes; 422 no ``field`` in the form.
     """
-    how = f"send the image as multipart/form-data field `{field}`, e.g. `curl -F {field}=@image.png`"
+    how = (
+        f"send the image as multipart/form-data field `{field}`, e.g. `curl -F {field}=@image.png`"
+    )
     ctype = request.headers.get("content-type", "")
     kind, params = parse_options_header(ctype)
     if kind != b"multipart/form-data":
-        raise UploadError(415, f"expected a multipart/form-data body, got "
-                               f"{ctype.split(';')[0] or 'no content type'}; {how}")
+        raise UploadError(
+            415,
+            f"expected a multipart/form-data body, got "
+            f"{ctype.split(';')[0] or 'no content type'}; {how}",
+        )
     boundary = params.get(b"boundary")
     if not boundary:
         raise UploadError(400, f"the multipart body has no boundary in its Content-Type; {how}")
@@ -116,8 +129,9 @@ async def read_file_field(request: Request, field: str, limit: int) -> bytes:
     except FormParserError as e:
         raise UploadError(400, f"the multipart body is malformed ({e}); {how}") from None
     if collector.count > 1:
-        raise UploadError(400, f"the form has {collector.count} `{field}` fields; send one image "
-                               "per request")
+        raise UploadError(
+            400, f"the form has {collector.count} `{field}` fields; send one image per request"
+        )
     if collector.data is None:
         seen = ", ".join(f"`{n}`" for n in collector.names) or "none"
         raise UploadError(422, f"the form has no field `{field}` (fields received: {seen}); {how}")
