@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     )
     args = ap.parse_args(argv)
 
-    from medlens.predict import available_models
+    from medlens.artifacts.folders import available_models
 
     if args.model:
         folder = Path(args.model)

@@ -222,8 +222,9 @@ def _given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
 def _cmd_train(a) -> int:
     import yaml
 
-    from medlens.preprocess import AugmentSpec
-    from medlens.train import TrainConfig, train
+    from medlens.config import TrainConfig
+    from medlens.data.augment import AugmentSpec
+    from medlens.training.trainer import train
 
     recipe = {}
     if a.config:
@@ -335,7 +336,7 @@ def _add_evaluate(sub):
 
 
 def _cmd_evaluate(a) -> int:
-    from medlens.evaluate import evaluate
+    from medlens.reporting.evaluate import evaluate
 
     m = evaluate(a.model, a.data, a.out, skip_bad_images=a.skip_bad_images, progress=not a.quiet)
     ci = m.get("ci", {})
@@ -387,10 +388,11 @@ def _add_predict(sub):
 def _cmd_predict(a) -> int:
     import numpy as np
 
-    from medlens.data import list_images
-    from medlens.imaging import ImageReadError, read_image
-    from medlens.modelfile import write_csv
-    from medlens.predict import Predictor
+    from medlens.data.datasets import list_images
+    from medlens.data.imaging import read_image
+    from medlens.errors import ImageReadError
+    from medlens.fileio import write_csv
+    from medlens.inference.predictor import Predictor
 
     pred = Predictor(a.model, backend=a.backend)
     files = []
@@ -498,9 +500,10 @@ def _add_explain(sub):
 def _cmd_explain(a) -> int:
     from PIL import Image
 
-    from medlens.imaging import read_image
-    from medlens.modelfile import atomic_write_bytes
-    from medlens.predict import Predictor, overlay_cam
+    from medlens.data.imaging import read_image
+    from medlens.fileio import atomic_write_bytes
+    from medlens.inference.cam import overlay_cam
+    from medlens.inference.predictor import Predictor
 
     pred = Predictor(a.model)
     pixels = read_image(a.image, target_size=pred.pre.image_size).pixels
@@ -535,7 +538,7 @@ def _add_compare(sub):
 
 
 def _cmd_compare(a) -> int:
-    from medlens.compare import compare_runs
+    from medlens.reporting.compare import compare_runs
 
     table, html = compare_runs(a.runs, a.out, split=a.split)
     print(table)
@@ -560,8 +563,8 @@ def _add_models(sub):
 
 
 def _cmd_models(a) -> int:
-    from medlens.models import count_parameters, create_model, list_models, model_info
-    from medlens.predict import available_models, bundled_models_dir
+    from medlens.artifacts.folders import available_models, bundled_models_dir
+    from medlens.modeling.registry import count_parameters, create_model, list_models, model_info
 
     print("backbones (medlens train --model NAME):")
     for name in list_models():
@@ -634,14 +637,15 @@ def _add_export(sub):
 
 
 def _cmd_export(a) -> int:
-    from medlens.export import OPSET, export_model
+    from medlens.artifacts.card import export_model
+    from medlens.artifacts.onnx import OPSET
 
     if a.bundle:
-        from medlens.bundle import make_bundle
+        from medlens.inference.bundle import make_bundle
 
         if a.refit_ood:
-            from medlens.predict import resolve_model
-            from medlens.train import refit_ood_guard
+            from medlens.artifacts.folders import resolve_model
+            from medlens.training.trainer import refit_ood_guard
 
             refit_ood_guard(resolve_model(a.model))
         card = None
@@ -857,11 +861,7 @@ def main(argv: list[str] | None = None) -> int:
 
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-    from medlens.data import DataError
-    from medlens.export import ExportError
-    from medlens.imaging import ImageReadError
-    from medlens.modelfile import ModelLoadError
-    from medlens.train import TrainError
+    from medlens.errors import DataError, ExportError, ImageReadError, ModelLoadError, TrainError
 
     try:
         return COMMANDS[args.command][1](args)

@@ -103,7 +103,7 @@ def image_factory():
 
 def tiny_config(data, out, **overrides):
     """A TrainConfig for a fast from-scratch ``cnn`` run at 32 px."""
-    from medlens.train import TrainConfig
+    from medlens.config import TrainConfig
 
     settings = dict(
         data=str(data),
@@ -132,7 +132,7 @@ def trained_run(tmp_path_factory, synthetic_data) -> Path:
 
     Tests that modify a run must copy it first (``shutil.copytree``).
     """
-    from medlens.train import train
+    from medlens.training.trainer import train
 
     out = tmp_path_factory.mktemp("runs") / "tiny_cnn"
     logs: list[str] = []

@@ -26,8 +26,8 @@ def copy_run(run: Path, dest: Path) -> Path:
 
 
 def save_untrained_multiclass(folder: Path) -> Path:
-    from medlens.modelfile import ModelMeta, build_network, save_model
-    from medlens.preprocess import Preprocess
+    from medlens.artifacts.model import ModelMeta, build_network, save_model
+    from medlens.data.preprocess import Preprocess
 
     meta = ModelMeta(
         arch="cnn",

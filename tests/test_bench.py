@@ -20,8 +20,8 @@ from serve_fixtures import served_models  # noqa: F401 - fixture
 
 from medlens import bench
 from medlens.cli import main
-from medlens.imaging import read_image
-from medlens.predict import Predictor
+from medlens.data.imaging import read_image
+from medlens.inference.predictor import Predictor
 
 # --------------------------------------------------------------------------- medlens bench
 
@@ -89,8 +89,8 @@ def test_bench_cli_json_has_the_figures(trained_run, tmp_path, capsys):
 def test_bench_without_model_weights_reports_torch_as_null(trained_run, tmp_path):
     """An inference-only folder (model.json + model.onnx, no model.pt): torch is not measured,
     and the figures say why."""
-    from medlens.export import export_model
-    from medlens.modelfile import ModelLoadError
+    from medlens.artifacts.card import export_model
+    from medlens.errors import ModelLoadError
 
     folder = shutil.copytree(
         trained_run, tmp_path / "onnx_only", ignore=shutil.ignore_patterns("checkpoints")

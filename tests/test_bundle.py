@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from medlens.artifacts.model import load_network, read_meta
+from medlens.artifacts.onnx import halve_weights, onnx_bytes, ort_session
 from medlens.cli import main
-from medlens.export import halve_weights, onnx_bytes, ort_session
-from medlens.modelfile import ModelLoadError, load_network, read_meta, sha256_file
-from medlens.predict import Predictor
+from medlens.errors import ModelLoadError
+from medlens.fileio import sha256_file
+from medlens.inference.predictor import Predictor
 
 
 def _manual_grad_cam(net, x: torch.Tensor, k: int) -> np.ndarray:
@@ -55,7 +57,7 @@ def test_multiclass_grad_cam_onnx_equals_monai(
 ):
     from conftest import tiny_config
 
-    from medlens.train import train
+    from medlens.training.trainer import train
 
     run = train(
         tiny_config(synthetic_data_3class, tmp_path / "run3", epochs=1), log=lambda *a: None

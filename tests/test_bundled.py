@@ -16,8 +16,9 @@ import pytest
 import yaml
 from conftest import SHARED_DATA
 
-from medlens.modelfile import sha256_file
-from medlens.predict import Predictor, available_models, bundled_models_dir
+from medlens.artifacts.folders import available_models, bundled_models_dir
+from medlens.fileio import sha256_file
+from medlens.inference.predictor import Predictor
 
 ROOT = Path(__file__).resolve().parents[1]
 # name -> (data folder under ../shared/data, labels)
@@ -100,7 +101,7 @@ def test_predict_cli_warns_about_an_out_of_distribution_image(tmp_path, capsys):
 
 
 def _sample_files(folder: Path, n: int, seed: int) -> list[Path]:
-    from medlens.data import list_images
+    from medlens.data.datasets import list_images
 
     files = sorted(list_images(folder))
     rng = np.random.default_rng(seed)
@@ -108,7 +109,7 @@ def _sample_files(folder: Path, n: int, seed: int) -> list[Path]:
 
 
 def _flag_rate(pred: Predictor, samples) -> float:
-    from medlens.cache import prepare_samples
+    from medlens.data.cache import prepare_samples
 
     res = prepare_samples(samples, pred.pre, progress=False, workers=2)
     assert not res.errors
@@ -118,7 +119,7 @@ def _flag_rate(pred: Predictor, samples) -> float:
 
 @needs_data
 def test_ood_rates_on_real_data(bundled):
-    from medlens.data import Sample, load_dataset
+    from medlens.data.datasets import Sample, load_dataset
 
     name, pred = bundled
     recipe = yaml.safe_load((ROOT / "recipes" / f"{name}.yaml").read_text())

@@ -3,7 +3,7 @@ import pytest
 from scipy.special import expit, softmax
 from sklearn.calibration import calibration_curve
 
-from medlens.calibration import (
+from medlens.evaluation.calibration import (
     _nll,
     choose_threshold,
     fit_temperature,

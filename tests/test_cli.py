@@ -20,8 +20,8 @@ import yaml
 from PIL import Image
 
 from medlens.cli import COMMANDS, build_parser, main
-from medlens.data import patient_id
-from medlens.models import count_parameters, create_model, list_models
+from medlens.data.splits import patient_id
+from medlens.modeling.registry import count_parameters, create_model, list_models
 
 METRIC_KEYS = {
     "n",

@@ -9,8 +9,8 @@ import shutil
 import numpy as np
 import pytest
 
-from medlens.compare import compare_runs, load_run_evaluation
-from medlens.modelfile import ModelLoadError
+from medlens.errors import ModelLoadError
+from medlens.reporting.compare import compare_runs, load_run_evaluation
 
 
 @pytest.fixture()

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medlens import data
-from medlens.data import DataError, Sample, load_dataset, patient_id, split_grouped
+from medlens.data import datasets as data
+from medlens.data.datasets import Sample, load_dataset
+from medlens.data.splits import patient_id, split_grouped
+from medlens.errors import DataError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -393,45 +395,6 @@ def test_counts_and_summary(tmp_path):
 # --------------------------------------------------------------------------- unreadable images
 
 
-def test_find_and_check_bad_images(tmp_path):
-    _kermany(tmp_path, 10)
-    empty = tmp_path / "NORMAL" / "IM-9000-0001.jpeg"
-    empty.write_bytes(b"")
-    text = tmp_path / "PNEUMONIA" / "person9001_virus_1.png"
-    text.write_text("this is not a picture\n")
-    good = tmp_path / "PNEUMONIA" / "person9002_virus_1.jpeg"
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(
-        good, quality=95
-    )
-    truncated = tmp_path / "PNEUMONIA" / "person9003_virus_1.jpeg"
-    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    bad = {str(empty), str(text), str(truncated)}
-
-    ds = load_dataset(tmp_path)
-    found = data.find_bad_images(s for split in ds.splits.values() for s in split)
-    assert {src for src, _ in found} == bad
-    assert all(reason for _, reason in found)
-
-    with pytest.raises(DataError) as err:
-        data.check_images(ds, skip_bad=False)
-    lines = str(err.value).splitlines()
-    assert lines[0] == "3 unreadable images; fix or remove them, or pass --skip-bad-images"
-    assert len(lines) == 4 and all(any(b in line for line in lines[1:]) for b in bad)
-
-    clean = data.check_images(ds, skip_bad=True)
-    assert sum(map(len, clean.splits.values())) == sum(map(len, ds.splits.values())) - 3
-    assert not bad & {s.source for split in clean.splits.values() for s in split}
-    assert any(n.startswith("skipped 3 unreadable images") for n in clean.notes)
-    assert len(ds.notes) == len(clean.notes) - 1  # the input is not modified
-    assert any("all readable" in n for n in data.check_images(clean, skip_bad=False).notes)
-
-
-# --------------------------------------------------------------------------- real data
-
-
-@pytest.mark.skipif(
-    not SHARED.is_dir(), reason=f"real data not available at {SHARED} (fresh clone)"
-)
 def test_real_kermany_and_pneumoniamnist():
     ds = load_dataset(SHARED / "chest_xray" / "train")
     assert ds.classes == ["NORMAL", "PNEUMONIA"]

@@ -13,10 +13,13 @@ import torch
 from PIL import Image
 from serve_fixtures import copy_run
 
+from medlens.artifacts.card import export_model
+from medlens.artifacts.model import load_network, read_meta
+from medlens.artifacts.onnx import check_onnx, onnx_bytes, ort_session
 from medlens.cli import main
-from medlens.export import ExportError, check_onnx, export_model, onnx_bytes, ort_session
-from medlens.modelfile import ModelLoadError, load_network, read_meta, sha256_file
-from medlens.predict import Predictor
+from medlens.errors import ExportError, ModelLoadError
+from medlens.fileio import sha256_file
+from medlens.inference.predictor import Predictor
 
 
 @pytest.fixture(scope="module")

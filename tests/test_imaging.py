@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medlens.imaging import MAX_PIXELS, DecodedImage, ImageReadError, is_dicom, read_image
+from medlens.data.imaging import MAX_PIXELS, DecodedImage, is_dicom, read_image
+from medlens.errors import ImageReadError
 
 pydicom = pytest.importorskip("pydicom")
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, roc_auc_score
 
-from medlens.metrics import (
+from medlens.evaluation.metrics import (
     _bootstrap,
     _confusion_metrics,
     _weighted_auc,

@@ -10,23 +10,20 @@ import pytest
 import torch
 import yaml
 
-from medlens import modelfile
-from medlens.modelfile import (
-    ModelLoadError,
-    ModelMeta,
+from medlens import fileio
+from medlens.artifacts import model as modelfile
+from medlens.artifacts.model import ModelMeta, build_network, load_network, read_meta, save_model
+from medlens.data.preprocess import Preprocess
+from medlens.errors import ModelLoadError
+from medlens.fileio import (
     atomic_torch_save,
     atomic_write_bytes,
     atomic_write_text,
-    build_network,
-    load_network,
-    read_meta,
-    save_model,
     sha256_file,
     write_csv,
     write_json,
     write_yaml,
 )
-from medlens.preprocess import Preprocess
 
 
 def _meta(labels=("NORMAL", "PNEUMONIA"), arch="cnn", **kw) -> ModelMeta:
@@ -188,7 +185,7 @@ def test_atomic_write_keeps_the_old_file_when_replace_fails(tmp_path, monkeypatc
     def boom(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(modelfile.os, "replace", boom)
+    monkeypatch.setattr(fileio.os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):
         atomic_write_bytes(p, b"new contents")
     assert p.read_bytes() == b"old"
@@ -202,7 +199,7 @@ def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypa
     def boom(fd):
         raise KeyboardInterrupt  # e.g. Ctrl-C mid-write: BaseException is handled too
 
-    monkeypatch.setattr(modelfile.os, "fsync", boom)
+    monkeypatch.setattr(fileio.os, "fsync", boom)
     with pytest.raises(KeyboardInterrupt):
         atomic_torch_save({"w": torch.ones(3)}, p)
     assert p.read_bytes() == b"old"
@@ -221,7 +218,7 @@ def test_save_model_failure_leaves_previous_model_loadable(saved, monkeypatch):
             raise OSError("no space")
         real_replace(src, dst)
 
-    monkeypatch.setattr(modelfile.os, "replace", fail_on_json)
+    monkeypatch.setattr(fileio.os, "replace", fail_on_json)
     with pytest.raises(OSError):
         save_model(folder, net, meta)
     assert calls == ["model.pt", "model.json"]  # weights first, model.json marks completion

@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from medlens import models
-from medlens.models import Classifier, count_parameters, create_model, list_models, model_info
+from medlens.modeling import registry as models
+from medlens.modeling.classifier import Classifier
+from medlens.modeling.registry import count_parameters, create_model, list_models, model_info
 
 EXPECTED_MODELS = {
     "cnn",

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from medlens.ood import FeatureGuard, fit_guard
+from medlens.evaluation.ood import FeatureGuard, fit_guard
 
 
 def _features(rng, n, center, dim=64):

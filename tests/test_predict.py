@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from medlens.imaging import read_image
-from medlens.modelfile import ModelLoadError
-from medlens.predict import Predictor, available_models, overlay_cam, resolve_model
+from medlens.artifacts.folders import available_models, resolve_model
+from medlens.data.imaging import read_image
+from medlens.errors import ModelLoadError
+from medlens.inference.cam import overlay_cam
+from medlens.inference.predictor import Predictor
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +138,7 @@ def test_resolve_model_unknown_name_lists_the_available_models(tmp_path, trained
 
 
 def test_resolve_model_unknown_name_without_models_says_none(tmp_path, monkeypatch):
-    import medlens.predict as mp
+    import medlens.artifacts.folders as mp
 
     monkeypatch.setattr(mp, "bundled_models_dir", lambda: tmp_path / "no-bundle")
     with pytest.raises(ModelLoadError, match="available: none"):
@@ -150,8 +152,8 @@ def test_resolve_model_unknown_name_without_models_says_none(tmp_path, monkeypat
 def multiclass_predictor(trained_run, tmp_path_factory):
     """An untrained 3-class cnn saved with save_model: enough for the softmax/argmax rules.
     (A trained 3-class run is tested in test_train.)"""
-    from medlens.modelfile import ModelMeta, build_network, save_model
-    from medlens.preprocess import Preprocess
+    from medlens.artifacts.model import ModelMeta, build_network, save_model
+    from medlens.data.preprocess import Preprocess
 
     meta = ModelMeta(
         arch="cnn",
@@ -224,7 +226,7 @@ def test_unknown_backend_is_an_error(trained_run):
 def test_bf16_and_fp32_predictions_agree(trained_run, synthetic_data):
     """bf16 autocast (what training's frozen passes use where the CPU has it) gives the same
     labels as float32 on the fixture, with probabilities close."""
-    from medlens.train import bf16_supported
+    from medlens.training.trainer import bf16_supported
 
     if not bf16_supported():
         pytest.skip("this CPU has no bfloat16 support: nothing to compare")

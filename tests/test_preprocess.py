@@ -11,10 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from medlens.cache import is_colour, prepare_samples
-from medlens.data import Sample
-from medlens.imaging import read_image
-from medlens.preprocess import AugmentSpec, Preprocess, augment, compute_mean_std
+from medlens.data.augment import AugmentSpec, augment
+from medlens.data.cache import is_colour, prepare_samples
+from medlens.data.datasets import Sample
+from medlens.data.imaging import read_image
+from medlens.data.preprocess import Preprocess, compute_mean_std
 
 
 def _grey(h=40, w=30, seed=0):

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medlens.metrics import compute_metrics
-from medlens.report import comparison_table, plot_figures, write_comparison, write_report
+from medlens.evaluation.metrics import compute_metrics
+from medlens.reporting.report import comparison_table, plot_figures, write_comparison, write_report
 
 IMG = '<img src="data:image/png;base64,'
 BASE_PLOTS = {"roc", "pr", "confusion", "density", "reliability"}

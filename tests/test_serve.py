@@ -16,8 +16,9 @@ from PIL import Image
 from serve_fixtures import BINARY, MULTI, encode, served_models  # noqa: F401 - fixture
 from test_imaging import SR_STORAGE, _encapsulated, dicom_bytes, make_dicom, png_header_only  # noqa: E402
 
-from medlens.modelfile import ModelLoadError, read_meta
-from medlens.predict import Predictor
+from medlens.artifacts.model import read_meta
+from medlens.errors import ModelLoadError
+from medlens.inference.predictor import Predictor
 from medlens.serve import create_app, discover_models
 
 pytest.importorskip("httpx2", reason="FastAPI's TestClient needs httpx2: pip install -e '.[test]'")

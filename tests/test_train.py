@@ -15,9 +15,10 @@ import pytest
 import torch
 import yaml
 
-from medlens import models
-from medlens.data import DataError
-from medlens.train import HISTORY_COLUMNS, TrainConfig, TrainError, train
+from medlens.config import TrainConfig
+from medlens.errors import DataError, TrainError
+from medlens.modeling import registry as models
+from medlens.training.trainer import HISTORY_COLUMNS, train
 
 COLUMNS = [
     "epoch",
@@ -438,7 +439,7 @@ def test_lite0_finetune_trains_head_then_top_stages(tmp_path, synthetic_data, tr
 
 
 def test_resolve_device_auto_cpu_and_errors(monkeypatch):
-    from medlens.train import resolve_device
+    from medlens.training.trainer import resolve_device
 
     assert resolve_device("cpu") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -469,9 +470,9 @@ def test_device_cuda_without_gpu_fails_before_the_run_folder(tmp_path, synthetic
 
 
 def test_bn_momentum_setting(tmp_path, synthetic_data):
-    from medlens.modelfile import ModelMeta, build_network
-    from medlens.preprocess import Preprocess
-    from medlens.train import set_bn_momentum
+    from medlens.artifacts.model import ModelMeta, build_network
+    from medlens.data.preprocess import Preprocess
+    from medlens.training.trainer import set_bn_momentum
 
     net = build_network(
         ModelMeta(
@@ -500,7 +501,7 @@ def test_bn_momentum_setting(tmp_path, synthetic_data):
 
 
 def test_float32_passes_turn_tf32_off_on_cuda_only():
-    from medlens.train import _exact_float32
+    from medlens.inference.runtime import _exact_float32
 
     before = torch.backends.cudnn.allow_tf32
     with _exact_float32(None, torch.device("cuda")):

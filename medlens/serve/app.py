@@ -36,10 +36,14 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medlens import __version__
-from medlens.export import DISCLAIMER, ONNX_FILE, model_card, model_version, onnx_bytes, ort_session
-from medlens.imaging import MAX_PIXELS, ImageReadError, read_image
-from medlens.modelfile import MODEL_JSON, ModelLoadError
-from medlens.predict import Predictor, bundled_models_dir, overlay_cam
+from medlens.artifacts.card import DISCLAIMER, model_card, model_version
+from medlens.artifacts.folders import bundled_models_dir
+from medlens.artifacts.model import MODEL_JSON
+from medlens.artifacts.onnx import ONNX_FILE, onnx_bytes, ort_session
+from medlens.data.imaging import MAX_PIXELS, read_image
+from medlens.errors import ImageReadError, ModelLoadError
+from medlens.inference.cam import overlay_cam
+from medlens.inference.predictor import Predictor
 from medlens.serve.upload import UploadError, read_file_field
 
 __all__ = ["create_app", "ServedModel", "discover_models", "DEFAULT_MAX_UPLOAD_BYTES"]

@@ -222,9 +222,9 @@ def run_results(name: str, folder: Path) -> dict:
         ``{"name", "figures": [plotly dicts with "id"], "report": per-class rows,
         "headline": {label: (value, ci)}, "missing": [what is not there], "history", "eval"}``.
     """
-    from medlens.compare import load_run_evaluation
-    from medlens.evaluate import read_history
-    from medlens.modelfile import ModelLoadError
+    from medlens.artifacts.folders import read_history
+    from medlens.errors import ModelLoadError
+    from medlens.reporting.compare import load_run_evaluation
 
     out = {
         "name": name,

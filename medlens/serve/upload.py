@@ -13,18 +13,12 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
+from medlens.errors import UploadError
+
 __all__ = ["UploadError", "read_file_field", "MULTIPART_OVERHEAD"]
 
 MULTIPART_OVERHEAD = 64 * 1024
 """Room for boundaries, part headers and small extra fields on top of the file limit."""
-
-
-class UploadError(Exception):
-    """A request whose upload cannot be used: HTTP ``status`` and a ``detail`` for the user."""
-
-    def __init__(self, status: int, detail: str):
-        super().__init__(detail)
-        self.status, self.detail = status, detail
 
 
 def _mb(n: int) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medlens.preprocess import Preprocess
+from medlens.data.preprocess import Preprocess
 
 __all__ = ["PreparedImages", "prepare_samples", "is_colour"]
 
@@ -123,7 +123,7 @@ def prepare_samples(
     if cache_dir is not None:
         import io
 
-        from medlens.modelfile import atomic_write_bytes, atomic_write_text
+        from medlens.fileio import atomic_write_bytes, atomic_write_text
 
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()

@@ -18,13 +18,12 @@ evaluated with reports.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -32,19 +31,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medlens.cache import is_colour, prepare_samples
-from medlens.calibration import logits_to_probs
-from medlens.modelfile import (
-    ModelMeta,
-    atomic_torch_save,
-    build_network,
-    save_model,
-    write_csv,
-    write_yaml,
-)
-from medlens.models import IMAGENET_MEAN, IMAGENET_STD, model_info
-from medlens.ood import OOD_FILE
-from medlens.preprocess import AugmentSpec, Preprocess, augment, compute_mean_std
+from medlens.artifacts.folders import headline_metrics
+from medlens.artifacts.model import ModelMeta, build_network, save_model
+from medlens.config import TrainConfig
+from medlens.data.augment import AugmentSpec, augment
+from medlens.data.cache import is_colour, prepare_samples
+from medlens.data.preprocess import Preprocess, compute_mean_std
+from medlens.errors import TrainError
+from medlens.evaluation.calibration import logits_to_probs
+from medlens.evaluation.ood import OOD_FILE
+from medlens.fileio import atomic_torch_save, write_csv, write_yaml
+from medlens.inference.runtime import _autocast, compute_logits, logits_and_stats
+from medlens.modeling.registry import IMAGENET_MEAN, IMAGENET_STD, model_info
 
 HISTORY_COLUMNS = [
     "epoch",
@@ -57,64 +55,6 @@ HISTORY_COLUMNS = [
     "lr",
     "seconds",
 ]
-
-
-class TrainError(ValueError):
-    """A training request that cannot go ahead; the message says what to do."""
-
-
-@dataclass
-class TrainConfig:
-    """Every setting of a training run; saved fully resolved as ``config.yaml``."""
-
-    data: str
-    out: str
-    model: str = "efficientnet-lite0"
-    epochs: int = 15  # max epochs of the main stage (finetune or full)
-    head_epochs: int = 40  # max epochs of the frozen-feature head stage
-    image_size: int | None = None  # default: the backbone's
-    batch_size: int = 32
-    lr: float | None = None  # head/full stage; finetune uses lr * finetune_lr_scale
-    finetune_lr_scale: float = 0.1
-    weight_decay: float = 1e-4
-    optimizer: str = "adamw"  # adam | adamw
-    seed: int = 0
-    transfer: str = "finetune"  # pretrained models: frozen | finetune | full
-    unfreeze: int = 2  # backbone stages trained in the finetune stage
-    aug_copies: int = 4  # finetune: training-set copies cached (1 clean + augmented)
-    augment: dict = field(default_factory=lambda: AugmentSpec().to_dict())
-    patience: int = 5
-    monitor: str = "val_auc"  # val_auc | val_loss
-    class_weights: bool = True
-    channels: int | None = None  # None: 3 for pretrained, else 1 unless images have colour
-    resize: str = "stretch"  # stretch | pad | crop (see Preprocess)
-    grayscale: bool = False  # grey every image first (see Preprocess)
-    dropout: float = 0.3
-    bn_momentum: float | None = None  # None: the backbone's own (MONAI EfficientNet: 0.01)
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
-    patient_regex: str | None = None
-    target_sensitivity: float | None = None
-    skip_bad_images: bool = False
-    precision: str = "auto"  # auto (bf16 frozen passes, fp32 training) | fp32 | bf16
-    device: str = "auto"  # auto (cuda when torch sees one, else cpu) | cpu | cuda[:N]
-    threads: int | None = None
-    cache_dir: str | None = None
-    pretrained: bool = True
-    name: str | None = None
-    progress: bool = True
-    card: dict | None = None  # model-card text (title, intended use, citation, ...)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise TrainError(f"unknown training setting(s) {unknown}; known: {sorted(names)}")
-        return cls(**d)
-
-
-# ----------------------------------------------------------------------------- helpers
 
 
 def bf16_supported() -> bool:
@@ -172,41 +112,6 @@ def set_bn_momentum(net: nn.Module, momentum: float) -> int:
     return len(layers)
 
 
-def _autocast(dtype, device: torch.device | None = None):
-    kind = device.type if device is not None else "cpu"
-    return torch.autocast(kind, dtype=dtype, enabled=dtype is not None)
-
-
-def _exact_float32(dtype, device: torch.device | None):
-    """cuDNN convolutions run in TF32 by default on recent GPUs; a float32 pass (calibration,
-    evaluation, the OOD guard) must be the float32 that CPU serving computes."""
-    if dtype is not None or device is None or device.type != "cuda":
-        return contextlib.nullcontext()
-    return torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False)
-
-
-def compute_logits(
-    fn: Callable[[torch.Tensor], torch.Tensor],
-    x,
-    batch_size: int = 64,
-    dtype=None,
-    transform: Callable | None = None,
-    device: torch.device | None = None,
-) -> torch.Tensor:
-    """Apply ``fn`` to ``x`` in batches under no_grad (each batch moved to ``device`` first,
-    then ``transform``-ed); returns float32 logits on CPU."""
-    outs = []
-    with torch.no_grad(), _autocast(dtype, device), _exact_float32(dtype, device):
-        for i in range(0, len(x), batch_size):
-            b = torch.as_tensor(x[i : i + batch_size])
-            if device is not None:
-                b = b.to(device, non_blocking=True)
-            if transform is not None:
-                b = transform(b)
-            outs.append(fn(b).float().cpu())
-    return torch.cat(outs) if outs else torch.empty(0)
-
-
 def loss_fn(
     logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None, binary: bool
 ) -> torch.Tensor:
@@ -237,9 +142,6 @@ def _quick_scores(logits: torch.Tensor, y: torch.Tensor, binary: bool) -> dict:
     except ValueError:
         auc = float("nan")
     return {"val_loss": loss, "val_acc": acc, "val_auc": auc}
-
-
-# ----------------------------------------------------------------------------- the fit loop
 
 
 @dataclass
@@ -415,9 +317,6 @@ def _fit(
     )
 
 
-# ----------------------------------------------------------------------------- train()
-
-
 def _prepare_out(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
     out = Path(cfg.out)
     has_run = out.exists() and any(out.iterdir())
@@ -443,8 +342,8 @@ def train(
     command: str | None = None,
 ) -> Path:
     """Train, calibrate, save and evaluate. Returns the run folder."""
-    from medlens import data as mdata
-    from medlens.calibration import choose_threshold, fit_temperature
+    from medlens.data import datasets as mdata
+    from medlens.evaluation.calibration import choose_threshold, fit_temperature
 
     info = model_info(cfg.model)  # unknown model: clear error before anything is written
     if cfg.transfer not in ("frozen", "finetune", "full"):
@@ -765,7 +664,7 @@ def train(
     for split in ("val", "test"):
         if split in prepared and len(prepared[split][1]):
             o = compute_logits(
-                lambda b: _logits_and_stats(net, b),
+                lambda b: logits_and_stats(net, b),
                 prepared[split][0],
                 dtype=None,
                 transform=to_input,
@@ -818,7 +717,7 @@ def train(
         + (f", threshold {threshold:.4f} ({method})" if binary else "")
     )
 
-    from medlens.evaluate import write_evaluation
+    from medlens.reporting.evaluate import write_evaluation
 
     summaries = {}
     for split, (logits, _) in outputs.items():
@@ -831,7 +730,7 @@ def train(
             title=f"{meta.name}: {split} split ({ds.layout})",
             sources=sources[split],
         )
-    meta.extra["metrics"] = {split: _headline(m) for split, m in summaries.items()}
+    meta.extra["metrics"] = {split: headline_metrics(m) for split, m in summaries.items()}
     meta.extra["ood"] = guard.summary()
     if "test" in outputs:
         meta.extra["ood"]["flagged_test_share"] = round(
@@ -848,11 +747,6 @@ def train(
     return out
 
 
-def _logits_and_stats(net, b: torch.Tensor) -> torch.Tensor:
-    logits, _, stats = net.forward_with_stats(b)
-    return torch.cat([logits, stats], 1)
-
-
 def fit_ood_guard(
     net,
     xtr,
@@ -867,7 +761,7 @@ def fit_ood_guard(
     """Fit the out-of-distribution guard (:class:`medlens.ood.StageGuard`) of a trained
     network: statistics of (up to ``max_train``, stratified at random) clean training images,
     threshold from the validation images' statistics ``val_stats``; float32, as served."""
-    from medlens.ood import fit_stage_guard
+    from medlens.evaluation.ood import fit_stage_guard
 
     net.eval()
     idx = np.arange(len(ytr))
@@ -875,7 +769,7 @@ def fit_ood_guard(
         idx = np.sort(np.random.default_rng(seed).choice(idx, max_train, replace=False))
     n_out = net.num_outputs
     stats = compute_logits(
-        lambda b: _logits_and_stats(net, b), xtr[idx], dtype=None, transform=to_input, device=device
+        lambda b: logits_and_stats(net, b), xtr[idx], dtype=None, transform=to_input, device=device
     )[:, n_out:].numpy()
     return fit_stage_guard(
         stats, ytr[idx], val_stats, net.stat_widths(next(net.parameters()).shape[1])
@@ -889,9 +783,10 @@ def refit_ood_guard(run: str | Path, log=print):
     form; the network, calibration and metrics are untouched."""
     import yaml
 
-    from medlens import data as mdata
-    from medlens.modelfile import MODEL_JSON, load_network, write_json
-    from medlens.ood import OOD_FILE
+    from medlens.artifacts.model import MODEL_JSON, load_network
+    from medlens.data import datasets as mdata
+    from medlens.evaluation.ood import OOD_FILE
+    from medlens.fileio import write_json
 
     run = Path(run)
     saved = yaml.safe_load((run / "config.yaml").read_text())
@@ -918,7 +813,7 @@ def refit_ood_guard(run: str | Path, log=print):
         return pre.normalize(b).contiguous(memory_format=torch.channels_last)
 
     def stats_of(x):
-        return compute_logits(lambda b: _logits_and_stats(net, b), x, transform=to_input)[
+        return compute_logits(lambda b: logits_and_stats(net, b), x, transform=to_input)[
             :, net.num_outputs :
         ].numpy()
 
@@ -937,27 +832,9 @@ def refit_ood_guard(run: str | Path, log=print):
 
 def _probe_colour(sample) -> bool:
     """Colour check for channel auto-detection; unreadable files are reported later."""
-    from medlens.imaging import ImageReadError
+    from medlens.errors import ImageReadError
 
     try:
         return is_colour(sample.load())
     except (ImageReadError, OSError, ValueError):
         return False
-
-
-def _headline(m: dict) -> dict:
-    keys = (
-        "n",
-        "accuracy",
-        "balanced_accuracy",
-        "auc",
-        "sensitivity",
-        "specificity",
-        "f1",
-        "precision",
-        "ece",
-        "brier",
-        "ci",
-        "threshold",
-    )
-    return {k: m.get(k) for k in keys}

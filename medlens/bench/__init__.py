@@ -462,8 +462,8 @@ def _percentiles(ms: list[float]) -> dict:
 def _torch_folder(folder: Path, torch_ref, notes: list[str]) -> Path | None:
     """The folder whose model.pt times eager torch: the model's own, or ``torch_ref`` (the
     training run of an inference-only bundle), checked to be the same network."""
-    from medlens.modelfile import MODEL_WEIGHTS, read_meta
-    from medlens.predict import resolve_model
+    from medlens.artifacts.folders import resolve_model
+    from medlens.artifacts.model import MODEL_WEIGHTS, read_meta
 
     if torch_ref is None:
         if (folder / MODEL_WEIGHTS).exists():
@@ -504,8 +504,8 @@ def _engines(
     """name -> callable(x: float32 ndarray) -> logits ndarray; name -> description; notes."""
     import torch
 
-    from medlens.export import ONNX_FILE, onnx_bytes, ort_session
-    from medlens.predict import Predictor
+    from medlens.artifacts.onnx import ONNX_FILE, onnx_bytes, ort_session
+    from medlens.inference.predictor import Predictor
 
     engines, about, notes = {}, {}, []
     if threads:
@@ -586,7 +586,7 @@ def bench_inference(
     """
     import torch
 
-    from medlens.predict import resolve_model
+    from medlens.artifacts.folders import resolve_model
 
     folder = resolve_model(ref)
     engines, about, notes = _engines(folder, threads, log, torch_model)
@@ -734,7 +734,7 @@ def bench_serve(
 ) -> dict:
     """The web app under load: ``medlens serve`` in a subprocess, :func:`load_test` against
     its predict endpoint with one 1024x1024 JPEG (:func:`synthetic_jpeg` unless ``image``)."""
-    from medlens.predict import resolve_model
+    from medlens.artifacts.folders import resolve_model
 
     folder = resolve_model(ref)
     data = image if image is not None else synthetic_jpeg()
@@ -903,7 +903,7 @@ def run_bench(
     log: Log = _stderr,
 ) -> dict:
     """Every measurement of ``medlens bench`` in one flat dict (see the module docstring)."""
-    from medlens.predict import resolve_model
+    from medlens.artifacts.folders import resolve_model
 
     folder = resolve_model(model)
     started = datetime.now(timezone.utc)

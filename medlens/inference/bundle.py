@@ -32,14 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from medlens.modelfile import (
-    MODEL_JSON,
-    MODEL_WEIGHTS,
-    ModelLoadError,
-    atomic_write_text,
-    load_network,
-    write_json,
-)
+from medlens.artifacts.model import MODEL_JSON, MODEL_WEIGHTS, load_network
+from medlens.errors import ModelLoadError
+from medlens.fileio import atomic_write_text, write_json
 
 __all__ = ["make_bundle", "BUNDLE_FILES"]
 
@@ -48,7 +43,7 @@ BUNDLE_FILES = (MODEL_JSON, "model.onnx", "ood.npz", "model_card.json", "model_c
 
 def _held_out(run: Path, split: str, labels: list[str]):
     """Samples of the run's ``eval/<split>/predictions.csv`` and the run's probabilities."""
-    from medlens.data import Sample
+    from medlens.data.datasets import Sample
 
     path = run / "eval" / split / "predictions.csv"
     if not path.exists():
@@ -82,21 +77,14 @@ def make_bundle(
         ModelLoadError: ``run`` is not a complete run, or ``dest`` exists without
             ``overwrite``.
     """
-    from medlens.cache import prepare_samples
-    from medlens.export import (
-        CARD_JSON,
-        CARD_MD,
-        ONNX_FILE,
-        check_onnx,
-        halve_weights,
-        model_card,
-        model_card_markdown,
-        onnx_bytes,
-    )
-    from medlens.metrics import compute_metrics
-    from medlens.ood import OOD_FILE
-    from medlens.predict import Predictor, resolve_model
-    from medlens.train import _headline
+    from medlens.artifacts.card import CARD_JSON, CARD_MD, model_card, model_card_markdown
+    from medlens.artifacts.folders import headline_metrics as headline_metrics
+    from medlens.artifacts.folders import resolve_model
+    from medlens.artifacts.onnx import ONNX_FILE, check_onnx, halve_weights, onnx_bytes
+    from medlens.data.cache import prepare_samples
+    from medlens.evaluation.metrics import compute_metrics
+    from medlens.evaluation.ood import OOD_FILE
+    from medlens.inference.predictor import Predictor
 
     run = resolve_model(run)
     dest = Path(dest)
@@ -144,7 +132,7 @@ def make_bundle(
             change = max(change, float(np.abs(probs - run_probs[res.keep]).max()))
             y = np.array([samples[i].label for i in res.keep])
             m = compute_metrics(y, probs, meta.labels, meta.threshold)
-            metrics[split] = _headline(m)
+            metrics[split] = headline_metrics(m)
             if flagged:
                 meta.extra.setdefault("ood", {})[f"flagged_{split}_share"] = round(
                     float(np.mean(flagged)), 4

@@ -23,20 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medlens.modelfile import MODEL_WEIGHTS, ModelLoadError, ModelMeta, load_network, read_meta
-
-__all__ = [
-    "Predictor",
-    "resolve_model",
-    "Prediction",
-    "bundled_models_dir",
-    "OODGuard",
-    "load_ood_guard",
-    "NO_OOD",
-]
+from medlens.artifacts.folders import resolve_model
+from medlens.artifacts.model import MODEL_WEIGHTS, ModelMeta, load_network, read_meta
+from medlens.errors import ModelLoadError
+from medlens.inference.cam import cam_to_heat
 
 NO_OOD = {"flag": None, "score": None}
 """What :attr:`Prediction.ood` holds for a model without an out-of-distribution guard."""
+
 
 OODGuard = Callable[[np.ndarray], list[dict]]
 """``features float32 (N, F)`` (penultimate, see :meth:`Classifier.features`) ->
@@ -49,54 +43,11 @@ def load_ood_guard(folder: Path | None, meta: ModelMeta) -> OODGuard | None:
     The :class:`Predictor` passes every batch's activation statistics (or, for guards of
     older runs, penultimate features: ``guard.input`` says which) to it.
     """
-    from medlens.ood import OOD_FILE, load_guard
+    from medlens.evaluation.ood import OOD_FILE, load_guard
 
     if folder is None or not (Path(folder) / OOD_FILE).exists():
         return None
     return load_guard(Path(folder) / OOD_FILE)
-
-
-def bundled_models_dir() -> Path:
-    return Path(__file__).parent / "bundled"
-
-
-def resolve_model(ref: str | os.PathLike, extra_dirs: list[str | os.PathLike] = ()) -> Path:
-    """A model reference -> its folder.
-
-    ``ref`` is a model folder (a run of ``medlens train``), or the name of a bundled model
-    or of a model folder inside one of ``extra_dirs`` (``--models DIR``).
-    """
-    p = Path(ref)
-    if (p / "model.json").exists():
-        return p
-    if p.exists():
-        raise ModelLoadError(
-            f"{p} is not a trained model: model.json is missing (train one with "
-            "`medlens train --out RUN`, or wait until the run has finished)"
-        )
-    name = str(ref)
-    for d in [*extra_dirs, bundled_models_dir()]:
-        cand = Path(d) / name
-        if (cand / "model.json").exists():
-            return cand
-    known = sorted(available_models(extra_dirs))
-    raise ModelLoadError(
-        f"no model {name!r}: not a run folder and not a bundled model; "
-        f"available: {', '.join(known) if known else 'none'} "
-        "(or pass the path of a run folder)"
-    )
-
-
-def available_models(extra_dirs: list[str | os.PathLike] = ()) -> dict[str, Path]:
-    """Names of bundled models and of models in ``extra_dirs`` -> folder."""
-    found = {}
-    for d in [bundled_models_dir(), *extra_dirs]:
-        d = Path(d)
-        if d.is_dir():
-            for sub in sorted(d.iterdir()):
-                if (sub / "model.json").exists():
-                    found[sub.name] = sub
-    return found
 
 
 @dataclass
@@ -133,7 +84,7 @@ class Predictor:
         dtype: torch.dtype | None = None,
         backend: str = "auto",
     ):
-        from medlens.export import ONNX_FILE, check_onnx_matches, onnx_bytes, ort_session
+        from medlens.artifacts.onnx import ONNX_FILE, check_onnx_matches, onnx_bytes, ort_session
 
         if backend not in ("auto", "onnx", "torch"):
             raise ValueError(f"backend must be auto, onnx or torch, got {backend!r}")
@@ -215,7 +166,8 @@ class Predictor:
             ]
             logits = torch.from_numpy(np.concatenate([o[0] for o in outs]))
             return logits, np.concatenate([o[1] for o in outs]) if extra else None
-        from medlens.train import _logits_and_stats, compute_logits
+        from medlens.inference.runtime import compute_logits
+        from medlens.inference.runtime import logits_and_stats as logits_and_stats
 
         self.net.eval()
         n_out = self.meta.num_outputs
@@ -226,7 +178,7 @@ class Predictor:
         elif extra == "stats":
 
             def fn(b):
-                return _logits_and_stats(self.net, b)
+                return logits_and_stats(self.net, b)
         else:
             fn = self.net
         out = compute_logits(
@@ -244,7 +196,7 @@ class Predictor:
 
     def probs_prepared(self, x_uint8, batch_size: int = 64) -> np.ndarray:
         """Calibrated ``(N, K)`` probabilities of prepared images."""
-        from medlens.calibration import logits_to_probs
+        from medlens.evaluation.calibration import logits_to_probs
 
         return logits_to_probs(
             self.logits_prepared(x_uint8, batch_size).numpy(), self.meta.temperature
@@ -252,7 +204,7 @@ class Predictor:
 
     def predict_prepared(self, x_uint8, batch_size: int = 64) -> list[Prediction]:
         """Prepared ``uint8 (N, C, S, S)`` images -> predictions (with the OOD verdict)."""
-        from medlens.calibration import logits_to_probs
+        from medlens.evaluation.calibration import logits_to_probs
 
         logits, feats = self.forward_prepared(
             x_uint8, batch_size, features=self.ood_guard.input if self.ood_guard else False
@@ -266,7 +218,7 @@ class Predictor:
         return self.predict_prepared(np.stack([self.pre.prepare(p) for p in pixels_list]))
 
     def to_prediction(self, probs: np.ndarray, ood: dict | None = None) -> Prediction:
-        from medlens.metrics import predict_labels
+        from medlens.evaluation.metrics import predict_labels
 
         idx = int(predict_labels(probs[None], self.meta.threshold)[0])
         return Prediction(
@@ -300,7 +252,7 @@ class Predictor:
             else:
                 idx = int(np.argmax(logits[0])) if class_index is None else int(class_index)
                 channel = idx
-            return _cam_to_heat(torch.from_numpy(maps[:, channel : channel + 1]), x.shape[-2:]), idx
+            return cam_to_heat(torch.from_numpy(maps[:, channel : channel + 1]), x.shape[-2:]), idx
         # An input that requires grad keeps MONAI's full backward hook from warning that
         # "no inputs require gradients" on every call.
         x.requires_grad_(True)
@@ -315,7 +267,7 @@ class Predictor:
         net = self.net.float().to(memory_format=torch.contiguous_format)
         net.eval()
         # MONAI's default post-processing maps (min, max) to (1, 0), i.e. it inverts the map;
-        # the raw map is taken and scaled by _cam_to_heat instead.
+        # the raw map is taken and scaled by cam_to_heat instead.
         cam = GradCAM(
             nn_module=net,
             target_layers="backbone",
@@ -333,43 +285,4 @@ class Predictor:
                         class_index = int(net(x).argmax(1))
                 acti = cam(x, class_idx=class_index)
                 idx = class_index
-        return _cam_to_heat(acti.detach().float(), x.shape[-2:]), idx
-
-
-def _cam_to_heat(acti: torch.Tensor, size) -> np.ndarray:
-    """``(1, 1, h, w)`` activation map -> ``float32 (S, S)`` in [0, 1]: bilinear upsampling to
-    the input size (MONAI's default upsampler) and min-max scaling, 1 = strongest evidence."""
-    heat = torch.nn.functional.interpolate(
-        acti, size=tuple(size), mode="bilinear", align_corners=False
-    )[0, 0].numpy()
-    lo, hi = float(heat.min()), float(heat.max())
-    heat = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
-    return heat.astype(np.float32)
-
-
-def overlay_cam(
-    pixels: np.ndarray, cam: np.ndarray, size: int | None = None, alpha: float = 0.4
-) -> np.ndarray:
-    """Blend a [0, 1] heat map over an image with the 'jet' colour map.
-
-    Args:
-        pixels: ``uint8 (H, W)`` or ``(H, W, 3)``.
-        cam: ``float (h, w)`` in [0, 1] (resized to the image).
-        size: output side (square); default keeps the image's size.
-
-    Returns:
-        ``uint8 (H, W, 3)`` RGB overlay.
-    """
-    from matplotlib import colormaps
-    from PIL import Image
-
-    img = Image.fromarray(pixels).convert("RGB")
-    if size:
-        img = img.resize((size, size), Image.BILINEAR)
-    heat = Image.fromarray((np.clip(cam, 0, 1) * 255).astype(np.uint8)).resize(
-        img.size, Image.BILINEAR
-    )
-    colour = colormaps["jet"](np.asarray(heat, dtype=np.float32) / 255.0)[..., :3]
-    base = np.asarray(img, dtype=np.float32) / 255.0
-    out = (1 - alpha) * base + alpha * colour
-    return (np.clip(out, 0, 1) * 255).astype(np.uint8)
+        return cam_to_heat(acti.detach().float(), x.shape[-2:]), idx

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medlens.evaluate import read_history
-from medlens.modelfile import ModelLoadError
+from medlens.artifacts.folders import read_history
+from medlens.errors import ModelLoadError
 
 
 def load_run_evaluation(run: str | Path, split: str = "val") -> dict:
@@ -43,7 +43,7 @@ def load_run_evaluation(run: str | Path, split: str = "val") -> dict:
 
 def compare_runs(runs: list[str], out: str | Path, split: str = "val") -> tuple[str, Path]:
     """Table (text) and ``compare.html`` for several runs. Returns ``(table, html_path)``."""
-    from medlens.report import comparison_table, write_comparison
+    from medlens.reporting.report import comparison_table, write_comparison
 
     loaded = [load_run_evaluation(r, split) for r in runs]
     names = [r["name"] for r in loaded]

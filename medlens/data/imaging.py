@@ -24,6 +24,8 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from medlens.errors import ImageReadError
+
 __all__ = ["MAX_PIXELS", "DecodedImage", "ImageReadError", "is_dicom", "read_image"]
 
 MAX_PIXELS = 64_000_000
@@ -47,10 +49,6 @@ _CODEC_HINTS = (
     ("JPEG", "pylibjpeg + pylibjpeg-libjpeg"),
     ("RLE", "pylibjpeg + pylibjpeg-rle"),
 )
-
-
-class ImageReadError(ValueError):
-    """Raised with a one-line message that names the file (or 'upload') and says what to do."""
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: comparing ndarrays with == is ambiguous

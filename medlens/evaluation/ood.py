@@ -63,7 +63,7 @@ class FeatureGuard:
     def save(self, path: str | Path) -> None:
         import io
 
-        from medlens.modelfile import atomic_write_bytes
+        from medlens.fileio import atomic_write_bytes
 
         buf = io.BytesIO()
         np.savez(
@@ -181,7 +181,7 @@ class StageGuard:
     def save(self, path: str | Path) -> None:
         import io
 
-        from medlens.modelfile import atomic_write_bytes
+        from medlens.fileio import atomic_write_bytes
 
         arrays = {
             "kind": np.array("stages"),

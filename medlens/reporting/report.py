@@ -30,8 +30,8 @@ from sklearn.metrics import (  # noqa: E402
     roc_curve,
 )
 
-from medlens.calibration import reliability_curve  # noqa: E402
-from medlens.metrics import _validate, expected_calibration_error, predict_labels  # noqa: E402
+from medlens.evaluation.calibration import reliability_curve
+from medlens.evaluation.metrics import _validate, expected_calibration_error, predict_labels
 
 __all__ = ["plot_figures", "write_report", "write_comparison", "comparison_table"]
 

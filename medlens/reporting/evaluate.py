@@ -2,32 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
 
-from medlens.modelfile import ModelMeta, write_csv, write_json
-
-__all__ = ["evaluate", "write_evaluation", "read_history"]
-
-
-def read_history(folder: str | Path) -> list[dict] | None:
-    """Rows of a run's ``training_metrics.csv`` (numbers parsed), or None."""
-    path = Path(folder) / "training_metrics.csv"
-    if not path.exists():
-        return None
-    rows = []
-    with open(path, newline="") as f:
-        for r in csv.DictReader(f):
-            row = {}
-            for k, v in r.items():
-                try:
-                    row[k] = float(v) if v not in ("", None) else None
-                except ValueError:
-                    row[k] = v
-            rows.append(row)
-    return rows
+from medlens.artifacts.folders import read_history
+from medlens.artifacts.model import ModelMeta
+from medlens.fileio import write_csv, write_json
 
 
 def _model_info(meta: ModelMeta) -> dict:
@@ -54,8 +35,8 @@ def write_evaluation(
     sources: list[str] | None = None,
 ) -> dict:
     """Metrics at the stored threshold (and 0.5), ``metrics.json``, ``report.html``."""
-    from medlens.metrics import compute_metrics, predict_labels
-    from medlens.report import write_report
+    from medlens.evaluation.metrics import compute_metrics, predict_labels
+    from medlens.reporting.report import write_report
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -101,9 +82,10 @@ def evaluate(
     log=print,
 ) -> dict:
     """``medlens evaluate``: every image under ``data`` is evaluated; nothing is split off."""
-    from medlens.cache import prepare_samples
-    from medlens.data import DataError, load_dataset
-    from medlens.predict import Predictor
+    from medlens.data.cache import prepare_samples
+    from medlens.data.datasets import load_dataset
+    from medlens.errors import DataError
+    from medlens.inference.predictor import Predictor
 
     predictor = Predictor(model_ref)
     meta = predictor.meta

@@ -1,0 +1,1 @@
+"""The one owner of files: run and model folders, ONNX graphs and sessions, model cards."""

@@ -1,0 +1,268 @@
+"""Model cards (Mitchell et al., *Model Cards for Model Reporting*, FAT* 2019): JSON and Markdown."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from medlens.artifacts.model import MODEL_WEIGHTS, ModelMeta, load_network
+from medlens.artifacts.onnx import ONNX_FILE, OPSET, check_onnx, onnx_bytes
+from medlens.fileio import atomic_write_bytes, atomic_write_text, sha256_file, write_json
+
+CARD_JSON = "model_card.json"
+
+
+CARD_MD = "model_card.md"
+
+
+# Fields a model.json may carry under "card" (all optional; empty placeholders otherwise).
+CARD_FIELDS = (
+    "title",
+    "modality",
+    "intended_use",
+    "out_of_scope_use",
+    "limitations",
+    "ethical_considerations",
+    "caveats",
+    "contact",
+    "license",
+    "citation",
+)
+
+
+DISCLAIMER = (
+    "Research software: not a medical device. Predictions must not be used for "
+    "diagnosis without clinical validation on the population the model would serve."
+)
+
+
+def weights_sha256(meta: ModelMeta, folder: str | Path | None = None) -> str | None:
+    """sha256 of ``model.pt``: recorded in ``model.json``, else hashed from the file."""
+    digest = meta.extra.get("weights_sha256")
+    if not digest and folder is not None and (Path(folder) / MODEL_WEIGHTS).exists():
+        digest = sha256_file(Path(folder) / MODEL_WEIGHTS)
+    return digest
+
+
+def model_version(meta: ModelMeta, folder: str | Path | None = None) -> str:
+    """Short version id: the first 12 hex digits of the sha256 of ``model.pt``."""
+    return (weights_sha256(meta, folder) or "unknown")[:12]
+
+
+def model_card(
+    meta: ModelMeta, folder: str | Path | None = None, onnx_sha256: str | None = None
+) -> dict:
+    """The model card of a model as a dict (what ``model_card.json`` holds).
+
+    Card fields (intended use, limitations, ...) come from a ``card`` dict in ``model.json``;
+    missing ones are empty strings to fill in.
+    """
+    from medlens import __version__
+
+    given = dict(meta.extra.get("card") or {})
+    card = {k: given.pop(k, "") for k in CARD_FIELDS}
+    card["title"] = card["title"] or meta.name or (Path(folder).name if folder else "model")
+    weights = weights_sha256(meta, folder)
+    out = {
+        "name": meta.name or (Path(folder).name if folder else None),
+        **{k: card[k] for k in ("title", "modality")},
+        "version": (weights or "unknown")[:12],
+        "task": "binary" if meta.binary else "multiclass",
+        "labels": list(meta.labels),
+        "architecture": meta.arch,
+        "input": {
+            "modality": card["modality"] or None,
+            "size": meta.preprocess.image_size,
+            "channels": meta.preprocess.channels,
+        },
+        "preprocessing": meta.preprocess.to_dict(),
+        "calibration": {
+            "method": "temperature scaling (Guo et al. 2017), fitted on validation",
+            "temperature": meta.temperature,
+        },
+        "decision": (
+            {
+                "threshold": meta.threshold,
+                "method": meta.threshold_method,
+                "rule": f"predict {meta.labels[1]!r} when its probability >= threshold",
+            }
+            if meta.binary
+            else {"threshold": None, "method": None, "rule": "predict the most probable class"}
+        ),
+        "metrics": meta.extra.get("metrics") or {},
+        "training": meta.extra.get("training") or {},
+        **{k: card[k] for k in CARD_FIELDS if k not in ("title", "modality")},
+        "disclaimer": DISCLAIMER,
+        "ood": meta.extra.get("ood"),
+        "export": meta.extra.get("export"),
+        "files": {
+            ONNX_FILE: {"sha256": onnx_sha256} if onnx_sha256 else None,
+            **({MODEL_WEIGHTS: {"sha256": weights}} if not _inference_only(folder) else {}),
+        },
+        "medlens_version": __version__,
+    }
+    for k, v in given.items():  # further fields the author put in the card; ours win
+        out.setdefault(k, v)
+    return out
+
+
+def _inference_only(folder: str | Path | None) -> bool:
+    """A folder shipped without ``model.pt`` (a bundled model)."""
+    return folder is not None and not (Path(folder) / MODEL_WEIGHTS).exists()
+
+
+def _fmt(v, digits: int = 3) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def model_card_markdown(card: dict) -> str:
+    """Render :func:`model_card` as Markdown."""
+    lines = [
+        f"# Model card: {card['title']}",
+        "",
+        f"> {card['disclaimer']}",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| name | `{card['name']}` |",
+        f"| version | `{card['version']}` |",
+        f"| task | {card['task']}: {', '.join(card['labels'])} |",
+        f"| architecture | {card['architecture']} |",
+        f"| input | {card['input']['modality'] or 'modality not stated'}, "
+        f"{card['input']['size']} px, {card['input']['channels']} channel(s) |",
+        f"| preprocessing | resize `{card['preprocessing']['resize']}`, mean "
+        f"{card['preprocessing']['mean']}, std {card['preprocessing']['std']} |",
+        f"| calibration | temperature {_fmt(card['calibration']['temperature'], 4)} |",
+        f"| decision | {card['decision']['rule']}"
+        + (
+            f" (threshold {_fmt(card['decision']['threshold'], 4)}, {card['decision']['method']})"
+            if card["decision"]["threshold"] is not None
+            else ""
+        )
+        + " |",
+        "",
+    ]
+    for key, title in (
+        ("intended_use", "Intended use"),
+        ("out_of_scope_use", "Out-of-scope use"),
+        ("limitations", "Limitations"),
+        ("ethical_considerations", "Ethical considerations"),
+        ("caveats", "Caveats"),
+    ):
+        lines += [f"## {title}", "", card.get(key) or "_Not stated yet._", ""]
+    lines += ["## Evaluation (95% bootstrap intervals)", ""]
+    metrics = card.get("metrics") or {}
+    if not metrics:
+        lines += ["_No evaluation recorded in model.json._", ""]
+    for split, m in metrics.items():
+        lines += [
+            f"### {split} split (n = {m.get('n')})",
+            "",
+            "| metric | value | 95% CI |",
+            "|---|---|---|",
+        ]
+        ci = m.get("ci") or {}
+        for k in (
+            "accuracy",
+            "balanced_accuracy",
+            "auc",
+            "sensitivity",
+            "specificity",
+            "precision",
+            "f1",
+            "ece",
+            "brier",
+        ):
+            if k in m:
+                lo_hi = ci.get(k)
+                interval = (
+                    f"{_fmt(lo_hi[0])} – {_fmt(lo_hi[1])}" if lo_hi and None not in lo_hi else ""
+                )
+                lines.append(f"| {k} | {_fmt(m[k])} | {interval} |")
+        lines.append("")
+    training = card.get("training") or {}
+    lines += ["## Training data", ""]
+    if training:
+        lines += [f"- data: `{training.get('data')}` ({training.get('layout')})"]
+        if training.get("command"):
+            lines.append(f"- command: `{training['command']}`")
+        if training.get("wall_seconds") is not None:
+            lines.append(
+                f"- wall time: {training['wall_seconds']:.0f} s, seed "
+                f"{training.get('seed')}, precision {training.get('precision')}"
+            )
+        for split, counts in (training.get("split_counts") or {}).items():
+            lines.append(f"- {split}: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
+        lines += [f"- note: {n}" for n in training.get("notes") or []]
+    else:
+        lines.append("_Not recorded._")
+    if card["decision"]["threshold"] is not None:
+        lines += [
+            "",
+            "## Operating point",
+            "",
+            f"Threshold {_fmt(card['decision']['threshold'], 4)} on the calibrated "
+            f"probability of {card['labels'][1]!r}, chosen on the validation split by "
+            f"{card['decision']['method']} (Youden's J maximises sensitivity + "
+            "specificity; a target-sensitivity rule picks the highest threshold that "
+            "keeps that sensitivity).",
+        ]
+    ood = card.get("ood")
+    if ood:
+        lines += [
+            "",
+            "## Out-of-distribution guard",
+            "",
+            f"{ood.get('method')} (up to {ood.get('dim')} principal components per "
+            f"block); an image is flagged when its score exceeds "
+            f"{_fmt(ood.get('threshold'), 3)}, the {ood.get('quantile')} quantile of the "
+            "validation images' scores. Flagged images get a warning instead of a "
+            "confident answer.",
+        ]
+    export = card.get("export")
+    if export:
+        lines += [
+            "",
+            "## Export",
+            "",
+            f"Weights: {export.get('weights')}; the metrics above were measured on the "
+            f"shipped `{export.get('metrics_measured_on')}` (largest probability change "
+            f"against the training run: {_fmt(export.get('max_probability_change'), 4)}).",
+        ]
+    for key, title in (("license", "Licence"), ("citation", "Citation")):
+        if card.get(key):
+            lines += ["", f"## {title}", "", card[key]]
+    lines += ["", "## Files", ""]
+    for name, f in card["files"].items():
+        lines.append(f"- `{name}`: sha256 `{f['sha256']}`" if f else f"- `{name}`: not exported")
+    return "\n".join(lines) + "\n"
+
+
+def export_model(ref: str | os.PathLike, opset: int = OPSET, rtol: float = 1e-4) -> dict:
+    """``medlens export``: write ``model.onnx``, ``model_card.json`` and ``model_card.md``.
+
+    Args:
+        ref: a model folder (a ``medlens train`` run) or a bundled model name.
+
+    Returns:
+        ``{"folder", "onnx", "card_json", "card_md", "relative_error"}``.
+    """
+    from medlens.artifacts.folders import resolve_model
+
+    folder = resolve_model(ref)
+    net, meta = load_network(folder)
+    meta.extra["weights_sha256"] = weights_sha256(meta, folder)
+    blob = onnx_bytes(net, meta, opset)
+    err = check_onnx(net, blob, meta, rtol=rtol)
+    atomic_write_bytes(folder / ONNX_FILE, blob)
+    card = model_card(meta, folder, onnx_sha256=hashlib.sha256(blob).hexdigest())
+    write_json(folder / CARD_JSON, card)
+    atomic_write_text(folder / CARD_MD, model_card_markdown(card))
+    return {
+        "folder": folder,
+        "onnx": folder / ONNX_FILE,
+        "card_json": folder / CARD_JSON,
+        "card_md": folder / CARD_MD,
+        "relative_error": err,
+    }

@@ -1,0 +1,233 @@
+"""Export a trained model to ONNX and write its model card.
+
+``medlens export --model RUN`` adds three files to a model folder:
+
+* ``model.onnx`` - the :class:`~medlens.models.Classifier` traced by ``torch.onnx.export``
+  with a dynamic batch axis. Input ``input``: the *normalised* ``float32 (N, C, S, S)``
+  tensor that :meth:`Preprocess.normalize` produces (preprocessing stays in Python, so there
+  is one definition of it). Outputs ``logits`` ``(N, outputs)``, ``features`` ``(N, F)`` (the
+  penultimate features), ``cam`` ``(N, outputs, h, w)`` (Grad-CAM in closed form, see
+  :class:`_InferenceGraph`) and ``stats`` (the activation statistics the out-of-distribution
+  guard works on). The export is checked against the torch network on random input before it
+  is written.
+* ``model_card.json`` and ``model_card.md`` - labels, task, preprocessing, calibration,
+  validation metrics with 95% intervals, training data, intended use and limitations, and the
+  sha256 of ``model.onnx`` and ``model.pt`` (Mitchell et al., *Model Cards for Model
+  Reporting*, FAT* 2019).
+
+Inference through ONNX Runtime lives in :class:`medlens.predict.Predictor`; the session
+options are made by :func:`ort_session`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from medlens.artifacts.model import MODEL_WEIGHTS, ModelMeta
+from medlens.errors import ExportError, ModelLoadError
+
+ONNX_FILE = "model.onnx"
+
+
+OPSET = 17  # supported by the TorchScript exporter and by onnxruntime 1.31
+INPUT, OUTPUTS = "input", ("logits", "features", "cam", "stats")
+
+
+class _InferenceGraph(nn.Module):
+    """Classifier -> (logits, penultimate features, class activation maps, activation
+    statistics for the OOD guard): all four become ONNX outputs.
+
+    ``cam`` ``(N, outputs, h, w)`` is Grad-CAM (Selvaraju et al. 2017) of every output logit on
+    the last backbone stage, in closed form: the head (pooling, batch norm in eval mode,
+    dropout, linear) is affine in the pooled features, so the gradient of logit ``k`` with
+    respect to the feature map is the constant ``J[k] / (h * w)`` at every position, where
+    ``J`` is the head's Jacobian. Grad-CAM's channel weights (spatial means of that gradient)
+    are then ``J / (h * w)`` and the map is ``relu(sum_c weight_c * A_c)``, exactly what
+    MONAI's ``GradCAM`` computes with autograd (tested), at the cost of a 1x1 convolution.
+    """
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        head = net.head
+        with torch.no_grad():
+            eye = torch.eye(net.num_features)
+            zero = torch.zeros(1, net.num_features)
+            jac = (head.classify(eye) - head.classify(zero)).T  # (outputs, F)
+            # The head must be affine for the closed form to be Grad-CAM.
+            probe = torch.randn(3, net.num_features, generator=torch.Generator().manual_seed(0))
+            if not torch.allclose(
+                head.classify(probe), probe @ jac.T + head.classify(zero), rtol=1e-4, atol=1e-4
+            ):
+                raise ExportError(
+                    "the classifier head is not affine in its features; the "
+                    "closed-form Grad-CAM output cannot be exported"
+                )
+        self.register_buffer("cam_weights", jac[:, :, None, None].clone())
+
+    def forward(self, x):
+        fmap, stats = self.net.backbone_with_stats(x)
+        feats = self.net.head.pooled(fmap)
+        logits = self.net.head.classify(feats)
+        area = fmap.shape[2] * fmap.shape[3]
+        cam = torch.relu(nn.functional.conv2d(fmap, self.cam_weights) / area)
+        return logits, feats, cam, stats
+
+
+def onnx_bytes(net, meta: ModelMeta, opset: int = OPSET) -> bytes:
+    """Trace ``net`` to an ONNX model (bytes) with a dynamic batch axis.
+
+    The legacy TorchScript exporter is used (``dynamo=False``): the torch.export-based one
+    needs ``onnxscript``, which MedLens does not otherwise depend on.
+    """
+    import onnx
+
+    net = net.float().to(memory_format=torch.contiguous_format).eval()
+    pre = meta.preprocess
+    dummy = torch.zeros(1, pre.channels, pre.image_size, pre.image_size)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():  # "legacy exporter" deprecation notices on every export
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            _InferenceGraph(net).eval(),
+            (dummy,),
+            buf,
+            dynamo=False,
+            opset_version=opset,
+            input_names=[INPUT],
+            output_names=list(OUTPUTS),
+            dynamic_axes={n: {0: "batch"} for n in (INPUT, *OUTPUTS)},
+            do_constant_folding=True,
+        )
+    model = onnx.load_from_string(buf.getvalue())
+    # Provenance inside the graph: a stale model.onnx (exported before retraining) is
+    # detected by comparing this hash with model.json's at load time.
+    props = {
+        "medlens.weights_sha256": meta.extra.get("weights_sha256") or "",
+        "medlens.labels": json.dumps(meta.labels),
+        "medlens.preprocess": json.dumps(meta.preprocess.to_dict()),
+        "medlens.temperature": repr(meta.temperature),
+        "medlens.threshold": json.dumps(meta.threshold),
+    }
+    for k, v in props.items():
+        model.metadata_props.add(key=k, value=v)
+    model.producer_name = "medlens"
+    return model.SerializeToString()
+
+
+def halve_weights(model: bytes, min_elements: int = 256) -> bytes:
+    """Store the graph's large float32 weights as float16, computing in float32 as before.
+
+    Each weight tensor of at least ``min_elements`` values becomes a float16 initializer
+    followed by a ``Cast`` back to float32; ONNX Runtime folds those casts into float32
+    constants when it loads the graph, so the file is about half the size and inference runs
+    exactly as fast. The only change is rounding every weight to float16 (about 3 significant
+    digits): re-measure the model after this step (``medlens export --half`` does).
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    m = onnx.load_from_string(model)
+    casts = []
+    for init in m.graph.initializer:
+        if init.data_type != TensorProto.FLOAT:
+            continue
+        arr = numpy_helper.to_array(init)
+        if arr.size < min_elements or not np.all(np.abs(arr) < 60000):
+            continue
+        name = init.name
+        init.CopyFrom(numpy_helper.from_array(arr.astype(np.float16), name=f"{name}.fp16"))
+        casts.append(
+            helper.make_node(
+                "Cast", [f"{name}.fp16"], [name], to=TensorProto.FLOAT, name=f"{name}.to_fp32"
+            )
+        )
+    nodes = casts + list(m.graph.node)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    m.metadata_props.add(key="medlens.weights_storage", value="float16")
+    onnx.checker.check_model(m)
+    return m.SerializeToString()
+
+
+def ort_session(model: bytes | str | os.PathLike, threads: int | None = None):
+    """An ``onnxruntime.InferenceSession`` on the CPU, tuned for latency.
+
+    Args:
+        model: ``.onnx`` path or serialised model bytes.
+        threads: intra-op threads; default every core this process may run on.
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads or _cores()
+    so.inter_op_num_threads = 1  # the graph is a chain: no parallel branches to run
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    src = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def check_onnx(
+    net, model: bytes, meta: ModelMeta, batch: int = 2, rtol: float = 1e-4, seed: int = 0
+) -> float:
+    """Compare ONNX Runtime's logits with the torch network's on random normal input.
+
+    Returns:
+        The relative error ``max|onnx - torch| / max|torch|``.
+
+    Raises:
+        ExportError: the relative error exceeds ``rtol``.
+    """
+    pre = meta.preprocess
+    x = torch.randn(
+        batch,
+        pre.channels,
+        pre.image_size,
+        pre.image_size,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    net = net.float().to(memory_format=torch.contiguous_format).eval()
+    with torch.no_grad():
+        ref = net(x).numpy()
+    got = ort_session(model).run([OUTPUTS[0]], {INPUT: x.numpy()})[0]
+    err = float(np.abs(got - ref).max() / max(float(np.abs(ref).max()), 1e-12))
+    if not err <= rtol:
+        raise ExportError(
+            f"the ONNX graph's logits differ from torch's by {err:.2e} (relative; "
+            f"allowed {rtol:.0e}); the network uses an operation the exporter "
+            "does not translate faithfully"
+        )
+    return err
+
+
+def onnx_weights_sha256(session) -> str | None:
+    """The ``model.pt`` hash recorded in an exported graph (None for foreign ONNX files)."""
+    return session.get_modelmeta().custom_metadata_map.get("medlens.weights_sha256") or None
+
+
+def check_onnx_matches(session, meta: ModelMeta, folder: Path) -> None:
+    """Refuse a ``model.onnx`` exported from other weights than ``model.pt``."""
+    recorded = onnx_weights_sha256(session)
+    expected = meta.extra.get("weights_sha256")
+    if recorded and expected and recorded != expected:
+        raise ModelLoadError(
+            f"{folder / ONNX_FILE} was exported from other weights than "
+            f"{folder / MODEL_WEIGHTS} (sha256 {recorded[:12]} vs "
+            f"{expected[:12]}); re-run `medlens export --model {folder}`"
+        )

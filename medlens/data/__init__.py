@@ -1,0 +1,1 @@
+"""Building blocks for images: decode, discover and split datasets, prepare, augment, cache."""

@@ -1,0 +1,1 @@
+"""Numbers about predictions: metrics with intervals, calibration, the out-of-distribution guard."""

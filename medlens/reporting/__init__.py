@@ -1,0 +1,1 @@
+"""Evaluation reports, comparisons and the figures they share."""

@@ -1,0 +1,1 @@
+"""Training: stages, the fit loop, calibration and the OOD guard fit."""
