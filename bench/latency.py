@@ -79,12 +79,12 @@ def main(argv=None) -> int:
     )
     args = ap.parse_args(argv)
 
-    from medlens.artifacts.folders import available_models
+    from medlens.artifacts.folders import find_models
 
     if args.model:
         folder = Path(args.model)
     else:
-        bundled = available_models()
+        bundled = find_models()
         if not bundled:
             ap.error("no bundled model: pass --model RUN_FOLDER")
         folder = next(iter(bundled.values()))

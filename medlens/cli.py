@@ -563,7 +563,7 @@ def _add_models(sub):
 
 
 def _cmd_models(a) -> int:
-    from medlens.artifacts.folders import available_models, bundled_models_dir
+    from medlens.artifacts.folders import bundled_models_dir, find_models
     from medlens.modeling.registry import count_parameters, create_model, list_models, model_info
 
     print("backbones (medlens train --model NAME):")
@@ -571,7 +571,7 @@ def _cmd_models(a) -> int:
         info = model_info(name)
         n = count_parameters(create_model(name, 1, 3, pretrained=False))
         print(f"  {name:<20} {n / 1e6:6.2f}M params  {info.description}")
-    found = available_models(a.models)
+    found = find_models(a.models)
     print("trained models (medlens predict --model NAME):")
     if not found:
         print("  none bundled; train one with `medlens train --out RUN` and pass the run folder")

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from conftest import SHARED_DATA
 
-from medlens.artifacts.folders import available_models, bundled_models_dir
+from medlens.artifacts.folders import bundled_models_dir, find_models
 from medlens.fileio import sha256_file
 from medlens.inference.predictor import Predictor
 
@@ -40,7 +40,7 @@ def bundled(request):
 
 
 def test_all_four_are_bundled_within_the_size_budget():
-    found = available_models()
+    found = find_models()
     assert set(BUNDLED) <= set(found)
     total = sum(
         f.stat().st_size for name in BUNDLED for f in (bundled_models_dir() / name).iterdir()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from medlens.artifacts.folders import available_models, resolve_model
+from medlens.artifacts.folders import find_models, resolve_model
 from medlens.data.imaging import read_image
 from medlens.errors import ModelLoadError
 from medlens.inference.cam import overlay_cam
@@ -118,22 +118,22 @@ def test_resolve_model_folder_without_model_json(tmp_path):
         Predictor(tmp_path / "half")
 
 
-def test_resolve_model_unknown_name_lists_the_available_models(tmp_path, trained_run):
+def test_resolve_model_unknown_name_lists_the_find_models(tmp_path, trained_run):
     shelf = tmp_path / "models"
     shelf.mkdir()
     shutil.copytree(
         trained_run, shelf / "chest-tiny", ignore=shutil.ignore_patterns("eval", "checkpoints")
     )
     (shelf / "not-a-model").mkdir()
-    assert set(available_models([shelf])) >= {"chest-tiny"}
-    assert "not-a-model" not in available_models([shelf])
+    assert set(find_models([shelf])) >= {"chest-tiny"}
+    assert "not-a-model" not in find_models([shelf])
     assert resolve_model("chest-tiny", [shelf]) == shelf / "chest-tiny"
     with pytest.raises(ModelLoadError) as e:
         resolve_model("chest-huge", [shelf])
     msg = str(e.value)
     assert "'chest-huge'" in msg and "available:" in msg and "chest-tiny" in msg
     # Predictor finds it by name too.
-    p = Predictor("chest-tiny", extra_dirs=[shelf])
+    p = Predictor("chest-tiny", model_dirs=[shelf])
     assert p.folder == shelf / "chest-tiny"
 
 

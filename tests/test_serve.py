@@ -16,10 +16,11 @@ from PIL import Image
 from serve_fixtures import BINARY, MULTI, encode, served_models  # noqa: F401 - fixture
 from test_imaging import SR_STORAGE, _encapsulated, dicom_bytes, make_dicom, png_header_only  # noqa: E402
 
+from medlens.artifacts.folders import find_models
 from medlens.artifacts.model import read_meta
 from medlens.errors import ModelLoadError
 from medlens.inference.predictor import Predictor
-from medlens.serve import create_app, discover_models
+from medlens.serve import create_app
 
 pytest.importorskip("httpx2", reason="FastAPI's TestClient needs httpx2: pip install -e '.[test]'")
 from fastapi import FastAPI, UploadFile  # noqa: E402
@@ -369,22 +370,22 @@ def test_one_log_line_per_prediction_without_names_or_patient_fields(client, cap
 
 
 def test_discover_models_accepts_a_model_folder_or_a_folder_of_them(served_models, tmp_path):  # noqa: F811
-    assert set(discover_models([served_models])) >= {BINARY, MULTI}
-    assert discover_models([served_models / BINARY])[BINARY] == served_models / BINARY
+    assert set(find_models([served_models])) >= {BINARY, MULTI}
+    assert find_models([served_models / BINARY])[BINARY] == served_models / BINARY
     with pytest.raises(ModelLoadError, match="two models are named"):
         other = tmp_path / "other"
         (other / BINARY).mkdir(parents=True)
         (other / BINARY / "model.json").write_text("{}")
-        discover_models([served_models, other])
+        find_models([served_models, other])
     with pytest.raises(ModelLoadError, match="no such folder"):
-        discover_models([tmp_path / "missing"])
+        find_models([tmp_path / "missing"])
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="no model folders"):
-        discover_models([tmp_path / "empty"])
+        find_models([tmp_path / "empty"])
 
 
 def test_app_without_models_still_serves_its_pages(monkeypatch, tmp_path):
-    import medlens.serve.app as sapp
+    import medlens.artifacts.folders as sapp
 
     monkeypatch.setattr(sapp, "bundled_models_dir", lambda: tmp_path / "none")
     with TestClient(create_app([])) as c:

@@ -15,10 +15,11 @@ import pytest
 import torch
 import yaml
 
+from medlens.artifacts.folders import HISTORY_COLUMNS
 from medlens.config import TrainConfig
 from medlens.errors import DataError, TrainError
 from medlens.modeling import registry as models
-from medlens.training.trainer import HISTORY_COLUMNS, train
+from medlens.training.trainer import train
 
 COLUMNS = [
     "epoch",

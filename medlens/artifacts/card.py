@@ -6,15 +6,10 @@ import hashlib
 import os
 from pathlib import Path
 
-from medlens.artifacts.model import MODEL_WEIGHTS, ModelMeta, load_network
-from medlens.artifacts.onnx import ONNX_FILE, OPSET, check_onnx, onnx_bytes
+from medlens.artifacts.folders import CARD_JSON, CARD_MD, MODEL_WEIGHTS, ONNX_FILE
+from medlens.artifacts.model import ModelMeta, load_network
+from medlens.artifacts.onnx import OPSET, check_onnx, onnx_bytes
 from medlens.fileio import atomic_write_bytes, atomic_write_text, sha256_file, write_json
-
-CARD_JSON = "model_card.json"
-
-
-CARD_MD = "model_card.md"
-
 
 # Fields a model.json may carry under "card" (all optional; empty placeholders otherwise).
 CARD_FIELDS = (

@@ -1,60 +1,187 @@
-"""The run and model folders: every file name, and the one rule that finds a model by name."""
+"""Run and model folders: every file name, their readers and writers, and the one rule that
+finds a model by name.
+
+A *model folder* holds ``model.json`` (the metadata, written last: its presence marks a
+complete model) and ``model.pt`` (weights) and/or ``model.onnx`` (the inference graph), with
+``ood.npz`` (the out-of-distribution guard) and the model card beside them. A bundled model is
+an inference-only model folder (no ``model.pt``).
+
+A *run folder* (``medlens train --out RUN``) is a model folder plus::
+
+    config.yaml             every setting, fully resolved
+    training_metrics.csv    one row per epoch (HISTORY_COLUMNS)
+    checkpoints/last.pt     for --resume
+    eval/<split>/           metrics.json, report.html, predictions.csv, plots/
+
+Finding a model by name (:func:`find_models`, :func:`resolve_model`): a path to a model folder
+is that folder; otherwise the name is looked up among the bundled models and the models in the
+``--models`` folders. A model given with ``--models`` shadows a bundled model of the same name
+(retraining ``pneumonia`` and serving your own is allowed); two ``--models`` folders holding
+models of one name are an error.
+"""
 
 from __future__ import annotations
 
 import csv
+import json
+import logging
 import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import yaml
+
 from medlens.errors import ModelLoadError
+from medlens.fileio import write_csv
+
+log = logging.getLogger(__name__)
+
+MODEL_JSON = "model.json"
+MODEL_WEIGHTS = "model.pt"
+ONNX_FILE = "model.onnx"
+OOD_FILE = "ood.npz"
+CARD_JSON = "model_card.json"
+CARD_MD = "model_card.md"
+CONFIG_YAML = "config.yaml"
+HISTORY_CSV = "training_metrics.csv"
+CHECKPOINT = Path("checkpoints") / "last.pt"
+EVAL_DIR = "eval"
+METRICS_JSON = "metrics.json"
+REPORT_HTML = "report.html"
+PREDICTIONS_CSV = "predictions.csv"
+PLOTS_DIR = "plots"
+
+HISTORY_COLUMNS = [
+    "epoch",
+    "stage",
+    "train_loss",
+    "train_acc",
+    "val_loss",
+    "val_acc",
+    "val_auc",
+    "lr",
+    "seconds",
+]
+"""Columns of ``training_metrics.csv``, one row per epoch."""
+
+HEADLINE_KEYS = (
+    "n",
+    "accuracy",
+    "balanced_accuracy",
+    "auc",
+    "sensitivity",
+    "specificity",
+    "f1",
+    "precision",
+    "ece",
+    "brier",
+    "ci",
+    "threshold",
+)
+"""The metrics a model keeps in ``model.json`` (and its card) for each evaluated split."""
 
 
-def bundled_models_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "bundled"
+def headline_metrics(metrics: dict) -> dict:
+    """The :data:`HEADLINE_KEYS` subset of a full ``metrics.json`` dict."""
+    return {k: metrics.get(k) for k in HEADLINE_KEYS}
 
 
-def resolve_model(ref: str | os.PathLike, extra_dirs: list[str | os.PathLike] = ()) -> Path:
-    """A model reference -> its folder.
+@dataclass(frozen=True)
+class ModelFolder:
+    """The paths of one model folder (a run folder is one too)."""
 
-    ``ref`` is a model folder (a run of ``medlens train``), or the name of a bundled model
-    or of a model folder inside one of ``extra_dirs`` (``--models DIR``).
-    """
-    p = Path(ref)
-    if (p / "model.json").exists():
-        return p
-    if p.exists():
-        raise ModelLoadError(
-            f"{p} is not a trained model: model.json is missing (train one with "
-            "`medlens train --out RUN`, or wait until the run has finished)"
-        )
-    name = str(ref)
-    for d in [*extra_dirs, bundled_models_dir()]:
-        cand = Path(d) / name
-        if (cand / "model.json").exists():
-            return cand
-    known = sorted(available_models(extra_dirs))
-    raise ModelLoadError(
-        f"no model {name!r}: not a run folder and not a bundled model; "
-        f"available: {', '.join(known) if known else 'none'} "
-        "(or pass the path of a run folder)"
-    )
+    path: Path
+
+    def __init__(self, path: str | os.PathLike):
+        object.__setattr__(self, "path", Path(path))
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def model_json(self) -> Path:
+        return self.path / MODEL_JSON
+
+    @property
+    def weights(self) -> Path:
+        return self.path / MODEL_WEIGHTS
+
+    @property
+    def onnx(self) -> Path:
+        return self.path / ONNX_FILE
+
+    @property
+    def ood(self) -> Path:
+        return self.path / OOD_FILE
+
+    @property
+    def card_json(self) -> Path:
+        return self.path / CARD_JSON
+
+    @property
+    def card_md(self) -> Path:
+        return self.path / CARD_MD
+
+    @property
+    def is_model(self) -> bool:
+        """``model.json`` is there: the model is complete."""
+        return self.model_json.exists()
+
+    @property
+    def inference_only(self) -> bool:
+        """Shipped without ``model.pt`` (a bundled model): it runs on ONNX Runtime alone."""
+        return not self.weights.exists()
+
+    # -- run folder ------------------------------------------------------------------------
+
+    @property
+    def config(self) -> Path:
+        return self.path / CONFIG_YAML
+
+    @property
+    def history(self) -> Path:
+        return self.path / HISTORY_CSV
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / CHECKPOINT
+
+    def eval_dir(self, split: str) -> Path:
+        return self.path / EVAL_DIR / split
+
+    def metrics_json(self, split: str) -> Path:
+        return self.eval_dir(split) / METRICS_JSON
+
+    def predictions_csv(self, split: str) -> Path:
+        return self.eval_dir(split) / PREDICTIONS_CSV
+
+    def read_config(self) -> dict:
+        """``config.yaml`` as a dict (settings and the facts training resolved)."""
+        return yaml.safe_load(self.config.read_text()) or {}
+
+    def read_history(self) -> list[dict] | None:
+        return read_history(self.path)
+
+    def write_history(self, rows: list[dict]) -> None:
+        write_csv(self.history, rows, HISTORY_COLUMNS)
+
+    def read_metrics(self, split: str) -> dict | None:
+        path = self.metrics_json(split)
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def read_predictions(self, split: str, labels: Sequence[str]) -> Predictions | None:
+        return read_predictions(self.predictions_csv(split), labels)
 
 
-def available_models(extra_dirs: list[str | os.PathLike] = ()) -> dict[str, Path]:
-    """Names of bundled models and of models in ``extra_dirs`` -> folder."""
-    found = {}
-    for d in [bundled_models_dir(), *extra_dirs]:
-        d = Path(d)
-        if d.is_dir():
-            for sub in sorted(d.iterdir()):
-                if (sub / "model.json").exists():
-                    found[sub.name] = sub
-    return found
+# ----------------------------------------------------------------------------- history
 
 
-def read_history(folder: str | Path) -> list[dict] | None:
+def read_history(folder: str | os.PathLike) -> list[dict] | None:
     """Rows of a run's ``training_metrics.csv`` (numbers parsed), or None."""
-    path = Path(folder) / "training_metrics.csv"
+    path = Path(folder) / HISTORY_CSV
     if not path.exists():
         return None
     rows = []
@@ -70,19 +197,129 @@ def read_history(folder: str | Path) -> list[dict] | None:
     return rows
 
 
-def headline_metrics(m: dict) -> dict:
-    keys = (
-        "n",
-        "accuracy",
-        "balanced_accuracy",
-        "auc",
-        "sensitivity",
-        "specificity",
-        "f1",
-        "precision",
-        "ece",
-        "brier",
-        "ci",
-        "threshold",
+# ----------------------------------------------------------------------------- predictions
+
+
+@dataclass
+class Predictions:
+    """The rows of an ``eval/<split>/predictions.csv``."""
+
+    paths: list[str]
+    y_true: np.ndarray  # int (N,)
+    probs: np.ndarray  # float (N, K)
+
+
+def write_predictions(
+    path: str | os.PathLike,
+    sources: Iterable[str],
+    y_true: np.ndarray,
+    pred: np.ndarray,
+    probs: np.ndarray,
+    labels: Sequence[str],
+) -> None:
+    """``path,true,pred,p_<class>...``: one row per evaluated image."""
+    rows = [
+        {
+            "path": s,
+            "true": labels[t],
+            "pred": labels[p],
+            **{f"p_{c}": round(float(v), 6) for c, v in zip(labels, pr)},
+        }
+        for s, t, p, pr in zip(sources, y_true, pred, probs)
+    ]
+    write_csv(path, rows, ["path", "true", "pred"] + [f"p_{c}" for c in labels])
+
+
+def read_predictions(path: str | os.PathLike, labels: Sequence[str]) -> Predictions | None:
+    """Read :func:`write_predictions`' file; None when it is missing or empty."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return None
+    labels = list(labels)
+    return Predictions(
+        [r["path"] for r in rows],
+        np.array([labels.index(r["true"]) for r in rows]),
+        np.array([[float(r[f"p_{c}"]) for c in labels] for r in rows]),
     )
-    return {k: m.get(k) for k in keys}
+
+
+# ----------------------------------------------------------------------------- finding models
+
+
+def bundled_models_dir() -> Path:
+    """Where the package keeps its bundled (inference-only) model folders."""
+    return Path(__file__).resolve().parent.parent / "bundled"
+
+
+def _models_in(folder: Path, given: bool) -> list[Path]:
+    if (folder / MODEL_JSON).exists():
+        return [folder]
+    if folder.is_dir():
+        found = [s for s in sorted(folder.iterdir()) if (s / MODEL_JSON).exists()]
+        if given and not found:
+            raise ModelLoadError(
+                f"--models {folder}: no model folders in it (a model folder holds "
+                f"{MODEL_JSON}; pass a run folder of `medlens train` or a folder of them)"
+            )
+        return found
+    if given:
+        raise ModelLoadError(f"--models {folder}: no such folder")
+    return []
+
+
+def find_models(
+    model_dirs: Iterable[str | os.PathLike] = (), *, bundled: bool = True
+) -> dict[str, Path]:
+    """Model name -> folder: the bundled models (unless ``bundled`` is false) and ``model_dirs``.
+
+    Each entry of ``model_dirs`` (``--models DIR``) is a model folder itself or a folder whose
+    subfolders are model folders; a model's name is its folder's name. A model given there
+    shadows a bundled one of the same name; two given models of one name are an error.
+    """
+    given: dict[str, Path] = {}
+    for d in model_dirs:
+        for f in _models_in(Path(d), True):
+            if f.name in given and given[f.name] != f:
+                raise ModelLoadError(
+                    f"two models are named {f.name!r} ({given[f.name]} and {f}); rename one "
+                    "of the folders"
+                )
+            given[f.name] = f
+    found = {f.name: f for f in _models_in(bundled_models_dir(), False)} if bundled else {}
+    for name in sorted(set(found) & set(given)):
+        log.info("--models %s shadows the bundled model of that name", given[name])
+    found.update(given)
+    return found
+
+
+def resolve_model(
+    ref: str | os.PathLike,
+    model_dirs: Iterable[str | os.PathLike] = (),
+    *,
+    bundled: bool = True,
+) -> Path:
+    """A model reference -> its folder.
+
+    ``ref`` is a model folder (a run of ``medlens train``), or a name that
+    :func:`find_models` knows (``--models`` folders first, then the bundled models).
+    """
+    p = Path(ref)
+    if (p / MODEL_JSON).exists():
+        return p
+    if p.exists():
+        raise ModelLoadError(
+            f"{p} is not a trained model: {MODEL_JSON} is missing (train one with "
+            "`medlens train --out RUN`, or wait until the run has finished)"
+        )
+    known = find_models(model_dirs, bundled=bundled)
+    if str(ref) in known:
+        return known[str(ref)]
+    raise ModelLoadError(
+        f"no model {str(ref)!r}: not a run folder and not a bundled model; "
+        f"available: {', '.join(sorted(known)) if known else 'none'} "
+        "(or pass the path of a run folder)"
+    )

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from medlens.artifacts.folders import MODEL_JSON, MODEL_WEIGHTS
 from medlens.data.preprocess import Preprocess
 from medlens.errors import ModelLoadError
 from medlens.fileio import atomic_torch_save, sha256_file, write_json
@@ -26,12 +27,6 @@ from medlens.modeling.classifier import Classifier
 from medlens.modeling.registry import create_model
 
 FORMAT_VERSION = 1
-
-
-MODEL_JSON = "model.json"
-
-
-MODEL_WEIGHTS = "model.pt"
 
 
 @dataclass

@@ -31,11 +31,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from medlens.artifacts.model import MODEL_WEIGHTS, ModelMeta
+from medlens.artifacts.folders import MODEL_WEIGHTS, ONNX_FILE
+from medlens.artifacts.model import ModelMeta
 from medlens.errors import ExportError, ModelLoadError
-
-ONNX_FILE = "model.onnx"
-
 
 OPSET = 17  # supported by the TorchScript exporter and by onnxruntime 1.31
 INPUT, OUTPUTS = "input", ("logits", "features", "cam", "stats")

@@ -462,8 +462,8 @@ def _percentiles(ms: list[float]) -> dict:
 def _torch_folder(folder: Path, torch_ref, notes: list[str]) -> Path | None:
     """The folder whose model.pt times eager torch: the model's own, or ``torch_ref`` (the
     training run of an inference-only bundle), checked to be the same network."""
-    from medlens.artifacts.folders import resolve_model
-    from medlens.artifacts.model import MODEL_WEIGHTS, read_meta
+    from medlens.artifacts.folders import MODEL_WEIGHTS, resolve_model
+    from medlens.artifacts.model import read_meta
 
     if torch_ref is None:
         if (folder / MODEL_WEIGHTS).exists():
@@ -504,7 +504,8 @@ def _engines(
     """name -> callable(x: float32 ndarray) -> logits ndarray; name -> description; notes."""
     import torch
 
-    from medlens.artifacts.onnx import ONNX_FILE, onnx_bytes, ort_session
+    from medlens.artifacts.folders import ONNX_FILE
+    from medlens.artifacts.onnx import onnx_bytes, ort_session
     from medlens.inference.predictor import Predictor
 
     engines, about, notes = {}, {}, []

@@ -11,14 +11,14 @@ import os
 import re
 import warnings
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
 from medlens.errors import DataError
 
-if TYPE_CHECKING:
-    from medlens.data.datasets import Sample
+# A split works on any items with ``label`` and ``patient`` attributes (datasets.Sample).
+Sample = Any
 
 SPLITS = ("train", "val", "test")
 

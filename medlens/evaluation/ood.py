@@ -28,9 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["FeatureGuard", "StageGuard", "fit_guard", "fit_stage_guard", "load_guard", "OOD_FILE"]
-
-OOD_FILE = "ood.npz"
+__all__ = ["FeatureGuard", "StageGuard", "fit_guard", "fit_stage_guard", "load_guard"]
 
 
 @dataclass
@@ -91,10 +89,11 @@ class FeatureGuard:
                 quantile=float(z["quantile"]),
             )
 
-    def summary(self) -> dict:
+    def summary(self, file: str = "") -> dict:
+        """What ``model.json`` records about the guard; ``file``: where it is saved."""
         return {
             "method": "mahalanobis-pca+residual (Lee et al. 2018)",
-            "file": OOD_FILE,
+            "file": file,
             "dim": int(self.components.shape[0]),
             "threshold": round(self.threshold, 4),
             "quantile": self.quantile,
@@ -228,10 +227,11 @@ class StageGuard:
             float(z["quantile"]),
         )
 
-    def summary(self) -> dict:
+    def summary(self, file: str = "") -> dict:
+        """What ``model.json`` records about the guard; ``file``: where it is saved."""
         return {
             "method": "per-stage Mahalanobis on channel mean/std (Lee et al. 2018)",
-            "file": OOD_FILE,
+            "file": file,
             "stages": len(self.blocks),
             "dim": int(max(g.components.shape[0] for g in self.blocks)),
             "threshold": round(self.threshold, 4),

@@ -23,7 +23,6 @@ export never leaves a half-written bundle.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import os
 import shutil
@@ -32,28 +31,32 @@ from pathlib import Path
 
 import numpy as np
 
-from medlens.artifacts.model import MODEL_JSON, MODEL_WEIGHTS, load_network
+from medlens.artifacts.folders import (
+    CARD_JSON,
+    CARD_MD,
+    MODEL_JSON,
+    MODEL_WEIGHTS,
+    ONNX_FILE,
+    OOD_FILE,
+    ModelFolder,
+)
+from medlens.artifacts.model import load_network
 from medlens.errors import ModelLoadError
 from medlens.fileio import atomic_write_text, write_json
 
 __all__ = ["make_bundle", "BUNDLE_FILES"]
 
-BUNDLE_FILES = (MODEL_JSON, "model.onnx", "ood.npz", "model_card.json", "model_card.md")
+BUNDLE_FILES = (MODEL_JSON, ONNX_FILE, OOD_FILE, CARD_JSON, CARD_MD)
 
 
 def _held_out(run: Path, split: str, labels: list[str]):
     """Samples of the run's ``eval/<split>/predictions.csv`` and the run's probabilities."""
     from medlens.data.datasets import Sample
 
-    path = run / "eval" / split / "predictions.csv"
-    if not path.exists():
+    pred = ModelFolder(run).read_predictions(split, labels)
+    if pred is None:
         return None
-    samples, probs = [], []
-    with path.open(newline="") as f:
-        for row in csv.DictReader(f):
-            samples.append(Sample(row["path"], labels.index(row["true"])))
-            probs.append([float(row[f"p_{c}"]) for c in labels])
-    return samples, np.asarray(probs)
+    return [Sample(p, int(y)) for p, y in zip(pred.paths, pred.y_true)], pred.probs
 
 
 def make_bundle(
@@ -77,13 +80,12 @@ def make_bundle(
         ModelLoadError: ``run`` is not a complete run, or ``dest`` exists without
             ``overwrite``.
     """
-    from medlens.artifacts.card import CARD_JSON, CARD_MD, model_card, model_card_markdown
+    from medlens.artifacts.card import model_card, model_card_markdown
+    from medlens.artifacts.folders import CARD_JSON, CARD_MD, ONNX_FILE, OOD_FILE, resolve_model
     from medlens.artifacts.folders import headline_metrics as headline_metrics
-    from medlens.artifacts.folders import resolve_model
-    from medlens.artifacts.onnx import ONNX_FILE, check_onnx, halve_weights, onnx_bytes
+    from medlens.artifacts.onnx import check_onnx, halve_weights, onnx_bytes
     from medlens.data.cache import prepare_samples
     from medlens.evaluation.metrics import compute_metrics
-    from medlens.evaluation.ood import OOD_FILE
     from medlens.inference.predictor import Predictor
 
     run = resolve_model(run)

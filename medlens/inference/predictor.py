@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medlens.artifacts.folders import resolve_model
-from medlens.artifacts.model import MODEL_WEIGHTS, ModelMeta, load_network, read_meta
+from medlens.artifacts.folders import MODEL_WEIGHTS, resolve_model
+from medlens.artifacts.model import ModelMeta, load_network, read_meta
 from medlens.errors import ModelLoadError
 from medlens.inference.cam import cam_to_heat
 
@@ -43,7 +43,8 @@ def load_ood_guard(folder: Path | None, meta: ModelMeta) -> OODGuard | None:
     The :class:`Predictor` passes every batch's activation statistics (or, for guards of
     older runs, penultimate features: ``guard.input`` says which) to it.
     """
-    from medlens.evaluation.ood import OOD_FILE, load_guard
+    from medlens.artifacts.folders import OOD_FILE
+    from medlens.evaluation.ood import load_guard
 
     if folder is None or not (Path(folder) / OOD_FILE).exists():
         return None
@@ -70,7 +71,7 @@ class Predictor:
 
     Args:
         ref: model folder or bundled-model name.
-        extra_dirs: more folders holding model folders.
+        model_dirs: more folders holding model folders.
         dtype: torch autocast dtype (torch backend only).
         backend: ``"auto"``: ONNX Runtime when the folder has ``model.onnx``, else torch;
             ``"onnx"``: ONNX Runtime, exporting the network in memory when ``model.onnx`` is
@@ -80,15 +81,16 @@ class Predictor:
     def __init__(
         self,
         ref: str | os.PathLike,
-        extra_dirs=(),
+        model_dirs=(),
         dtype: torch.dtype | None = None,
         backend: str = "auto",
     ):
-        from medlens.artifacts.onnx import ONNX_FILE, check_onnx_matches, onnx_bytes, ort_session
+        from medlens.artifacts.folders import ONNX_FILE
+        from medlens.artifacts.onnx import check_onnx_matches, onnx_bytes, ort_session
 
         if backend not in ("auto", "onnx", "torch"):
             raise ValueError(f"backend must be auto, onnx or torch, got {backend!r}")
-        self.folder = resolve_model(ref, extra_dirs)
+        self.folder = resolve_model(ref, model_dirs)
         onnx_path = self.folder / ONNX_FILE
         self.session, self.backend, self.net = None, "torch", None
         if (self.folder / MODEL_WEIGHTS).exists() or not onnx_path.exists():

@@ -2,41 +2,30 @@
 
 from __future__ import annotations
 
-import csv
-import json
 from pathlib import Path
 
-import numpy as np
-
-from medlens.artifacts.folders import read_history
+from medlens.artifacts.folders import ModelFolder
+from medlens.artifacts.model import read_meta
 from medlens.errors import ModelLoadError
 
 
 def load_run_evaluation(run: str | Path, split: str = "val") -> dict:
-    """What :func:`medlens.report.write_comparison` needs from one run folder."""
-    run = Path(run)
-    mpath = run / "eval" / split / "metrics.json"
-    if not mpath.exists():
+    """What :func:`medlens.reporting.report.write_comparison` needs from one run folder."""
+    folder = ModelFolder(run)
+    metrics = folder.read_metrics(split)
+    if metrics is None:
         raise ModelLoadError(
-            f"{run} has no {split} evaluation ({mpath} is missing); is it a "
-            "finished `medlens train` run? (--split val or test)"
+            f"{folder.path} has no {split} evaluation ({folder.metrics_json(split)} is "
+            "missing); is it a finished `medlens train` run? (--split val or test)"
         )
-    metrics = json.loads(mpath.read_text())
-    labels = metrics.get("labels") or json.loads((run / "model.json").read_text())["labels"]
-    y_true = probs = None
-    ppath = run / "eval" / split / "predictions.csv"
-    if ppath.exists():
-        with open(ppath, newline="") as f:
-            rows = list(csv.DictReader(f))
-        if rows:
-            y_true = np.array([labels.index(r["true"]) for r in rows])
-            probs = np.array([[float(r[f"p_{c}"]) for c in labels] for r in rows])
+    labels = metrics.get("labels") or read_meta(folder.path).labels
+    pred = folder.read_predictions(split, labels)
     return {
-        "name": run.name,
+        "name": folder.name,
         "metrics": metrics,
-        "history": read_history(run),
-        "y_true": y_true,
-        "probs": probs,
+        "history": folder.read_history(),
+        "y_true": None if pred is None else pred.y_true,
+        "probs": None if pred is None else pred.probs,
         "labels": labels,
     }
 

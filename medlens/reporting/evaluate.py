@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from medlens.artifacts.folders import read_history
+from medlens.artifacts.folders import METRICS_JSON, PREDICTIONS_CSV, read_history, write_predictions
 from medlens.artifacts.model import ModelMeta
-from medlens.fileio import write_csv, write_json
+from medlens.fileio import write_json
 
 
 def _model_info(meta: ModelMeta) -> dict:
@@ -41,7 +41,7 @@ def write_evaluation(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = compute_metrics(y_true, probs, meta.labels, meta.threshold)
-    write_json(out_dir / "metrics.json", metrics)
+    write_json(out_dir / METRICS_JSON, metrics)
     write_report(
         out_dir,
         metrics,
@@ -55,20 +55,7 @@ def write_evaluation(
     )
     if sources is not None:
         pred = predict_labels(probs, meta.threshold)
-        rows = [
-            {
-                "path": s,
-                "true": meta.labels[t],
-                "pred": meta.labels[p],
-                **{f"p_{c}": round(float(v), 6) for c, v in zip(meta.labels, pr)},
-            }
-            for s, t, p, pr in zip(sources, y_true, pred, probs)
-        ]
-        write_csv(
-            out_dir / "predictions.csv",
-            rows,
-            ["path", "true", "pred"] + [f"p_{c}" for c in meta.labels],
-        )
+        write_predictions(out_dir / PREDICTIONS_CSV, sources, y_true, pred, probs, meta.labels)
     return metrics
 
 

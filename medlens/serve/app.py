@@ -37,16 +37,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medlens import __version__
 from medlens.artifacts.card import DISCLAIMER, model_card, model_version
-from medlens.artifacts.folders import bundled_models_dir
-from medlens.artifacts.model import MODEL_JSON
-from medlens.artifacts.onnx import ONNX_FILE, onnx_bytes, ort_session
+from medlens.artifacts.folders import ONNX_FILE, find_models
+from medlens.artifacts.onnx import onnx_bytes, ort_session
 from medlens.data.imaging import MAX_PIXELS, read_image
-from medlens.errors import ImageReadError, ModelLoadError
+from medlens.errors import ImageReadError
 from medlens.inference.cam import overlay_cam
 from medlens.inference.predictor import Predictor
 from medlens.serve.upload import UploadError, read_file_field
 
-__all__ = ["create_app", "ServedModel", "discover_models", "DEFAULT_MAX_UPLOAD_BYTES"]
+__all__ = ["create_app", "ServedModel", "DEFAULT_MAX_UPLOAD_BYTES"]
 
 log = logging.getLogger("medlens.serve")
 HERE = Path(__file__).parent
@@ -115,41 +114,6 @@ def _cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
-
-
-def discover_models(model_dirs=(), bundled: bool = True) -> dict[str, Path]:
-    """Model name -> folder, for the bundled models (unless ``bundled`` is false) and
-    ``model_dirs``.
-
-    Each entry of ``model_dirs`` is a model folder itself (it holds ``model.json``; a run of
-    ``medlens train`` works directly) or a folder whose subfolders are model folders. A model's
-    name is its folder's name.
-    """
-    found: dict[str, Path] = {}
-    sources = [(bundled_models_dir(), False)] if bundled else []
-    for d, given in [*sources, *((Path(d), True) for d in model_dirs)]:
-        if (d / MODEL_JSON).exists():
-            folders = [d]
-        elif d.is_dir():
-            folders = [s for s in sorted(d.iterdir()) if (s / MODEL_JSON).exists()]
-            if given and not folders:
-                raise ModelLoadError(
-                    f"--models {d}: no model folders in it (a model folder "
-                    f"holds {MODEL_JSON}; pass a run folder of `medlens train` "
-                    "or a folder of them)"
-                )
-        elif given:
-            raise ModelLoadError(f"--models {d}: no such folder")
-        else:
-            continue
-        for f in folders:
-            if f.name in found and found[f.name] != f:
-                raise ModelLoadError(
-                    f"two models are named {f.name!r} ({found[f.name]} and "
-                    f"{f}); rename one of the folders"
-                )
-            found[f.name] = f
-    return found
 
 
 # ----------------------------------------------------------------------------- API schema
@@ -331,7 +295,7 @@ def create_app(
     )
     models = {
         name: ServedModel.load(name, folder, backend, inference_threads)
-        for name, folder in discover_models(model_dirs, bundled).items()
+        for name, folder in find_models(model_dirs, bundled=bundled).items()
     }
     for m in models.values():
         log.info(

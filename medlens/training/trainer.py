@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medlens.artifacts.folders import headline_metrics
+from medlens.artifacts.folders import HISTORY_COLUMNS, OOD_FILE, headline_metrics
 from medlens.artifacts.model import ModelMeta, build_network, save_model
 from medlens.config import TrainConfig
 from medlens.data.augment import AugmentSpec, augment
@@ -39,22 +39,9 @@ from medlens.data.cache import is_colour, prepare_samples
 from medlens.data.preprocess import Preprocess, compute_mean_std
 from medlens.errors import TrainError
 from medlens.evaluation.calibration import logits_to_probs
-from medlens.evaluation.ood import OOD_FILE
 from medlens.fileio import atomic_torch_save, write_csv, write_yaml
 from medlens.inference.runtime import _autocast, compute_logits, logits_and_stats
 from medlens.modeling.registry import IMAGENET_MEAN, IMAGENET_STD, model_info
-
-HISTORY_COLUMNS = [
-    "epoch",
-    "stage",
-    "train_loss",
-    "train_acc",
-    "val_loss",
-    "val_acc",
-    "val_auc",
-    "lr",
-    "seconds",
-]
 
 
 def bf16_supported() -> bool:
@@ -731,7 +718,7 @@ def train(
             sources=sources[split],
         )
     meta.extra["metrics"] = {split: headline_metrics(m) for split, m in summaries.items()}
-    meta.extra["ood"] = guard.summary()
+    meta.extra["ood"] = guard.summary(OOD_FILE)
     if "test" in outputs:
         meta.extra["ood"]["flagged_test_share"] = round(
             float(np.mean([o["flag"] for o in guard(outputs["test"][1])])), 4
@@ -783,9 +770,9 @@ def refit_ood_guard(run: str | Path, log=print):
     form; the network, calibration and metrics are untouched."""
     import yaml
 
-    from medlens.artifacts.model import MODEL_JSON, load_network
+    from medlens.artifacts.folders import MODEL_JSON, OOD_FILE
+    from medlens.artifacts.model import load_network
     from medlens.data import datasets as mdata
-    from medlens.evaluation.ood import OOD_FILE
     from medlens.fileio import write_json
 
     run = Path(run)
@@ -820,7 +807,7 @@ def refit_ood_guard(run: str | Path, log=print):
     xtr, ytr = prepared["train"]
     guard = fit_ood_guard(net, xtr, ytr, stats_of(prepared["val"][0]), to_input, seed=cfg.seed)
     guard.save(run / OOD_FILE)
-    meta.extra["ood"] = guard.summary()
+    meta.extra["ood"] = guard.summary(OOD_FILE)
     if "test" in prepared and len(prepared["test"][1]):
         meta.extra["ood"]["flagged_test_share"] = round(
             float(np.mean([o["flag"] for o in guard(stats_of(prepared["test"][0]))])), 4
