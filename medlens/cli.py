@@ -222,8 +222,7 @@ def _given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
 def _cmd_train(a) -> int:
     import yaml
 
-    from medlens.config import TrainConfig
-    from medlens.data.augment import AugmentSpec
+    from medlens.config import AugmentSpec, TrainConfig
     from medlens.training.trainer import train
 
     recipe = {}

@@ -2,10 +2,38 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 
-from medlens.data.augment import AugmentSpec
 from medlens.errors import TrainError
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    """Random geometric and intensity augmentation, as in the seed projects.
+
+    Attributes:
+        rotation: maximum rotation, degrees (uniform in [-rotation, rotation]).
+        shift: maximum translation, fraction of the image side.
+        zoom: maximum zoom, fraction (scale uniform in [1 - zoom, 1 + zoom]).
+        hflip: flip left-right with probability 0.5 (the seeds use it; a recipe may turn it
+            off where laterality matters).
+        brightness, contrast: maximum relative intensity changes.
+    """
+
+    rotation: float = 10.0
+    shift: float = 0.08
+    zoom: float = 0.1
+    hflip: bool = True
+    brightness: float = 0.1
+    contrast: float = 0.1
+    enabled: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> AugmentSpec:
+        return cls(**(d or {}))
 
 
 @dataclass
@@ -27,7 +55,7 @@ class TrainConfig:
     transfer: str = "finetune"  # pretrained models: frozen | finetune | full
     unfreeze: int = 2  # backbone stages trained in the finetune stage
     aug_copies: int = 4  # finetune: training-set copies cached (1 clean + augmented)
-    augment: dict = field(default_factory=lambda: AugmentSpec().to_dict())
+    augment: AugmentSpec = field(default_factory=AugmentSpec)
     patience: int = 5
     monitor: str = "val_auc"  # val_auc | val_loss
     class_weights: bool = True
@@ -56,4 +84,18 @@ class TrainConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise TrainError(f"unknown training setting(s) {unknown}; known: {sorted(names)}")
+        d = dict(d)
+        if not isinstance(d.get("augment", AugmentSpec()), AugmentSpec):
+            d["augment"] = AugmentSpec.from_dict(d["augment"])
         return cls(**d)
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> TrainConfig:
+        """The settings of a run's ``config.yaml`` (which also records resolved facts:
+        classes, counts, ...; those are left out)."""
+        names = {f.name for f in fields(cls)}
+        return cls.from_dict({k: v for k, v in saved.items() if k in names})
+
+    def to_dict(self) -> dict:
+        """Every setting, as ``config.yaml`` stores it."""
+        return asdict(self)

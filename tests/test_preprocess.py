@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from medlens.data.augment import AugmentSpec, augment
+from medlens.config import AugmentSpec
+from medlens.data.augment import augment
 from medlens.data.cache import is_colour, prepare_samples
 from medlens.data.datasets import Sample
 from medlens.data.imaging import read_image

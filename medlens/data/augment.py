@@ -7,39 +7,11 @@ standardisation; only training batches are augmented.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
-
-@dataclass(frozen=True)
-class AugmentSpec:
-    """Random geometric and intensity augmentation, as in the seed projects.
-
-    Attributes:
-        rotation: maximum rotation, degrees (uniform in [-rotation, rotation]).
-        shift: maximum translation, fraction of the image side.
-        zoom: maximum zoom, fraction (scale uniform in [1 - zoom, 1 + zoom]).
-        hflip: flip left-right with probability 0.5 (the seeds use it; a recipe may turn it
-            off where laterality matters).
-        brightness, contrast: maximum relative intensity changes.
-    """
-
-    rotation: float = 10.0
-    shift: float = 0.08
-    zoom: float = 0.1
-    hflip: bool = True
-    brightness: float = 0.1
-    contrast: float = 0.1
-    enabled: bool = True
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict | None) -> AugmentSpec:
-        return cls(**(d or {}))
+from medlens.config import AugmentSpec
 
 
 def augment(

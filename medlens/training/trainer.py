@@ -34,7 +34,7 @@ from torch import nn
 from medlens.artifacts.folders import HISTORY_COLUMNS, OOD_FILE, headline_metrics
 from medlens.artifacts.model import ModelMeta, build_network, save_model
 from medlens.config import TrainConfig
-from medlens.data.augment import AugmentSpec, augment
+from medlens.data.augment import augment
 from medlens.data.cache import is_colour, prepare_samples
 from medlens.data.preprocess import Preprocess, compute_mean_std
 from medlens.errors import TrainError
@@ -446,7 +446,7 @@ def train(
         resize=cfg.resize,
         grayscale=cfg.grayscale,
     )
-    aug = AugmentSpec.from_dict(cfg.augment)
+    aug = cfg.augment
 
     resolved = asdict(cfg)
     resolved.update(
