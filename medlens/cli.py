@@ -4,194 +4,38 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import shlex
 import sys
+import traceback
 from pathlib import Path
 
-EXIT_USAGE = 2
+from medlens.config import add_options, given_settings, merge_settings
+from medlens.errors import MedLensError, UsageError
+from medlens.fileio import read_yaml
+
+EXIT_USAGE = 2  # a user error: one line saying what to do
+EXIT_BUG = 1  # a bug: a short hint; the traceback with --debug
 
 
-def _add_train(sub):
+def _add_train(sub) -> None:
     p = sub.add_parser(
         "train",
         help="train a classifier on a folder of images",
         description="Train, calibrate (on the validation split only) and evaluate a classifier. "
         "DATA may be <root>/<class>/<image> (split into train/val/test, stratified "
         "and patient-grouped), <root>/{train,val,test}/<class>/<image>, a CSV "
-        "manifest (path,label[,patient_id][,split]) or a MedMNIST .npz file.",
+        "manifest (path,label[,patient_id][,split]) or a MedMNIST .npz file. Settings "
+        "come from the defaults, then --config (a recipe, or a run's config.yaml), then "
+        "the flags given here.",
     )
-    p.add_argument("--data", required=True, help="image folder, CSV manifest or .npz file")
-    p.add_argument(
-        "--model",
-        default="efficientnet-lite0",
-        help="backbone from the registry (`medlens models`); default %(default)s",
-    )
-    p.add_argument(
-        "--out",
-        required=True,
-        help="run folder to create (model, config.yaml, "
-        "training_metrics.csv, checkpoints, evaluation reports)",
-    )
-    p.add_argument(
-        "--epochs",
-        type=int,
-        default=15,
-        help="maximum epochs of the main stage (fine-tuning or full training); "
-        "early stopping may end sooner; default %(default)s",
-    )
-    p.add_argument(
-        "--head-epochs",
-        type=int,
-        default=40,
-        help="maximum epochs of the frozen-backbone head stage; default %(default)s",
-    )
-    p.add_argument(
-        "--image-size",
-        type=int,
-        default=None,
-        help="square input side in pixels; default: the backbone's (224)",
-    )
-    p.add_argument("--batch-size", type=int, default=32, help="default %(default)s")
-    p.add_argument(
-        "--lr",
-        type=float,
-        default=None,
-        help="learning rate of the head / full stage (default 1e-3); fine-tuning "
-        "uses lr x --finetune-lr-scale",
-    )
-    p.add_argument(
-        "--finetune-lr-scale",
-        type=float,
-        default=0.1,
-        help="fine-tuning learning rate as a fraction of --lr; default %(default)s",
-    )
-    p.add_argument("--optimizer", choices=["adam", "adamw"], default="adamw")
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--seed", type=int, default=0, help="seed for splits, init and augmentation")
-    p.add_argument(
-        "--transfer",
-        choices=["frozen", "finetune", "full"],
-        default="finetune",
-        help="pretrained backbones: frozen = train only a new head on frozen "
-        "features; finetune = then unfreeze the top --unfreeze stages at a "
-        "lower LR; full = train everything; default %(default)s",
-    )
-    p.add_argument(
-        "--unfreeze",
-        type=int,
-        default=2,
-        help="backbone stages to fine-tune (counted from the top); default %(default)s",
-    )
-    p.add_argument(
-        "--aug-copies",
-        type=int,
-        default=4,
-        help="augmented copies of the training set cached for fine-tuning; default %(default)s",
-    )
-    p.add_argument("--no-augment", action="store_true", help="turn augmentation off")
-    p.add_argument("--rotation", type=float, default=10.0, help="max rotation, degrees")
-    p.add_argument("--shift", type=float, default=0.08, help="max shift, fraction of side")
-    p.add_argument("--zoom", type=float, default=0.1, help="max zoom, fraction")
-    p.add_argument("--no-hflip", action="store_true", help="no random horizontal flips")
-    p.add_argument(
-        "--patience",
-        type=int,
-        default=5,
-        help="early stopping: epochs without improvement; default %(default)s",
-    )
-    p.add_argument(
-        "--monitor",
-        choices=["val_auc", "val_loss"],
-        default="val_auc",
-        help="what early stopping and best-checkpoint selection watch",
-    )
-    p.add_argument(
-        "--no-class-weights",
-        action="store_true",
-        help="do not weight the loss by inverse class frequency",
-    )
-    p.add_argument(
-        "--channels",
-        type=int,
-        choices=[1, 3],
-        default=None,
-        help="input channels; default 3 for pretrained backbones, else 1 unless "
-        "the images are in colour",
-    )
-    p.add_argument(
-        "--resize",
-        choices=["stretch", "pad", "crop"],
-        default="stretch",
-        help="stretch to a square; pad (letterbox) keeping the aspect ratio; or crop "
-        "the centre square (no distortion, no bars)",
-    )
-    p.add_argument(
-        "--grayscale",
-        action="store_true",
-        help="convert every image to grey first (grey modalities stored partly as "
-        "RGB files, so the file's colour mode is no cue)",
-    )
-    p.add_argument("--dropout", type=float, default=0.3, help="head dropout")
-    p.add_argument(
-        "--val-fraction",
-        type=float,
-        default=0.15,
-        help="fraction of patients carved out for validation when needed",
-    )
-    p.add_argument(
-        "--test-fraction",
-        type=float,
-        default=0.15,
-        help="fraction of patients held out for testing (class-folder layouts)",
-    )
-    p.add_argument(
-        "--patient-regex",
-        default=None,
-        help="regex whose first group (or group 'patient') reads a patient id from a "
-        "file name; default reads Kermany names (person1234_..., IM-0115-...)",
-    )
-    p.add_argument(
-        "--target-sensitivity",
-        type=float,
-        default=None,
-        help="binary: choose the threshold reaching this validation sensitivity "
-        "(e.g. 0.95 for screening) instead of Youden's J",
-    )
-    p.add_argument(
-        "--precision",
-        choices=["auto", "fp32", "bf16"],
-        default="auto",
-        help="bf16 autocast where the CPU supports it (auto), or force one",
-    )
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument(
-        "--bn-momentum",
-        type=float,
-        default=None,
-        help="batch-norm momentum while training (default: the backbone's own; "
-        "MONAI's EfficientNets use 0.01, slow to adapt when every layer "
-        "fine-tunes on a small dataset; 0.1 is PyTorch's default)",
-    )
-    p.add_argument(
-        "--device",
-        default="auto",
-        help="where training runs: auto (a CUDA GPU when torch sees one, else the "
-        "CPU), cpu, or cuda[:N]; prediction and serving always use the CPU",
-    )
-    p.add_argument(
-        "--cache-dir",
-        default=None,
-        help="keep decoded, resized images here for later runs (holds patient "
-        "images: off unless asked)",
-    )
-    p.add_argument(
-        "--no-pretrained", action="store_true", help="random init even where ImageNet weights exist"
-    )
-    p.add_argument("--name", default=None, help="model name (default: the run folder's name)")
+    add_options(p)
     p.add_argument(
         "--config",
         default=None,
-        help="YAML recipe with any of these settings (command-line flags win)",
+        help="YAML recipe with any of these settings, or a run's config.yaml to run it again "
+        "(command-line flags win)",
     )
     p.add_argument(
         "--resume",
@@ -199,115 +43,22 @@ def _add_train(sub):
         help="continue an interrupted run in --out from its last checkpoint",
     )
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    p.add_argument(
-        "--skip-bad-images",
-        action="store_true",
-        help="skip unreadable images (they are counted) instead of stopping",
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(_parser=p)
-    return p
 
 
-def _given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
-    """Destinations of the options that appear on the command line ``argv``."""
-    given = set()
-    words = {w.split("=", 1)[0] for w in argv if w.startswith("-")}
-    for action in parser._actions:
-        if any(opt in words for opt in action.option_strings):
-            given.add(action.dest)
-    return given
-
-
-def _cmd_train(a) -> int:
-    import yaml
-
-    from medlens.config import AugmentSpec, TrainConfig
+def _cmd_train(a: argparse.Namespace) -> int:
     from medlens.training.trainer import train
 
-    recipe = {}
+    recipe, source = {}, "the command line"
     if a.config:
-        recipe = yaml.safe_load(Path(a.config).read_text()) or {}
-    # A flag the user gave wins over the recipe, even when it repeats the default
-    # (`--resize stretch` over a recipe's `resize: crop`); flags not given give way.
-    explicit = (
-        _given_flags(a._parser, getattr(a, "_argv", None))
-        if getattr(a, "_argv", None) is not None
-        else {
-            k for k, v in vars(a).items() if not k.startswith("_") and v != a._parser.get_default(k)
-        }
-    )
-    aug = AugmentSpec(
-        rotation=a.rotation,
-        shift=a.shift,
-        zoom=a.zoom,
-        hflip=not a.no_hflip,
-        enabled=not a.no_augment,
-    ).to_dict()
-    cli = dict(
-        data=a.data,
-        out=a.out,
-        model=a.model,
-        epochs=a.epochs,
-        head_epochs=a.head_epochs,
-        image_size=a.image_size,
-        batch_size=a.batch_size,
-        lr=a.lr,
-        finetune_lr_scale=a.finetune_lr_scale,
-        weight_decay=a.weight_decay,
-        optimizer=a.optimizer,
-        seed=a.seed,
-        transfer=a.transfer,
-        unfreeze=a.unfreeze,
-        aug_copies=a.aug_copies,
-        augment=aug,
-        patience=a.patience,
-        monitor=a.monitor,
-        class_weights=not a.no_class_weights,
-        channels=a.channels,
-        resize=a.resize,
-        grayscale=a.grayscale,
-        dropout=a.dropout,
-        val_fraction=a.val_fraction,
-        test_fraction=a.test_fraction,
-        patient_regex=a.patient_regex,
-        target_sensitivity=a.target_sensitivity,
-        skip_bad_images=a.skip_bad_images,
-        precision=a.precision,
-        threads=a.threads,
-        device=a.device,
-        bn_momentum=a.bn_momentum,
-        cache_dir=a.cache_dir,
-        pretrained=not a.no_pretrained,
-        name=a.name,
-        progress=not a.quiet,
-    )
-    settings = {}
-    for k, v in cli.items():
-        flag = {
-            "class_weights": "no_class_weights",
-            "pretrained": "no_pretrained",
-            "progress": "quiet",
-        }.get(k, k)
-        if k in recipe and flag not in explicit and k not in ("data", "out"):
-            settings[k] = recipe[k]
-        else:
-            settings[k] = v
-    if "augment" in recipe and not explicit & {
-        "no_augment",
-        "rotation",
-        "shift",
-        "zoom",
-        "no_hflip",
-    }:
-        settings["augment"] = AugmentSpec.from_dict(recipe["augment"]).to_dict()
-    for k in recipe:
-        settings.setdefault(k, recipe[k])
+        source = a.config
+        recipe = read_yaml(a.config, "--config")
+    cfg = merge_settings(recipe, given_settings(a), source=source)
+    argv = getattr(a, "_argv", None)
     train(
-        TrainConfig.from_dict(settings),
+        cfg,
         resume=a.resume,
         overwrite=a.overwrite,
-        command="medlens " + shlex.join(a._argv) if getattr(a, "_argv", None) else None,
+        command="medlens " + shlex.join(argv) if argv else None,
     )
     return 0
 
@@ -509,7 +260,7 @@ def _cmd_explain(a) -> int:
     idx = None
     if a.class_name is not None:
         if a.class_name not in pred.labels:
-            raise ValueError(f"--class {a.class_name!r} is not one of {pred.labels}")
+            raise UsageError(f"--class {a.class_name!r} is not one of {pred.labels}")
         idx = pred.labels.index(a.class_name)
     cam, _ = pred.explain(pixels, idx)
     over = overlay_cam(pixels, cam, size=max(pred.pre.image_size, 224))
@@ -649,11 +400,9 @@ def _cmd_export(a) -> int:
             refit_ood_guard(resolve_model(a.model))
         card = None
         if a.card:
-            import yaml
-
-            card = (yaml.safe_load(Path(a.card).read_text()) or {}).get("card")
+            card = read_yaml(a.card, "--card").get("card")
             if not isinstance(card, dict):
-                raise ValueError(f"--card {a.card}: no `card:` section in it")
+                raise UsageError(f"--card {a.card}: no `card:` section in it")
         res = make_bundle(a.model, a.bundle, half=a.half, overwrite=a.overwrite, card=card)
         print(
             f"wrote {res['folder']} (model.onnx {res['onnx_bytes'] / 1e6:.1f} MB; largest "
@@ -661,7 +410,7 @@ def _cmd_export(a) -> int:
         )
         return 0
     if a.half or a.overwrite or a.refit_ood or a.card:
-        raise ValueError("--half, --overwrite, --card and --refit-ood go with --bundle DEST")
+        raise UsageError("--half, --overwrite, --card and --refit-ood go with --bundle DEST")
     res = export_model(a.model, opset=a.opset or OPSET)
     print(
         f"wrote {res['onnx']} (max relative difference to torch "
@@ -797,7 +546,7 @@ def _cmd_bench(a) -> int:
     from medlens.bench import run_bench, summary_table, write_results
 
     if a.n < 1 or a.duration <= 0 or a.concurrency < 1 or a.warmup < 0 or (a.threads or 1) < 1:
-        raise ValueError(
+        raise UsageError(
             "--n, --concurrency and --threads must be >= 1, --duration > 0, --warmup >= 0"
         )
     image = Path(a.image).read_bytes() if a.image else None
@@ -841,10 +590,56 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medlens", description="Train, evaluate, explain and serve medical image classifiers."
     )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="debug messages, and the full traceback when something fails",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add, _ in COMMANDS.values():
         add(sub)
+    for p in sub.choices.values():  # `medlens train ... --debug` works too
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="as above")
     return parser
+
+
+def _configure_logging(debug: bool) -> None:
+    """MedLens's messages go to stderr (stdout carries results: tables, CSV, JSON)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter("%(levelname)s %(name)s: %(message)s" if debug else "%(message)s")
+    )
+    root = logging.getLogger("medlens")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    root.propagate = False
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run a parsed command: 0 done, 2 a user error (one line), 1 a bug, 130 interrupted."""
+    name = f"medlens {args.command}"
+    try:
+        return COMMANDS[args.command][1](args)
+    except MedLensError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+        print(f"{name}: error: {e.filename or e}: {e.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(
+            "medlens: interrupted; a training run can be continued with --resume", file=sys.stderr
+        )
+        return 130
+    except Exception as e:  # noqa: BLE001 - a bug: say so briefly, traceback with --debug
+        if args.debug:
+            traceback.print_exc()
+        print(
+            f"{name}: internal error ({type(e).__name__}: {e}). This is a bug in MedLens; "
+            "run the command again with --debug for the traceback and report it.",
+            file=sys.stderr,
+        )
+        return EXIT_BUG
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -856,30 +651,10 @@ def main(argv: list[str] | None = None) -> int:
         # default) steal a core from ONNX Runtime running beside them (bench: ONNX p50
         # measured 14.8 ms with spinning, 9.95 ms without, same machine and model; the web
         # app runs torch preprocessing and ONNX Runtime in the same process).
-        import os
-
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-    from medlens.errors import DataError, ExportError, ImageReadError, ModelLoadError, TrainError
-
-    try:
-        return COMMANDS[args.command][1](args)
-    except (
-        DataError,
-        TrainError,
-        ModelLoadError,
-        ImageReadError,
-        ValueError,
-        FileNotFoundError,
-        ExportError,
-    ) as e:
-        print(f"medlens {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(
-            "medlens: interrupted; a training run can be continued with --resume", file=sys.stderr
-        )
-        return 130
+    if args.command != "serve":  # serve sets up logging with uvicorn's --log-level
+        _configure_logging(args.debug)
+    return _run(args)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ __all__ = [
     "ModelLoadError",
     "TrainError",
     "ExportError",
+    "InstallError",
     "UploadError",
 ]
 
@@ -30,10 +31,6 @@ class MedLensError(Exception):
 
 class UsageError(MedLensError, ValueError):
     """A command-line option or argument that cannot be used as given."""
-
-
-class ConfigError(UsageError):
-    """A training setting (flag, recipe or ``config.yaml``) that is unknown or out of range."""
 
 
 class DataError(MedLensError, ValueError):
@@ -52,8 +49,16 @@ class TrainError(MedLensError, ValueError):
     """A training request that cannot go ahead; the message says what to do."""
 
 
+class ConfigError(UsageError, TrainError):
+    """A training setting (flag, recipe or ``config.yaml``) that is unknown or out of range."""
+
+
 class ExportError(MedLensError, RuntimeError):
     """The ONNX graph does not reproduce the torch network; the message gives the error."""
+
+
+class InstallError(MedLensError, RuntimeError):
+    """A package or packaged file MedLens needs is missing; reinstall (`make install`)."""
 
 
 class UploadError(MedLensError):

@@ -15,8 +15,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
+
+from medlens.errors import UsageError
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -43,6 +44,8 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    import torch  # here, so that `medlens --help` never waits for torch to import
+
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write_bytes(path, buf.getvalue())
@@ -71,3 +74,23 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def read_yaml(path: str | Path, what: str) -> Any:
+    """A YAML file's content; ``what`` (e.g. ``"--config"``) names the option in errors.
+
+    Raises:
+        UsageError: the file is missing, unreadable or not valid YAML.
+    """
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise UsageError(f"{what} {path}: no such file") from None
+    except OSError as e:
+        raise UsageError(f"{what} {path}: cannot be read ({e.strerror})") from None
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise UsageError(f"{what} {path}: not valid YAML{line}; fix the file") from None

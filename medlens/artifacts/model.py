@@ -98,6 +98,11 @@ class ModelMeta:
                 f"model.json lacks the field {e.args[0]!r}; re-export the model "
                 "with `medlens train` or `medlens export`"
             ) from None
+        except (TypeError, ValueError) as e:
+            raise ModelLoadError(
+                f"model.json has an invalid value ({e}); the file is damaged: copy the model "
+                "folder again or retrain it"
+            ) from None
 
 
 def build_network(meta: ModelMeta, pretrained: bool = False) -> Classifier:

