@@ -1,16 +1,22 @@
 """Tests for medlens.bench (``medlens bench``) and the serving speed-ups it measures.
 
-Correctness only: the figures' keys and types, the load generator's counting, the training
-figures read from a run, and what decoding a large JPEG at reduced scale changes. No test
-asserts a time.
+Correctness only: the figures' keys and types against a real ``medlens serve``, the load
+generator's counting against a local server, the machine and CPU figures, the training figures
+read from a run, and what decoding a large JPEG at reduced scale changes. No test asserts a
+time.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
+import os
 import shutil
+import subprocess
+import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -21,12 +27,34 @@ from serve_fixtures import served_models  # noqa: F401 - fixture
 from medlens import bench
 from medlens.cli import main
 from medlens.data.imaging import read_image
+from medlens.errors import UsageError
 from medlens.inference.predictor import Predictor
 
 # --------------------------------------------------------------------------- medlens bench
 
 
-def test_bench_cli_json_has_the_figures(trained_run, tmp_path, capsys):
+class _Messages(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def bench_log():
+    """The messages of the medlens.bench loggers at INFO, whatever handlers the CLI set up."""
+    logger, handler = logging.getLogger("medlens.bench"), _Messages()
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    yield handler.messages
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def test_bench_cli_json_has_the_figures(trained_run, tmp_path, capsys, bench_log):
     out = tmp_path / "results"
     code = main(
         [
@@ -70,12 +98,23 @@ def test_bench_cli_json_has_the_figures(trained_run, tmp_path, capsys):
     assert res["serve_requests"] > 0 and res["serve"]["statuses"] == {"200": res["serve_requests"]}
     assert res["serve_latency_ms_p95"] >= res["serve_latency_ms_p50"] > 0
     assert res["serve"]["upload_bytes"] > 50_000  # the 1024x1024 synthetic JPEG
+    # the server reported its own time per prediction, and both sides used CPU (psutil)
+    assert res["serve"]["server_elapsed_ms_p50"] > 0
+    assert res["serve"]["server_cpu_ms_per_request"] > 0
+    assert res["serve"]["client_cpu_ms_per_request"] > 0
+    assert 0 < res["serve"]["machine_cpu_busy_share"] <= 1
+    assert 0 <= res["serve"]["other_processes_cpu_share"] <= 1
+    # progress went to the medlens.bench loggers, the figures alone to stdout
+    assert any(m.startswith("server ready on port") for m in bench_log)
+    assert any(m.startswith(f"web app: {res['serve_rps']} requests/s") for m in bench_log)
+    assert "inference engines: torch, onnx" in bench_log
     # training figures from the run's logs
     assert res["train_images"] > 0 and res["train_images_per_s"] > 0
     assert 0.5 <= res["train_best_val_auc"] <= 1
     # the machine is described
     m = res["machine"]
     assert isinstance(m["cores"], int) and m["cores"] >= 1 and isinstance(m["cpu_model"], str)
+    assert m["memory_gb"] > 0 and len(m["load_average_start"]) == 3
     assert set(res["targets"]) == set(bench.TARGETS)
     # files: a timestamped JSON/CSV and latest.json/.csv/.md
     assert json.loads((out / "latest.json").read_text()) == res
@@ -90,18 +129,19 @@ def test_bench_without_model_weights_reports_torch_as_null(trained_run, tmp_path
     """An inference-only folder (model.json + model.onnx, no model.pt): torch is not measured,
     and the figures say why."""
     from medlens.artifacts.card import export_model
+    from medlens.artifacts.folders import MODEL_WEIGHTS
     from medlens.errors import ModelLoadError
 
     folder = shutil.copytree(
         trained_run, tmp_path / "onnx_only", ignore=shutil.ignore_patterns("checkpoints")
     )
     export_model(folder)
-    (folder / "model.pt").unlink()
+    (folder / MODEL_WEIGHTS).unlink()
     try:
         Predictor(folder, backend="onnx")
     except ModelLoadError:
         pytest.skip("this Predictor cannot load inference-only folders yet")
-    res = bench.run_bench(folder, n=2, serve=False, log=lambda m: None)
+    res = bench.run_bench(folder, n=2, serve=False)
     assert res["latency_ms_p50_torch"] is None and res["speedup_onnx_vs_torch_p50"] is None
     assert res["latency_ms_p50_onnx"] > 0
     assert any("torch: not measured" in n and "model.pt" in n for n in res["notes"])
@@ -109,7 +149,7 @@ def test_bench_without_model_weights_reports_torch_as_null(trained_run, tmp_path
     table = bench.summary_table(res)
     assert "ONNX Runtime fp32" in table and "torch eager" not in table
     # --torch-model: the run the folder was exported from times eager torch
-    res = bench.run_bench(folder, n=2, serve=False, torch_model=trained_run, log=lambda m: None)
+    res = bench.run_bench(folder, n=2, serve=False, torch_model=trained_run)
     assert res["latency_ms_p50_torch"] > 0 and res["speedup_onnx_vs_torch_p50"] > 0
     assert any("the weights the ONNX graph was exported from" in n for n in res["notes"])
 
@@ -144,16 +184,19 @@ class _FlakyHandler(BaseHTTPRequestHandler):
         pass
 
 
+def _local_server(handler) -> tuple[ThreadingHTTPServer, int]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, server.server_address[1]
+
+
 def test_load_generator_counts_errors():
     _FlakyHandler.counts = {}
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _FlakyHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    server, port = _local_server(_FlakyHandler)
     try:
-        port = server.server_address[1]
-        req = bench.predict_request("127.0.0.1", port, "m", b"\xff\xd8 not really a jpeg")
+        url = bench.predict_url(port, "m")
         res = bench.load_test(
-            "127.0.0.1", port, req, concurrency=3, duration=0.6, warmup=0, timeout=5
+            url, b"\xff\xd8 not really a jpeg", concurrency=3, duration=0.6, warmup=0, timeout=5
         )
     finally:
         server.shutdown()
@@ -162,42 +205,136 @@ def test_load_generator_counts_errors():
     assert c["n"] >= 5  # every kind of answer happened
     assert res.ok == c.get("200", 0) and res.statuses.get("200", 0) == c.get("200", 0)
     assert res.statuses.get("503", 0) == c.get("503", 0)
+    assert res.statuses.get("error", 0) == c.get("closed", 0)  # hung up without answering
     assert res.errors == c.get("503", 0) + c.get("closed", 0)
     assert res.requests == c["n"]
     d = res.to_dict()
     assert d["errors"] == res.errors and d["rps"] == pytest.approx(res.ok / res.elapsed_s, rel=0.01)
     assert d["server_elapsed_ms_p50"] == 1.5
     assert any(e.startswith("HTTP 503") for e in d["error_examples"])
+    assert any(e.startswith("RemoteProtocolError") for e in d["error_examples"])
 
 
 def test_load_generator_counts_refused_connections():
     port = bench.free_port()  # nothing listens there
     res = bench.load_test(
-        "127.0.0.1",
-        port,
-        b"GET / HTTP/1.1\r\n\r\n",
-        concurrency=2,
-        duration=0.2,
-        warmup=0,
-        timeout=2,
+        bench.predict_url(port, "m"), b"x", concurrency=2, duration=0.2, warmup=0, timeout=2
     ).to_dict()
     assert res["ok"] == 0 and res["rps"] == 0.0
     assert res["errors"] >= 2 and res["statuses"] == {"error": res["errors"]}
-    assert res["latency_ms_p50"] is None or res["latency_ms_p50"] >= 0
+    assert res["latency_ms_p50"] is None
+    assert all(e.startswith("ConnectError") for e in res["error_examples"])
 
 
-def test_predict_request_is_one_valid_multipart_post():
+class _RecordingHandler(BaseHTTPRequestHandler):
+    """Answers 200 and keeps what it was sent."""
+
+    protocol_version = "HTTP/1.1"
+    seen: list = []
+
+    def do_POST(self):  # noqa: N802 - http.server's naming
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.seen.append((self.path, self.headers, body))
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args):
+        pass
+
+
+def test_load_generator_posts_one_multipart_file_over_keep_alive():
     data = bench.synthetic_jpeg(side=64)
-    req = bench.predict_request("127.0.0.1", 8000, "chest x", data)
-    head, _, body = req.partition(b"\r\n\r\n")
-    lines = head.decode().split("\r\n")
-    assert lines[0] == "POST /api/v1/models/chest%20x/predict HTTP/1.1"
-    headers = dict(line.split(": ", 1) for line in lines[1:])
-    assert int(headers["Content-Length"]) == len(body)
-    boundary = headers["Content-Type"].split("boundary=")[1]
-    assert body.startswith(f"--{boundary}\r\n".encode()) and data in body
-    assert body.endswith(f"\r\n--{boundary}--\r\n".encode())
     assert Image.open(io.BytesIO(data)).size == (64, 64)
+    _RecordingHandler.seen = []
+    server, port = _local_server(_RecordingHandler)
+    try:
+        url = bench.predict_url(port, "chest x")
+        res = bench.load_test(url, data, concurrency=2, duration=0.3, warmup=0.1, timeout=5)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert url == f"http://127.0.0.1:{port}/api/v1/models/chest%20x/predict"
+    seen = _RecordingHandler.seen
+    assert len(seen) == res.requests + res.warmup_requests and res.warmup_requests > 0
+    assert res.ok == res.requests > 0 and res.server_ms == []  # no elapsed_ms in "{}"
+    path, headers, body = seen[-1]
+    assert path == "/api/v1/models/chest%20x/predict"
+    assert int(headers["Content-Length"]) == len(body)
+    assert headers["Connection"] == "keep-alive" and headers["User-Agent"] == "medlens-bench"
+    ctype, _, boundary = headers["Content-Type"].partition("; boundary=")
+    assert ctype == "multipart/form-data" and boundary
+    head, _, rest = body.partition(b"\r\n\r\n")
+    assert head.startswith(f"--{boundary}\r\n".encode())
+    assert b'name="file"; filename="bench.jpg"' in head and b"Content-Type: image/jpeg" in head
+    assert rest == data + f"\r\n--{boundary}--\r\n".encode()
+    assert all(b == body for _, _, b in seen)  # one body, encoded once
+
+
+def test_load_generator_sends_only_to_loopback():
+    for url in ("http://10.0.0.1:8000/x", "http://example.org/x", "http://192.168.1.2/x"):
+        with pytest.raises(ValueError, match="loopback"):
+            bench.load_test(url, b"x", duration=0.1, warmup=0)
+    with pytest.raises(ValueError, match="concurrency"):
+        bench.load_test("http://127.0.0.1:1/x", b"x", concurrency=0)
+
+
+# --------------------------------------------------------------------------- machine, server
+
+
+def test_machine_figures_come_from_this_machine():
+    m = bench.machine_info()
+    assert m["cores"] == bench.usable_cores() == len(os.sched_getaffinity(0))
+    assert m["logical_cpus"] == os.cpu_count()
+    with open("/proc/meminfo") as fh:
+        kib = int(next(line for line in fh if line.startswith("MemTotal:")).split()[1])
+    assert m["memory_gb"] == round(kib / 2**20, 1)
+    assert len(m["load_average_start"]) == 3 and min(m["load_average_start"]) >= 0
+    assert m["cpu_model"] == bench.cpu_model() and m["cpu_model"]
+
+
+def _spin(seconds: float) -> None:
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+
+
+def test_cpu_meter_counts_this_process_and_a_child():
+    # the child spends 0.4 s of CPU, then waits to be read
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time\nend = time.process_time() + 0.4\n"
+            "while time.process_time() < end: pass\ntime.sleep(30)",
+        ]
+    )
+    try:
+        meter = bench.CpuMeter(child.pid)
+        _spin(0.3)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            usage = meter.stop()
+            if usage.child_s >= 0.35:
+                break
+            time.sleep(0.1)
+    finally:
+        child.kill()
+        child.wait()
+    assert usage.own_s >= 0.25 and usage.child_s >= 0.35
+    assert usage.busy_s >= 0.5 and usage.total_s >= usage.busy_s
+    assert 0 < usage.busy_share <= 1 and 0 <= usage.other_share <= 1
+    # once the child is gone, its time is unknown, not zero
+    assert bench.CpuMeter(child.pid).stop().child_s is None
+
+
+def test_running_server_reports_why_the_server_did_not_start(tmp_path):
+    """No model in the folder: `medlens serve` exits, and the error ends with its last log
+    lines."""
+    with pytest.raises(RuntimeError, match=r"exited with code [1-9]\d* before it was ready: \S"):
+        with bench.running_server(tmp_path, start_timeout=120):
+            pass
 
 
 # --------------------------------------------------------------------------- training figures
@@ -206,9 +343,12 @@ def test_predict_request_is_one_valid_multipart_post():
 def test_training_figures_from_a_run(trained_run):
     import csv
 
+    from medlens.artifacts.folders import ModelFolder
+
     t = bench.training_figures(trained_run)
-    rows = list(csv.DictReader((trained_run / "training_metrics.csv").open()))
-    meta = json.loads((trained_run / "model.json").read_text())
+    run = ModelFolder(trained_run)
+    rows = list(csv.DictReader(run.history.open()))
+    meta = json.loads(run.model_json.read_text())
     n_train = sum(meta["training"]["split_counts"]["train"].values())
     assert t["train_images"] == n_train and t["train_epochs"] == len(rows)
     secs = [float(r["seconds"]) for r in rows]
@@ -233,9 +373,33 @@ def test_training_figures_from_a_run(trained_run):
     )
 
 
+def test_training_figures_of_a_run_still_training(trained_run, tmp_path):
+    """A run without model.json yet (it is written last): the log's figures, no image count."""
+    from medlens.artifacts.folders import HISTORY_CSV
+
+    shutil.copy(trained_run / HISTORY_CSV, tmp_path / HISTORY_CSV)
+    t = bench.training_figures(tmp_path)
+    assert t["arch"] is None and t["train_images"] is None and t["train_images_per_s"] is None
+    assert t["train_epochs"] == bench.training_figures(trained_run)["train_epochs"] > 0
+
+
 def test_training_figures_need_a_run(tmp_path):
-    with pytest.raises(FileNotFoundError, match="training_metrics.csv"):
+    from medlens.artifacts.folders import HISTORY_CSV
+
+    with pytest.raises(FileNotFoundError, match=HISTORY_CSV):
         bench.training_figures(tmp_path)
+    (tmp_path / HISTORY_CSV).write_text("epoch,seconds,val_auc\n")
+    with pytest.raises(UsageError, match="no epochs"):
+        bench.training_figures(tmp_path)
+
+
+def test_bench_cli_reports_a_run_without_a_training_log(trained_run, tmp_path, capsys):
+    out = tmp_path / "results"
+    args = ["bench", "--model", str(trained_run), "--no-inference", "--no-serve"]
+    code = main([*args, "--out", str(out), "--train-log", str(tmp_path / "nothing")])
+    assert code == 2
+    assert "training_metrics.csv does not exist" in capsys.readouterr().err
+    assert not out.exists()  # nothing measured, nothing written
 
 
 # --------------------------------------------------------------------------- reduced-scale JPEG
