@@ -2,7 +2,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install browser test test-slow models run clean
+.PHONY: install browser lint test test-slow models run clean
 
 # The browser test drives Debian's chromium (Playwright never downloads a browser here).
 CHROMIUM ?= /usr/bin/chromium
@@ -23,7 +23,11 @@ browser:
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
 	fi
 
-test: install browser
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: install browser lint
 	$(BIN)/python -m pytest -q
 
 test-slow: install

@@ -10,10 +10,16 @@ import shlex
 import sys
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from medlens.config import add_options, given_settings, merge_settings
 from medlens.errors import MedLensError, UsageError
 from medlens.fileio import read_yaml
+
+if TYPE_CHECKING:
+    from medlens.inference.predictor import Predictor
+
+log = logging.getLogger("medlens")
 
 EXIT_USAGE = 2  # a user error: one line saying what to do
 EXIT_BUG = 1  # a bug: a short hint; the traceback with --debug
@@ -135,95 +141,87 @@ def _add_predict(sub):
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _cmd_predict(a) -> int:
-    import numpy as np
-
+def _expand_inputs(paths: list[str]) -> list[str]:
+    """Files and folders (every image under them) -> files; a missing path stays in the
+    list and becomes an error row."""
     from medlens.data.datasets import list_images
+
+    files = []
+    for p in paths:
+        if Path(p).is_dir():
+            found = list_images(p)
+            if not found:
+                log.warning("warning: no images under %s", p)
+            files += [str(f) for f in found]
+        else:
+            files.append(str(p))
+    return files
+
+
+def _predict_rows(pred: Predictor, files: list[str], batch_size: int, quiet: bool) -> list[dict]:
+    """One row per file: label, probabilities and OOD flag, or the reason it is unreadable."""
+    import numpy as np
+    from tqdm.auto import tqdm
+
     from medlens.data.imaging import read_image
     from medlens.errors import ImageReadError
+
+    rows = []
+    bar = tqdm(total=len(files), unit="img", desc="predict", file=sys.stderr,
+               disable=quiet or len(files) < 2)  # fmt: skip
+    for i in range(0, len(files), batch_size):
+        chunk = files[i : i + batch_size]
+        ok, prepared = [], []
+        for f in chunk:
+            try:
+                pixels = read_image(f, target_size=pred.pre.image_size).pixels
+                prepared.append(pred.pre.prepare(pixels))
+                ok.append(f)
+            except (ImageReadError, OSError) as e:
+                rows.append({"path": f, "label": None, "error": str(e)})
+        if prepared:
+            for f, r in zip(ok, pred.predict_prepared(np.stack(prepared), batch_size)):
+                probs = {f"p_{c}": v for c, v in r.probabilities.items()}
+                rows.append({"path": f, "label": r.label, **probs, "ood_flag": r.ood["flag"],
+                             "error": None})  # fmt: skip
+        bar.update(len(chunk))
+    bar.close()
+    return rows
+
+
+def _print_rows(pred: Predictor, rows: list[dict], as_json: bool) -> None:
+    for r in rows:
+        if as_json:
+            probs = {c: r.get(f"p_{c}") for c in pred.labels} if r["label"] else None
+            print(json.dumps({"path": r["path"], "model": pred.meta.name, "label": r["label"],
+                              "probabilities": probs, "threshold": pred.meta.threshold,
+                              "ood_flag": r.get("ood_flag"), "error": r["error"]}))  # fmt: skip
+        elif r["error"]:
+            print(f"{r['path']}\tERROR\t{r['error']}")
+        else:
+            probs = "  ".join(f"{c}={r[f'p_{c}']:.4f}" for c in pred.labels)
+            warn = (
+                "\tOUT-OF-DISTRIBUTION: unlike this model's training images; do not trust the label"
+                if r.get("ood_flag")
+                else ""
+            )
+            print(f"{r['path']}\t{r['label']}\t{probs}{warn}")
+
+
+def _cmd_predict(a: argparse.Namespace) -> int:
     from medlens.fileio import write_csv
     from medlens.inference.predictor import Predictor
 
     pred = Predictor(a.model, backend=a.backend)
-    files = []
-    for p in a.paths:
-        pp = Path(p)
-        if pp.is_dir():
-            found = list_images(pp)
-            if not found:
-                print(f"medlens: warning: no images under {pp}", file=sys.stderr)
-            files += [str(f) for f in found]
-        elif pp.exists():
-            files.append(str(pp))
-        else:
-            files.append(str(pp))  # reported as an error row below
-    rows, failed = [], 0
-    bar = None
-    if not a.quiet and len(files) > 1:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(files), unit="img", desc="predict", file=sys.stderr)
-    for i in range(0, len(files), a.batch_size):
-        chunk = files[i : i + a.batch_size]
-        ok, prepared = [], []
-        for f in chunk:
-            try:
-                prepared.append(
-                    pred.pre.prepare(read_image(f, target_size=pred.pre.image_size).pixels)
-                )
-                ok.append(f)
-            except (ImageReadError, OSError, ValueError) as e:
-                failed += 1
-                rows.append({"path": f, "label": None, "error": str(e)})
-        if prepared:
-            for f, r in zip(ok, pred.predict_prepared(np.stack(prepared), a.batch_size)):
-                rows.append(
-                    {
-                        "path": f,
-                        "label": r.label,
-                        **{f"p_{c}": v for c, v in r.probabilities.items()},
-                        "ood_flag": r.ood["flag"],
-                        "error": None,
-                    }
-                )
-        if bar is not None:
-            bar.update(len(chunk))
-    if bar is not None:
-        bar.close()
-    cols = ["path", "label"] + [f"p_{c}" for c in pred.labels] + ["ood_flag", "error"]
+    rows = _predict_rows(pred, _expand_inputs(a.paths), a.batch_size, a.quiet)
+    failed = sum(r["error"] is not None for r in rows)
     if a.out:
+        cols = ["path", "label"] + [f"p_{c}" for c in pred.labels] + ["ood_flag", "error"]
         write_csv(a.out, rows, cols)
         print(f"wrote {len(rows)} rows to {a.out} ({failed} unreadable)", file=sys.stderr)
-    if a.json:
-        for r in rows:
-            print(
-                json.dumps(
-                    {
-                        "path": r["path"],
-                        "model": pred.meta.name,
-                        "label": r["label"],
-                        "probabilities": {c: r.get(f"p_{c}") for c in pred.labels}
-                        if r["label"]
-                        else None,
-                        "threshold": pred.meta.threshold,
-                        "ood_flag": r.get("ood_flag"),
-                        "error": r["error"],
-                    }
-                )
-            )
-    elif not a.out:
-        for r in rows:
-            if r["error"]:
-                print(f"{r['path']}\tERROR\t{r['error']}")
-            else:
-                probs = "  ".join(f"{c}={r[f'p_{c}']:.4f}" for c in pred.labels)
-                warn = (
-                    "\tOUT-OF-DISTRIBUTION: unlike this model's training images; do not "
-                    "trust the label"
-                    if r.get("ood_flag")
-                    else ""
-                )
-                print(f"{r['path']}\t{r['label']}\t{probs}{warn}")
+    if a.json or not a.out:
+        _print_rows(pred, rows, a.json)
+    # Nothing could be predicted: a failed run, as for any batch tool (exit 1).
     return 1 if failed and failed == len(rows) else 0
 
 

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "medlens"
 # Lower layers never import higher ones; a module may import its own package's modules.
 LAYERS = [
     {"medlens", "medlens.errors"},
-    {"medlens.fileio", "medlens.config"},
+    {"medlens.fileio", "medlens.config", "medlens.machine"},
     {"medlens.data", "medlens.modeling", "medlens.evaluation"},
     {"medlens.artifacts"},
     {"medlens.inference"},
@@ -132,3 +132,28 @@ def test_no_function_is_longer_than_80_lines(module):
         and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
     ]
     assert long == []
+
+
+def _public_functions(tree: ast.Module):
+    """Module-level functions and methods of module-level classes whose names are public."""
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield node.name, node
+        elif isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+            for item in node.body:
+                if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    yield f"{node.name}.{item.name}", item
+
+
+@pytest.mark.parametrize("module", sorted(_modules()))
+def test_public_functions_have_type_hints(module):
+    missing = []
+    for name, fn in _public_functions(ast.parse(_modules()[module].read_text())):
+        if name.split(".")[-1].startswith("_") and not name.endswith("__init__"):
+            continue
+        args = fn.args.posonlyargs + fn.args.args + fn.args.kwonlyargs
+        untyped = [a.arg for a in args if a.annotation is None and a.arg not in ("self", "cls")]
+        if untyped or (fn.returns is None and not name.endswith("__init__")):
+            returns = fn.returns or name.endswith("__init__")
+            missing.append(f"{name}({', '.join(untyped)})" + ("" if returns else " -> ?"))
+    assert missing == []

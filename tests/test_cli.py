@@ -341,7 +341,7 @@ def test_evaluate_bad_image_stops_unless_skipped(capsys, tmp_path, trained_run, 
     )
     assert code == 2 and str(bad) in err and "--skip-bad-images" in err
     assert not (tmp_path / "ev" / "metrics.json").exists()
-    code, stdout, _ = _run(
+    code, stdout, err = _run(
         capsys,
         "evaluate",
         "--model",
@@ -354,7 +354,7 @@ def test_evaluate_bad_image_stops_unless_skipped(capsys, tmp_path, trained_run, 
         "--skip-bad-images",
     )
     assert code == 0
-    assert "skipped 1 unreadable image(s)" in stdout
+    assert "skipped 1 unreadable image(s)" in err  # a message (stderr), not a result
     assert any(line.startswith("n=80 ") for line in stdout.splitlines())
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["n"] == 80
 
@@ -712,3 +712,27 @@ def test_train_device_cuda_without_gpu_is_one_line_error(
     assert code == 2
     assert "--device cuda" in err and "use --device cpu" in err
     assert "Traceback" not in err and not (tmp_path / "r").exists()
+
+
+# --------------------------------------------------------------------------- exit codes
+
+
+def test_a_bug_exits_1_with_a_hint_and_the_traceback_only_with_debug(capsys, monkeypatch):
+    import medlens.cli as cli
+
+    def broken(a):
+        raise KeyError("boom")  # a programming error, not a user's
+
+    monkeypatch.setitem(cli.COMMANDS, "models", (cli.COMMANDS["models"][0], broken))
+    code, _, err = _run(capsys, "models")
+    assert code == 1
+    assert "internal error (KeyError: 'boom')" in err and "--debug" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    code, _, err = _run(capsys, "--debug", "models")
+    assert code == 1 and "Traceback (most recent call last)" in err and "broken" in err
+
+
+def test_a_user_error_exits_2_with_one_line(capsys, tmp_path):
+    code, out, err = _run(capsys, "predict", "--model", tmp_path / "nope", tmp_path / "x.png")
+    assert code == 2 and out == ""
+    assert err.startswith("medlens predict: error: no model ") and len(err.splitlines()) == 1

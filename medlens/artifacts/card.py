@@ -111,9 +111,13 @@ def _fmt(v, digits: int = 3) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
-def model_card_markdown(card: dict) -> str:
-    """Render :func:`model_card` as Markdown."""
-    lines = [
+def _md_summary(card: dict) -> list[str]:
+    decision = card["decision"]
+    rule = decision["rule"]
+    if decision["threshold"] is not None:
+        rule += f" (threshold {_fmt(decision['threshold'], 4)}, {decision['method']})"
+    pre = card["preprocessing"]
+    return [
         f"# Model card: {card['title']}",
         "",
         f"> {card['disclaimer']}",
@@ -126,28 +130,35 @@ def model_card_markdown(card: dict) -> str:
         f"| architecture | {card['architecture']} |",
         f"| input | {card['input']['modality'] or 'modality not stated'}, "
         f"{card['input']['size']} px, {card['input']['channels']} channel(s) |",
-        f"| preprocessing | resize `{card['preprocessing']['resize']}`, mean "
-        f"{card['preprocessing']['mean']}, std {card['preprocessing']['std']} |",
+        f"| preprocessing | resize `{pre['resize']}`, mean {pre['mean']}, std {pre['std']} |",
         f"| calibration | temperature {_fmt(card['calibration']['temperature'], 4)} |",
-        f"| decision | {card['decision']['rule']}"
-        + (
-            f" (threshold {_fmt(card['decision']['threshold'], 4)}, {card['decision']['method']})"
-            if card["decision"]["threshold"] is not None
-            else ""
-        )
-        + " |",
+        f"| decision | {rule} |",
         "",
     ]
-    for key, title in (
-        ("intended_use", "Intended use"),
-        ("out_of_scope_use", "Out-of-scope use"),
-        ("limitations", "Limitations"),
-        ("ethical_considerations", "Ethical considerations"),
-        ("caveats", "Caveats"),
-    ):
-        lines += [f"## {title}", "", card.get(key) or "_Not stated yet._", ""]
-    lines += ["## Evaluation (95% bootstrap intervals)", ""]
-    metrics = card.get("metrics") or {}
+
+
+_MD_TEXT_SECTIONS = (
+    ("intended_use", "Intended use"),
+    ("out_of_scope_use", "Out-of-scope use"),
+    ("limitations", "Limitations"),
+    ("ethical_considerations", "Ethical considerations"),
+    ("caveats", "Caveats"),
+)
+_MD_METRICS = (
+    "accuracy",
+    "balanced_accuracy",
+    "auc",
+    "sensitivity",
+    "specificity",
+    "precision",
+    "f1",
+    "ece",
+    "brier",
+)
+
+
+def _md_evaluation(metrics: dict) -> list[str]:
+    lines = ["## Evaluation (95% bootstrap intervals)", ""]
     if not metrics:
         lines += ["_No evaluation recorded in model.json._", ""]
     for split, m in metrics.items():
@@ -158,17 +169,7 @@ def model_card_markdown(card: dict) -> str:
             "|---|---|---|",
         ]
         ci = m.get("ci") or {}
-        for k in (
-            "accuracy",
-            "balanced_accuracy",
-            "auc",
-            "sensitivity",
-            "specificity",
-            "precision",
-            "f1",
-            "ece",
-            "brier",
-        ):
+        for k in _MD_METRICS:
             if k in m:
                 lo_hi = ci.get(k)
                 interval = (
@@ -176,22 +177,29 @@ def model_card_markdown(card: dict) -> str:
                 )
                 lines.append(f"| {k} | {_fmt(m[k])} | {interval} |")
         lines.append("")
-    training = card.get("training") or {}
-    lines += ["## Training data", ""]
-    if training:
-        lines += [f"- data: `{training.get('data')}` ({training.get('layout')})"]
-        if training.get("command"):
-            lines.append(f"- command: `{training['command']}`")
-        if training.get("wall_seconds") is not None:
-            lines.append(
-                f"- wall time: {training['wall_seconds']:.0f} s, seed "
-                f"{training.get('seed')}, precision {training.get('precision')}"
-            )
-        for split, counts in (training.get("split_counts") or {}).items():
-            lines.append(f"- {split}: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
-        lines += [f"- note: {n}" for n in training.get("notes") or []]
-    else:
-        lines.append("_Not recorded._")
+    return lines
+
+
+def _md_training(training: dict) -> list[str]:
+    lines = ["## Training data", ""]
+    if not training:
+        return lines + ["_Not recorded._"]
+    lines += [f"- data: `{training.get('data')}` ({training.get('layout')})"]
+    if training.get("command"):
+        lines.append(f"- command: `{training['command']}`")
+    if training.get("wall_seconds") is not None:
+        lines.append(
+            f"- wall time: {training['wall_seconds']:.0f} s, seed "
+            f"{training.get('seed')}, precision {training.get('precision')}"
+        )
+    for split, counts in (training.get("split_counts") or {}).items():
+        lines.append(f"- {split}: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
+    return lines + [f"- note: {n}" for n in training.get("notes") or []]
+
+
+def _md_notes(card: dict) -> list[str]:
+    """Operating point, OOD guard, export, licence and citation (each only when known)."""
+    lines = []
     if card["decision"]["threshold"] is not None:
         lines += [
             "",
@@ -228,6 +236,17 @@ def model_card_markdown(card: dict) -> str:
     for key, title in (("license", "Licence"), ("citation", "Citation")):
         if card.get(key):
             lines += ["", f"## {title}", "", card[key]]
+    return lines
+
+
+def model_card_markdown(card: dict) -> str:
+    """Render :func:`model_card` as Markdown."""
+    lines = _md_summary(card)
+    for key, title in _MD_TEXT_SECTIONS:
+        lines += [f"## {title}", "", card.get(key) or "_Not stated yet._", ""]
+    lines += _md_evaluation(card.get("metrics") or {})
+    lines += _md_training(card.get("training") or {})
+    lines += _md_notes(card)
     lines += ["", "## Files", ""]
     for name, f in card["files"].items():
         lines.append(f"- `{name}`: sha256 `{f['sha256']}`" if f else f"- `{name}`: not exported")

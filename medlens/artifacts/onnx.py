@@ -34,6 +34,7 @@ from torch import nn
 from medlens.artifacts.folders import MODEL_WEIGHTS, ONNX_FILE
 from medlens.artifacts.model import ModelMeta
 from medlens.errors import ExportError, ModelLoadError
+from medlens.machine import usable_cores
 
 OPSET = 17  # supported by the TorchScript exporter and by onnxruntime 1.31
 INPUT, OUTPUTS = "input", ("logits", "features", "cam", "stats")
@@ -167,18 +168,11 @@ def ort_session(model: bytes | str | os.PathLike, threads: int | None = None):
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = threads or _cores()
+    so.intra_op_num_threads = threads or usable_cores()
     so.inter_op_num_threads = 1  # the graph is a chain: no parallel branches to run
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     src = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def check_onnx(

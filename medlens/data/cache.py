@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from medlens.data.preprocess import Preprocess
+from medlens.machine import usable_cores
 
 __all__ = ["PreparedImages", "prepare_samples", "is_colour"]
 
@@ -94,7 +95,7 @@ def prepare_samples(
             )
     out = np.empty((len(samples),) + shape, dtype=np.uint8)
     keep, errors = [], []
-    workers = workers or os.cpu_count() or 1
+    workers = workers or usable_cores()
     jobs = [(s, pre) for s in samples]
     bar = None
     if progress:

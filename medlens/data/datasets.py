@@ -187,6 +187,37 @@ def _subdirs(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.is_dir() and not _hidden(p.name))
 
 
+def _check_request(
+    mode: str, val_fraction: float, test_fraction: float, patient_regex: str | None
+) -> None:
+    if mode not in ("train", "all"):
+        raise DataError(f"mode must be 'train' or 'all', got {mode!r}")
+    for name, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0 <= f < 1:
+            raise DataError(f"{name} must be in [0, 1), got {f}")
+    if val_fraction + test_fraction >= 1:
+        raise DataError(
+            f"val_fraction + test_fraction must be below 1, got {val_fraction} + {test_fraction}"
+        )
+    compile_patient_regex(patient_regex)  # fail early, before scanning thousands of files
+
+
+def _patient_note(every: list[Sample], from_column: bool, patient_regex: str | None) -> str:
+    where = (
+        "the patient_id column"
+        if from_column
+        else (
+            "file names, regex "
+            + (repr(patient_regex) if patient_regex else "KERMANY_PATIENT_REGEX (default)")
+        )
+    )
+    unknown = sum(s.patient is None for s in every)
+    return (
+        f"patient ids from {where}: {len({s.patient for s in every} - {None})} patients; "
+        f"{unknown} of {len(every)} images have no id and are their own group"
+    )
+
+
 def load_dataset(
     data: str | Path,
     *,
@@ -220,16 +251,7 @@ def load_dataset(
     Raises:
         DataError: Missing path, unknown layout, no or empty classes, bad manifest or npz.
     """
-    if mode not in ("train", "all"):
-        raise DataError(f"mode must be 'train' or 'all', got {mode!r}")
-    for name, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if not 0 <= f < 1:
-            raise DataError(f"{name} must be in [0, 1), got {f}")
-    if val_fraction + test_fraction >= 1:
-        raise DataError(
-            f"val_fraction + test_fraction must be below 1, got {val_fraction} + {test_fraction}"
-        )
-    compile_patient_regex(patient_regex)  # fail early, before scanning thousands of files
+    _check_request(mode, val_fraction, test_fraction, patient_regex)
 
     path = Path(data).expanduser().absolute()
     if not path.exists():
@@ -252,20 +274,8 @@ def load_dataset(
     index = {c: i for i, c in enumerate(class_list)}
     given = {k: [Sample(src, index[c], p) for src, c, p in rows] for k, rows in found.items()}
     every = [s for rows in given.values() for s in rows]
-    where = (
-        "the patient_id column"
-        if from_column
-        else (
-            "file names, regex "
-            + (repr(patient_regex) if patient_regex else "KERMANY_PATIENT_REGEX (default)")
-        )
-    )
     notes.insert(0, f"layout: {layout}; {len(every)} images, {len(class_list)} classes")
-    unknown = sum(s.patient is None for s in every)
-    notes.append(
-        f"patient ids from {where}: {len({s.patient for s in every} - {None})} patients; "
-        f"{unknown} of {len(every)} images have no id and are their own group"
-    )
+    notes.append(_patient_note(every, from_column, patient_regex))
 
     if mode == "all":
         if set(given) - {""}:

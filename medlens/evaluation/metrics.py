@@ -38,19 +38,9 @@ __all__ = [
     "classification_report_text",
     "expected_calibration_error",
     "predict_labels",
-    "THRESHOLD_METRICS",
 ]
 
 #: Metrics that depend on the decision rule (threshold / argmax); these get bootstrap CIs.
-THRESHOLD_METRICS = (
-    "accuracy",
-    "balanced_accuracy",
-    "sensitivity",
-    "specificity",
-    "precision",
-    "f1",
-    "f2",
-)
 
 # Upper bound on the size of one (resamples x N) count matrix in the bootstrap.
 _BOOTSTRAP_CELLS = 4_000_000
@@ -343,6 +333,43 @@ def _percentile_ci(values: np.ndarray, ci_level: float) -> list[float] | None:
 # --------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------
+_CI_METRICS = (
+    "accuracy",
+    "balanced_accuracy",
+    "auc",
+    "sensitivity",
+    "specificity",
+    "precision",
+    "f1",
+    "f2",
+)
+"""The metrics that get bootstrap intervals."""
+
+_KEY_ORDER = (
+    "n",
+    "labels",
+    "accuracy",
+    "balanced_accuracy",
+    "auc",
+    "f1",
+    "f2",
+    "precision",
+    "sensitivity",
+    "specificity",
+    "log_loss",
+    "brier",
+    "ece",
+    "confusion_matrix",
+    "per_class",
+    "threshold",
+    "at_0_5",
+    "ci",
+    "ci_level",
+    "n_bootstrap",
+)
+"""The keys of :func:`compute_metrics`' dict, in ``metrics.json``'s order."""
+
+
 def compute_metrics(
     y_true,
     probs,
@@ -411,43 +438,9 @@ def compute_metrics(
     ci: dict[str, list[float] | None] = {}
     if n_bootstrap > 0:
         reps = _bootstrap(y, pred, p, int(n_bootstrap), seed)
-        ci = {
-            name: _percentile_ci(reps[name], ci_level)
-            for name in (
-                "accuracy",
-                "balanced_accuracy",
-                "auc",
-                "sensitivity",
-                "specificity",
-                "precision",
-                "f1",
-                "f2",
-            )
-        }
+        ci = {name: _percentile_ci(reps[name], ci_level) for name in _CI_METRICS}
     out.update(ci=ci, ci_level=float(ci_level), n_bootstrap=int(n_bootstrap))
-    order = [
-        "n",
-        "labels",
-        "accuracy",
-        "balanced_accuracy",
-        "auc",
-        "f1",
-        "f2",
-        "precision",
-        "sensitivity",
-        "specificity",
-        "log_loss",
-        "brier",
-        "ece",
-        "confusion_matrix",
-        "per_class",
-        "threshold",
-        "at_0_5",
-        "ci",
-        "ci_level",
-        "n_bootstrap",
-    ]
-    return _nan_to_none({key: out[key] for key in order})
+    return _nan_to_none({key: out[key] for key in _KEY_ORDER})
 
 
 def classification_report_text(

@@ -24,6 +24,7 @@ export never leaves a half-written bundle.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import uuid
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medlens.artifacts.card import model_card, model_card_markdown
 from medlens.artifacts.folders import (
     CARD_JSON,
     CARD_MD,
@@ -39,12 +41,20 @@ from medlens.artifacts.folders import (
     ONNX_FILE,
     OOD_FILE,
     ModelFolder,
+    headline_metrics,
+    resolve_model,
 )
-from medlens.artifacts.model import load_network
+from medlens.artifacts.model import ModelMeta, load_network
+from medlens.artifacts.onnx import check_onnx, halve_weights, onnx_bytes
+from medlens.data.cache import prepare_samples
 from medlens.errors import ModelLoadError
+from medlens.evaluation.metrics import compute_metrics
 from medlens.fileio import atomic_write_text, write_json
+from medlens.inference.predictor import Predictor
 
 __all__ = ["make_bundle", "BUNDLE_FILES"]
+
+log = logging.getLogger(__name__)
 
 BUNDLE_FILES = (MODEL_JSON, ONNX_FILE, OOD_FILE, CARD_JSON, CARD_MD)
 
@@ -59,6 +69,65 @@ def _held_out(run: Path, split: str, labels: list[str]):
     return [Sample(p, int(y)) for p, y in zip(pred.paths, pred.y_true)], pred.probs
 
 
+def _measure_split(pred: Predictor, run: Path, split: str, meta: ModelMeta) -> tuple | None:
+    """The shipped model's headline metrics on a split the run evaluated, the largest
+    probability change against the run, and the share the OOD guard flags (or None)."""
+    held = _held_out(run, split, meta.labels)
+    if held is None:
+        return None
+    samples, run_probs = held
+    res = prepare_samples(samples, meta.preprocess, progress=False, desc=split)
+    if res.errors:
+        raise ModelLoadError(
+            f"{len(res.errors)} {split} image(s) of {run} cannot be read any more (first: "
+            f"{res.errors[0][0]}); the shipped model cannot be re-measured"
+        )
+    preds = pred.predict_prepared(res.pixels)
+    probs = np.array([[p.probabilities[c] for c in meta.labels] for p in preds])
+    flagged = [p.ood["flag"] for p in preds if p.ood["flag"] is not None]
+    change = float(np.abs(probs - run_probs[res.keep]).max())
+    y = np.array([samples[i].label for i in res.keep])
+    m = compute_metrics(y, probs, meta.labels, meta.threshold)
+    log.info(
+        "%s: n %d, accuracy %.4f, auc %.4f (shipped %s)",
+        split,
+        m["n"],
+        m["accuracy"],
+        m["auc"],
+        ONNX_FILE,
+    )
+    return headline_metrics(m), change, (float(np.mean(flagged)) if flagged else None)
+
+
+def _remeasure(folder: Path, run: Path, meta: ModelMeta) -> tuple[dict, float]:
+    """Predict the run's validation (and carved test) images again through the shipped
+    folder; record the metrics and OOD shares in ``meta``."""
+    pred = Predictor(folder)
+    metrics, change = {}, 0.0
+    for split in ("val", "test"):
+        measured = _measure_split(pred, run, split, meta)
+        if measured is None:
+            continue
+        metrics[split], split_change, flagged = measured
+        change = max(change, split_change)
+        if flagged is not None:
+            meta.extra.setdefault("ood", {})[f"flagged_{split}_share"] = round(flagged, 4)
+    if metrics:
+        meta.extra["metrics"] = metrics
+    meta.extra["export"]["max_probability_change"] = round(change, 6)
+    return metrics, change
+
+
+def _move_into_place(tmp: Path, dest: Path) -> None:
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+        dest.rename(old)
+        tmp.rename(dest)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(dest)
+
+
 def make_bundle(
     run: str | os.PathLike,
     dest: str | os.PathLike,
@@ -66,7 +135,6 @@ def make_bundle(
     half: bool = True,
     overwrite: bool = False,
     card: dict | None = None,
-    log=print,
 ) -> dict:
     """Write an inference-only model folder ``dest`` from the training run ``run``.
 
@@ -80,14 +148,6 @@ def make_bundle(
         ModelLoadError: ``run`` is not a complete run, or ``dest`` exists without
             ``overwrite``.
     """
-    from medlens.artifacts.card import model_card, model_card_markdown
-    from medlens.artifacts.folders import CARD_JSON, CARD_MD, ONNX_FILE, OOD_FILE, resolve_model
-    from medlens.artifacts.folders import headline_metrics as headline_metrics
-    from medlens.artifacts.onnx import check_onnx, halve_weights, onnx_bytes
-    from medlens.data.cache import prepare_samples
-    from medlens.evaluation.metrics import compute_metrics
-    from medlens.inference.predictor import Predictor
-
     run = resolve_model(run)
     dest = Path(dest)
     if not (run / MODEL_WEIGHTS).exists():
@@ -114,49 +174,12 @@ def make_bundle(
             "metrics_measured_on": ONNX_FILE,
         }
         write_json(tmp / MODEL_JSON, meta.to_dict())
-        pred = Predictor(tmp)
-        metrics, change = {}, 0.0
-        for split in ("val", "test"):
-            held = _held_out(run, split, meta.labels)
-            if held is None:
-                continue
-            samples, run_probs = held
-            res = prepare_samples(samples, meta.preprocess, progress=False, desc=split)
-            if res.errors:
-                raise ModelLoadError(
-                    f"{len(res.errors)} {split} image(s) of {run} cannot be "
-                    f"read any more (first: {res.errors[0][0]}); the shipped "
-                    "model cannot be re-measured"
-                )
-            preds = pred.predict_prepared(res.pixels)
-            probs = np.array([[p.probabilities[c] for c in meta.labels] for p in preds])
-            flagged = [p.ood["flag"] for p in preds if p.ood["flag"] is not None]
-            change = max(change, float(np.abs(probs - run_probs[res.keep]).max()))
-            y = np.array([samples[i].label for i in res.keep])
-            m = compute_metrics(y, probs, meta.labels, meta.threshold)
-            metrics[split] = headline_metrics(m)
-            if flagged:
-                meta.extra.setdefault("ood", {})[f"flagged_{split}_share"] = round(
-                    float(np.mean(flagged)), 4
-                )
-            log(
-                f"{split}: n {m['n']}, accuracy {m['accuracy']:.4f}, auc {m['auc']:.4f} "
-                f"(shipped {ONNX_FILE})"
-            )
-        if metrics:
-            meta.extra["metrics"] = metrics
-        meta.extra["export"]["max_probability_change"] = round(change, 6)
+        metrics, change = _remeasure(tmp, run, meta)
         write_json(tmp / MODEL_JSON, meta.to_dict())
         card = model_card(meta, tmp, onnx_sha256=hashlib.sha256(blob).hexdigest())
         write_json(tmp / CARD_JSON, card)
         atomic_write_text(tmp / CARD_MD, model_card_markdown(card))
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
-            dest.rename(old)
-            tmp.rename(dest)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(dest)
+        _move_into_place(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

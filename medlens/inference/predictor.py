@@ -124,21 +124,6 @@ class Predictor:
             )
         self._cam_lock = threading.Lock()
 
-    @classmethod
-    def from_network(cls, net, meta: ModelMeta, dtype=None) -> Predictor:
-        """A torch-backed predictor of a network in memory (evaluation during training)."""
-        self = cls.__new__(cls)
-        self.folder, self.net, self.meta, self.pre, self.dtype = (
-            None,
-            net.eval(),
-            meta,
-            meta.preprocess,
-            dtype,
-        )
-        self.session, self.backend, self.ood_guard = None, "torch", None
-        self._cam_lock = threading.Lock()
-        return self
-
     @property
     def labels(self) -> list[str]:
         return self.meta.labels

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,10 @@ import numpy as np
 from medlens.artifacts.folders import METRICS_JSON, PREDICTIONS_CSV, read_history, write_predictions
 from medlens.artifacts.model import ModelMeta
 from medlens.fileio import write_json
+
+__all__ = ["evaluate", "write_evaluation"]
+
+log = logging.getLogger(__name__)
 
 
 def _model_info(meta: ModelMeta) -> dict:
@@ -66,7 +71,6 @@ def evaluate(
     *,
     skip_bad_images: bool = False,
     progress: bool = True,
-    log=print,
 ) -> dict:
     """``medlens evaluate``: every image under ``data`` is evaluated; nothing is split off."""
     from medlens.data.cache import prepare_samples
@@ -99,5 +103,5 @@ def evaluate(
         sources=[s.source for s in kept],
     )
     if res.errors:
-        log(f"skipped {len(res.errors)} unreadable image(s)")
+        log.warning("skipped %d unreadable image(s)", len(res.errors))
     return metrics

@@ -16,7 +16,6 @@ import base64
 import hashlib
 import io
 import logging
-import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -43,6 +42,7 @@ from medlens.data.imaging import MAX_PIXELS, read_image
 from medlens.errors import ImageReadError, InstallError
 from medlens.inference.cam import overlay_cam
 from medlens.inference.predictor import Predictor
+from medlens.machine import usable_cores
 from medlens.serve.upload import UploadError, read_file_field
 
 __all__ = ["create_app", "ServedModel", "DEFAULT_MAX_UPLOAD_BYTES"]
@@ -107,13 +107,6 @@ def _serving_predictor(folder: Path, backend: str, threads: int | None) -> Predi
     elif pred.session is not None:
         pred.session = ort_session(folder / ONNX_FILE, threads=threads)
     return pred
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 # ----------------------------------------------------------------------------- API schema
@@ -310,7 +303,7 @@ def create_app(
     # Decoding, preprocessing and inference release the GIL: `workers` threads keep that many
     # cores busy. Bounding them (anyio's default pool is 40 threads) keeps a burst of uploads
     # from time-slicing the cores between dozens of half-done predictions.
-    app.state.workers = CapacityLimiter(workers or _cores())
+    app.state.workers = CapacityLimiter(workers or usable_cores())
     vendor = _vendor_files()
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
