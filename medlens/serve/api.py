@@ -1,0 +1,231 @@
+"""The REST API: ``/healthz``, ``/api/v1/models`` and ``/api/v1/models/{name}/predict``.
+
+Privacy: uploads are parsed in memory (:mod:`medlens.serve.upload`) and dropped after the
+response; logs carry one line per prediction with the upload's sha256, never its name, pixels
+or DICOM fields.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import logging
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+from anyio.to_thread import run_sync
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from medlens.data.imaging import read_image
+from medlens.errors import ImageReadError
+from medlens.inference.cam import overlay_cam
+from medlens.serve.models import ServedModel
+from medlens.serve.upload import UploadError, read_file_field
+
+API = "/api/v1"
+router = APIRouter()
+log = logging.getLogger("medlens.serve")
+
+
+class InputSpec(BaseModel):
+    modality: str | None = Field(None, description="imaging modality, where the card states it")
+    size: int = Field(description="side of the square network input, pixels")
+
+
+class ModelOut(BaseModel):
+    name: str
+    title: str
+    task: str = Field(description="binary or multiclass")
+    labels: list[str]
+    input: InputSpec
+    version: str = Field(description="first 12 hex digits of the sha256 of model.pt")
+    metrics: dict[str, Any] = Field(
+        description="headline metrics with 95% bootstrap CIs per evaluated split (val, test)"
+    )
+
+
+class OODOut(BaseModel):
+    flag: bool | None = Field(
+        None,
+        description="true when the image looks unlike the training "
+        "data; null when the model has no guard",
+    )
+    score: float | None = None
+
+
+class PredictOut(BaseModel):
+    model: str
+    version: str
+    label: str
+    probabilities: dict[str, float] = Field(description="calibrated probability per class")
+    threshold: float | None = Field(
+        description="binary: probability of labels[1] at or above "
+        "which it is predicted; null for multiclass"
+    )
+    ood: OODOut
+    elapsed_ms: float
+    notes: list[str] = Field(
+        description="conversions applied while decoding (e.g. first frame "
+        "of a multi-frame DICOM used)"
+    )
+    cam_png_base64: str | None = Field(None, description="explain=true: Grad-CAM overlay, PNG")
+    image_png_base64: str | None = Field(
+        None, description="explain=true: the image at the overlay's size, PNG"
+    )
+
+
+class ErrorOut(BaseModel):
+    detail: str = Field(description="what was wrong and what to do")
+
+
+_ERRORS = {
+    code: {"model": ErrorOut, "description": text}
+    for code, text in (
+        (400, "malformed multipart body"),
+        (404, "unknown model"),
+        (413, "upload over the size limit"),
+        (415, "body is not multipart/form-data"),
+        (422, "no `file` field, or the file is not a usable image"),
+    )
+}
+
+
+_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "the image: PNG, JPEG (any mode, 8 or 16 bit) or DICOM",
+                        }
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+def _png_base64(pixels: np.ndarray) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _predict(model: ServedModel, data: bytes, explain: bool, max_pixels: int) -> dict:
+    """Decode, predict and (optionally) explain one upload; runs in a worker thread."""
+    t0 = time.perf_counter()
+    digest = hashlib.sha256(data).hexdigest()
+    version = model.info["version"]
+    try:
+        # target_size: a large JPEG decodes straight to >= the network's input size.
+        img = read_image(
+            data, name="upload", max_pixels=max_pixels, target_size=model.predictor.pre.image_size
+        )
+    except ImageReadError as e:
+        log.info(
+            "rejected time=%s model=%s version=%s upload_sha256=%s status=422 elapsed_ms=%.1f",
+            _now(),
+            model.name,
+            version,
+            digest,
+            (time.perf_counter() - t0) * 1e3,
+        )
+        raise UploadError(422, str(e)) from None
+    pred = model.predictor
+    result = pred.predict_pixels([img.pixels])[0]
+    out = {
+        "model": model.name,
+        "version": version,
+        "label": result.label,
+        "probabilities": result.probabilities,
+        "threshold": result.threshold,
+        "ood": result.ood,
+        "elapsed_ms": 0.0,
+        "notes": list(img.notes),
+    }
+    if explain:
+        idx = None if pred.meta.binary else pred.labels.index(result.label)
+        cam, _ = pred.explain(img.pixels, idx)
+        side = max(pred.pre.image_size, 224)
+        out["cam_png_base64"] = _png_base64(overlay_cam(img.pixels, cam, size=side))
+        out["image_png_base64"] = _png_base64(overlay_cam(img.pixels, cam, size=side, alpha=0.0))
+    out["elapsed_ms"] = round((time.perf_counter() - t0) * 1e3, 1)
+    log.info(
+        "prediction time=%s model=%s version=%s upload_sha256=%s label=%s p=%s ood=%s "
+        "explain=%s elapsed_ms=%.1f",
+        _now(),
+        model.name,
+        version,
+        digest,
+        result.label,
+        ",".join(f"{v:.4f}" for v in result.probabilities.values()),
+        result.ood["flag"],
+        explain,
+        out["elapsed_ms"],
+    )
+    return out
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def get_model(request: Request, name: str) -> ServedModel:
+    """The loaded model called ``name``; 404 naming the available ones otherwise."""
+    models = request.app.state.models
+    try:
+        return models[name]
+    except KeyError:
+        known = ", ".join(sorted(models)) or "none are loaded"
+        raise StarletteHTTPException(
+            404, f"no model named {name!r}; GET {API}/models lists the available ones ({known})"
+        ) from None
+
+
+@router.get("/healthz", tags=["service"])
+def healthz() -> dict:
+    """Liveness: the process serves requests."""
+    return {"status": "ok"}
+
+
+@router.get(f"{API}/models", response_model=list[ModelOut], tags=["models"])
+def list_models(request: Request) -> list[dict]:
+    """The loaded models: labels, input, version and validation metrics."""
+    return [m.info for m in request.app.state.models.values()]
+
+
+@router.post(
+    f"{API}/models/{{name}}/predict",
+    tags=["models"],
+    openapi_extra=_UPLOAD_BODY,
+    responses={200: {"model": PredictOut}, **_ERRORS},
+)
+async def predict(
+    request: Request,
+    name: str,
+    explain: bool = Query(False, description="add a Grad-CAM overlay (cam_png_base64)"),
+) -> JSONResponse:
+    """Diagnose one image sent as multipart field `file` (PNG, JPEG or DICOM).
+
+    The upload is processed in memory and never stored.
+    """
+    state = request.app.state
+    model = get_model(request, name)  # before reading the body: unknown models cost nothing
+    data = await read_file_field(request, "file", state.max_upload_bytes)
+    result = await run_sync(_predict, model, data, explain, state.max_pixels, limiter=state.workers)
+    return JSONResponse(result)

@@ -1,0 +1,64 @@
+"""Models loaded for serving: a predictor, the API's description and the model card."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from medlens.artifacts.card import model_card, model_version
+from medlens.artifacts.folders import ONNX_FILE
+from medlens.artifacts.onnx import onnx_bytes, ort_session
+from medlens.inference.predictor import Predictor
+
+
+@dataclass
+class ServedModel:
+    """A model loaded for serving: its predictor, API description and model card."""
+
+    name: str
+    folder: Path
+    predictor: Predictor
+    info: dict
+    card: dict
+
+    @classmethod
+    def load(
+        cls, name: str, folder: Path, backend: str = "onnx", threads: int | None = None
+    ) -> ServedModel:
+        """Load a model folder; ``threads``: ONNX Runtime intra-op threads of its session
+        (None: the Predictor's default, every core)."""
+        pred = _serving_predictor(folder, backend, threads)
+        meta = pred.meta
+        card = model_card(meta, folder)
+        info = {
+            "name": name,
+            "title": card["title"],
+            "task": card["task"],
+            "labels": list(meta.labels),
+            "input": {"modality": card["input"]["modality"], "size": meta.preprocess.image_size},
+            "version": model_version(meta, folder),
+            "metrics": card["metrics"],
+        }
+        return cls(name, folder, pred, info, card)
+
+
+def _serving_predictor(folder: Path, backend: str, threads: int | None) -> Predictor:
+    """A :class:`Predictor` whose ONNX Runtime session has ``threads`` intra-op threads.
+
+    The app computes several predictions at once, one per worker (see :func:`create_app`):
+    a session per request that spreads over every core would make the concurrent runs fight
+    for the same cores, so serving sessions default to one thread each.
+    """
+    in_memory = backend == "onnx" and not (folder / ONNX_FILE).exists()
+    if threads is None and not in_memory:
+        return Predictor(folder, backend=backend)
+    # Export in memory here (once) rather than letting the Predictor do it with its default
+    # threads and doing it again; a folder with model.onnx is opened by the Predictor (which
+    # checks that it matches model.pt) and re-opened with the serving thread count.
+    pred = Predictor(folder, backend="torch" if in_memory else backend)
+    if in_memory:
+        pred.session = ort_session(onnx_bytes(pred.net, pred.meta), threads=threads)
+        pred.backend = "onnx (exported in memory)"
+    elif pred.session is not None:
+        pred.session = ort_session(folder / ONNX_FILE, threads=threads)
+    return pred

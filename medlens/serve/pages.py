@@ -1,0 +1,105 @@
+"""The web pages: the diagnose page, the training dashboard, the API docs and their vendored assets.
+
+Every script and style is served by the app itself (no CDN is reachable).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.templating import Jinja2Templates
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from medlens.artifacts.card import DISCLAIMER
+from medlens.errors import InstallError
+
+HERE = Path(__file__).parent
+router = APIRouter(include_in_schema=False)
+TEMPLATES = Jinja2Templates(directory=str(HERE / "templates"))
+
+
+def vendor_files() -> dict[str, Path]:
+    """Third-party browser assets shipped inside installed Python packages."""
+    import fastapi_offline
+    import plotly
+
+    swagger = Path(fastapi_offline.__file__).parent / "static"
+    files = {
+        "plotly.min.js": Path(plotly.__file__).parent / "package_data" / "plotly.min.js",
+        "swagger-ui-bundle.js": swagger / "swagger-ui-bundle.js",
+        "swagger-ui.css": swagger / "swagger-ui.css",
+        "favicon.png": swagger / "favicon.png",
+    }
+    missing = [str(p) for p in files.values() if not p.exists()]
+    if missing:
+        raise InstallError(
+            f"browser assets missing: {', '.join(missing)}; reinstall MedLens (`make install`)"
+        )
+    return files
+
+
+@router.get("/", response_class=HTMLResponse)
+def diagnose_page(request: Request) -> HTMLResponse:
+    models = request.app.state.models
+    return TEMPLATES.TemplateResponse(
+        request,
+        "diagnose.html",
+        {
+            "models": [
+                m.card | {"name": m.name, "version": m.info["version"]} for m in models.values()
+            ],
+            "max_upload_mb": round(request.app.state.max_upload_bytes / 2**20, 1),
+            "disclaimer": DISCLAIMER,
+            "page": "diagnose",
+        },
+    )
+
+
+@router.get("/dashboard", response_class=HTMLResponse)
+def dashboard_page(request: Request) -> HTMLResponse:
+    from medlens.serve.dashboard import HEADLINE_LABELS, comparison, run_results
+
+    runs = [run_results(m.name, m.folder) for m in request.app.state.models.values()]
+    figures = {}
+    for i, run in enumerate(runs):
+        for fig in run["figures"]:
+            fig["dom"] = f"m{i}-{fig['id']}"
+            figures[fig["dom"]] = {"data": fig["data"], "layout": fig["layout"]}
+    compare = comparison(runs) if len(runs) > 1 else []
+    for fig in compare:
+        fig["dom"] = fig["id"]
+        figures[fig["dom"]] = {"data": fig["data"], "layout": fig["layout"]}
+    return TEMPLATES.TemplateResponse(
+        request,
+        "dashboard.html",
+        {
+            "runs": runs,
+            "compare": compare,
+            "figures": figures,
+            "columns": HEADLINE_LABELS,
+            "disclaimer": DISCLAIMER,
+            "page": "dashboard",
+        },
+    )
+
+
+@router.get("/docs")
+def swagger_ui(request: Request) -> HTMLResponse:
+    return get_swagger_ui_html(
+        openapi_url=request.app.openapi_url,
+        title="MedLens API",
+        swagger_js_url="/vendor/swagger-ui-bundle.js",
+        swagger_css_url="/vendor/swagger-ui.css",
+        swagger_favicon_url="/vendor/favicon.png",
+    )
+
+
+@router.get("/vendor/{asset}")
+def vendor_asset(request: Request, asset: str) -> FileResponse:
+    vendor = request.app.state.vendor
+    if asset not in vendor:  # a fixed list: the request names a key, never a path
+        raise StarletteHTTPException(404, f"no vendored asset {asset!r}")
+    return FileResponse(vendor[asset], headers={"Cache-Control": "public, max-age=86400"})
