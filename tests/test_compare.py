@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 
 from medlens.errors import ModelLoadError
 from medlens.reporting.compare import compare_runs, load_run_evaluation
+from medlens.reporting.figures import HEADLINE
 
 
 @pytest.fixture()
@@ -82,7 +84,22 @@ def test_compare_runs_table_and_files(tmp_path, two_runs):
         rows = list(csv.reader(f))
     names = [r[0] for r in rows[1:]]
     assert names == ["baseline", "challenger"]
-    assert (out / "plots").is_dir() and list((out / "plots").glob("compare_*.png"))
+    assert sorted(p.name for p in out.iterdir()) == ["compare.csv", "compare.html"]  # no plots/
+    # The figures are drawn from the runs' files: the challenger's edited metrics, the ROC
+    # curves from predictions.csv, the validation curves from training_metrics.csv.
+    figs = json.loads(
+        re.search(r'<script type="application/json" id="figures">(.*?)</script>', text, re.S)[1]
+    )
+    bars = {b["name"]: b for b in figs["fig-metrics"]["data"]}
+    i_acc, i_auc = HEADLINE.index("accuracy"), HEADLINE.index("auc")
+    assert bars["challenger"]["y"][i_acc] == 0.8125 and bars["challenger"]["y"][i_auc] == 0.875
+    base = load_run_evaluation(a)
+    assert bars["baseline"]["y"][i_acc] == pytest.approx(base["metrics"]["accuracy"], abs=1e-4)
+    roc = {t["name"].split(" (")[0]: t for t in figs["fig-roc"]["data"]}
+    assert set(roc) == {"chance", "baseline", "challenger"}
+    assert f"AUC = {base['metrics']['auc']:.3f}" in roc["baseline"]["name"]
+    val = {t["name"]: t for t in figs["fig-training-val_acc"]["data"]}
+    assert val["baseline"]["y"] == pytest.approx([h["val_acc"] for h in base["history"]], abs=1e-4)
 
 
 def test_compare_runs_with_the_same_folder_name_uses_paths(tmp_path, trained_run):

@@ -422,7 +422,9 @@ def test_diagnose_page(client, served_models):  # noqa: F811
     assert "No validation metrics recorded" in html  # the untrained three-class model
 
 
-def test_dashboard_page(client):
+def test_dashboard_page(client, served_models):  # noqa: F811
+    import csv
+
     r = client.get("/dashboard")
     assert r.status_code == 200
     html = r.text
@@ -437,17 +439,35 @@ def test_dashboard_page(client):
     assert {
         "m0-curve-acc",
         "m0-curve-loss",
+        "m0-curve-lr",
         "m0-roc",
         "m0-confusion",
         "compare-metrics",
-        "compare-curves",
+        "compare-val_acc",
+        "compare-val_loss",
         "compare-roc",
     } <= set(figures)
-    acc = figures["m0-curve-acc"]["data"]
-    assert [t["name"] for t in acc] == ["train", "validation"]
-    assert figures["m0-confusion"]["data"][0]["type"] == "heatmap"
+    assert not any(dom.startswith("m1-") for dom in figures)  # the untrained model has none
     for dom in figures:
         assert f'id="{dom}"' in html
+    # The figure dicts hold the run folder's numbers (medlens.reporting.figures draws them).
+    run = served_models / BINARY
+    with open(run / "training_metrics.csv", newline="") as fh:
+        history = list(csv.DictReader(fh))
+    acc = figures["m0-curve-acc"]["data"]
+    assert [t["name"] for t in acc][:2] == ["train", "validation"]
+    assert acc[1]["y"] == pytest.approx([float(h["val_acc"]) for h in history], abs=1e-4)
+    metrics = json.loads((run / "eval" / "val" / "metrics.json").read_text())
+    assert figures["m0-confusion"]["data"][0]["type"] == "heatmap"
+    assert figures["m0-confusion"]["data"][0]["customdata"] == metrics["confusion_matrix"]
+    roc = next(t for t in figures["m0-roc"]["data"] if t["name"].startswith("PNEUMONIA"))
+    assert float(np.trapezoid(roc["y"], roc["x"])) == pytest.approx(metrics["auc"], abs=1e-3)
+    bars = figures["compare-metrics"]["data"]
+    assert [b["name"] for b in bars] == [BINARY]  # the untrained model has no metrics
+    assert bars[0]["y"][0] == pytest.approx(metrics["accuracy"], abs=1e-4)
+    assert figures["m0-roc"]["layout"]["title"]["text"] == "ROC curve (validation)"
+    # The headline table (labels from medlens.reporting.figures) and the classification report.
+    assert "<th>Balanced accuracy</th>" in html and f"{metrics['accuracy']:.3f}" in html
     assert "Classification report" in html and "NORMAL" in html
     # The untrained model has no curves or validation files, and says so.
     assert "Not available: training curves" in html and "Not available: validation results" in html
