@@ -46,8 +46,10 @@ def _imports(path: Path, known: set[str]) -> set[str]:
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             # `from medlens.x import y` imports the module medlens.x.y when there is one.
-            names = [f"{node.module}.{a.name}" for a in node.names] + [node.module]
-            names = [n for n in names if n in known] or [node.module]
+            subs = [f"{node.module}.{a.name}" for a in node.names]
+            names = [n for n in subs if n in known]
+            if len(names) < len(subs):  # some names are attributes of the module itself
+                names.append(node.module)
         else:
             continue
         found |= {n for n in names if n in known}

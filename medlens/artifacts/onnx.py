@@ -21,6 +21,14 @@ options are made by :func:`ort_session`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import onnxruntime
+
+    from medlens.modeling.classifier import Classifier
+
+
 import io
 import json
 import os
@@ -81,7 +89,7 @@ class _InferenceGraph(nn.Module):
         return logits, feats, cam, stats
 
 
-def onnx_bytes(net, meta: ModelMeta, opset: int = OPSET) -> bytes:
+def onnx_bytes(net: Classifier, meta: ModelMeta, opset: int = OPSET) -> bytes:
     """Trace ``net`` to an ONNX model (bytes) with a dynamic batch axis.
 
     The legacy TorchScript exporter is used (``dynamo=False``): the torch.export-based one
@@ -157,7 +165,9 @@ def halve_weights(model: bytes, min_elements: int = 256) -> bytes:
     return m.SerializeToString()
 
 
-def ort_session(model: bytes | str | os.PathLike, threads: int | None = None):
+def ort_session(
+    model: bytes | str | os.PathLike, threads: int | None = None
+) -> onnxruntime.InferenceSession:
     """An ``onnxruntime.InferenceSession`` on the CPU, tuned for latency.
 
     Args:
@@ -176,7 +186,12 @@ def ort_session(model: bytes | str | os.PathLike, threads: int | None = None):
 
 
 def check_onnx(
-    net, model: bytes, meta: ModelMeta, batch: int = 2, rtol: float = 1e-4, seed: int = 0
+    net: Classifier,
+    model: bytes,
+    meta: ModelMeta,
+    batch: int = 2,
+    rtol: float = 1e-4,
+    seed: int = 0,
 ) -> float:
     """Compare ONNX Runtime's logits with the torch network's on random normal input.
 
@@ -208,12 +223,14 @@ def check_onnx(
     return err
 
 
-def onnx_weights_sha256(session) -> str | None:
+def onnx_weights_sha256(session: onnxruntime.InferenceSession) -> str | None:
     """The ``model.pt`` hash recorded in an exported graph (None for foreign ONNX files)."""
     return session.get_modelmeta().custom_metadata_map.get("medlens.weights_sha256") or None
 
 
-def check_onnx_matches(session, meta: ModelMeta, folder: Path) -> None:
+def check_onnx_matches(
+    session: onnxruntime.InferenceSession, meta: ModelMeta, folder: Path
+) -> None:
     """Refuse a ``model.onnx`` exported from other weights than ``model.pt``."""
     recorded = onnx_weights_sha256(session)
     expected = meta.extra.get("weights_sha256")

@@ -12,6 +12,13 @@ is written only when the user asks for it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from medlens.data.datasets import Sample
+
+
 import hashlib
 import json
 import os
@@ -60,7 +67,7 @@ def _cache_key(samples, pre: Preprocess) -> str:
 
 
 def prepare_samples(
-    samples,
+    samples: Sequence[Sample],
     pre: Preprocess,
     *,
     workers: int | None = None,

@@ -138,7 +138,13 @@ def _carve(samples, fraction, seed, what, source_name, notes) -> tuple[list[Samp
     return rest, held
 
 
-def split_all(samples, val_fraction, test_fraction, seed, notes) -> dict[str, list[Sample]]:
+def split_all(
+    samples: Sequence[Sample],
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    notes: list[str],
+) -> dict[str, list[Sample]]:
     """train/val/test from one pool: test first, then val from the rest.
 
     Both fractions are of the whole pool, so the defaults give about 70/15/15.
@@ -155,7 +161,14 @@ def split_all(samples, val_fraction, test_fraction, seed, notes) -> dict[str, li
     return {k: splits[k] for k in SPLITS if k in splits}
 
 
-def use_given_splits(splits, val_fraction, seed, min_val, notes, where) -> dict[str, list[Sample]]:
+def use_given_splits(
+    splits: dict[str, list[Sample]],
+    val_fraction: float,
+    seed: int,
+    min_val: int,
+    notes: list[str],
+    where: str | os.PathLike,
+) -> dict[str, list[Sample]]:
     """Keep given splits; carve val from train when it is missing or smaller than min_val."""
     if "train" not in splits:
         raise DataError(
@@ -182,7 +195,7 @@ def use_given_splits(splits, val_fraction, seed, min_val, notes, where) -> dict[
     return {k: splits[k] for k in SPLITS if k in splits}
 
 
-def note_overlap(splits, notes) -> None:
+def note_overlap(splits: dict[str, list[Sample]], notes: list[str]) -> None:
     # Given splits may share patients; we cannot fix that, but the reader must know.
     seen: dict[str, set[str]] = {}
     for name, samples in splits.items():

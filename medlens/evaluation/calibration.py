@@ -13,6 +13,7 @@ Binary models output one logit per image, shape ``(N,)`` or ``(N, 1)``:
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy.optimize import minimize_scalar
 from scipy.special import expit, log_softmax, softmax
 from sklearn.calibration import calibration_curve
@@ -50,7 +51,7 @@ def _nll(z: np.ndarray, y: np.ndarray, binary: bool, temperature: float) -> floa
     return float(-np.mean(log_softmax(s, axis=1)[np.arange(len(y)), y]))
 
 
-def fit_temperature(logits, y_true, *, max_iter: int = 200) -> float:
+def fit_temperature(logits: ArrayLike, y_true: ArrayLike, *, max_iter: int = 200) -> float:
     """Fit a temperature by minimising validation NLL (temperature scaling).
 
     Temperature scaling (Guo et al., 2017, "On Calibration of Modern Neural Networks",
@@ -84,7 +85,7 @@ def fit_temperature(logits, y_true, *, max_iter: int = 200) -> float:
     return float(np.clip(np.exp(res.x), T_MIN, T_MAX))
 
 
-def logits_to_probs(logits, temperature: float = 1.0) -> np.ndarray:
+def logits_to_probs(logits: ArrayLike, temperature: float = 1.0) -> np.ndarray:
     """Convert logits to ``(N, K)`` class probabilities at a temperature.
 
     Args:
@@ -104,7 +105,11 @@ def logits_to_probs(logits, temperature: float = 1.0) -> np.ndarray:
 
 
 def choose_threshold(
-    y_true, p_pos, *, method: str = "youden", target_sensitivity: float | None = None
+    y_true: ArrayLike,
+    p_pos: ArrayLike,
+    *,
+    method: str = "youden",
+    target_sensitivity: float | None = None,
 ) -> dict:
     """Choose a binary operating threshold on validation data.
 
@@ -173,7 +178,9 @@ def choose_threshold(
     }
 
 
-def reliability_curve(y_true, probs, n_bins: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def reliability_curve(
+    y_true: ArrayLike, probs: ArrayLike, n_bins: int = 10
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Reliability-diagram data from scikit-learn's ``calibration_curve`` (uniform bins).
 
     Binary ``(N, 2)`` probabilities use p(positive) against the positive label; multi-class

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
@@ -76,7 +77,7 @@ def _validate(y_true, probs, labels: Sequence[str] | None = None) -> tuple[np.nd
     return yi, p
 
 
-def predict_labels(probs, threshold: float | None = None) -> np.ndarray:
+def predict_labels(probs: ArrayLike, threshold: float | None = None) -> np.ndarray:
     """Turn probabilities into predicted class indices.
 
     Args:
@@ -97,7 +98,7 @@ def predict_labels(probs, threshold: float | None = None) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 # calibration error
 # --------------------------------------------------------------------------------------
-def expected_calibration_error(y_true, probs, n_bins: int = 15) -> float:
+def expected_calibration_error(y_true: ArrayLike, probs: ArrayLike, n_bins: int = 15) -> float:
     """Expected calibration error of the predicted-class confidence.
 
     ``ECE = sum_b |B_b| / N * |acc(B_b) - conf(B_b)|`` over ``n_bins`` equal-width bins
@@ -371,8 +372,8 @@ _KEY_ORDER = (
 
 
 def compute_metrics(
-    y_true,
-    probs,
+    y_true: ArrayLike,
+    probs: ArrayLike,
     labels: Sequence[str],
     threshold: float | None = None,
     *,
@@ -444,7 +445,7 @@ def compute_metrics(
 
 
 def classification_report_text(
-    y_true, probs, labels: Sequence[str], threshold: float | None = None
+    y_true: ArrayLike, probs: ArrayLike, labels: Sequence[str], threshold: float | None = None
 ) -> str:
     """scikit-learn ``classification_report`` at the MedLens decision rule.
 

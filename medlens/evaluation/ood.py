@@ -23,6 +23,7 @@ The fitted statistics are saved as ``ood.npz`` beside the model (plain arrays, l
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,7 +208,7 @@ class StageGuard:
         atomic_write_bytes(path, buf.getvalue())
 
     @classmethod
-    def from_npz(cls, z) -> StageGuard:
+    def from_npz(cls, z: Mapping[str, np.ndarray]) -> StageGuard:
         widths = [int(w) for w in z["widths"]]
         blocks = [
             FeatureGuard(
@@ -241,7 +242,7 @@ class StageGuard:
         }
 
 
-def load_guard(path: str | Path):
+def load_guard(path: str | Path) -> StageGuard | FeatureGuard:
     """:class:`StageGuard` or (older runs) :class:`FeatureGuard` from ``ood.npz``."""
     with np.load(path, allow_pickle=False) as z:
         if "kind" in z.files and str(z["kind"]) == "stages":

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
 
-def cam_to_heat(acti: torch.Tensor, size) -> np.ndarray:
+def cam_to_heat(acti: torch.Tensor, size: Sequence[int]) -> np.ndarray:
     """``(1, 1, h, w)`` activation map -> ``float32 (S, S)`` in [0, 1]: bilinear upsampling to
     the input size (MONAI's default upsampler) and min-max scaling, 1 = strongest evidence."""
     heat = torch.nn.functional.interpolate(

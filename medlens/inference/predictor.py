@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 
 from medlens.artifacts.folders import MODEL_WEIGHTS, resolve_model
 from medlens.artifacts.model import ModelMeta, load_network, read_meta
@@ -81,10 +82,10 @@ class Predictor:
     def __init__(
         self,
         ref: str | os.PathLike,
-        model_dirs=(),
+        model_dirs: Iterable[str | os.PathLike] = (),
         dtype: torch.dtype | None = None,
         backend: str = "auto",
-    ):
+    ) -> None:
         from medlens.artifacts.folders import ONNX_FILE
         from medlens.artifacts.onnx import check_onnx_matches, onnx_bytes, ort_session
 
@@ -129,7 +130,7 @@ class Predictor:
         return self.meta.labels
 
     def forward_prepared(
-        self, x_uint8, batch_size: int = 64, features: bool | str = False
+        self, x_uint8: ArrayLike, batch_size: int = 64, features: bool | str = False
     ) -> tuple[torch.Tensor, np.ndarray | None]:
         """Logits ``(N, outputs)`` of prepared ``uint8 (N, C, S, S)`` images and, if asked,
         ``features=True`` / ``"features"``: the penultimate features ``(N, F)``, or
@@ -177,11 +178,11 @@ class Predictor:
         )
         return out[:, :n_out], out[:, n_out:].numpy() if extra else None
 
-    def logits_prepared(self, x_uint8, batch_size: int = 64) -> torch.Tensor:
+    def logits_prepared(self, x_uint8: ArrayLike, batch_size: int = 64) -> torch.Tensor:
         """Raw logits of prepared ``uint8 (N, C, S, S)`` images."""
         return self.forward_prepared(x_uint8, batch_size)[0]
 
-    def probs_prepared(self, x_uint8, batch_size: int = 64) -> np.ndarray:
+    def probs_prepared(self, x_uint8: ArrayLike, batch_size: int = 64) -> np.ndarray:
         """Calibrated ``(N, K)`` probabilities of prepared images."""
         from medlens.evaluation.calibration import logits_to_probs
 
@@ -189,7 +190,7 @@ class Predictor:
             self.logits_prepared(x_uint8, batch_size).numpy(), self.meta.temperature
         )
 
-    def predict_prepared(self, x_uint8, batch_size: int = 64) -> list[Prediction]:
+    def predict_prepared(self, x_uint8: ArrayLike, batch_size: int = 64) -> list[Prediction]:
         """Prepared ``uint8 (N, C, S, S)`` images -> predictions (with the OOD verdict)."""
         from medlens.evaluation.calibration import logits_to_probs
 

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from medlens.modeling.classifier import Classifier
+
+
 import contextlib
 from collections.abc import Callable
 
 import torch
+from numpy.typing import ArrayLike
 
 
 def _autocast(dtype, device: torch.device | None = None):
@@ -23,9 +30,9 @@ def _exact_float32(dtype, device: torch.device | None):
 
 def compute_logits(
     fn: Callable[[torch.Tensor], torch.Tensor],
-    x,
+    x: ArrayLike | torch.Tensor,
     batch_size: int = 64,
-    dtype=None,
+    dtype: torch.dtype | None = None,
     transform: Callable | None = None,
     device: torch.device | None = None,
 ) -> torch.Tensor:
@@ -43,6 +50,6 @@ def compute_logits(
     return torch.cat(outs) if outs else torch.empty(0)
 
 
-def logits_and_stats(net, b: torch.Tensor) -> torch.Tensor:
+def logits_and_stats(net: Classifier, b: torch.Tensor) -> torch.Tensor:
     logits, _, stats = net.forward_with_stats(b)
     return torch.cat([logits, stats], 1)

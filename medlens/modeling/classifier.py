@@ -115,7 +115,7 @@ class Classifier(nn.Module):
             for p in stage.parameters():
                 p.requires_grad_(i >= n_frozen)
 
-    def train(self, mode: bool = True):
+    def train(self, mode: bool = True) -> Classifier:
         super().train(mode)
         for stage in list(self.backbone)[: getattr(self, "_n_frozen", 0)]:
             stage.eval()

@@ -51,7 +51,7 @@ def register_model(
     pretrained: bool = False,
     default_image_size: int = 224,
     fixed_in_channels: int | None = None,
-):
+) -> Callable[[Callable], Callable]:
     """Decorator that adds a backbone builder ``fn(in_channels, pretrained) -> (stages, F)``."""
 
     def wrap(fn):

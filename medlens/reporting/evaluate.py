@@ -35,7 +35,7 @@ def write_evaluation(
     y_true: np.ndarray,
     probs: np.ndarray,
     *,
-    history=None,
+    history: list[dict] | None = None,
     title: str = "MedLens evaluation",
     sources: list[str] | None = None,
 ) -> dict:

@@ -28,10 +28,11 @@ from medlens.artifacts.card import DISCLAIMER
 from medlens.artifacts.folders import find_models
 from medlens.data.imaging import MAX_PIXELS
 from medlens.machine import usable_cores
-from medlens.serve import api, pages
 from medlens.serve.api import API
+from medlens.serve.api import router as api_router
 from medlens.serve.models import ServedModel
 from medlens.serve.pages import HERE, vendor_files
+from medlens.serve.pages import router as pages_router
 from medlens.serve.upload import UploadError
 
 __all__ = ["create_app", "ServedModel", "DEFAULT_MAX_UPLOAD_BYTES"]
@@ -148,15 +149,15 @@ def create_app(
     app.state.vendor = vendor_files()
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     _add_error_handlers(app)
-    app.include_router(api.router)
-    app.include_router(pages.router)
+    app.include_router(api_router)
+    app.include_router(pages_router)
     return app
 
 
 def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
-    model_dirs=(),
+    model_dirs: Iterable[str | os.PathLike] = (),
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     log_level: str = "info",
     bundled: bool = True,
