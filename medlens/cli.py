@@ -282,7 +282,7 @@ def _add_compare(sub):
     )
     p.add_argument("runs", nargs="+", help="run folders")
     p.add_argument("--split", default="val", help="which evaluation of each run: val or test")
-    p.add_argument("--out", default="compare", help="folder for compare.html, compare.csv, plots")
+    p.add_argument("--out", default="compare", help="folder for compare.html and compare.csv")
 
 
 def _cmd_compare(a) -> int:

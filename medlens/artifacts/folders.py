@@ -11,7 +11,7 @@ A *run folder* (``medlens train --out RUN``) is a model folder plus::
     config.yaml             every setting, fully resolved
     training_metrics.csv    one row per epoch (HISTORY_COLUMNS)
     checkpoints/last.pt     for --resume
-    eval/<split>/           metrics.json, report.html, predictions.csv, plots/
+    eval/<split>/           metrics.json, report.html (figures inline), predictions.csv
 
 Finding a model by name (:func:`find_models`, :func:`resolve_model`): a path to a model folder
 is that folder; otherwise the name is looked up among the bundled models and the models in the
@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 MODEL_JSON = "model.json"
 MODEL_WEIGHTS = "model.pt"
 ONNX_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"  # an int8 graph a model folder may ship beside model.onnx
 OOD_FILE = "ood.npz"
 CARD_JSON = "model_card.json"
 CARD_MD = "model_card.md"
@@ -51,7 +52,8 @@ EVAL_DIR = "eval"
 METRICS_JSON = "metrics.json"
 REPORT_HTML = "report.html"
 PREDICTIONS_CSV = "predictions.csv"
-PLOTS_DIR = "plots"
+COMPARE_HTML = "compare.html"
+COMPARE_CSV = "compare.csv"
 
 HISTORY_COLUMNS = [
     "epoch",

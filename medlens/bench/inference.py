@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medlens.artifacts.folders import MODEL_WEIGHTS, ModelFolder, resolve_model
+from medlens.artifacts.folders import INT8_FILE, MODEL_WEIGHTS, ModelFolder, resolve_model
 from medlens.artifacts.model import read_meta
 from medlens.bench.load import percentiles
 from medlens.bench.machine import CpuMeter
@@ -27,7 +27,6 @@ __all__ = ["INT8_FILE", "bench_inference"]
 
 log = logging.getLogger(__name__)
 
-INT8_FILE = "model.int8.onnx"  # an int8 ONNX graph a model folder may ship beside model.onnx
 
 Engine = Callable[[np.ndarray], np.ndarray]  # float32 batch -> logits
 

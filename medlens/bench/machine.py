@@ -14,6 +14,8 @@ from pathlib import Path
 
 import psutil
 
+from medlens.machine import usable_cores
+
 __all__ = [
     "CpuMeter",
     "CpuUsage",
@@ -53,15 +55,6 @@ def cpu_model() -> str:
 def _cpu_flags() -> list[str]:
     have = set(_cpuinfo().get("flags", "").split())
     return [f for f in _FLAGS if f in have]
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (its CPU affinity), or every logical CPU where the
-    platform has no affinity (macOS)."""
-    try:
-        return len(psutil.Process().cpu_affinity()) or 1
-    except (AttributeError, psutil.Error):
-        return psutil.cpu_count() or 1
 
 
 def memory_gb() -> float:

@@ -24,6 +24,7 @@ import httpx2
 from medlens.artifacts.folders import resolve_model
 from medlens.bench.load import load_test, predict_url, synthetic_jpeg
 from medlens.bench.machine import CpuMeter, load_average, usable_cores
+from medlens.errors import MedLensError
 
 __all__ = [
     "Server",
@@ -39,6 +40,10 @@ log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"  # the only address the server listens on and the load is sent to
 _POLL_S = 0.25  # readiness polling interval
+
+
+class BenchError(MedLensError, RuntimeError):
+    """The server under test did not start or answer; the message ends with its log."""
 
 
 def free_port() -> int:
@@ -68,13 +73,13 @@ def wait_ready(port: int, proc: subprocess.Popen, timeout: float) -> None:
     """Poll ``GET /healthz`` on 127.0.0.1 until it answers 200.
 
     Raises:
-        RuntimeError: the server exited, or did not answer 200 within ``timeout`` seconds.
+        BenchError: the server exited, or did not answer 200 within ``timeout`` seconds.
     """
     deadline = time.monotonic() + timeout
     with httpx2.Client(timeout=2.0, trust_env=False) as client:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise RuntimeError(
+                raise BenchError(
                     f"the server exited with code {proc.returncode} before it was ready"
                 )
             try:
@@ -83,7 +88,7 @@ def wait_ready(port: int, proc: subprocess.Popen, timeout: float) -> None:
             except httpx2.HTTPError:
                 pass
             time.sleep(_POLL_S)
-    raise RuntimeError(f"the server was not ready after {timeout:.0f} s")
+    raise BenchError(f"the server was not ready after {timeout:.0f} s")
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -119,7 +124,7 @@ def running_server(folder: Path, *extra: str, start_timeout: float = 300.0) -> I
         start_timeout: seconds to wait for ``/healthz``.
 
     Raises:
-        RuntimeError: the server did not become ready; the message ends with its last log
+        BenchError: the server did not become ready; the message ends with its last log
             lines.
     """
     port = free_port()
@@ -132,10 +137,10 @@ def running_server(folder: Path, *extra: str, start_timeout: float = 300.0) -> I
         try:
             try:
                 wait_ready(port, proc, start_timeout)
-            except RuntimeError as e:
+            except BenchError as e:
                 errlog.seek(0)
                 tail = errlog.read().decode("utf-8", "replace").strip().splitlines()[-5:]
-                raise RuntimeError(f"{e}: {' | '.join(tail)}") from None
+                raise BenchError(f"{e}: {' | '.join(tail)}") from None
             yield Server(proc, port, time.perf_counter() - t0)
         finally:
             stop_server(proc)

@@ -20,7 +20,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
 from numpy.typing import ArrayLike
 
-from medlens.artifacts.folders import REPORT_HTML
+from medlens.artifacts.folders import COMPARE_CSV, COMPARE_HTML, REPORT_HTML
 from medlens.fileio import atomic_write_text, write_csv
 from medlens.reporting.figures import (
     METRIC_LABELS,
@@ -34,8 +34,6 @@ from medlens.reporting.figures import (
 
 __all__ = ["write_report", "write_comparison", "comparison_table", "CAPTIONS", "TITLES"]
 
-COMPARE_HTML = "compare.html"
-COMPARE_CSV = "compare.csv"
 
 CAPTIONS = {
     "roc": "Sensitivity (true-positive rate) against 1 − specificity (false-positive "
