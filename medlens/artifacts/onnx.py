@@ -2,7 +2,7 @@
 
 ``medlens export --model RUN`` adds three files to a model folder:
 
-* ``model.onnx`` - the :class:`~medlens.models.Classifier` traced by ``torch.onnx.export``
+* ``model.onnx`` - the :class:`~medlens.modeling.classifier.Classifier` traced by ``torch.onnx.export``
   with a dynamic batch axis. Input ``input``: the *normalised* ``float32 (N, C, S, S)``
   tensor that :meth:`Preprocess.normalize` produces (preprocessing stays in Python, so there
   is one definition of it). Outputs ``logits`` ``(N, outputs)``, ``features`` ``(N, F)`` (the
@@ -15,7 +15,7 @@
   sha256 of ``model.onnx`` and ``model.pt`` (Mitchell et al., *Model Cards for Model
   Reporting*, FAT* 2019).
 
-Inference through ONNX Runtime lives in :class:`medlens.predict.Predictor`; the session
+Inference through ONNX Runtime lives in :class:`medlens.inference.predictor.Predictor`; the session
 options are made by :func:`ort_session`.
 """
 

@@ -1,21 +1,23 @@
-"""Out-of-distribution guard on penultimate features.
+"""Out-of-distribution guard: flag images unlike the ones a model was trained on.
 
 A classifier answers every question it is asked, including "is this throat photo glioma or
-meningioma?". The guard flags inputs whose penultimate features (the pooled backbone output,
-:meth:`medlens.models.Classifier.features`) lie far from the training data:
+meningioma?". The guard MedLens fits, :class:`StageGuard`, reads the per-channel means and
+standard deviations of every backbone stage's activations
+(:meth:`medlens.modeling.classifier.Classifier.forward_with_stats`, the ONNX graph's ``stats``
+output) and keeps one :class:`FeatureGuard` per stage:
 
-* features are centred and projected onto their top ``dim`` principal components, whitened;
-* the score is the smallest class-conditional Mahalanobis distance in that subspace (Lee et
+* a stage's statistics are centred and projected onto their top ``dim`` principal components,
+  whitened;
+* its score is the smallest class-conditional Mahalanobis distance in that subspace (Lee et
   al. 2018, "A Simple Unified Framework for Detecting Out-of-Distribution Samples and
-  Adversarial Attacks", NeurIPS), each divided by ``dim``, plus the squared norm of the part
-  of the feature vector the subspace cannot explain, divided by its mean on training data;
-* the flag threshold is a high quantile (default 0.975) of the scores of the VALIDATION split,
-  so about 2.5% of in-distribution images are flagged by construction.
+  Adversarial Attacks", NeurIPS), divided by ``dim``, plus the squared norm of the part the
+  subspace cannot explain, divided by its mean on training data;
+* the stages' scores, each divided by its median on validation images, are averaged; the flag
+  threshold is a high quantile (default 0.975) of the VALIDATION images' averaged scores, so
+  about 2.5% of in-distribution images are flagged by construction.
 
-On the Kermany pneumonia model (EfficientNet-Lite0), 256 components and the 0.975 quantile
-flagged 100% of brain MRI slices and throat photos, 93% of adult chest X-rays of the COVID set
-and 3% of held-out paediatric X-rays (60-300 images each); 32 components caught only 78% of
-the MRI slices.
+Runs trained before the per-stage guard kept a single :class:`FeatureGuard` on the penultimate
+(pooled) features; :func:`load_guard` still reads those.
 
 The fitted statistics are saved as ``ood.npz`` beside the model (plain arrays, loaded with
 ``allow_pickle=False``).
@@ -145,7 +147,7 @@ def fit_guard(
 class StageGuard:
     """The guard MedLens fits: one :class:`FeatureGuard` per backbone stage, on that stage's
     per-channel activation means and standard deviations
-    (:meth:`medlens.models.Classifier.forward_with_stats`).
+    (:meth:`medlens.modeling.classifier.Classifier.forward_with_stats`).
 
     Each block's score is divided by its median on validation images and the blocks are
     averaged, so every stage has the same say; the flag threshold is the ``quantile`` of the

@@ -5,14 +5,14 @@ holds only what serving needs:
 
 * ``model.json`` - labels, preprocessing, temperature, threshold, card text, and the metrics
   re-measured on the shipped file (below);
-* ``model.onnx`` - the graph of :func:`medlens.export.onnx_bytes` (logits, features and the
+* ``model.onnx`` - the graph of :func:`medlens.artifacts.onnx.onnx_bytes` (logits, features and the
   closed-form Grad-CAM maps), with float16 weight storage when ``half`` is set
-  (:func:`medlens.export.halve_weights`);
+  (:func:`medlens.artifacts.onnx.halve_weights`);
 * ``ood.npz`` - the run's out-of-distribution guard;
 * ``model_card.json`` / ``model_card.md`` - the card, with the sha256 of ``model.onnx``.
 
 There is no ``model.pt``: the folder runs on ONNX Runtime alone (see
-:class:`medlens.predict.Predictor`), which keeps the four bundled models within the package's
+:class:`medlens.inference.predictor.Predictor`), which keeps the four bundled models within the package's
 size budget. Because storing weights in float16 rounds them, the validation (and carved test)
 images listed in the run's ``eval/<split>/predictions.csv`` are predicted again through the
 shipped file and its metrics replace the run's; the largest probability change is recorded.

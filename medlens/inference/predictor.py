@@ -39,7 +39,7 @@ OODGuard = Callable[[np.ndarray], list[dict]]
 
 
 def load_ood_guard(folder: Path | None, meta: ModelMeta) -> OODGuard | None:
-    """The model's out-of-distribution guard (``ood.npz``, see :mod:`medlens.ood`), or None.
+    """The model's out-of-distribution guard (``ood.npz``, see :mod:`medlens.evaluation.ood`), or None.
 
     The :class:`Predictor` passes every batch's activation statistics (or, for guards of
     older runs, penultimate features: ``guard.input`` says which) to it.
@@ -135,7 +135,7 @@ class Predictor:
         """Logits ``(N, outputs)`` of prepared ``uint8 (N, C, S, S)`` images and, if asked,
         ``features=True`` / ``"features"``: the penultimate features ``(N, F)``, or
         ``"stats"``: the activation statistics of
-        :meth:`~medlens.models.Classifier.forward_with_stats` (what the OOD guard reads)."""
+        :meth:`~medlens.modeling.classifier.Classifier.forward_with_stats` (what the OOD guard reads)."""
         extra = "features" if features is True else features or None
         if extra not in (None, "features", "stats"):
             raise ValueError(f"features must be a bool, 'features' or 'stats', got {features!r}")
@@ -225,7 +225,7 @@ class Predictor:
 
         With the torch backend it is MONAI's ``GradCAM`` (autograd through the network); with
         ONNX Runtime it is the graph's ``cam`` output, the same map in closed form (see
-        :mod:`medlens.export`), so inference-only model folders explain too.
+        :mod:`medlens.artifacts.onnx`), so inference-only model folders explain too.
 
         Returns:
             ``(cam, class_index)``: ``cam`` is ``float32 (S, S)`` in [0, 1] at the network's
