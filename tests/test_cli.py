@@ -23,24 +23,13 @@ from medlens.cli import COMMANDS, build_parser, main
 from medlens.data.splits import patient_id
 from medlens.modeling.registry import count_parameters, create_model, list_models
 
+# fmt: off
 METRIC_KEYS = {
-    "n",
-    "accuracy",
-    "balanced_accuracy",
-    "auc",
-    "f1",
-    "f2",
-    "precision",
-    "sensitivity",
-    "specificity",
-    "log_loss",
-    "brier",
-    "ece",
-    "confusion_matrix",
-    "per_class",
-    "threshold",
+    "n", "accuracy", "balanced_accuracy", "auc", "f1", "f2", "precision", "sensitivity",
+    "specificity", "log_loss", "brier", "ece", "confusion_matrix", "per_class", "threshold",
     "ci",
 }
+# fmt: on
 VENV_BIN = Path(sys.executable).parent
 CHEST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "chest_xray" / "train"
 
@@ -328,31 +317,11 @@ def test_evaluate_bad_image_stops_unless_skipped(capsys, tmp_path, trained_run, 
     shutil.copytree(synthetic_data, data)
     bad = data / "NORMAL" / "IM-0999-0001.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    code, _, err = _run(
-        capsys,
-        "evaluate",
-        "--model",
-        trained_run,
-        "--data",
-        data,
-        "--out",
-        tmp_path / "ev",
-        "--quiet",
-    )
+    argv = ["evaluate", "--model", trained_run, "--data", data, "--out", tmp_path / "ev", "--quiet"]
+    code, _, err = _run(capsys, *argv)
     assert code == 2 and str(bad) in err and "--skip-bad-images" in err
     assert not (tmp_path / "ev" / "metrics.json").exists()
-    code, stdout, err = _run(
-        capsys,
-        "evaluate",
-        "--model",
-        trained_run,
-        "--data",
-        data,
-        "--out",
-        tmp_path / "ev",
-        "--quiet",
-        "--skip-bad-images",
-    )
+    code, stdout, err = _run(capsys, *argv, "--skip-bad-images")
     assert code == 0
     assert "skipped 1 unreadable image(s)" in err  # a message (stderr), not a result
     assert any(line.startswith("n=80 ") for line in stdout.splitlines())

@@ -14,28 +14,13 @@ from medlens.evaluation.metrics import (
     predict_labels,
 )
 
+# fmt: off
 KEYS = {
-    "n",
-    "labels",
-    "accuracy",
-    "balanced_accuracy",
-    "auc",
-    "f1",
-    "f2",
-    "precision",
-    "sensitivity",
-    "specificity",
-    "log_loss",
-    "brier",
-    "ece",
-    "confusion_matrix",
-    "per_class",
-    "threshold",
-    "at_0_5",
-    "ci",
-    "ci_level",
-    "n_bootstrap",
+    "n", "labels", "accuracy", "balanced_accuracy", "auc", "f1", "f2", "precision",
+    "sensitivity", "specificity", "log_loss", "brier", "ece", "confusion_matrix", "per_class",
+    "threshold", "at_0_5", "ci", "ci_level", "n_bootstrap",
 }
+# fmt: on
 
 
 def _binary(p_pos):

@@ -9,6 +9,7 @@ from pathlib import Path
 from medlens.artifacts.folders import CARD_JSON, CARD_MD, MODEL_WEIGHTS, ONNX_FILE
 from medlens.artifacts.model import ModelMeta, load_network
 from medlens.artifacts.onnx import OPSET, check_onnx, onnx_bytes
+from medlens.evaluation.metrics import CI_METRICS
 from medlens.fileio import atomic_write_bytes, atomic_write_text, sha256_file, write_json
 
 # Fields a model.json may carry under "card" (all optional; empty placeholders otherwise).
@@ -144,17 +145,7 @@ _MD_TEXT_SECTIONS = (
     ("ethical_considerations", "Ethical considerations"),
     ("caveats", "Caveats"),
 )
-_MD_METRICS = (
-    "accuracy",
-    "balanced_accuracy",
-    "auc",
-    "sensitivity",
-    "specificity",
-    "precision",
-    "f1",
-    "ece",
-    "brier",
-)
+_MD_METRICS = (*(k for k in CI_METRICS if k != "f2"), "ece", "brier")
 
 
 def _md_evaluation(metrics: dict) -> list[str]:

@@ -334,7 +334,7 @@ def _percentile_ci(values: np.ndarray, ci_level: float) -> list[float] | None:
 # --------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------
-_CI_METRICS = (
+CI_METRICS = (
     "accuracy",
     "balanced_accuracy",
     "auc",
@@ -344,7 +344,7 @@ _CI_METRICS = (
     "f1",
     "f2",
 )
-"""The metrics that get bootstrap intervals."""
+"""The metrics that get bootstrap intervals (in ``metrics.json``'s ``ci``)."""
 
 _KEY_ORDER = (
     "n",
@@ -439,7 +439,7 @@ def compute_metrics(
     ci: dict[str, list[float] | None] = {}
     if n_bootstrap > 0:
         reps = _bootstrap(y, pred, p, int(n_bootstrap), seed)
-        ci = {name: _percentile_ci(reps[name], ci_level) for name in _CI_METRICS}
+        ci = {name: _percentile_ci(reps[name], ci_level) for name in CI_METRICS}
     out.update(ci=ci, ci_level=float(ci_level), n_bootstrap=int(n_bootstrap))
     return _nan_to_none({key: out[key] for key in _KEY_ORDER})
 

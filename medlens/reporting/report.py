@@ -21,6 +21,7 @@ from markupsafe import Markup
 from numpy.typing import ArrayLike
 
 from medlens.artifacts.folders import COMPARE_CSV, COMPARE_HTML, REPORT_HTML
+from medlens.evaluation.metrics import CI_METRICS
 from medlens.fileio import atomic_write_text, write_csv
 from medlens.reporting.figures import (
     METRIC_LABELS,
@@ -70,28 +71,8 @@ _HELP = {
 
 
 # The rows of the headline table, in order.
-_REPORT_METRICS = [
-    "accuracy",
-    "balanced_accuracy",
-    "auc",
-    "sensitivity",
-    "specificity",
-    "precision",
-    "f1",
-    "f2",
-    "log_loss",
-    "brier",
-    "ece",
-]
-_AT05_KEYS = [
-    "accuracy",
-    "balanced_accuracy",
-    "sensitivity",
-    "specificity",
-    "precision",
-    "f1",
-    "f2",
-]
+_REPORT_METRICS = list(METRIC_LABELS)
+_AT05_KEYS = [k for k in CI_METRICS if k != "auc"]  # threshold-dependent ones
 _AT05_HEAD = [
     "Threshold",
     "Accuracy",
