@@ -25,7 +25,7 @@ EXIT_USAGE = 2  # a user error: one line saying what to do
 EXIT_BUG = 1  # a bug: a short hint; the traceback with --debug
 
 
-def _add_train(sub) -> None:
+def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
         help="train a classifier on a folder of images",
@@ -69,7 +69,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
-def _add_evaluate(sub):
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate",
         help="evaluate a model on a labelled folder",
@@ -91,7 +91,7 @@ def _add_evaluate(sub):
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _cmd_evaluate(a) -> int:
+def _cmd_evaluate(a: argparse.Namespace) -> int:
     from medlens.reporting.evaluate import evaluate
 
     m = evaluate(a.model, a.data, a.out, skip_bad_images=a.skip_bad_images, progress=not a.quiet)
@@ -114,7 +114,7 @@ def _cmd_evaluate(a) -> int:
     return 0
 
 
-def _add_predict(sub):
+def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict",
         help="predict images or folders",
@@ -225,7 +225,7 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     return 1 if failed and failed == len(rows) else 0
 
 
-def _add_explain(sub):
+def _add_explain(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "explain",
         help="Grad-CAM overlay for one image",
@@ -245,7 +245,7 @@ def _add_explain(sub):
     )
 
 
-def _cmd_explain(a) -> int:
+def _cmd_explain(a: argparse.Namespace) -> int:
     from PIL import Image
 
     from medlens.data.imaging import read_image
@@ -273,7 +273,7 @@ def _cmd_explain(a) -> int:
     return 0
 
 
-def _add_compare(sub):
+def _add_compare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "compare",
         help="compare runs side by side",
@@ -285,7 +285,7 @@ def _add_compare(sub):
     p.add_argument("--out", default="compare", help="folder for compare.html and compare.csv")
 
 
-def _cmd_compare(a) -> int:
+def _cmd_compare(a: argparse.Namespace) -> int:
     from medlens.reporting.compare import compare_runs
 
     table, html = compare_runs(a.runs, a.out, split=a.split)
@@ -294,7 +294,7 @@ def _cmd_compare(a) -> int:
     return 0
 
 
-def _add_models(sub):
+def _add_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "models",
         help="list backbones and trained models",
@@ -310,8 +310,9 @@ def _add_models(sub):
     )
 
 
-def _cmd_models(a) -> int:
+def _cmd_models(a: argparse.Namespace) -> int:
     from medlens.artifacts.folders import bundled_models_dir, find_models
+    from medlens.artifacts.model import read_meta
     from medlens.modeling.registry import count_parameters, create_model, list_models, model_info
 
     print("backbones (medlens train --model NAME):")
@@ -324,12 +325,9 @@ def _cmd_models(a) -> int:
     if not found:
         print("  none bundled; train one with `medlens train --out RUN` and pass the run folder")
     for name, folder in found.items():
-        meta = json.loads((folder / "model.json").read_text())
+        meta = read_meta(folder)
         where = "bundled" if folder.parent == bundled_models_dir() else str(folder)
-        print(
-            f"  {name:<20} {meta.get('arch')}  labels: {', '.join(meta.get('labels', []))}"
-            f"  ({where})"
-        )
+        print(f"  {name:<20} {meta.arch}  labels: {', '.join(meta.labels)}  ({where})")
     print(
         "another disease (e.g. tuberculosis): `medlens train --data YOUR_FOLDER --out "
         "runs/NAME`, `medlens export --model runs/NAME --bundle models/NAME --half`, then "
@@ -338,7 +336,7 @@ def _cmd_models(a) -> int:
     return 0
 
 
-def _add_export(sub):
+def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
         help="export a model to ONNX and write its model card",
@@ -384,7 +382,7 @@ def _add_export(sub):
     )
 
 
-def _cmd_export(a) -> int:
+def _cmd_export(a: argparse.Namespace) -> int:
     from medlens.artifacts.card import export_model
     from medlens.artifacts.onnx import OPSET
 
@@ -417,7 +415,7 @@ def _cmd_export(a) -> int:
     return 0
 
 
-def _add_serve(sub):
+def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
         help="web app and REST API",
@@ -450,7 +448,7 @@ def _add_serve(sub):
     )
 
 
-def _cmd_serve(a) -> int:
+def _cmd_serve(a: argparse.Namespace) -> int:
     from medlens.serve import serve
 
     serve(
@@ -464,7 +462,7 @@ def _cmd_serve(a) -> int:
     return 0
 
 
-def _add_bench(sub):
+def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench",
         help="benchmark inference, the web app under load and training speed",
@@ -540,7 +538,7 @@ def _add_bench(sub):
     p.add_argument("--no-serve", action="store_true", help="skip the web-app load test")
 
 
-def _cmd_bench(a) -> int:
+def _cmd_bench(a: argparse.Namespace) -> int:
     from medlens.bench import run_bench, summary_table, write_results
 
     if a.n < 1 or a.duration <= 0 or a.concurrency < 1 or a.warmup < 0 or (a.threads or 1) < 1:
