@@ -391,7 +391,7 @@ def _cmd_export(a: argparse.Namespace) -> int:
 
         if a.refit_ood:
             from medlens.artifacts.folders import resolve_model
-            from medlens.training.trainer import refit_ood_guard
+            from medlens.training.ood import refit_ood_guard
 
             refit_ood_guard(resolve_model(a.model))
         card = None

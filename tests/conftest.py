@@ -135,7 +135,5 @@ def trained_run(tmp_path_factory, synthetic_data) -> Path:
     from medlens.training.trainer import train
 
     out = tmp_path_factory.mktemp("runs") / "tiny_cnn"
-    logs: list[str] = []
-    train(tiny_config(synthetic_data, out, epochs=4), log=logs.append)
-    (out.parent / "tiny_cnn.log").write_text("\n".join(logs) + "\n")
+    train(tiny_config(synthetic_data, out, epochs=4))
     return out

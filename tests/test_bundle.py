@@ -59,9 +59,7 @@ def test_multiclass_grad_cam_onnx_equals_monai(
 
     from medlens.training.trainer import train
 
-    run = train(
-        tiny_config(synthetic_data_3class, tmp_path / "run3", epochs=1), log=lambda *a: None
-    )
+    run = train(tiny_config(synthetic_data_3class, tmp_path / "run3", epochs=1))
     net, meta = load_network(run)
     pred = Predictor(run, backend="torch")
     onnx = Predictor(run, backend="onnx")

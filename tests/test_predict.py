@@ -226,7 +226,7 @@ def test_unknown_backend_is_an_error(trained_run):
 def test_bf16_and_fp32_predictions_agree(trained_run, synthetic_data):
     """bf16 autocast (what training's frozen passes use where the CPU has it) gives the same
     labels as float32 on the fixture, with probabilities close."""
-    from medlens.training.trainer import bf16_supported
+    from medlens.training.device import bf16_supported
 
     if not bf16_supported():
         pytest.skip("this CPU has no bfloat16 support: nothing to compare")

@@ -6,8 +6,10 @@ Every run is tiny (32 px, a few epochs); the shared binary run comes from confte
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -45,8 +47,21 @@ def _json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _quiet(*_):
-    pass
+@pytest.fixture
+def train_logs(caplog):
+    """pytest's ``caplog``, seeing the ``medlens`` loggers at INFO.
+
+    Its handler sits on the ``medlens`` logger itself (which stops propagating meanwhile):
+    ``medlens``'s own logging setup, run by CLI tests, makes that logger not propagate.
+    """
+    logger = logging.getLogger("medlens")
+    propagate = logger.propagate
+    caplog.set_level(logging.INFO, logger="medlens")
+    logger.addHandler(caplog.handler)
+    logger.propagate = False
+    yield caplog
+    logger.removeHandler(caplog.handler)
+    logger.propagate = propagate
 
 
 # --------------------------------------------------------------------------- the shared run
@@ -159,13 +174,13 @@ def test_predictions_csv_lists_the_split(trained_run):
 def test_bad_settings_fail_before_anything_is_written(tmp_path, synthetic_data, train_config):
     out = tmp_path / "run"
     with pytest.raises(TrainError, match="--transfer"):
-        train(train_config(synthetic_data, out, transfer="partial"), log=_quiet)
+        train(train_config(synthetic_data, out, transfer="partial"))
     with pytest.raises(TrainError, match="--optimizer"):
-        train(train_config(synthetic_data, out, optimizer="sgd"), log=_quiet)
+        train(train_config(synthetic_data, out, optimizer="sgd"))
     with pytest.raises(ValueError, match="unknown model 'vgg16'"):
-        train(train_config(synthetic_data, out, model="vgg16"), log=_quiet)
+        train(train_config(synthetic_data, out, model="vgg16"))
     with pytest.raises(DataError, match="does not exist"):
-        train(train_config(tmp_path / "nowhere", out), log=_quiet)
+        train(train_config(tmp_path / "nowhere", out))
     assert not out.exists()
 
 
@@ -180,7 +195,7 @@ def test_out_holding_a_run_is_refused_without_overwrite(tmp_path, synthetic_data
     out.mkdir()
     (out / "model.json").write_text("{}")
     with pytest.raises(TrainError) as e:
-        train(train_config(synthetic_data, out), log=_quiet)
+        train(train_config(synthetic_data, out))
     assert "already holds a run" in str(e.value) and "--overwrite" in str(e.value)
     assert [p.name for p in out.iterdir()] == ["model.json"]  # untouched
 
@@ -189,7 +204,7 @@ def test_resume_without_checkpoint_is_an_error(tmp_path, synthetic_data, train_c
     out = tmp_path / "run"
     out.mkdir()
     with pytest.raises(TrainError, match=r"no checkpoint \(checkpoints/last.pt\)"):
-        train(train_config(synthetic_data, out), resume=True, log=_quiet)
+        train(train_config(synthetic_data, out), resume=True)
 
 
 # --------------------------------------------------------------------------- resume
@@ -199,66 +214,73 @@ class _Interrupt(Exception):
     pass
 
 
-def _interrupt_at(prefix: str, logs: list):
-    def log(msg):
-        logs.append(msg)
-        if msg.startswith(prefix):
-            raise _Interrupt(msg)
+class _InterruptAt(logging.Handler):
+    """Raises :class:`_Interrupt` from the logging call of the first message starting with
+    ``prefix``: training stops right there, as if the process were killed."""
 
-    return log
+    def __init__(self, prefix: str):
+        super().__init__(logging.INFO)
+        self.prefix = prefix
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith(self.prefix):
+            raise _Interrupt(record.getMessage())
+
+
+@contextlib.contextmanager
+def _interrupt_at(prefix: str):
+    logger = logging.getLogger("medlens")
+    handler, level = _InterruptAt(prefix), logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def test_resume_after_a_finished_stage_skips_it(
-    tmp_path, trained_run, train_config, synthetic_data
+    tmp_path, trained_run, train_config, synthetic_data, train_logs
 ):
     run = tmp_path / "tiny_cnn"
     shutil.copytree(trained_run, run)
     before = torch.load(run / "model.pt", weights_only=True)
-    logs: list[str] = []
-    train(train_config(synthetic_data, run, epochs=4), resume=True, log=logs.append)
-    assert not any(m.startswith("stage full") for m in logs)
+    train(train_config(synthetic_data, run, epochs=4), resume=True)
+    assert not any(m.startswith("stage full") for m in train_logs.messages)
     assert len(_history(run)) == 4
     after = torch.load(run / "model.pt", weights_only=True)
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_resume_continues_an_interrupted_run(tmp_path, synthetic_data, train_config):
+def test_resume_continues_an_interrupted_run(tmp_path, synthetic_data, train_config, train_logs):
     out = tmp_path / "run"
-    logs: list[str] = []
-    with pytest.raises(_Interrupt):
-        train(
-            train_config(synthetic_data, out, epochs=3), log=_interrupt_at("[full] epoch 2/3", logs)
-        )
+    with _interrupt_at("[full] epoch 2/3"), pytest.raises(_Interrupt):
+        train(train_config(synthetic_data, out, epochs=3))
     assert not (out / "model.json").exists()
-    logs.clear()
+    train_logs.clear()
     # As `medlens train --resume`: the settings come from the run's config.yaml.
-    train(train_config(synthetic_data, out, epochs=3), resume=True, log=logs.append)
-    assert "resuming stage full at epoch 2" in logs
+    train(train_config(synthetic_data, out, epochs=3), resume=True)
+    assert "resuming stage full at epoch 2" in train_logs.messages
     assert [int(r["epoch"]) for r in _history(out)] == [1, 2, 3]
     assert _json(out / "model.json")["training"]["epochs_run"] == 3
 
 
-def test_resume_checkpoint_mechanics(tmp_path, synthetic_data, train_config):
+def test_resume_checkpoint_mechanics(tmp_path, synthetic_data, train_config, train_logs):
     """The checkpoint half of --resume, with config.yaml removed to sidestep the bug above:
     the interrupted stage continues at the next epoch with its history, then finishes.
     (No test split: one evaluation per call keeps the three calls quick.)"""
     out = tmp_path / "run"
-    logs: list[str] = []
-    with pytest.raises(_Interrupt):
-        train(
-            train_config(synthetic_data, out, epochs=3, test_fraction=0),
-            log=_interrupt_at("[full] epoch 2/3", logs),
-        )
+    with _interrupt_at("[full] epoch 2/3"), pytest.raises(_Interrupt):
+        train(train_config(synthetic_data, out, epochs=3, test_fraction=0))
     ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["stage"] == "full" and ckpt["epoch"] == 0 and len(ckpt["history"]) == 1
     assert not (out / "model.json").exists()
     first_epoch = _history(out)[0]
     (out / "config.yaml").unlink()
-    logs.clear()
-    train(
-        train_config(synthetic_data, out, epochs=3, test_fraction=0), resume=True, log=logs.append
-    )
-    assert "resuming stage full at epoch 2" in logs
+    train_logs.clear()
+    train(train_config(synthetic_data, out, epochs=3, test_fraction=0), resume=True)
+    assert "resuming stage full at epoch 2" in train_logs.messages
     assert [int(r["epoch"]) for r in _history(out)] == [1, 2, 3]
     assert _history(out)[0] == first_epoch  # the checkpoint's history, not retrained
     assert _json(out / "model.json")["training"]["epochs_run"] == 3
@@ -266,11 +288,9 @@ def test_resume_checkpoint_mechanics(tmp_path, synthetic_data, train_config):
     # Resuming the finished run again trains nothing and keeps the weights.
     before = torch.load(out / "model.pt", weights_only=True)
     (out / "config.yaml").unlink()
-    logs.clear()
-    train(
-        train_config(synthetic_data, out, epochs=3, test_fraction=0), resume=True, log=logs.append
-    )
-    assert not any(m.startswith("stage ") for m in logs)
+    train_logs.clear()
+    train(train_config(synthetic_data, out, epochs=3, test_fraction=0), resume=True)
+    assert not any(m.startswith("stage ") for m in train_logs.messages)
     assert len(_history(out)) == 3
     after = torch.load(out / "model.pt", weights_only=True)
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -299,7 +319,7 @@ def test_unreadable_images_are_listed_before_out_is_touched(
     bad = _with_bad_images(synthetic_data, data)
     out = tmp_path / "run"
     with pytest.raises(DataError) as e:
-        train(train_config(data, out, channels=channels), log=_quiet)
+        train(train_config(data, out, channels=channels))
     msg = str(e.value)
     assert "2 unreadable image(s)" in msg and "--skip-bad-images" in msg
     for p in bad:
@@ -309,23 +329,22 @@ def test_unreadable_images_are_listed_before_out_is_touched(
 
 @pytest.mark.parametrize("channels", CHANNELS)
 def test_skip_bad_images_trains_and_notes_the_count(
-    tmp_path, synthetic_data, train_config, channels
+    tmp_path, synthetic_data, train_config, channels, train_logs
 ):
     data = tmp_path / "data"
     bad = _with_bad_images(synthetic_data, data)
     out = tmp_path / "run"
     out.mkdir()
     (out / "stale.txt").write_text("from an older run")
-    logs: list[str] = []
     train(
         train_config(data, out, epochs=1, skip_bad_images=True, channels=channels, test_fraction=0),
         overwrite=True,
-        log=logs.append,
     )
     assert not (out / "stale.txt").exists()  # --overwrite replaced the old run
     assert (out / "model.json").exists()
-    skipped = [m for m in logs if m.startswith("skipped 2 unreadable")]
-    assert skipped and all(str(p) in skipped[0] for p in bad)
+    skipped = [r for r in train_logs.records if r.getMessage().startswith("skipped 2 unreadable")]
+    assert skipped and all(str(p) in skipped[0].getMessage() for p in bad)
+    assert skipped[0].levelno == logging.WARNING
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert "skipped 2 unreadable images" in cfg["data_notes"]
     assert "skipped 2 unreadable images" in _json(out / "model.json")["training"]["notes"]
@@ -345,7 +364,6 @@ def test_three_classes_train_with_softmax_and_no_threshold(
 ):
     out = train(
         train_config(synthetic_data_3class, tmp_path / "run3", epochs=3, test_fraction=0),
-        log=_quiet,
     )
     m = _json(out / "model.json")
     assert m["task"] == "multiclass" and m["labels"] == ["bright", "dark", "stripes"]
@@ -382,7 +400,6 @@ def test_frozen_lite0_trains_only_the_head(tmp_path, synthetic_data, train_confi
             epochs=50,
             test_fraction=0,
         ),
-        log=_quiet,
     )
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["pretrained"] is True and cfg["channels"] == 3
@@ -418,7 +435,6 @@ def test_lite0_finetune_trains_head_then_top_stages(tmp_path, synthetic_data, tr
             epochs=1,
             test_fraction=0,
         ),
-        log=_quiet,
     )
     rows = _history(out)
     assert [r["stage"] for r in rows] == ["head", "head", "finetune"]
@@ -440,7 +456,7 @@ def test_lite0_finetune_trains_head_then_top_stages(tmp_path, synthetic_data, tr
 
 
 def test_resolve_device_auto_cpu_and_errors(monkeypatch):
-    from medlens.training.trainer import resolve_device
+    from medlens.training.device import resolve_device
 
     assert resolve_device("cpu") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -466,14 +482,14 @@ def test_device_cuda_without_gpu_fails_before_the_run_folder(tmp_path, synthetic
         progress=False,
     )
     with pytest.raises(TrainError, match="sees no CUDA device"):
-        train(cfg, log=_quiet)
+        train(cfg)
     assert not out.exists()
 
 
 def test_bn_momentum_setting(tmp_path, synthetic_data):
     from medlens.artifacts.model import ModelMeta, build_network
     from medlens.data.preprocess import Preprocess
-    from medlens.training.trainer import set_bn_momentum
+    from medlens.training.device import set_bn_momentum
 
     net = build_network(
         ModelMeta(
@@ -497,7 +513,7 @@ def test_bn_momentum_setting(tmp_path, synthetic_data):
         progress=False,
     )
     with pytest.raises(TrainError, match=r"--bn-momentum must be in \(0, 1\], got 1.5"):
-        train(cfg, log=_quiet)
+        train(cfg)
     assert not (tmp_path / "r").exists()
 
 

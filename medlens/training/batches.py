@@ -1,0 +1,146 @@
+"""What a stage trains on, one batch at a time.
+
+* :class:`ImageBatches` - decoded uint8 images, augmented on the fly (the ``full`` stage);
+* :class:`CachedBatches` - activations computed once (the ``head`` and ``finetune`` stages);
+* :class:`ModelInput` and :class:`AugmentedInput` - uint8 images to the network's input.
+
+A batch source is called once per epoch with the epoch number and the stage's generator; the
+generator draws the shuffle first, then each batch's augmentation, in that order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+
+from medlens.config import AugmentSpec
+from medlens.data.augment import augment
+from medlens.data.preprocess import Preprocess
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+BatchSource = Callable[[int, torch.Generator], Iterator[Batch]]
+"""``(epoch, generator) -> (inputs, labels)`` batches of one epoch."""
+
+
+class ModelInput:
+    """uint8 images ``(B, C, S, S)`` -> the network's input: standardised, channels-last."""
+
+    def __init__(self, pre: Preprocess):
+        self.pre = pre
+
+    def __call__(self, b: torch.Tensor) -> torch.Tensor:
+        return self.pre.normalize(b).contiguous(memory_format=torch.channels_last)
+
+
+class AugmentedInput:
+    """uint8 images -> the network's input, augmented (when ``augmenting``) on the way.
+
+    Args:
+        pre: scaling and standardisation.
+        spec: the augmentation.
+        generator: where the augmentation draws from.
+        augmenting: false for a clean copy.
+    """
+
+    def __init__(
+        self, pre: Preprocess, spec: AugmentSpec, generator: torch.Generator, augmenting: bool
+    ):
+        self.pre, self.spec, self.generator, self.augmenting = pre, spec, generator, augmenting
+
+    def __call__(self, b: torch.Tensor) -> torch.Tensor:
+        u = self.pre.to_unit(b)
+        if self.augmenting:
+            u = augment(u, self.spec, self.generator)
+        return self.pre.standardize(u).contiguous(memory_format=torch.channels_last)
+
+
+def batch_indices(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """One epoch's shuffled index batches; a last batch of one sample is dropped.
+
+    Args:
+        n: samples.
+        batch_size: samples per batch.
+        generator: draws the shuffle (when iteration starts).
+
+    Yields:
+        Index tensors.
+    """
+    order = torch.randperm(n, generator=generator)
+    for i in range(0, n, batch_size):
+        idx = order[i : i + batch_size]
+        if len(idx) < 2:  # batch norm cannot train on one sample
+            continue
+        yield idx
+
+
+class ImageBatches:
+    """Decoded training images, scaled, augmented (when ``augmenting``) and standardised.
+
+    Args:
+        x: uint8 images ``(N, C, S, S)``.
+        y: labels ``(N,)``.
+        pre: scaling and standardisation.
+        spec: the augmentation.
+        augmenting: whether to augment.
+        batch_size: images per batch.
+        device: where the batches go.
+    """
+
+    def __init__(
+        self,
+        x: np.ndarray,
+        y: torch.Tensor,
+        pre: Preprocess,
+        spec: AugmentSpec,
+        *,
+        augmenting: bool,
+        batch_size: int,
+        device: torch.device | None,
+    ):
+        self.x, self.y, self.pre, self.spec = x, y, pre, spec
+        self.augmenting, self.batch_size, self.device = augmenting, batch_size, device
+
+    def __call__(self, epoch: int, generator: torch.Generator) -> Iterator[Batch]:
+        for idx in batch_indices(len(self.y), self.batch_size, generator):
+            xb = torch.from_numpy(np.ascontiguousarray(self.x[idx.numpy()]))
+            xb = self.pre.to_unit(xb.to(self.device, non_blocking=True))
+            if self.augmenting:
+                xb = augment(xb, self.spec, generator)
+            yield (
+                self.pre.standardize(xb).contiguous(memory_format=torch.channels_last),
+                self.y[idx].to(self.device),
+            )
+
+
+class CachedBatches:
+    """Cached activations ``(copies * N, ...)``; epoch ``e`` uses copy ``e % copies``.
+
+    Args:
+        x: the activations, ``copies`` blocks of ``N`` rows.
+        y: labels ``(N,)``.
+        batch_size: rows per batch.
+        device: where the batches go (as float32).
+        copies: blocks in ``x``.
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        batch_size: int,
+        device: torch.device | None,
+        copies: int = 1,
+    ):
+        self.x, self.y, self.batch_size, self.device, self.copies = x, y, batch_size, device, copies
+
+    def __call__(self, epoch: int, generator: torch.Generator) -> Iterator[Batch]:
+        n = len(self.y)
+        base = (epoch % self.copies) * n
+        for idx in batch_indices(n, self.batch_size, generator):
+            yield (
+                self.x[base + idx].to(self.device, non_blocking=True).float(),
+                self.y[idx].to(self.device),
+            )

@@ -1,0 +1,145 @@
+"""A run's data: the splits loaded, checked and decoded before the run folder is touched."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from medlens.config import TrainConfig
+from medlens.data.cache import is_colour, prepare_samples
+from medlens.data.datasets import Dataset, Sample, load_dataset
+from medlens.data.preprocess import Preprocess
+from medlens.errors import DataError, ImageReadError, TrainError
+from medlens.modeling.registry import ModelInfo
+
+
+@dataclass
+class TrainingData:
+    """The decoded splits of a run.
+
+    Attributes:
+        dataset: the loaded dataset (classes, layout, notes).
+        prepared: split -> (uint8 images ``(N, C, S, S)``, labels ``(N,)``).
+        sources: split -> the source of each decoded image.
+        bad: (source, reason) of the images that could not be decoded.
+        image_size: the input side, in pixels.
+        channels: the input channels.
+    """
+
+    dataset: Dataset
+    prepared: dict[str, tuple[np.ndarray, torch.Tensor]]
+    sources: dict[str, list[str]]
+    bad: list[tuple[str, str]]
+    image_size: int
+    channels: int
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names; labels index this list."""
+        return self.dataset.classes
+
+    @property
+    def binary(self) -> bool:
+        """Two classes: one logit, a threshold."""
+        return len(self.dataset.classes) == 2
+
+    def split_counts(self) -> dict[str, dict[str, int]]:
+        """Images per split and class actually used (after --skip-bad-images)."""
+        return {
+            split: {c: int((y == i).sum()) for i, c in enumerate(self.classes)}
+            for split, (_, y) in self.prepared.items()
+        }
+
+
+def load_training_data(cfg: TrainConfig, info: ModelInfo, pretrained: bool) -> TrainingData:
+    """Load, check and decode a run's data.
+
+    Args:
+        cfg: the settings (data, fractions, seed, image size, channels, resize, cache).
+        info: the backbone (its default image size and fixed channels).
+        pretrained: whether the backbone starts from ImageNet weights (3 channels).
+
+    Returns:
+        The decoded splits.
+
+    Raises:
+        TrainError: no train or validation split, or one without images of a class.
+        DataError: unreadable images, unless ``cfg.skip_bad_images``.
+    """
+    ds = load_dataset(
+        cfg.data,
+        val_fraction=cfg.val_fraction,
+        test_fraction=cfg.test_fraction,
+        seed=cfg.seed,
+        patient_regex=cfg.patient_regex,
+    )
+    _check_splits(cfg, ds)
+    size = cfg.image_size or info.default_image_size
+    channels = cfg.channels
+    if channels is None:
+        channels = _auto_channels(ds, info, pretrained)
+    geometry = Preprocess(
+        image_size=size,
+        channels=channels,
+        mean=(0.5,) * channels,
+        std=(0.25,) * channels,
+        resize=cfg.resize,
+        grayscale=cfg.grayscale,
+    )
+    data = _decode(cfg, ds, geometry)
+    if data.bad and not cfg.skip_bad_images:
+        lines = "\n".join(f"  {src}: {why}" for src, why in data.bad)
+        raise DataError(
+            f"{len(data.bad)} unreadable image(s); fix or remove them, or pass "
+            f"--skip-bad-images:\n{lines}"
+        )
+    return data
+
+
+def _decode(cfg: TrainConfig, ds: Dataset, geometry: Preprocess) -> TrainingData:
+    """Every split decoded at the input geometry (through the cache when there is one)."""
+    prepared, sources, bad = {}, {}, []
+    for split, samples in ds.splits.items():
+        res = prepare_samples(
+            samples,
+            geometry,
+            cache_dir=cfg.cache_dir,
+            progress=cfg.progress,
+            desc=f"decode {split}",
+        )
+        prepared[split] = (res.pixels, torch.tensor([samples[i].label for i in res.keep]))
+        sources[split] = [samples[i].source for i in res.keep]
+        bad += res.errors
+    return TrainingData(ds, prepared, sources, bad, geometry.image_size, geometry.channels)
+
+
+def _check_splits(cfg: TrainConfig, ds: Dataset) -> None:
+    """A train and a validation split, each with images of every class."""
+    if "train" not in ds.splits or "val" not in ds.splits:
+        raise TrainError(f"{cfg.data}: could not form train and validation splits")
+    for split in ("train", "val"):
+        present = {s.label for s in ds.splits[split]}
+        if len(present) < len(ds.classes):
+            missing = [ds.classes[i] for i in range(len(ds.classes)) if i not in present]
+            raise TrainError(
+                f"the {split} split has no images of class(es) {missing}; add "
+                "images or lower --val-fraction/--test-fraction"
+            )
+
+
+def _auto_channels(ds: Dataset, info: ModelInfo, pretrained: bool) -> int:
+    """3 for pretrained or 3-channel backbones, else 3 only when sampled images are colour."""
+    if pretrained or info.fixed_in_channels == 3:
+        return 3
+    probe = ds.splits["train"][:: max(1, len(ds.splits["train"]) // 64)][:64]
+    return 3 if any(_probe_colour(s) for s in probe) else 1
+
+
+def _probe_colour(sample: Sample) -> bool:
+    """Colour check for channel auto-detection; unreadable files are reported later."""
+    try:
+        return is_colour(sample.load())
+    except (ImageReadError, OSError, ValueError):
+        return False

@@ -1,0 +1,283 @@
+"""The stages of training, each a :class:`Stage` built by one function.
+
+* ``head`` - pretrained backbones: the backbone is frozen, its pooled features are computed
+  once and the head (batch norm, dropout, dense) trains on them in seconds.
+* ``finetune`` - the top ``unfreeze`` backbone stages train with a lower learning rate. The
+  frozen stages below them are run once over ``aug_copies`` augmented copies of the training
+  images and their activations cached (:meth:`StageContext.activations`), so an epoch costs
+  only the top stages.
+* ``full`` - everything trains on augmented images (models from scratch, or ``--transfer
+  full``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from medlens.config import TrainConfig
+from medlens.inference.runtime import compute_logits
+from medlens.modeling.classifier import Classifier, Head
+from medlens.training.batches import (
+    AugmentedInput,
+    BatchSource,
+    CachedBatches,
+    ImageBatches,
+    ModelInput,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Stage:
+    """One stage of training: what trains, on what, for how long."""
+
+    name: str
+    module: nn.Module  # put in train()/eval() mode per epoch
+    forward: Callable[[torch.Tensor], torch.Tensor]  # inputs -> logits
+    params: list
+    train_batches: BatchSource
+    n_train: int
+    val_x: np.ndarray | torch.Tensor
+    val_transform: Callable | None
+    val_y: torch.Tensor
+    epochs: int
+    lr: float
+    dtype: torch.dtype | None
+    device: torch.device | None = None
+
+
+def stage_names(cfg: TrainConfig, pretrained: bool) -> list[str]:
+    """The stages a run goes through, in order.
+
+    Args:
+        cfg: the settings (``transfer``, ``unfreeze``).
+        pretrained: whether the backbone starts from ImageNet weights.
+
+    Returns:
+        ``["head"]``, ``["head", "finetune"]`` or ``["full"]``.
+    """
+    if not (pretrained and cfg.transfer in ("frozen", "finetune")):
+        return ["full"]
+    if cfg.transfer == "finetune" and cfg.unfreeze > 0:
+        return ["head", "finetune"]
+    return ["head"]
+
+
+@dataclass
+class StageContext:
+    """What every stage is built from: the network, the data, where and how precisely.
+
+    Attributes:
+        dtype: autocast dtype of the frozen (no-grad) passes.
+        train_dtype: autocast dtype of the passes that train.
+        n_top: backbone stages the finetune stage trains (0 without one).
+        copies: copies of the training set in the activation cache (augmented but the first).
+    """
+
+    cfg: TrainConfig
+    net: Classifier
+    to_input: ModelInput
+    x_train: np.ndarray
+    y_train: torch.Tensor
+    x_val: np.ndarray
+    y_val: torch.Tensor
+    device: torch.device
+    dtype: torch.dtype | None
+    train_dtype: torch.dtype | None
+    n_top: int
+    copies: int
+    _activations: tuple[torch.Tensor, torch.Tensor] | None = field(
+        default=None, init=False, repr=False
+    )
+
+    @property
+    def lr(self) -> float:
+        """The head / full stage learning rate (fine-tuning scales it)."""
+        return self.cfg.lr or 1e-3
+
+    def activations(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frozen-prefix activations of the training set (copy 0 clean, the rest augmented,
+        bfloat16) and of the validation set; computed once, shared by head and finetune."""
+        if self._activations is None:
+            self._activations = _frozen_activations(self)
+        return self._activations
+
+
+def stage_context(
+    cfg: TrainConfig, net: Classifier, names: list[str], **kwargs: object
+) -> StageContext:
+    """A :class:`StageContext`, with the fine-tuned depth and cached copies worked out.
+
+    Args:
+        cfg: the settings.
+        net: the network.
+        names: the run's stages (:func:`stage_names`).
+        **kwargs: the other :class:`StageContext` fields.
+
+    Returns:
+        The context.
+    """
+    finetune = "finetune" in names
+    n_top = min(cfg.unfreeze, len(net.backbone) - 1) if finetune else 0
+    copies = max(1, cfg.aug_copies) if finetune and cfg.augment.enabled else 1
+    return StageContext(cfg=cfg, net=net, n_top=n_top, copies=copies, **kwargs)
+
+
+def _frozen_activations(ctx: StageContext) -> tuple[torch.Tensor, torch.Tensor]:
+    backbone = list(ctx.net.backbone)
+    prefix = nn.Sequential(*backbone[: len(backbone) - ctx.n_top]).eval()
+    gen = torch.Generator().manual_seed(ctx.cfg.seed + 77)
+    t0 = time.time()
+    acts = []
+    for c in range(ctx.copies):
+        transform = AugmentedInput(ctx.to_input.pre, ctx.cfg.augment, gen, augmenting=c > 0)
+        acts.append(
+            compute_logits(
+                prefix, ctx.x_train, dtype=ctx.dtype, transform=transform, device=ctx.device
+            ).to(torch.bfloat16)
+        )
+    ava = compute_logits(
+        prefix, ctx.x_val, dtype=ctx.dtype, transform=ctx.to_input, device=ctx.device
+    )
+    log.info(
+        f"cached frozen activations {tuple(ava.shape[1:])} of {ctx.copies} cop"
+        f"{'y' if ctx.copies == 1 else 'ies'} of the training set in {time.time() - t0:.1f}s"
+    )
+    return torch.cat(acts), ava
+
+
+def _top_stages(net: Classifier, n_top: int) -> list[nn.Module]:
+    backbone = list(net.backbone)
+    return backbone[len(backbone) - n_top :]
+
+
+class PooledFeatures:
+    """Cached activations -> the head's input: the top backbone stages, then pooling."""
+
+    def __init__(self, top: nn.Module, head: Head):
+        self.top, self.head = top, head
+
+    def __call__(self, a: torch.Tensor) -> torch.Tensor:
+        return self.head.pooled(self.top(a.float()))
+
+
+def head_stage(ctx: StageContext) -> Stage:
+    """The head trains on pooled features of the frozen backbone, computed once.
+
+    Args:
+        ctx: the shared inputs.
+
+    Returns:
+        The ``head`` stage.
+    """
+    net, cfg = ctx.net, ctx.cfg
+    net.set_trainable_stages(0)
+    net.eval()
+    atr, ava = ctx.activations()
+    pooled = PooledFeatures(nn.Sequential(*_top_stages(net, ctx.n_top)), net.head)
+    ftr = compute_logits(pooled, atr[: len(ctx.y_train)], dtype=ctx.dtype, device=ctx.device)
+    fva = compute_logits(pooled, ava, dtype=ctx.dtype, device=ctx.device)
+    return Stage(
+        name="head",
+        module=net.head,
+        forward=net.head.classify,
+        params=list(net.head.parameters()),
+        train_batches=CachedBatches(ftr, ctx.y_train, batch_size=cfg.batch_size, device=ctx.device),
+        n_train=len(ctx.y_train),
+        val_x=fva,
+        val_transform=None,
+        val_y=ctx.y_val,
+        epochs=cfg.head_epochs,
+        lr=ctx.lr,
+        dtype=None,
+        device=ctx.device,
+    )
+
+
+def finetune_stage(ctx: StageContext) -> Stage:
+    """The top ``n_top`` backbone stages and the head train on cached activations.
+
+    Args:
+        ctx: the shared inputs.
+
+    Returns:
+        The ``finetune`` stage.
+    """
+    net, cfg = ctx.net, ctx.cfg
+    net.set_trainable_stages(ctx.n_top)
+    atr, ava = ctx.activations()
+    top = nn.Sequential(*_top_stages(net, ctx.n_top), net.head)
+    return Stage(
+        name="finetune",
+        module=top,
+        forward=top,
+        params=[p for p in top.parameters() if p.requires_grad],
+        train_batches=CachedBatches(
+            atr, ctx.y_train, batch_size=cfg.batch_size, device=ctx.device, copies=ctx.copies
+        ),
+        n_train=len(ctx.y_train),
+        val_x=ava,
+        val_transform=None,
+        val_y=ctx.y_val,
+        epochs=cfg.epochs,
+        lr=ctx.lr * cfg.finetune_lr_scale,
+        dtype=ctx.train_dtype,
+        device=ctx.device,
+    )
+
+
+def full_stage(ctx: StageContext) -> Stage:
+    """Everything trains on augmented images.
+
+    Args:
+        ctx: the shared inputs.
+
+    Returns:
+        The ``full`` stage.
+    """
+    net, cfg = ctx.net, ctx.cfg
+    net.set_trainable_stages(None)
+    return Stage(
+        name="full",
+        module=net,
+        forward=net,
+        params=list(net.parameters()),
+        train_batches=ImageBatches(
+            ctx.x_train,
+            ctx.y_train,
+            ctx.to_input.pre,
+            cfg.augment,
+            augmenting=cfg.augment.enabled,
+            batch_size=cfg.batch_size,
+            device=ctx.device,
+        ),
+        n_train=len(ctx.y_train),
+        val_x=ctx.x_val,
+        val_transform=ctx.to_input,
+        val_y=ctx.y_val,
+        epochs=cfg.epochs,
+        lr=ctx.lr,
+        dtype=ctx.train_dtype,
+        device=ctx.device,
+    )
+
+
+STAGES: dict[str, Callable[[StageContext], Stage]] = {
+    "head": head_stage,
+    "finetune": finetune_stage,
+    "full": full_stage,
+}
+"""Stage name -> the function that builds it."""
+
+
+def build_stage(name: str, ctx: StageContext) -> Stage:
+    """The stage called ``name`` (one of :data:`STAGES`), built from ``ctx``."""
+    return STAGES[name](ctx)
