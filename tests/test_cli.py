@@ -191,37 +191,22 @@ def test_train_recipe_with_flags_overriding_it(cli_run):
         assert len(list(csv.DictReader(f))) == 2
 
 
+def _train(capsys, data, out, *extra) -> tuple[int, str, str]:
+    """``medlens train`` of a tiny cnn, quietly."""
+    return _run(capsys, "train", "--data", data, "--out", out, "--model", "cnn", "--quiet", *extra)
+
+
 def test_train_recipe_with_unknown_setting_is_exit_2(capsys, tmp_path, synthetic_data):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("epochz: 3\n")
-    code, _, err = _run(
-        capsys,
-        "train",
-        "--data",
-        synthetic_data,
-        "--out",
-        tmp_path / "o",
-        "--config",
-        recipe,
-        "--model",
-        "cnn",
-        "--quiet",
-    )
+    code, _, err = _train(capsys, synthetic_data, tmp_path / "o", "--config", recipe)
     assert code == 2 and "epochz" in err
     assert not (tmp_path / "o").exists()
 
 
 def test_train_missing_recipe_file_is_exit_2(capsys, tmp_path, synthetic_data):
-    code, _, err = _run(
-        capsys,
-        "train",
-        "--data",
-        synthetic_data,
-        "--out",
-        tmp_path / "o",
-        "--config",
-        tmp_path / "nope.yaml",
-        "--quiet",
+    code, _, err = _train(
+        capsys, synthetic_data, tmp_path / "o", "--config", tmp_path / "nope.yaml"
     )
     assert code == 2 and "nope.yaml" in err
 

@@ -23,17 +23,11 @@ from medlens.errors import DataError, TrainError
 from medlens.modeling import registry as models
 from medlens.training.trainer import train
 
+# fmt: off
 COLUMNS = [
-    "epoch",
-    "stage",
-    "train_loss",
-    "train_acc",
-    "val_loss",
-    "val_acc",
-    "val_auc",
-    "lr",
-    "seconds",
+    "epoch", "stage", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "lr", "seconds",
 ]
+# fmt: on
 
 
 def _history(run: Path) -> list[dict]:
@@ -518,13 +512,13 @@ def test_bn_momentum_setting(tmp_path, synthetic_data):
 
 
 def test_float32_passes_turn_tf32_off_on_cuda_only():
-    from medlens.inference.runtime import _exact_float32
+    from medlens.inference.runtime import exact_float32
 
     before = torch.backends.cudnn.allow_tf32
-    with _exact_float32(None, torch.device("cuda")):
+    with exact_float32(None, torch.device("cuda")):
         assert torch.backends.cudnn.allow_tf32 is False
     assert torch.backends.cudnn.allow_tf32 == before
-    with _exact_float32(torch.bfloat16, torch.device("cuda")):
+    with exact_float32(torch.bfloat16, torch.device("cuda")):
         assert torch.backends.cudnn.allow_tf32 == before
-    with _exact_float32(None, torch.device("cpu")):
+    with exact_float32(None, torch.device("cpu")):
         assert torch.backends.cudnn.allow_tf32 == before

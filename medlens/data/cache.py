@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from medlens.errors import DataError
+
 if TYPE_CHECKING:
     from medlens.data.datasets import Sample
 
@@ -41,6 +43,20 @@ class PreparedImages:
     pixels: np.ndarray  # uint8 (N_ok, C, S, S)
     keep: list[int]  # indices into the input list of the decoded samples
     errors: list[tuple[str, str]]  # (source, reason) of the samples that failed
+
+
+def refuse_unreadable(errors: list[tuple[str, str]], skip: bool) -> None:
+    """Stop on unreadable images (one line each) unless ``skip`` (``--skip-bad-images``).
+
+    Raises:
+        DataError: ``errors`` is not empty and ``skip`` is false.
+    """
+    if errors and not skip:
+        lines = "\n".join(f"  {src}: {why}" for src, why in errors)
+        raise DataError(
+            f"{len(errors)} unreadable image(s); fix or remove them, or pass "
+            f"--skip-bad-images:\n{lines}"
+        )
 
 
 def _prepare_one(args):

@@ -15,12 +15,17 @@ import torch
 from numpy.typing import ArrayLike
 
 
-def _autocast(dtype, device: torch.device | None = None):
+def autocast(
+    dtype: torch.dtype | None, device: torch.device | None = None
+) -> contextlib.AbstractContextManager:
+    """bf16 (or ``dtype``) autocast on ``device``'s type; a no-op when ``dtype`` is None."""
     kind = device.type if device is not None else "cpu"
     return torch.autocast(kind, dtype=dtype, enabled=dtype is not None)
 
 
-def _exact_float32(dtype, device: torch.device | None):
+def exact_float32(
+    dtype: torch.dtype | None, device: torch.device | None
+) -> contextlib.AbstractContextManager:
     """cuDNN convolutions run in TF32 by default on recent GPUs; a float32 pass (calibration,
     evaluation, the OOD guard) must be the float32 that CPU serving computes."""
     if dtype is not None or device is None or device.type != "cuda":
@@ -39,7 +44,7 @@ def compute_logits(
     """Apply ``fn`` to ``x`` in batches under no_grad (each batch moved to ``device`` first,
     then ``transform``-ed); returns float32 logits on CPU."""
     outs = []
-    with torch.no_grad(), _autocast(dtype, device), _exact_float32(dtype, device):
+    with torch.no_grad(), autocast(dtype, device), exact_float32(dtype, device):
         for i in range(0, len(x), batch_size):
             b = torch.as_tensor(x[i : i + batch_size])
             if device is not None:

@@ -73,9 +73,8 @@ def evaluate(
     progress: bool = True,
 ) -> dict:
     """``medlens evaluate``: every image under ``data`` is evaluated; nothing is split off."""
-    from medlens.data.cache import prepare_samples
+    from medlens.data.cache import prepare_samples, refuse_unreadable
     from medlens.data.datasets import load_dataset
-    from medlens.errors import DataError
     from medlens.inference.predictor import Predictor
 
     predictor = Predictor(model_ref)
@@ -83,12 +82,7 @@ def evaluate(
     ds = load_dataset(data, mode="all", classes=meta.labels)
     samples = ds.splits["all"]
     res = prepare_samples(samples, meta.preprocess, progress=progress, desc="decode")
-    if res.errors and not skip_bad_images:
-        lines = "\n".join(f"  {s}: {why}" for s, why in res.errors)
-        raise DataError(
-            f"{len(res.errors)} unreadable image(s); fix or remove them, or pass "
-            f"--skip-bad-images:\n{lines}"
-        )
+    refuse_unreadable(res.errors, skip_bad_images)
     kept = [samples[i] for i in res.keep]
     y = np.array([s.label for s in kept])
     probs = predictor.probs_prepared(res.pixels)

@@ -8,10 +8,10 @@ import numpy as np
 import torch
 
 from medlens.config import TrainConfig
-from medlens.data.cache import is_colour, prepare_samples
+from medlens.data.cache import is_colour, prepare_samples, refuse_unreadable
 from medlens.data.datasets import Dataset, Sample, load_dataset
 from medlens.data.preprocess import Preprocess
-from medlens.errors import DataError, ImageReadError, TrainError
+from medlens.errors import ImageReadError, TrainError
 from medlens.modeling.registry import ModelInfo
 
 
@@ -89,12 +89,7 @@ def load_training_data(cfg: TrainConfig, info: ModelInfo, pretrained: bool) -> T
         grayscale=cfg.grayscale,
     )
     data = _decode(cfg, ds, geometry)
-    if data.bad and not cfg.skip_bad_images:
-        lines = "\n".join(f"  {src}: {why}" for src, why in data.bad)
-        raise DataError(
-            f"{len(data.bad)} unreadable image(s); fix or remove them, or pass "
-            f"--skip-bad-images:\n{lines}"
-        )
+    refuse_unreadable(data.bad, cfg.skip_bad_images)
     return data
 
 

@@ -20,7 +20,7 @@ from medlens.artifacts.folders import ModelFolder
 from medlens.config import TrainConfig
 from medlens.evaluation.calibration import logits_to_probs
 from medlens.fileio import atomic_torch_save
-from medlens.inference.runtime import _autocast, compute_logits
+from medlens.inference.runtime import autocast, compute_logits
 from medlens.training.stages import Stage
 
 log = logging.getLogger(__name__)
@@ -240,7 +240,7 @@ class _StageFit:
         total, correct, loss_sum = 0, 0, 0.0
         bar = self._progress_bar(epoch)
         for xb, yb in stage.train_batches(epoch, self.gen):
-            with _autocast(stage.dtype, stage.device):
+            with autocast(stage.dtype, stage.device):
                 logits = stage.forward(xb)
             logits = logits.float()
             loss = loss_fn(logits, yb, self.weights, binary)

@@ -66,16 +66,6 @@ def train(
     return Trainer(cfg, resume=resume, overwrite=overwrite, command=command).run()
 
 
-def _check_settings(cfg: TrainConfig) -> None:
-    """Settings checked before anything else (to move into config.py's declarations)."""
-    if cfg.transfer not in ("frozen", "finetune", "full"):
-        raise TrainError(f"--transfer must be frozen, finetune or full, got {cfg.transfer!r}")
-    if cfg.bn_momentum is not None and not 0.0 < cfg.bn_momentum <= 1.0:
-        raise TrainError(f"--bn-momentum must be in (0, 1], got {cfg.bn_momentum}")
-    if cfg.optimizer not in ("adam", "adamw"):
-        raise TrainError(f"--optimizer must be adam or adamw, got {cfg.optimizer!r}")
-
-
 def _resumed_config(cfg: TrainConfig) -> TrainConfig:
     """The settings of the run in ``cfg.out`` (its ``config.yaml``, when there is one)."""
     folder = ModelFolder(cfg.out)
@@ -136,8 +126,8 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, *, resume: bool, overwrite: bool, command: str | None):
         self.info = model_info(cfg.model)  # unknown model: clear error before anything is written
-        _check_settings(cfg)
-        self.cfg = _resumed_config(cfg) if resume else cfg
+        # Every declared constraint (config.py), on the settings the run will use.
+        self.cfg = (_resumed_config(cfg) if resume else cfg).validate()
         self.resume, self.overwrite, self.command = resume, overwrite, command
 
     def run(self) -> Path:
