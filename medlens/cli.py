@@ -25,17 +25,15 @@ EXIT_USAGE = 2  # a user error: one line saying what to do
 EXIT_BUG = 1  # a bug: a short hint; the traceback with --debug
 
 
-def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "train",
-        help="train a classifier on a folder of images",
-        description="Train, calibrate (on the validation split only) and evaluate a classifier. "
-        "DATA may be <root>/<class>/<image> (split into train/val/test, stratified "
-        "and patient-grouped), <root>/{train,val,test}/<class>/<image>, a CSV "
-        "manifest (path,label[,patient_id][,split]) or a MedMNIST .npz file. Settings "
-        "come from the defaults, then --config (a recipe, or a run's config.yaml), then "
-        "the flags given here.",
-    )
+def _add_train(p: argparse.ArgumentParser) -> None:
+    """train a classifier on a folder of images
+
+    Train, calibrate (on the validation split only) and evaluate a classifier. DATA may be
+    <root>/<class>/<image> (split into train/val/test, stratified and patient-grouped),
+    <root>/{train,val,test}/<class>/<image>, a CSV manifest
+    (path,label[,patient_id][,split]) or a MedMNIST .npz file. Settings come from the
+    defaults, then --config (a recipe, or a run's config.yaml), then the flags given here.
+    """
     add_options(p)
     p.add_argument(
         "--config",
@@ -69,14 +67,12 @@ def _cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
-def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "evaluate",
-        help="evaluate a model on a labelled folder",
-        description="Evaluate every image under DATA (nothing is split off): "
-        "metrics.json (with 95%% bootstrap intervals), report.html, "
-        "predictions.csv in --out.",
-    )
+def _add_evaluate(p: argparse.ArgumentParser) -> None:
+    """evaluate a model on a labelled folder
+
+    Evaluate every image under DATA (nothing is split off): metrics.json (with 95%
+    bootstrap intervals), report.html, predictions.csv in --out.
+    """
     p.add_argument("--model", required=True, help="run folder, or a bundled/installed model name")
     p.add_argument(
         "--data",
@@ -114,13 +110,12 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
-def _add_predict(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "predict",
-        help="predict images or folders",
-        description="Predict the label and calibrated class probabilities of "
-        "images (PNG, JPEG, DICOM, ...) or folders (recursive).",
-    )
+def _add_predict(p: argparse.ArgumentParser) -> None:
+    """predict images or folders
+
+    Predict the label and calibrated class probabilities of images (PNG, JPEG, DICOM, ...)
+    or folders (recursive).
+    """
     p.add_argument("paths", nargs="+", help="image files and/or folders")
     p.add_argument("--model", required=True, help="run folder or bundled/installed model name")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
@@ -225,15 +220,13 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     return 1 if failed and failed == len(rows) else 0
 
 
-def _add_explain(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "explain",
-        help="Grad-CAM overlay for one image",
-        description="Write a Grad-CAM heat map of the last backbone stage "
-        "(MONAI GradCAM with a run's torch weights; the ONNX graph's "
-        "identical closed-form map for inference-only models such "
-        "as the bundled ones) blended over the image.",
-    )
+def _add_explain(p: argparse.ArgumentParser) -> None:
+    """Grad-CAM overlay for one image
+
+    Write a Grad-CAM heat map of the last backbone stage (MONAI GradCAM with a run's torch
+    weights; the ONNX graph's identical closed-form map for inference-only models such as
+    the bundled ones) blended over the image.
+    """
     p.add_argument("image", help="image file (PNG, JPEG, DICOM, ...)")
     p.add_argument("--model", required=True, help="run folder or bundled/installed model name")
     p.add_argument("--out", required=True, help="PNG file to write")
@@ -273,13 +266,12 @@ def _cmd_explain(a: argparse.Namespace) -> int:
     return 0
 
 
-def _add_compare(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "compare",
-        help="compare runs side by side",
-        description="Print a table and write plots comparing run folders "
-        "(their validation evaluation unless --split says otherwise).",
-    )
+def _add_compare(p: argparse.ArgumentParser) -> None:
+    """compare runs side by side
+
+    Print a table and write plots comparing run folders (their validation evaluation unless
+    --split says otherwise).
+    """
     p.add_argument("runs", nargs="+", help="run folders")
     p.add_argument("--split", default="val", help="which evaluation of each run: val or test")
     p.add_argument("--out", default="compare", help="folder for compare.html and compare.csv")
@@ -294,13 +286,12 @@ def _cmd_compare(a: argparse.Namespace) -> int:
     return 0
 
 
-def _add_models(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "models",
-        help="list backbones and trained models",
-        description="List the backbone registry (with parameter counts), the "
-        "bundled models and the models in --models folders.",
-    )
+def _add_models(p: argparse.ArgumentParser) -> None:
+    """list backbones and trained models
+
+    List the backbone registry (with parameter counts), the bundled models and the models in
+    --models folders.
+    """
     p.add_argument(
         "--models",
         action="append",
@@ -336,20 +327,16 @@ def _cmd_models(a: argparse.Namespace) -> int:
     return 0
 
 
-def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "export",
-        help="export a model to ONNX and write its model card",
-        description="Write model.onnx (checked against the torch network on "
-        "random input), model_card.json and model_card.md into the "
-        "model folder. Card fields (intended_use, limitations, "
-        "modality, ...) are read from a `card` dict in model.json "
-        "(a recipe's `card:` section). With --bundle, write an "
-        "inference-only folder instead (model.json, model.onnx, "
-        "ood.npz, card; no model.pt), its metrics re-measured on the "
-        "shipped file: what `medlens serve --models` and the "
-        "bundled models use.",
-    )
+def _add_export(p: argparse.ArgumentParser) -> None:
+    """export a model to ONNX and write its model card
+
+    Write model.onnx (checked against the torch network on random input), model_card.json
+    and model_card.md into the model folder. Card fields (intended_use, limitations,
+    modality, ...) are read from a `card` dict in model.json (a recipe's `card:` section).
+    With --bundle, write an inference-only folder instead (model.json, model.onnx, ood.npz,
+    card; no model.pt), its metrics re-measured on the shipped file: what `medlens serve
+    --models` and the bundled models use.
+    """
     p.add_argument("--model", required=True, help="run folder or bundled model name")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
     p.add_argument(
@@ -415,14 +402,12 @@ def _cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
-def _add_serve(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "serve",
-        help="web app and REST API",
-        description="Serve the diagnose page (/), the training dashboard "
-        "(/dashboard), the REST API (/api/v1) and its docs (/docs) "
-        "with uvicorn. Models: the bundled ones plus --models.",
-    )
+def _add_serve(p: argparse.ArgumentParser) -> None:
+    """web app and REST API
+
+    Serve the diagnose page (/), the training dashboard (/dashboard), the REST API (/api/v1)
+    and its docs (/docs) with uvicorn. Models: the bundled ones plus --models.
+    """
     p.add_argument("--host", default="127.0.0.1", help="default %(default)s (this machine only)")
     p.add_argument("--port", type=int, default=8000, help="default %(default)s")
     p.add_argument(
@@ -462,19 +447,16 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     return 0
 
 
-def _add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "bench",
-        help="benchmark inference, the web app under load and training speed",
-        description="Measure on this machine, in one run: network latency p50/p95 at batch 1 "
-        "and throughput at batch 32 through eager torch, ONNX Runtime fp32 and "
-        "(when the folder ships model.int8.onnx) int8; the web app under load "
-        "(`medlens serve` on 127.0.0.1, N keep-alive connections posting one "
-        "synthetic 1024x1024 JPEG: requests/s, p50/p95, errors); and, with "
-        "--train-log, a finished run's training images/s and time to its best "
-        "validation AUC. Writes bench-<time>.json/.csv and latest.json/.csv/.md "
-        "into --out.",
-    )
+def _add_bench(p: argparse.ArgumentParser) -> None:
+    """benchmark inference, the web app under load and training speed
+
+    Measure on this machine, in one run: network latency p50/p95 at batch 1 and throughput
+    at batch 32 through eager torch, ONNX Runtime fp32 and (when the folder ships
+    model.int8.onnx) int8; the web app under load (`medlens serve` on 127.0.0.1, N
+    keep-alive connections posting one synthetic 1024x1024 JPEG: requests/s, p50/p95,
+    errors); and, with --train-log, a finished run's training images/s and time to its best
+    validation AUC. Writes bench-<time>.json/.csv and latest.json/.csv/.md into --out.
+    """
     p.add_argument(
         "--model", default="pneumonia", help="run folder or bundled model name; default %(default)s"
     )
@@ -546,19 +528,14 @@ def _cmd_bench(a: argparse.Namespace) -> int:
             "--n, --concurrency and --threads must be >= 1, --duration > 0, --warmup >= 0"
         )
     image = Path(a.image).read_bytes() if a.image else None
+    same = ("n", "duration", "concurrency", "train_log", "target_auc", "threads", "torch_model")
     res = run_bench(
         a.model,
-        n=a.n,
-        duration=a.duration,
-        concurrency=a.concurrency,
         warmup_s=a.warmup,
-        train_log=a.train_log,
-        target_auc=a.target_auc,
         inference=not a.no_inference,
         serve=not a.no_serve,
         image=image,
-        threads=a.threads,
-        torch_model=a.torch_model,
+        **{k: getattr(a, k) for k in same},  # options named as run_bench's parameters
     )
     paths = write_results(res, a.out)
     if a.json:
@@ -592,8 +569,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="debug messages, and the full traceback when something fails",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add, _ in COMMANDS.values():
-        add(sub)
+    for name, (add, _) in COMMANDS.items():
+        # Each command's one-line help and description are its options function's docstring.
+        summary, _, description = add.__doc__.partition("\n\n")
+        add(sub.add_parser(name, help=summary, description=" ".join(description.split())))
     for p in sub.choices.values():  # `medlens train ... --debug` works too
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="as above")
     return parser

@@ -222,17 +222,7 @@ def test_train_nonexistent_data_is_exit_2_with_one_line(capsys, tmp_path):
 
 
 def test_train_unknown_model_is_exit_2_listing_choices(capsys, tmp_path, synthetic_data):
-    code, _, err = _run(
-        capsys,
-        "train",
-        "--data",
-        synthetic_data,
-        "--out",
-        tmp_path / "o",
-        "--model",
-        "alexnet",
-        "--quiet",
-    )
+    code, _, err = _train(capsys, synthetic_data, tmp_path / "o", "--model", "alexnet")
     assert code == 2 and "alexnet" in err
     for name in list_models():
         assert name in err
@@ -240,19 +230,7 @@ def test_train_unknown_model_is_exit_2_listing_choices(capsys, tmp_path, synthet
 
 
 def test_train_existing_run_is_exit_2(capsys, trained_run, synthetic_data):
-    code, _, err = _run(
-        capsys,
-        "train",
-        "--data",
-        synthetic_data,
-        "--out",
-        trained_run,
-        "--model",
-        "cnn",
-        "--image-size",
-        "32",
-        "--quiet",
-    )
+    code, _, err = _train(capsys, synthetic_data, trained_run, "--image-size", "32")
     assert code == 2 and "already holds a run" in err
     assert (trained_run / "model.json").exists()
 

@@ -383,17 +383,11 @@ def test_three_classes_train_with_softmax_and_no_threshold(
 
 def test_frozen_lite0_trains_only_the_head(tmp_path, synthetic_data, train_config):
     # 64 px: at 32 px Lite0's pretrained 1x1 head conv outputs all zeros after ReLU6.
+    lite = dict(model="efficientnet-lite0", image_size=64, test_fraction=0)
     out = train(
         train_config(
-            synthetic_data,
-            tmp_path / "lite",
-            model="efficientnet-lite0",
-            image_size=64,
-            transfer="frozen",
-            head_epochs=3,
-            epochs=50,
-            test_fraction=0,
-        ),
+            synthetic_data, tmp_path / "lite", transfer="frozen", head_epochs=3, epochs=50, **lite
+        )
     )
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["pretrained"] is True and cfg["channels"] == 3

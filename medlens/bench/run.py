@@ -214,44 +214,42 @@ def _fmt(v, unit: str = "") -> str:
     return f"{v:.1f}{unit}" if abs(v) >= 1 else f"{v:.3f}{unit}"
 
 
-def _inference_lines(res: dict) -> list[str]:
-    lines = [
-        "| engine | batch-1 p50 | batch-1 p95 | batch-32 throughput |",
-        "|---|---|---|---|",
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table's lines."""
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(r) + " |" for r in rows),
     ]
-    for row in (res.get("inference") or {}).get("rows", {}).values():
-        lines.append(
-            f"| {row['engine']} | {_fmt(row['latency_ms_p50'], ' ms')} | "
-            f"{_fmt(row['latency_ms_p95'], ' ms')} | "
-            f"{_fmt(row.get('throughput_img_s_b32'), ' img/s')} |"
-        )
-    return lines
+
+
+def _inference_lines(res: dict) -> list[str]:
+    rows = [
+        [row["engine"], _fmt(row["latency_ms_p50"], " ms"), _fmt(row["latency_ms_p95"], " ms"),
+         _fmt(row.get("throughput_img_s_b32"), " img/s")]
+        for row in (res.get("inference") or {}).get("rows", {}).values()
+    ]  # fmt: skip
+    return _md_table(["engine", "batch-1 p50", "batch-1 p95", "batch-32 throughput"], rows)
 
 
 def _serve_lines(sv: dict) -> list[str]:
-    return [
-        "",
-        "| web app | requests/s | p50 | p95 | errors |",
-        "|---|---|---|---|---|",
-        f"| `POST predict`, {sv['concurrency']} connections, {sv['duration_s']:g} s, "
-        f"{sv['upload_bytes'] / 1e3:.0f} KB 1024x1024 JPEG | {_fmt(sv['rps'])} | "
-        f"{_fmt(sv['latency_ms_p50'], ' ms')} | {_fmt(sv['latency_ms_p95'], ' ms')} | "
-        f"{sv['errors']} of {sv['requests']} |",
-        "",
-        f"Server: {sv['server']}.",
-    ]
+    what = (
+        f"`POST predict`, {sv['concurrency']} connections, {sv['duration_s']:g} s, "
+        f"{sv['upload_bytes'] / 1e3:.0f} KB 1024x1024 JPEG"
+    )
+    row = [what, _fmt(sv["rps"]), _fmt(sv["latency_ms_p50"], " ms"),
+           _fmt(sv["latency_ms_p95"], " ms"), f"{sv['errors']} of {sv['requests']}"]  # fmt: skip
+    table = _md_table(["web app", "requests/s", "p50", "p95", "errors"], [row])
+    return ["", *table, "", f"Server: {sv['server']}."]
 
 
 def _training_lines(t: dict) -> list[str]:
-    return [
-        "",
-        "| training | images/s | epochs | best val AUC | epoch time to it | wall time |",
-        "|---|---|---|---|---|---|",
-        f"| `{t['run']}` ({t.get('arch')}) | {_fmt(t['train_images_per_s'])} | "
-        f"{t['train_epochs']} | {_fmt(t['train_best_val_auc'])} (epoch "
-        f"{t['train_best_epoch']}) | {_fmt(t['train_epoch_seconds_to_best_val_auc'], ' s')}"
-        f" | {_fmt(t['train_wall_seconds'], ' s')} |",
-    ]
+    row = [f"`{t['run']}` ({t.get('arch')})", _fmt(t["train_images_per_s"]), str(t["train_epochs"]),
+           f"{_fmt(t['train_best_val_auc'])} (epoch {t['train_best_epoch']})",
+           _fmt(t["train_epoch_seconds_to_best_val_auc"], " s"),
+           _fmt(t["train_wall_seconds"], " s")]  # fmt: skip
+    header = ["training", "images/s", "epochs", "best val AUC", "epoch time to it", "wall time"]
+    return ["", *_md_table(header, [row])]
 
 
 def summary_table(res: dict) -> str:

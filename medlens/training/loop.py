@@ -166,15 +166,8 @@ def fit(
 class _StageFit:
     """One stage's optimiser, scheduler, early-stopping state and generator."""
 
-    def __init__(
-        self,
-        stage: Stage,
-        net: nn.Module,
-        cfg: TrainConfig,
-        progress: Progress,
-        weights: torch.Tensor | None,
-        binary: bool,
-    ):
+    def __init__(self, stage: Stage, net: nn.Module, cfg: TrainConfig, progress: Progress,
+                 weights: torch.Tensor | None, binary: bool) -> None:  # fmt: skip
         self.stage, self.net, self.cfg, self.progress = stage, net, cfg, progress
         self.weights, self.binary = weights, binary
         opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam

@@ -169,15 +169,21 @@ class PooledFeatures:
         return self.head.pooled(self.top(a.float()))
 
 
+def _stage(
+    ctx: StageContext, name: str, module: nn.Module, batches: BatchSource, val_x: object, **kw
+) -> Stage:
+    """A :class:`Stage` on ``ctx``'s labels and device; ``forward`` defaults to ``module``,
+    ``params`` to its trainable parameters."""
+    kw.setdefault("forward", module)
+    kw.setdefault("params", [p for p in module.parameters() if p.requires_grad])
+    kw.setdefault("val_transform", None)
+    kw.setdefault("dtype", None)
+    return Stage(name=name, module=module, train_batches=batches, n_train=len(ctx.y_train),
+                 val_x=val_x, val_y=ctx.y_val, device=ctx.device, **kw)  # fmt: skip
+
+
 def head_stage(ctx: StageContext) -> Stage:
-    """The head trains on pooled features of the frozen backbone, computed once.
-
-    Args:
-        ctx: the shared inputs.
-
-    Returns:
-        The ``head`` stage.
-    """
+    """The head trains on pooled features of the frozen backbone, computed once."""
     net, cfg = ctx.net, ctx.cfg
     net.set_trainable_stages(0)
     net.eval()
@@ -185,89 +191,37 @@ def head_stage(ctx: StageContext) -> Stage:
     pooled = PooledFeatures(nn.Sequential(*_top_stages(net, ctx.n_top)), net.head)
     ftr = compute_logits(pooled, atr[: len(ctx.y_train)], dtype=ctx.dtype, device=ctx.device)
     fva = compute_logits(pooled, ava, dtype=ctx.dtype, device=ctx.device)
-    return Stage(
-        name="head",
-        module=net.head,
-        forward=net.head.classify,
-        params=list(net.head.parameters()),
-        train_batches=CachedBatches(ftr, ctx.y_train, batch_size=cfg.batch_size, device=ctx.device),
-        n_train=len(ctx.y_train),
-        val_x=fva,
-        val_transform=None,
-        val_y=ctx.y_val,
-        epochs=cfg.head_epochs,
-        lr=ctx.lr,
-        dtype=None,
-        device=ctx.device,
-    )
+    batches = CachedBatches(ftr, ctx.y_train, batch_size=cfg.batch_size, device=ctx.device)
+    head = net.head
+    return _stage(ctx, "head", head, batches, fva, forward=head.classify,
+                  params=list(head.parameters()), epochs=cfg.head_epochs, lr=ctx.lr)  # fmt: skip
 
 
 def finetune_stage(ctx: StageContext) -> Stage:
-    """The top ``n_top`` backbone stages and the head train on cached activations.
-
-    Args:
-        ctx: the shared inputs.
-
-    Returns:
-        The ``finetune`` stage.
-    """
+    """The top ``n_top`` backbone stages and the head train on cached activations."""
     net, cfg = ctx.net, ctx.cfg
     net.set_trainable_stages(ctx.n_top)
     atr, ava = ctx.activations()
     top = nn.Sequential(*_top_stages(net, ctx.n_top), net.head)
-    return Stage(
-        name="finetune",
-        module=top,
-        forward=top,
-        params=[p for p in top.parameters() if p.requires_grad],
-        train_batches=CachedBatches(
-            atr, ctx.y_train, batch_size=cfg.batch_size, device=ctx.device, copies=ctx.copies
-        ),
-        n_train=len(ctx.y_train),
-        val_x=ava,
-        val_transform=None,
-        val_y=ctx.y_val,
-        epochs=cfg.epochs,
-        lr=ctx.lr * cfg.finetune_lr_scale,
-        dtype=ctx.train_dtype,
-        device=ctx.device,
+    batches = CachedBatches(
+        atr, ctx.y_train, batch_size=cfg.batch_size, device=ctx.device, copies=ctx.copies
+    )
+    lr = ctx.lr * cfg.finetune_lr_scale
+    return _stage(
+        ctx, "finetune", top, batches, ava, epochs=cfg.epochs, lr=lr, dtype=ctx.train_dtype
     )
 
 
 def full_stage(ctx: StageContext) -> Stage:
-    """Everything trains on augmented images.
-
-    Args:
-        ctx: the shared inputs.
-
-    Returns:
-        The ``full`` stage.
-    """
+    """Everything trains on augmented images."""
     net, cfg = ctx.net, ctx.cfg
     net.set_trainable_stages(None)
-    return Stage(
-        name="full",
-        module=net,
-        forward=net,
-        params=list(net.parameters()),
-        train_batches=ImageBatches(
-            ctx.x_train,
-            ctx.y_train,
-            ctx.to_input.pre,
-            cfg.augment,
-            augmenting=cfg.augment.enabled,
-            batch_size=cfg.batch_size,
-            device=ctx.device,
-        ),
-        n_train=len(ctx.y_train),
-        val_x=ctx.x_val,
-        val_transform=ctx.to_input,
-        val_y=ctx.y_val,
-        epochs=cfg.epochs,
-        lr=ctx.lr,
-        dtype=ctx.train_dtype,
-        device=ctx.device,
-    )
+    batches = ImageBatches(ctx.x_train, ctx.y_train, ctx.to_input.pre, cfg.augment,
+                           augmenting=cfg.augment.enabled, batch_size=cfg.batch_size,
+                           device=ctx.device)  # fmt: skip
+    return _stage(ctx, "full", net, batches, ctx.x_val, val_transform=ctx.to_input,
+                  params=list(net.parameters()), epochs=cfg.epochs, lr=ctx.lr,
+                  dtype=ctx.train_dtype)  # fmt: skip
 
 
 STAGES: dict[str, Callable[[StageContext], Stage]] = {
