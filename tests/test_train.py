@@ -400,7 +400,7 @@ def test_frozen_lite0_trains_only_the_head(tmp_path, synthetic_data, train_confi
     rows = _history(out)
     assert len(rows) == 3 and {r["stage"] for r in rows} == {"head"}
     # The backbone is exactly the ImageNet one, batch-norm statistics included.
-    pth = torch.load(models.lite0_weights_path(), weights_only=True)
+    pth = torch.load(models.lite_weights_path(0), weights_only=True)
     state = torch.load(out / "model.pt", weights_only=True)
     assert torch.equal(state["backbone.0.1.weight"], pth["_conv_stem.weight"])
     assert torch.equal(state["backbone.0.2.running_mean"], pth["_bn0.running_mean"])
@@ -430,7 +430,7 @@ def test_lite0_finetune_trains_head_then_top_stages(tmp_path, synthetic_data, tr
     assert float(rows[2]["lr"]) == pytest.approx(1e-4)  # lr x finetune_lr_scale
     m = _json(out / "model.json")
     assert m["training"]["stages"] == ["head", "finetune"]
-    pth = torch.load(models.lite0_weights_path(), weights_only=True)
+    pth = torch.load(models.lite_weights_path(0), weights_only=True)
     state = torch.load(out / "model.pt", weights_only=True)
     # Below the unfrozen top stage nothing moved; the top stage (1x1 head conv) did.
     assert torch.equal(state["backbone.0.1.weight"], pth["_conv_stem.weight"])

