@@ -238,6 +238,12 @@ class TrainConfig:
         "keep decoded, resized images here for later runs (holds patient images: off unless asked)",
     )
     pretrained: bool = setting(True, "ImageNet weights where the backbone has them")
+    weights: str | None = setting(
+        None,
+        "initialise the backbone from this state_dict file (.pt/.pth: ImageNet or chest X-ray "
+        "weights downloaded elsewhere); tensors are matched by name (else by order when every "
+        "shape agrees) and what was loaded, missing or unexpected is reported",
+    )
     name: str | None = setting(None, "model name (default: the run folder's name)")
     progress: bool = setting(True, "progress bars", flag="--quiet")
     card: dict | None = setting(

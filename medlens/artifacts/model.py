@@ -14,6 +14,7 @@ A run folder (``medlens train --out RUN``) is such a model folder plus ``config.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,13 +106,17 @@ class ModelMeta:
             ) from None
 
 
-def build_network(meta: ModelMeta, pretrained: bool = False) -> Classifier:
+def build_network(
+    meta: ModelMeta, pretrained: bool = False, weights: str | os.PathLike | None = None
+) -> Classifier:
+    """The network ``meta`` describes; ``pretrained``/``weights``: see :func:`create_model`."""
     return create_model(
         meta.arch,
         num_outputs=meta.num_outputs,
         in_channels=meta.preprocess.channels,
         pretrained=pretrained,
         dropout=meta.dropout,
+        weights=weights,
     )
 
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import functools
 import importlib
+import logging
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,10 +28,17 @@ from torch import nn
 
 from medlens.errors import ConfigError, InstallError
 from medlens.modeling.classifier import Classifier
+from medlens.modeling.weights import load_matching, read_state_dict
+
+log = logging.getLogger(__name__)
 
 # ImageNet statistics: the input normalisation of every ImageNet-pretrained backbone.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+Built = tuple[nn.Sequential, int, nn.Module]
+"""What a backbone builder returns: stages, output channels, the named network."""
 
 
 @dataclass(frozen=True)
@@ -38,7 +47,7 @@ class ModelInfo:
 
     name: str
     description: str
-    builder: Callable[..., tuple[nn.Sequential, int]]
+    builder: Callable[..., Built]
     pretrained: bool = False  # ImageNet weights available offline
     default_image_size: int = 224
     # Channel count the pretrained weights expect; None: any.
@@ -55,7 +64,9 @@ def register_model(
     default_image_size: int = 224,
     fixed_in_channels: int | None = None,
 ) -> Callable[[Callable], Callable]:
-    """Decorator that adds a backbone builder ``fn(in_channels, pretrained) -> (stages, F)``."""
+    """Decorator that adds a backbone builder ``fn(in_channels, pretrained) -> (stages, F,
+    native)``: the backbone stages, their output channels, and the network whose parameter names
+    a weights file uses (the stages are its submodules)."""
 
     def wrap(fn):
         _REGISTRY[name] = ModelInfo(
@@ -81,7 +92,12 @@ def model_info(name: str) -> ModelInfo:
 
 
 def create_model(
-    name: str, num_outputs: int, in_channels: int = 3, pretrained: bool = True, dropout: float = 0.3
+    name: str,
+    num_outputs: int,
+    in_channels: int = 3,
+    pretrained: bool = True,
+    dropout: float = 0.3,
+    weights: str | os.PathLike | None = None,
 ) -> Classifier:
     """Build a registered backbone with a fresh head.
 
@@ -91,6 +107,9 @@ def create_model(
         in_channels: 1 (grayscale) or 3.
         pretrained: load ImageNet weights where the backbone has them (offline only).
         dropout: dropout rate before the dense layer.
+        weights: a state_dict file to initialise the backbone from (after the ImageNet
+            weights, where those load too); see :mod:`medlens.modeling.weights`. The report is
+            logged and kept as the network's ``weights_report``.
     """
     info = model_info(name)
     if info.fixed_in_channels is not None and pretrained and in_channels != info.fixed_in_channels:
@@ -98,10 +117,16 @@ def create_model(
             f"model {name!r} with pretrained weights needs {info.fixed_in_channels} "
             f"input channels, got {in_channels}; use an RGB preprocessing spec"
         )
-    backbone, num_features = info.builder(
+    backbone, num_features, native = info.builder(
         in_channels=in_channels, pretrained=pretrained and info.pretrained
     )
-    return Classifier(backbone, num_features, num_outputs, dropout)
+    report = None
+    if weights is not None:
+        report = load_matching(native, read_state_dict(weights), str(weights))
+        log.info(report.summary())
+    net = Classifier(backbone, num_features, num_outputs, dropout)
+    net.weights_report = report
+    return net
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -137,7 +162,8 @@ def _cnn(in_channels: int, pretrained: bool = False):
             layers += [nn.MaxPool2d(2), nn.Dropout2d(0.1)]
         stages.append(nn.Sequential(*layers))
         cin = w
-    return nn.Sequential(*stages), widths[-1]
+    backbone = nn.Sequential(*stages)
+    return backbone, widths[-1], backbone
 
 
 @register_model("densenet121", "MONAI DenseNet121, random init")
@@ -158,7 +184,7 @@ def _densenet121(in_channels: int, pretrained: bool = False):
         elif n.startswith("transition"):
             stages[-1].append(f._modules[n])
     stages.append(nn.Sequential(f._modules["norm5"], nn.ReLU(inplace=True)))
-    return nn.Sequential(*stages), net.class_layers.out.in_features
+    return nn.Sequential(*stages), net.class_layers.out.in_features, net
 
 
 def _monai_resnet(depth: int, in_channels: int):
@@ -168,7 +194,8 @@ def _monai_resnet(depth: int, in_channels: int):
         spatial_dims=2, n_input_channels=in_channels, num_classes=1
     )
     stem = nn.Sequential(net.conv1, net.bn1, net.act, net.maxpool)
-    return (nn.Sequential(stem, net.layer1, net.layer2, net.layer3, net.layer4), net.fc.in_features)
+    stages = nn.Sequential(stem, net.layer1, net.layer2, net.layer3, net.layer4)
+    return stages, net.fc.in_features, net
 
 
 @register_model("resnet18", "MONAI ResNet-18, random init")
@@ -197,7 +224,7 @@ def _efficientnet_b0(in_channels: int, pretrained: bool = False):
         "efficientnet-b0", pretrained=False, spatial_dims=2, in_channels=in_channels, num_classes=1
     )
     net.set_swish(memory_efficient=False)  # plain swish exports to ONNX
-    return _efficientnet_stages(net), net._fc.in_features
+    return _efficientnet_stages(net), net._fc.in_features, net
 
 
 # EfficientNet-Lite: B0's blocks without squeeze-excite, ReLU6 instead of swish (Tan & Le 2019;
@@ -301,7 +328,7 @@ def _efficientnet_lite(
                 module._modules[attr] = nn.Identity()
                 if isinstance(conv, nn.Conv2d):
                     conv.padding = tuple(k // 2 for k in conv.kernel_size)
-    return _efficientnet_stages(net), net._fc.in_features
+    return _efficientnet_stages(net), net._fc.in_features, net
 
 
 for _variant, (_, _, _size) in LITE_VARIANTS.items():

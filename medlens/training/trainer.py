@@ -135,12 +135,13 @@ class Trainer:
         self._set_up()
         # The data is loaded, checked and decoded before the run folder is touched.
         self.data = load_training_data(self.cfg, self.info, self.pretrained)
-        self.folder = _prepare_out(self.cfg, self.resume, self.overwrite)
-        self._report_data()
         self.pre = _preprocess(self.data, self.cfg, self.pretrained)
         self.to_input = ModelInput(self.pre)
-        self._write_config()
+        # Before the folder too: a --weights file that fits nothing stops the run here.
         self._build_network()
+        self.folder = _prepare_out(self.cfg, self.resume, self.overwrite)
+        self._report_data()
+        self._write_config()
         resume_state = self._start_progress()
         self._run_stages(resume_state)
         outputs = self._held_out_outputs()
@@ -211,7 +212,9 @@ class Trainer:
                 arch=cfg.model, labels=self.data.classes, preprocess=self.pre, dropout=cfg.dropout
             ),
             pretrained=self.pretrained,
+            weights=cfg.weights,
         )
+        self.weights_report = net.weights_report
         if cfg.bn_momentum is not None:
             set_bn_momentum(net, cfg.bn_momentum)
         self.net = net.to(self.device, memory_format=torch.channels_last)
@@ -343,6 +346,8 @@ class Trainer:
             "precision": "bf16" if self.dtype else "fp32",
             "device": str(self.device),
         }
+        if self.weights_report is not None:
+            meta.extra["training"]["init_weights"] = self.weights_report.to_dict()
         if cfg.card:
             meta.extra["card"] = dict(cfg.card)
         return meta
