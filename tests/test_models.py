@@ -18,8 +18,10 @@ EXPECTED_MODELS = {
     "efficientnet-lite0",
     "efficientnet-lite1",
     "efficientnet-lite2",
+    "inceptionv3",
     "resnet18",
     "resnet50",
+    "vgg16",
 }
 
 
@@ -56,7 +58,8 @@ def test_every_backbone_builds_and_runs(name, num_outputs, in_channels):
     assert net.head.fc.out_features == num_outputs
     assert net.head.fc.in_features == net.num_features
     net.eval()
-    x = torch.randn(2, in_channels, 64, 64)
+    side = max(64, model_info(name).min_image_size)
+    x = torch.randn(2, in_channels, side, side)
     with torch.no_grad():
         logits = net(x)
         feats = net.features(x)
@@ -98,14 +101,16 @@ def test_set_trainable_stages_freezes_all_but_the_top(name):
     for i, stage in enumerate(stages[:-1]):
         assert not any(m.training for m in _mode_dependent(stage)), f"frozen stage {i} trains"
     top = _mode_dependent(stages[-1])
-    assert top and all(m.training for m in top)
+    assert all(m.training for m in top)
+    assert top or not any(_mode_dependent(s) for s in stages)  # VGG-16 has no BN or dropout
     assert net.head.training and net.head.norm.training and net.training
 
     # Frozen batch norm keeps its running statistics through a training-mode forward.
     frozen_bns = [m for s in stages[:-1] for m in s.modules() if isinstance(m, nn.BatchNorm2d)]
     if frozen_bns:
         before = frozen_bns[0].running_mean.clone()
-        net(torch.randn(2, 3, 64, 64))
+        side = max(64, model_info(name).min_image_size)
+        net(torch.randn(2, 3, side, side))
         torch.testing.assert_close(frozen_bns[0].running_mean, before)
 
     net.set_trainable_stages(None)
@@ -243,3 +248,32 @@ def test_lite1_lite2_load_their_imagenet_weights_exactly(variant, widths, repeat
     with torch.no_grad():
         out = net(torch.rand(2, 3, 64, 64))
     assert out.shape == (2, 3) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize(
+    ("name", "backbone_params", "keys"),
+    [
+        # The published networks' parameter counts without their classifiers: VGG-16's
+        # convolutional part; Inception-v3 without fc and AuxLogits (27,161,264 in all).
+        ("vgg16", 14_714_688, ["features.0.weight", "features.28.bias"]),
+        (
+            "inceptionv3",
+            21_785_568,
+            [
+                "Conv2d_1a_3x3.conv.weight",
+                "Mixed_6e.branch7x7dbl_5.bn.running_var",
+                "Mixed_7c.branch3x3dbl_3b.conv.weight",
+            ],  # fmt: skip
+        ),
+    ],
+)
+def test_seed_families_have_the_published_shape_and_checkpoint_names(name, backbone_params, keys):
+    stages, num_features, native = model_info(name).builder(in_channels=3, pretrained=False)
+    assert count_parameters(native) == count_parameters(stages) == backbone_params
+    assert set(keys) <= set(native.state_dict())
+    size = model_info(name).default_image_size
+    net = create_model(name, num_outputs=4, pretrained=False).eval()
+    with torch.no_grad():
+        logits, feats, stats = net.forward_with_stats(torch.randn(1, 3, size, size))
+    assert logits.shape == (1, 4) and feats.shape == (1, num_features)
+    assert stats.shape[1] == sum(net.stat_widths(3))

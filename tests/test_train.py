@@ -171,8 +171,10 @@ def test_bad_settings_fail_before_anything_is_written(tmp_path, synthetic_data, 
         train(train_config(synthetic_data, out, transfer="partial"))
     with pytest.raises(TrainError, match="--optimizer"):
         train(train_config(synthetic_data, out, optimizer="sgd"))
-    with pytest.raises(ValueError, match="unknown model 'vgg16'"):
-        train(train_config(synthetic_data, out, model="vgg16"))
+    with pytest.raises(ValueError, match="unknown model 'alexnet'"):
+        train(train_config(synthetic_data, out, model="alexnet"))
+    with pytest.raises(TrainError, match="--image-size 32: inceptionv3 needs at least 75 px"):
+        train(train_config(synthetic_data, out, model="inceptionv3"))
     with pytest.raises(DataError, match="does not exist"):
         train(train_config(tmp_path / "nowhere", out))
     assert not out.exists()

@@ -65,8 +65,9 @@ class Classifier(nn.Module):
         two thirds of the network (mid-level texture and style up to the last stage)."""
         return len(self.backbone) // 3
 
-    def stat_widths(self, in_channels: int, size: int = 64) -> list[int]:
-        """Length of each stage's block in :meth:`forward_with_stats`' statistics."""
+    def stat_widths(self, in_channels: int, size: int = 128) -> list[int]:
+        """Length of each stage's block in :meth:`forward_with_stats`' statistics (found with
+        one blank ``size`` px image: Inception-v3 needs at least 75 px)."""
         widths = []
         with torch.no_grad():
             x = torch.zeros(1, in_channels, size, size)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from medlens.errors import ConfigError, InstallError
+from medlens.modeling.classic import VGG16, InceptionV3
 from medlens.modeling.classifier import Classifier
 from medlens.modeling.weights import load_matching, read_state_dict
 
@@ -52,6 +53,8 @@ class ModelInfo:
     default_image_size: int = 224
     # Channel count the pretrained weights expect; None: any.
     fixed_in_channels: int | None = None
+    # Smallest input side the network can take (its strided convolutions need room).
+    min_image_size: int = 8
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
@@ -63,6 +66,7 @@ def register_model(
     pretrained: bool = False,
     default_image_size: int = 224,
     fixed_in_channels: int | None = None,
+    min_image_size: int = 8,
 ) -> Callable[[Callable], Callable]:
     """Decorator that adds a backbone builder ``fn(in_channels, pretrained) -> (stages, F,
     native)``: the backbone stages, their output channels, and the network whose parameter names
@@ -70,7 +74,7 @@ def register_model(
 
     def wrap(fn):
         _REGISTRY[name] = ModelInfo(
-            name, description, fn, pretrained, default_image_size, fixed_in_channels
+            name, description, fn, pretrained, default_image_size, fixed_in_channels, min_image_size
         )
         return fn
 
@@ -206,6 +210,28 @@ def _resnet18(in_channels: int, pretrained: bool = False):
 @register_model("resnet50", "MONAI ResNet-50, random init")
 def _resnet50(in_channels: int, pretrained: bool = False):
     return _monai_resnet(50, in_channels)
+
+
+@register_model(
+    "vgg16",
+    "VGG-16 (configuration D), random init; torchvision-style names, so --weights loads an "
+    "ImageNet vgg16 state_dict",
+)
+def _vgg16(in_channels: int, pretrained: bool = False) -> Built:
+    net = VGG16(in_channels)
+    return net.stages(), net.num_features, net
+
+
+@register_model(
+    "inceptionv3",
+    "Inception-v3 without its auxiliary classifier, random init; torchvision-style names for "
+    "--weights",
+    default_image_size=299,
+    min_image_size=75,
+)
+def _inceptionv3(in_channels: int, pretrained: bool = False) -> Built:
+    net = InceptionV3(in_channels)
+    return net.stages(), net.num_features, net
 
 
 def _efficientnet_stages(net) -> nn.Sequential:

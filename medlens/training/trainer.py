@@ -21,7 +21,7 @@ from medlens.artifacts.folders import CHECKPOINT, ModelFolder, headline_metrics
 from medlens.artifacts.model import ModelMeta, build_network, save_model
 from medlens.config import TrainConfig
 from medlens.data.preprocess import Preprocess, compute_mean_std
-from medlens.errors import TrainError
+from medlens.errors import ConfigError, TrainError
 from medlens.evaluation.calibration import choose_threshold, fit_temperature, logits_to_probs
 from medlens.evaluation.ood import StageGuard
 from medlens.fileio import write_yaml
@@ -128,6 +128,9 @@ class Trainer:
         self.info = model_info(cfg.model)  # unknown model: clear error before anything is written
         # Every declared constraint (config.py), on the settings the run will use.
         self.cfg = (_resumed_config(cfg) if resume else cfg).validate()
+        size, smallest = self.cfg.image_size, self.info.min_image_size
+        if size is not None and size < smallest:
+            raise ConfigError(f"--image-size {size}: {self.cfg.model} needs at least {smallest} px")
         self.resume, self.overwrite, self.command = resume, overwrite, command
 
     def run(self) -> Path:
