@@ -106,6 +106,31 @@ class AugmentSpec:
     )
     brightness: float = setting(0.1, "maximum relative brightness change", check=at_least(0))
     contrast: float = setting(0.1, "maximum relative contrast change", check=at_least(0))
+    # Acquisition shift (another scanner, exposure, resolution), with kornia.augmentation;
+    # all off by default.
+    crop_scale: float = setting(
+        0.0,
+        "random resized crop keeping this much less of the area at most (0.3: 70-100%%), "
+        "aspect ratio 3/4 to 4/3",
+        check=in_range(0, 1, hi_open=True),
+    )
+    gamma: float = setting(
+        0.0,
+        "maximum gamma change: gamma drawn in [1 - g, 1 + g]",
+        check=in_range(0, 1, hi_open=True),
+    )
+    blur: float = setting(
+        0.0, "probability of a Gaussian blur (sigma 0.1 to 1.5 px)", check=in_range(0, 1)
+    )
+    sharpen: float = setting(0.0, "probability of sharpening", check=in_range(0, 1))
+    noise: float = setting(
+        0.0, "standard deviation of Gaussian noise added to half the images", check=at_least(0)
+    )
+    clahe: float = setting(
+        0.0,
+        "probability of contrast-limited adaptive histogram equalisation (CLAHE, clip 2)",
+        check=in_range(0, 1),
+    )
     enabled: bool = setting(True, "augment the training images", flag="--no-augment")
 
     def to_dict(self) -> dict:

@@ -415,3 +415,52 @@ def test_training_decodes_a_large_jpeg_as_the_web_app_does(tmp_path):
     assert np.array_equal(res.pixels[0], served)
     full = pre.prepare(read_image(path).pixels)  # without the hint: full-size decode
     assert not np.array_equal(full, served)
+
+
+# --------------------------------------------------------------------------- acquisition shift
+
+SHIFT_OFF = dict(rotation=0, shift=0, zoom=0, hflip=False, brightness=0, contrast=0)
+
+
+def test_acquisition_shift_transforms_are_off_by_default(monkeypatch):
+    import medlens.data.augment as aug_mod
+
+    def boom(*a, **k):
+        raise AssertionError("kornia pipeline used although every shift transform is off")
+
+    monkeypatch.setattr(aug_mod, "_acquisition_shift", boom)
+    x = torch.rand(4, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    augment(x, AugmentSpec(), torch.Generator().manual_seed(1))  # must not call kornia
+
+
+@pytest.mark.parametrize("field", ["crop_scale", "gamma", "blur", "sharpen", "noise", "clahe"])
+def test_each_acquisition_shift_transform_changes_images_reproducibly(field):
+    x = torch.rand(6, 3, 40, 40, generator=torch.Generator().manual_seed(0))
+    spec = AugmentSpec(**SHIFT_OFF, **{field: 0.3 if field != "noise" else 0.05})
+    global_state = torch.random.get_rng_state()
+    a = augment(x.clone(), spec, torch.Generator().manual_seed(5))
+    assert torch.equal(torch.random.get_rng_state(), global_state)  # kornia's draws are forked
+    b = augment(x.clone(), spec, torch.Generator().manual_seed(5))
+    c = augment(x.clone(), spec, torch.Generator().manual_seed(6))
+    assert a.shape == x.shape and torch.equal(a, b)
+    assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+    assert not torch.equal(a, x) or not torch.equal(c, x)  # something was changed
+    assert not torch.equal(a, c)  # other draws, other images
+
+
+def test_gamma_moves_a_grey_level_within_its_range():
+    x = torch.full((8, 1, 16, 16), 0.25)
+    out = augment(x, AugmentSpec(**SHIFT_OFF, gamma=0.3), torch.Generator().manual_seed(2))
+    per_image = out.mean((1, 2, 3))
+    assert torch.allclose(out, per_image.view(-1, 1, 1, 1).expand_as(out))  # one gamma per image
+    assert float(per_image.min()) >= 0.25**1.3 - 1e-4 and float(per_image.max()) <= 0.25**0.7 + 1e-4
+    assert len(set(per_image.round(decimals=4).tolist())) > 1
+
+
+def test_noise_has_the_asked_standard_deviation():
+    x = torch.full((40, 1, 32, 32), 0.5)
+    out = augment(x, AugmentSpec(**SHIFT_OFF, noise=0.05), torch.Generator().manual_seed(3))
+    sd = (out - x).std(dim=(1, 2, 3))
+    noisy = sd > 0.01
+    assert 5 < int(noisy.sum()) < 35  # about half the images (p = 0.5)
+    assert float(sd[noisy].mean()) == pytest.approx(0.05, rel=0.1)

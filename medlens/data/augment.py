@@ -1,4 +1,8 @@
-"""Training-time augmentation: random geometry and flips on batches of [0, 1] images.
+"""Training-time augmentation of batches of [0, 1] images.
+
+Geometry, flips, brightness and contrast come from one vectorised affine resample; the
+acquisition-shift transforms (random resized crop, gamma, blur, sharpening, noise, CLAHE) from
+kornia.augmentation, drawn from the same generator so a run stays reproducible.
 
 Sits between :meth:`~medlens.data.preprocess.Preprocess.prepare` (what the cache stores) and
 standardisation; only training batches are augmented.
@@ -58,4 +62,46 @@ def augment(
         bias = uniform(-spec.brightness, spec.brightness).view(b, 1, 1, 1).to(x.device)
         mean = out.mean(dim=(1, 2, 3), keepdim=True)
         out = (out - mean) * gain + mean + bias
-    return out.clamp_(0.0, 1.0)
+    out = out.clamp_(0.0, 1.0)
+    if any((spec.crop_scale, spec.gamma, spec.clahe, spec.blur, spec.sharpen, spec.noise)):
+        out = _acquisition_shift(out, spec, generator)
+    return out
+
+
+def _shift_transforms(spec: AugmentSpec) -> list:
+    """The kornia transforms the spec turns on, in the order they are applied, as
+    ``(name, make(size) -> transform)``: the crop resizes back to the batch's size."""
+    import kornia.augmentation as K
+
+    out = []
+    if spec.crop_scale:
+        out.append(("crop", lambda size: K.RandomResizedCrop(size, scale=(1 - spec.crop_scale, 1.0),
+                                                             ratio=(3 / 4, 4 / 3), p=1.0)))  # fmt: skip
+    if spec.gamma:
+        out.append(("gamma", lambda _: K.RandomGamma((1 - spec.gamma, 1 + spec.gamma), p=1.0)))
+    if spec.clahe:
+        out.append(("clahe", lambda _: K.RandomClahe(clip_limit=(2.0, 2.0), p=spec.clahe)))
+    if spec.blur:
+        out.append(("blur", lambda _: K.RandomGaussianBlur((5, 5), (0.1, 1.5), p=spec.blur)))
+    if spec.sharpen:
+        out.append(("sharpen", lambda _: K.RandomSharpness(0.5, p=spec.sharpen)))
+    if spec.noise:
+        out.append(("noise", lambda _: K.RandomGaussianNoise(std=spec.noise, p=0.5)))
+    return out
+
+
+def _acquisition_shift(
+    x: torch.Tensor, spec: AugmentSpec, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Apply :func:`_shift_transforms` with kornia, its random draws seeded from ``generator``
+    (kornia draws from torch's global generator, which is left as it was)."""
+    import kornia.augmentation as K
+
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    pipeline = K.AugmentationSequential(
+        *(make(tuple(x.shape[-2:])) for _, make in _shift_transforms(spec))
+    )
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return pipeline(x).clamp_(0.0, 1.0)
