@@ -216,6 +216,19 @@ class TrainConfig:
         "file's colour mode is no cue)",
     )
     dropout: float = setting(0.3, "head dropout", check=in_range(0, 1, hi_open=True))
+    label_smoothing: float = setting(
+        0.0, "label smoothing of the training loss", check=in_range(0, 0.5, hi_open=True)
+    )
+    mixup: float = setting(
+        0.0, "mixup: alpha of the Beta(alpha, alpha) mixing weight (0.2 is usual; 0: off)",
+        check=at_least(0),
+    )  # fmt: skip
+    ema: float = setting(
+        0.0,
+        "keep an exponential moving average of the weights with this decay (e.g. 0.999; 0: "
+        "off); validation and the saved model use the average",
+        check=in_range(0, 1, hi_open=True),
+    )
     bn_momentum: float | None = setting(
         None,
         "batch-norm momentum while training (default: the backbone's own; MONAI's "

@@ -6,6 +6,7 @@ Class-weighted loss, Adam/AdamW, ReduceLROnPlateau, early stopping, best-state k
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
@@ -13,7 +14,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from medlens.artifacts.folders import ModelFolder
@@ -21,30 +21,10 @@ from medlens.config import TrainConfig
 from medlens.evaluation.calibration import logits_to_probs
 from medlens.fileio import atomic_torch_save
 from medlens.inference.runtime import autocast, compute_logits
+from medlens.training.regularise import WeightAverage, mix_batch, smoothed_loss
 from medlens.training.stages import Stage
 
 log = logging.getLogger(__name__)
-
-
-def loss_fn(
-    logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None, binary: bool
-) -> torch.Tensor:
-    """Class-weighted BCE (binary, one logit) or cross-entropy (multi-class).
-
-    Args:
-        logits: ``(B, 1)`` or ``(B, K)``.
-        y: labels ``(B,)``.
-        weights: per-class weights, or None.
-        binary: one logit per image.
-
-    Returns:
-        The mean loss.
-    """
-    if binary:
-        logits = logits.view(-1)
-        w = None if weights is None else weights[y]
-        return F.binary_cross_entropy_with_logits(logits, y.float(), weight=w)
-    return F.cross_entropy(logits, y, weight=weights)
 
 
 def quick_scores(logits: torch.Tensor, y: torch.Tensor, binary: bool) -> dict[str, float]:
@@ -64,7 +44,7 @@ def quick_scores(logits: torch.Tensor, y: torch.Tensor, binary: bool) -> dict[st
     pred = probs.argmax(1)
     yt = y.numpy()
     acc = float((pred == yt).mean())
-    loss = float(loss_fn(logits, y, None, binary))
+    loss = float(smoothed_loss(logits, y, None, binary))
     try:
         auc = float(
             roc_auc_score(yt, probs[:, 1])
@@ -177,6 +157,7 @@ class _StageFit:
         )
         self.best_score, self.best_state, self.bad_epochs, self.start_epoch = -math.inf, None, 0, 0
         self.gen = torch.Generator().manual_seed(cfg.seed + 1000 * len(progress.stages_done))
+        self.average = WeightAverage(stage.module, cfg.ema) if cfg.ema else None
 
     def restore(self, state: dict) -> None:
         """Continue from an epoch checkpoint of this stage."""
@@ -194,14 +175,18 @@ class _StageFit:
         t0 = time.time()
         loss_sum, correct, total = self._train(epoch)
         stage.module.eval()
-        val_logits = compute_logits(
-            stage.forward,
-            stage.val_x,
-            dtype=stage.dtype,
-            transform=stage.val_transform,
-            device=stage.device,
-        )
-        scores = quick_scores(val_logits, stage.val_y, self.binary)
+        # With --ema, the averaged weights are validated and kept; training goes on with its own.
+        averaged = self.average.applied() if self.average else contextlib.nullcontext()
+        with averaged:
+            val_logits = compute_logits(
+                stage.forward,
+                stage.val_x,
+                dtype=stage.dtype,
+                transform=stage.val_transform,
+                device=stage.device,
+            )
+            scores = quick_scores(val_logits, stage.val_y, self.binary)
+            improved = self._keep_if_best(scores)
         row = {
             "epoch": len(self.progress.history) + 1,
             "stage": stage.name,
@@ -214,7 +199,6 @@ class _StageFit:
             "seconds": round(time.time() - t0, 2),
         }
         self.progress.add_row(row)
-        improved = self._keep_if_best(scores)
         self.sched.step(scores["val_loss"])
         log.info(
             f"[{stage.name}] epoch {epoch + 1}/{stage.epochs}  loss {row['train_loss']:.4f}  "
@@ -233,13 +217,12 @@ class _StageFit:
         total, correct, loss_sum = 0, 0, 0.0
         bar = self._progress_bar(epoch)
         for xb, yb in stage.train_batches(epoch, self.gen):
-            with autocast(stage.dtype, stage.device):
-                logits = stage.forward(xb)
-            logits = logits.float()
-            loss = loss_fn(logits, yb, self.weights, binary)
+            loss, logits = self._loss(xb, yb)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
+            if self.average is not None:
+                self.average.update()
             n = len(yb)
             total += n
             loss_sum += float(loss.detach()) * n
@@ -251,6 +234,21 @@ class _StageFit:
         if bar is not None:
             bar.close()
         return loss_sum, correct, total
+
+    def _loss(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training loss of one batch (label smoothing, mixup) and its logits."""
+        cfg, stage = self.cfg, self.stage
+        perm, lam = None, 1.0
+        if cfg.mixup:
+            xb, perm, lam = mix_batch(xb, cfg.mixup, self.gen)
+        with autocast(stage.dtype, stage.device):
+            logits = stage.forward(xb)
+        logits = logits.float()
+        loss = smoothed_loss(logits, yb, self.weights, self.binary, cfg.label_smoothing)
+        if perm is not None:
+            other = smoothed_loss(logits, yb[perm], self.weights, self.binary, cfg.label_smoothing)
+            loss = lam * loss + (1 - lam) * other
+        return loss, logits
 
     def _progress_bar(self, epoch: int):  # a tqdm bar, or None
         if not self.cfg.progress:
