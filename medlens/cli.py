@@ -50,6 +50,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
+    from medlens.training.cv import train_folds
     from medlens.training.trainer import train
 
     recipe, source = {}, "the command line"
@@ -58,7 +59,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
         recipe = read_yaml(a.config, "--config")
     cfg = merge_settings(recipe, given_settings(a), source=source)
     argv = getattr(a, "_argv", None)
-    train(
+    run = train_folds if cfg.folds and cfg.fold is None else train
+    run(
         cfg,
         resume=a.resume,
         overwrite=a.overwrite,

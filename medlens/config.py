@@ -246,6 +246,18 @@ class TrainConfig:
         "fraction of patients held out for testing (class-folder layouts)",
         check=in_range(0, 1, hi_open=True),
     )
+    folds: int = setting(
+        0,
+        "grouped k-fold cross-validation: train K runs (OUT/fold-0 ...), each validated on one "
+        "patient-grouped fold of train+val, and write their mean and spread (cv.json, cv.csv); "
+        "0: one run",
+        check=lambda v: (
+            None if v in (0, None) or (isinstance(v, int) and v >= 2) else "be 0 or >= 2"
+        ),
+    )
+    fold: int | None = setting(
+        None, "with --folds K: train only this fold (0..K-1) into --out", check=at_least(0)
+    )
     patient_regex: str | None = setting(
         None,
         "regex whose first group (or group 'patient') reads a patient id from a file name; "
@@ -318,6 +330,10 @@ class TrainConfig:
                 problem = _problem(f, getattr(obj, f.name), _scalar_type(type(obj), f.name))
                 if problem:
                     raise ConfigError(f"{_flag(f)} must {problem}")
+        if self.fold is not None and not self.fold < self.folds:
+            raise ConfigError(
+                f"--fold {self.fold} needs --folds K with K > {self.fold} (folds are 0..K-1)"
+            )
         return self
 
 

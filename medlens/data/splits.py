@@ -208,3 +208,42 @@ def note_overlap(splits: dict[str, list[Sample]], notes: list[str]) -> None:
             f"WARNING: {len(shared)} patients appear in more than one given split "
             f"(e.g. {', '.join(shared[:5])}); validation/test figures may be optimistic"
         )
+
+
+def fold_split(
+    samples: Sequence[Sample], folds: int, fold: int, seed: int = 0
+) -> tuple[list[Sample], list[Sample]]:
+    """Fold ``fold`` of a ``folds``-fold split, stratified by class and grouped by patient.
+
+    Samples with a patient id go through scikit-learn's ``StratifiedGroupKFold``; those without
+    (each its own group) through ``StratifiedKFold``, which gives the same folds for one-image
+    groups, fast. The same ``seed`` gives the same folds, so the K runs of a cross-validation
+    partition the samples.
+
+    Returns:
+        ``(train, validation)``, order preserved.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    if not 0 <= fold < folds:
+        raise DataError(f"--fold must be in 0..{folds - 1}, got {fold}")
+    samples = list(samples)
+    labels = np.array([s.label for s in samples], dtype=int)
+    held: set[int] = set()
+    known = np.array([i for i, s in enumerate(samples) if s.patient is not None], dtype=int)
+    unknown = np.array([i for i, s in enumerate(samples) if s.patient is None], dtype=int)
+    with warnings.catch_warnings():  # "least populated class has fewer members than n_splits"
+        warnings.simplefilter("ignore", UserWarning)
+        for index, grouped in ((known, True), (unknown, False)):
+            if len(index) < folds:
+                continue
+            cv = (StratifiedGroupKFold if grouped else StratifiedKFold)(
+                n_splits=folds, shuffle=True, random_state=seed
+            )
+            groups = [samples[i].patient for i in index] if grouped else None
+            parts = list(cv.split(np.zeros(len(index)), labels[index], groups))
+            held.update(index[parts[fold][1]].tolist())
+    return (
+        [s for i, s in enumerate(samples) if i not in held],
+        [s for i, s in enumerate(samples) if i in held],
+    )

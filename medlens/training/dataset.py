@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,6 +12,7 @@ from medlens.config import TrainConfig
 from medlens.data.cache import is_colour, prepare_samples, refuse_unreadable
 from medlens.data.datasets import Dataset, Sample, load_dataset
 from medlens.data.preprocess import Preprocess
+from medlens.data.splits import fold_split
 from medlens.errors import ImageReadError, TrainError
 from medlens.modeling.registry import ModelInfo
 
@@ -53,6 +55,19 @@ class TrainingData:
         }
 
 
+def _fold(ds: Dataset, cfg: TrainConfig) -> Dataset:
+    """Train and validation pooled, then split into ``cfg.folds`` patient-grouped folds;
+    fold ``cfg.fold`` validates. A carved test split stays as it is."""
+    pool = ds.splits["train"] + ds.splits.get("val", [])
+    train, val = fold_split(pool, cfg.folds, cfg.fold, cfg.seed)
+    note = (
+        f"fold {cfg.fold} of {cfg.folds}: train+val pooled ({len(pool)} images) and split into "
+        f"{cfg.folds} folds stratified by class, grouped by patient, seed {cfg.seed}"
+    )
+    splits = {**ds.splits, "train": train, "val": val}
+    return dataclasses.replace(ds, splits=splits, notes=[*ds.notes, note])
+
+
 def load_training_data(cfg: TrainConfig, info: ModelInfo, pretrained: bool) -> TrainingData:
     """Load, check and decode a run's data.
 
@@ -75,6 +90,8 @@ def load_training_data(cfg: TrainConfig, info: ModelInfo, pretrained: bool) -> T
         seed=cfg.seed,
         patient_regex=cfg.patient_regex,
     )
+    if cfg.fold is not None:
+        ds = _fold(ds, cfg)
     _check_splits(cfg, ds)
     size = cfg.image_size or info.default_image_size
     channels = cfg.channels
