@@ -136,6 +136,12 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
         "none) or torch; default %(default)s",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--tta",
+        action="store_true",
+        help="test-time augmentation: average each image's logits with its left-right mirror "
+        "image's (about twice the compute; calibration was fitted without it)",
+    )
 
 
 def _expand_inputs(paths: list[str]) -> list[str]:
@@ -209,7 +215,7 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     from medlens.fileio import write_csv
     from medlens.inference.predictor import Predictor
 
-    pred = Predictor(a.model, backend=a.backend)
+    pred = Predictor(a.model, backend=a.backend, tta=a.tta)
     rows = _predict_rows(pred, _expand_inputs(a.paths), a.batch_size, a.quiet)
     failed = sum(r["error"] is not None for r in rows)
     if a.out:
@@ -433,6 +439,12 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
+    p.add_argument(
+        "--tta",
+        action="store_true",
+        help="test-time augmentation: average each image's logits with its left-right mirror "
+        "image's (about twice the compute; calibration was fitted without it)",
+    )
 
 
 def _cmd_serve(a: argparse.Namespace) -> int:
@@ -445,6 +457,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
         int(a.max_upload_mb * 1024 * 1024),
         a.log_level,
         bundled=not a.no_bundled,
+        tta=a.tta,
     )
     return 0
 

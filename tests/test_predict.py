@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 from pathlib import Path
@@ -237,3 +238,40 @@ def test_bf16_and_fp32_predictions_agree(trained_run, synthetic_data):
     assert [p.label for p in bf16] == [p.label for p in fp32]
     for a, b in zip(fp32, bf16):
         assert b.probabilities == pytest.approx(a.probabilities, abs=0.05)
+
+
+# --------------------------------------------------------------------------- test-time augmentation
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_tta_averages_the_logits_of_the_image_and_its_mirror(trained_run, image_factory, backend):
+    plain = Predictor(trained_run, backend=backend)
+    tta = Predictor(trained_run, backend=backend, tta=True)
+    x = np.stack([plain.pre.prepare(image_factory(k, seed=i)) for i, k in
+                  enumerate(["bright", "dark", "bright"])])  # fmt: skip
+    x[..., :10] = 255  # a bright band on the left: the mirror image differs
+    mirrored = np.ascontiguousarray(x[..., ::-1])
+    want = (plain.logits_prepared(x) + plain.logits_prepared(mirrored)) / 2
+    torch.testing.assert_close(tta.logits_prepared(x), want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(want, plain.logits_prepared(x), atol=1e-4)
+    # The OOD statistics stay the image's own (the guard was fitted on unmirrored images).
+    _, stats = tta.forward_prepared(x, features="stats")
+    np.testing.assert_allclose(stats, plain.forward_prepared(x, features="stats")[1], rtol=1e-5)
+
+
+def test_cli_predict_tta(capsys, tmp_path, trained_run):
+    from PIL import Image
+
+    from medlens.cli import main
+
+    pixels = np.zeros((48, 48), np.uint8)
+    pixels[:, :20] = 200  # lopsided: the mirror image is another input
+    img = tmp_path / "half.png"
+    Image.fromarray(pixels).save(img)
+    rows = []
+    for extra in ([], ["--tta"]):
+        assert main(["predict", "--model", str(trained_run), str(img), "--json", *extra]) == 0
+        rows.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    tta = Predictor(trained_run, tta=True).predict_pixels([pixels])[0]
+    assert rows[1]["probabilities"] == pytest.approx(tta.probabilities, abs=1e-5)
+    assert rows[0]["probabilities"] != pytest.approx(rows[1]["probabilities"], abs=1e-3)

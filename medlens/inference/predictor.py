@@ -74,6 +74,9 @@ class Predictor:
         ref: model folder or bundled-model name.
         model_dirs: more folders holding model folders.
         dtype: torch autocast dtype (torch backend only).
+        tta: test-time augmentation: the logits are the mean of the image's and its mirror
+            image's (left-right flip); the OOD statistics and Grad-CAM stay the image's own.
+            Temperature and threshold were fitted without it.
         backend: ``"auto"``: ONNX Runtime when the folder has ``model.onnx``, else torch;
             ``"onnx"``: ONNX Runtime, exporting the network in memory when ``model.onnx`` is
             missing (nothing is written); ``"torch"``: torch only.
@@ -85,6 +88,7 @@ class Predictor:
         model_dirs: Iterable[str | os.PathLike] = (),
         dtype: torch.dtype | None = None,
         backend: str = "auto",
+        tta: bool = False,
     ) -> None:
         from medlens.artifacts.folders import ONNX_FILE
         from medlens.artifacts.onnx import check_onnx_matches, onnx_bytes, ort_session
@@ -124,6 +128,7 @@ class Predictor:
                 f"--model {self.folder}`"
             )
         self._cam_lock = threading.Lock()
+        self.tta = tta
 
     @property
     def labels(self) -> list[str]:
@@ -139,6 +144,15 @@ class Predictor:
         extra = "features" if features is True else features or None
         if extra not in (None, "features", "stats"):
             raise ValueError(f"features must be a bool, 'features' or 'stats', got {features!r}")
+        logits, more = self._forward(x_uint8, batch_size, extra)
+        if self.tta:
+            mirrored = torch.as_tensor(np.asarray(x_uint8)).flip(-1)
+            logits = (logits + self._forward(mirrored, batch_size, None)[0]) / 2
+        return logits, more
+
+    def _forward(
+        self, x_uint8: ArrayLike, batch_size: int, extra: str | None
+    ) -> tuple[torch.Tensor, np.ndarray | None]:
         if self.session is not None:
             names = ["logits", extra] if extra else ["logits"]
             outs = [

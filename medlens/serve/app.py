@@ -103,6 +103,7 @@ def create_app(
     workers: int | None = None,
     inference_threads: int | None = 1,
     bundled: bool = True,
+    tta: bool = False,
 ) -> FastAPI:
     """Build the web app and load its models.
 
@@ -117,6 +118,7 @@ def create_app(
         workers: how many uploads are decoded and predicted at once, each in a worker
             thread (default: the cores this process may use); further requests wait their
             turn after their upload has been read.
+        tta: average each prediction with its mirror image's (see the Predictor).
         inference_threads: ONNX Runtime intra-op threads per model session (default 1: the
             workers already keep the cores busy; None: every core, for one request at a time).
     """
@@ -128,7 +130,7 @@ def create_app(
         description="Calibrated, explainable medical image classifiers. " + DISCLAIMER,
     )
     models = {
-        name: ServedModel.load(name, folder, backend, inference_threads)
+        name: ServedModel.load(name, folder, backend, inference_threads, tta)
         for name, folder in find_models(model_dirs, bundled=bundled).items()
     }
     for m in models.values():
@@ -161,6 +163,7 @@ def serve(
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     log_level: str = "info",
     bundled: bool = True,
+    tta: bool = False,
 ) -> None:
     """``medlens serve``: run the app with uvicorn (blocks)."""
     import uvicorn
@@ -176,7 +179,7 @@ def serve(
     # cores that are busy make it far slower, not faster (Grad-CAM measured 0.22 s with one
     # thread, 5-9 s with two, while another process kept one of two cores busy).
     torch.set_num_threads(1)
-    app = create_app(model_dirs, max_upload_bytes, bundled=bundled)
+    app = create_app(model_dirs, max_upload_bytes, bundled=bundled, tta=tta)
     if not app.state.models:
         log.warning(
             "no models loaded: pass --models DIR (a run folder of `medlens train` or a "

@@ -23,11 +23,17 @@ class ServedModel:
 
     @classmethod
     def load(
-        cls, name: str, folder: Path, backend: str = "onnx", threads: int | None = None
+        cls,
+        name: str,
+        folder: Path,
+        backend: str = "onnx",
+        threads: int | None = None,
+        tta: bool = False,
     ) -> ServedModel:
         """Load a model folder; ``threads``: ONNX Runtime intra-op threads of its session
-        (None: the Predictor's default, every core)."""
+        (None: the Predictor's default, every core); ``tta``: see the Predictor."""
         pred = _serving_predictor(folder, backend, threads)
+        pred.tta = tta
         meta = pred.meta
         card = model_card(meta, folder)
         info = {
