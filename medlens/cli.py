@@ -69,6 +69,53 @@ def _cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_tune(p: argparse.ArgumentParser) -> None:
+    """search training settings with Optuna
+
+    Train trials with settings drawn by Optuna (TPE sampler, median pruner) over the base
+    configuration (defaults, --config, the flags given here), each scored by its calibrated
+    validation AUC (patient-grouped split; mean over folds with --folds K). The study is kept in
+    OUT/study.db: run the command again to continue it. Writes OUT/trial-N run folders,
+    OUT/best.yaml (the best trial as a recipe), OUT/trials.csv and OUT/tune.html.
+    """
+    add_options(p)
+    p.add_argument("--config", default=None, help="YAML recipe to start from (flags win)")
+    p.add_argument(
+        "--trials",
+        type=int,
+        default=20,
+        help="finished trials the study should hold; default %(default)s",
+    )
+    p.add_argument(
+        "--space",
+        default=None,
+        metavar="YAML",
+        help="search space: setting: {low, high[, log]} or {choices: [...]}; default lr, "
+        "weight_decay, dropout, label_smoothing, unfreeze, finetune_lr_scale",
+    )
+
+
+def _cmd_tune(a: argparse.Namespace) -> int:
+    from medlens.training.tune import tune
+
+    recipe = read_yaml(a.config, "--config") if a.config else {}
+    given = given_settings(a)
+    cfg = merge_settings(recipe, given, source=a.config or "the command line")
+    space = read_yaml(a.space, "--space") if a.space else None
+    if a.trials < 1:
+        raise UsageError("--trials must be >= 1")
+    kept = {**recipe, **{k: v for k, v in given.items() if k != "out"}}
+    res = tune(cfg, cfg.out, trials=a.trials, space=space, seed=cfg.seed, recipe=kept)
+    if res["best_trial"] is None:
+        print("no trial finished with a validation AUC; see trials.csv")
+        return 1
+    print(f"best: trial {res['best_trial']}, validation AUC {res['best_value']:.4f}: "
+          + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                      for k, v in res["best_params"].items()))  # fmt: skip
+    print(f"wrote {Path(cfg.out) / 'best.yaml'} and {Path(cfg.out) / 'tune.html'}")
+    return 0
+
+
 def _add_evaluate(p: argparse.ArgumentParser) -> None:
     """evaluate a model on a labelled folder
 
@@ -563,6 +610,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
 
 COMMANDS = {
     "train": (_add_train, _cmd_train),
+    "tune": (_add_tune, _cmd_tune),
     "evaluate": (_add_evaluate, _cmd_evaluate),
     "predict": (_add_predict, _cmd_predict),
     "explain": (_add_explain, _cmd_explain),

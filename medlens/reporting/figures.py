@@ -758,3 +758,31 @@ def compare_roc_figure(runs: Sequence[dict], *, title: str = "ROC curves") -> di
         return None
     fig_layout = layout(title, **_rate_axes("1 − specificity", "sensitivity"))
     return figure([_chance(), *data], fig_layout)
+
+
+# --------------------------------------------------------------------------------------
+# hyperparameter search
+# --------------------------------------------------------------------------------------
+def tune_history_figure(trials: Sequence[dict], *, title: str = "Search history") -> dict | None:
+    """Each trial's validation AUC by trial number (pruned trials at their last reported
+    value are not shown) and the best value so far.
+
+    Args:
+        trials: ``[{"trial": int, "state": str, "value": float | None}]``.
+        title: Figure title.
+
+    Returns:
+        The figure, or ``None`` when no trial has a value.
+    """
+    done = [t for t in trials if t.get("value") is not None]
+    if not done:
+        return None
+    xs = [t["trial"] for t in done]
+    ys = [t["value"] for t in done]
+    best = np.maximum.accumulate(ys)
+    data = [
+        {"type": "scatter", "mode": "markers", "x": xs, "y": ys, "name": "trial",
+         "marker": {"size": 8, "color": COLORS[0]}},
+        _line(xs, best, "best so far", COLORS[3], dash="dash") | {"line": {"shape": "hv", "color": COLORS[3], "dash": "dash", "width": 2}},
+    ]  # fmt: skip
+    return figure(data, layout(title, "trial", "validation AUC", xaxis=_epoch_ticks(max(xs) + 1)))

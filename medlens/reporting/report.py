@@ -31,6 +31,7 @@ from medlens.reporting.figures import (
     compare_roc_figure,
     evaluation_figures,
     training_figures,
+    tune_history_figure,
 )
 
 __all__ = ["write_report", "write_comparison", "comparison_table", "CAPTIONS", "TITLES"]
@@ -116,6 +117,8 @@ _CSV_CI = _CSV_METRICS[:8]  # metrics that have bootstrap intervals
 def _f(x: Any, digits: int = 3) -> str:
     if x is None or (isinstance(x, float) and not np.isfinite(x)):
         return "—"
+    if isinstance(x, str):
+        return x
     if isinstance(x, (int, np.integer)):
         return str(int(x))
     return f"{float(x):.{digits}f}"
@@ -434,3 +437,25 @@ def write_comparison(runs: list[dict], out_dir: str | Path) -> Path:
         table=_compare_rows(runs),
         text_table=comparison_table(runs),
     )
+
+
+def write_tune_report(
+    path: str | Path, trials: list[dict], params: list[str], result: dict
+) -> Path:
+    """``tune.html``: every trial's state, validation AUC and settings, and the search history.
+
+    Args:
+        path: File to write.
+        trials: ``[{"trial", "state", "value", "seconds", <param>: value}]``.
+        params: The searched settings (table columns).
+        result: ``{"best_trial", "best_value", "best_params"}``.
+    """
+    fig = tune_history_figure(trials)
+    blocks = [{"name": "history", "title": "Search history",
+               "caption": "Validation AUC of each finished trial and the best so far.",
+               "figures": {"history": fig}}] if fig else []  # fmt: skip
+    rows = [[str(t["trial"]), t["state"], _f(t["value"], 4), _f(t["seconds"], 1),
+             *(_f(t.get(k), 4) for k in params)] for t in trials]  # fmt: skip
+    return _render("tune.html", Path(path), blocks, title="MedLens hyperparameter search",
+                   columns=["trial", "state", "validation AUC", "seconds", *params],
+                   rows=rows, result=result)  # fmt: skip

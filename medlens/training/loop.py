@@ -11,6 +11,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -89,11 +90,14 @@ class Progress:
     checkpointer: Checkpointer
     history: list[dict] = field(default_factory=list)
     stages_done: list[str] = field(default_factory=list)
+    on_epoch: Callable[[dict], None] | None = None  # sees each row (e.g. a tuner's pruner)
 
     def add_row(self, row: dict) -> None:
         """Record an epoch (:data:`~medlens.artifacts.folders.HISTORY_COLUMNS`)."""
         self.history.append(row)
         self.folder.write_history(self.history)
+        if self.on_epoch is not None:
+            self.on_epoch(row)
 
     def finish_stage(self, name: str, net: nn.Module) -> None:
         """Mark the stage complete so --resume skips it."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,7 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     command: str | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
 ) -> Path:
     """Train, calibrate, save and evaluate.
 
@@ -55,6 +57,8 @@ def train(
         resume: continue the run in ``cfg.out`` from its checkpoint.
         overwrite: replace a run already in ``cfg.out``.
         command: the command line, recorded in ``model.json``.
+        on_epoch: called with every epoch's history row (a tuner prunes a trial from it by
+            raising).
 
     Returns:
         The run folder.
@@ -63,7 +67,9 @@ def train(
         TrainError: a setting that cannot be used, or an ``--out`` that holds a run.
         DataError: data that cannot be used (unreadable images, missing classes, ...).
     """
-    return Trainer(cfg, resume=resume, overwrite=overwrite, command=command).run()
+    trainer = Trainer(cfg, resume=resume, overwrite=overwrite, command=command)
+    trainer.on_epoch = on_epoch
+    return trainer.run()
 
 
 def _resumed_config(cfg: TrainConfig) -> TrainConfig:
@@ -132,6 +138,7 @@ class Trainer:
         if size is not None and size < smallest:
             raise ConfigError(f"--image-size {size}: {self.cfg.model} needs at least {smallest} px")
         self.resume, self.overwrite, self.command = resume, overwrite, command
+        self.on_epoch: Callable[[dict], None] | None = None
 
     def run(self) -> Path:
         """All the steps; returns the run folder."""
@@ -233,7 +240,7 @@ class Trainer:
         """The history and finished stages so far; the checkpoint to resume, if any."""
         ckpt = Checkpointer(self.folder)
         resume_state = ckpt.load() if self.resume else None
-        self.progress = Progress(self.folder, ckpt)
+        self.progress = Progress(self.folder, ckpt, on_epoch=self.on_epoch)
         if resume_state:
             self.progress.history = list(resume_state["history"])
             self.progress.stages_done = list(resume_state["stages_done"])
