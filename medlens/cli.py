@@ -390,9 +390,17 @@ def _add_export(p: argparse.ArgumentParser) -> None:
     modality, ...) are read from a `card` dict in model.json (a recipe's `card:` section).
     With --bundle, write an inference-only folder instead (model.json, model.onnx, ood.npz,
     card; no model.pt), its metrics re-measured on the shipped file: what `medlens serve
-    --models` and the bundled models use.
+    --models` and the bundled models use. With several --model runs and --bundle, the folder
+    is their ensemble: one ONNX graph averaging their logits and Grad-CAM maps, an OOD guard
+    over every member's statistics, calibration refitted on the validation images they share.
     """
-    p.add_argument("--model", required=True, help="run folder or bundled model name")
+    p.add_argument(
+        "--model",
+        required=True,
+        nargs="+",
+        metavar="RUN",
+        help="run folder or bundled model name; several runs with --bundle: an ensemble",
+    )
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
     p.add_argument(
         "--bundle",
@@ -435,13 +443,15 @@ def _cmd_export(a: argparse.Namespace) -> int:
             from medlens.artifacts.folders import resolve_model
             from medlens.training.ood import refit_ood_guard
 
-            refit_ood_guard(resolve_model(a.model))
+            for model in a.model:
+                refit_ood_guard(resolve_model(model))
         card = None
         if a.card:
             card = read_yaml(a.card, "--card").get("card")
             if not isinstance(card, dict):
                 raise UsageError(f"--card {a.card}: no `card:` section in it")
-        res = make_bundle(a.model, a.bundle, half=a.half, overwrite=a.overwrite, card=card)
+        runs = a.model[0] if len(a.model) == 1 else a.model
+        res = make_bundle(runs, a.bundle, half=a.half, overwrite=a.overwrite, card=card)
         print(
             f"wrote {res['folder']} (model.onnx {res['onnx_bytes'] / 1e6:.1f} MB; largest "
             f"probability change against the run {res['max_prob_change']:.2e})"
@@ -449,7 +459,9 @@ def _cmd_export(a: argparse.Namespace) -> int:
         return 0
     if a.half or a.overwrite or a.refit_ood or a.card:
         raise UsageError("--half, --overwrite, --card and --refit-ood go with --bundle DEST")
-    res = export_model(a.model, opset=a.opset or OPSET)
+    if len(a.model) > 1:
+        raise UsageError("several --model runs make an ensemble: give --bundle DEST too")
+    res = export_model(a.model[0], opset=a.opset or OPSET)
     print(
         f"wrote {res['onnx']} (max relative difference to torch "
         f"{res['relative_error']:.1e}), {res['card_json']}, {res['card_md']}"

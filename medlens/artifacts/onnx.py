@@ -21,7 +21,10 @@ options are made by :func:`ort_session`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
+
+from medlens.data.preprocess import Preprocess
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -89,8 +92,43 @@ class _InferenceGraph(nn.Module):
         return logits, feats, cam, stats
 
 
-def onnx_bytes(net: Classifier, meta: ModelMeta, opset: int = OPSET) -> bytes:
-    """Trace ``net`` to an ONNX model (bytes) with a dynamic batch axis.
+class EnsembleGraph(nn.Module):
+    """K classifiers -> the mean of their logits and of their Grad-CAM maps (each resized to
+    the first member's map), their features and activation statistics side by side.
+
+    The input is normalised with the first member's ``Preprocess``; members normalised with
+    other statistics (from-scratch runs use their training split's) get the per-channel
+    affine map to theirs inside the graph. Members must share the geometry (size, channels,
+    resize rule).
+    """
+
+    def __init__(self, nets: Sequence[Classifier], pres: Sequence[Preprocess]):
+        super().__init__()
+        self.members = nn.ModuleList(_InferenceGraph(n) for n in nets)
+        mean0, std0 = torch.tensor(pres[0].mean), torch.tensor(pres[0].std)
+        for i, pre in enumerate(pres):
+            mean, std = torch.tensor(pre.mean), torch.tensor(pre.std)
+            self.register_buffer(f"gain{i}", (std0 / std).view(1, -1, 1, 1).float())
+            self.register_buffer(f"shift{i}", ((mean0 - mean) / std).view(1, -1, 1, 1).float())
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outs = [
+            m(x * getattr(self, f"gain{i}") + getattr(self, f"shift{i}"))
+            for i, m in enumerate(self.members)
+        ]
+        size = outs[0][2].shape[-2:]
+        cams = [
+            o[2] if o[2].shape[-2:] == size else nn.functional.interpolate(o[2], size=size)
+            for o in outs
+        ]
+        logits = torch.stack([o[0] for o in outs]).mean(0)
+        cam = torch.stack(cams).mean(0)
+        return logits, torch.cat([o[1] for o in outs], 1), cam, torch.cat([o[3] for o in outs], 1)
+
+
+def onnx_bytes(net: Classifier | EnsembleGraph, meta: ModelMeta, opset: int = OPSET) -> bytes:
+    """Trace ``net`` (or an :class:`EnsembleGraph`) to an ONNX model (bytes) with a dynamic
+    batch axis.
 
     The legacy TorchScript exporter is used (``dynamo=False``): the torch.export-based one
     needs ``onnxscript``, which MedLens does not otherwise depend on.
@@ -98,13 +136,14 @@ def onnx_bytes(net: Classifier, meta: ModelMeta, opset: int = OPSET) -> bytes:
     import onnx
 
     net = net.float().to(memory_format=torch.contiguous_format).eval()
+    graph = net if isinstance(net, EnsembleGraph) else _InferenceGraph(net)
     pre = meta.preprocess
     dummy = torch.zeros(1, pre.channels, pre.image_size, pre.image_size)
     buf = io.BytesIO()
     with warnings.catch_warnings():  # "legacy exporter" deprecation notices on every export
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            _InferenceGraph(net).eval(),
+            graph.eval(),
             (dummy,),
             buf,
             dynamo=False,
@@ -186,14 +225,15 @@ def ort_session(
 
 
 def check_onnx(
-    net: Classifier,
+    net: Classifier | EnsembleGraph,
     model: bytes,
     meta: ModelMeta,
     batch: int = 2,
     rtol: float = 1e-4,
     seed: int = 0,
 ) -> float:
-    """Compare ONNX Runtime's logits with the torch network's on random normal input.
+    """Compare ONNX Runtime's logits with the torch network's (or ensemble graph's) on random
+    normal input.
 
     Returns:
         The relative error ``max|onnx - torch| / max|torch|``.
@@ -211,7 +251,8 @@ def check_onnx(
     )
     net = net.float().to(memory_format=torch.contiguous_format).eval()
     with torch.no_grad():
-        ref = net(x).numpy()
+        ref = net(x)
+        ref = (ref[0] if isinstance(net, EnsembleGraph) else ref).numpy()
     got = ort_session(model).run([OUTPUTS[0]], {INPUT: x.numpy()})[0]
     err = float(np.abs(got - ref).max() / max(float(np.abs(ref).max()), 1e-12))
     if not err <= rtol:

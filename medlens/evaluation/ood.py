@@ -143,6 +143,22 @@ def fit_guard(
     return guard
 
 
+def _mean_score(stats: np.ndarray, widths: list[int], parts: list[tuple]) -> np.ndarray:
+    """The mean over consecutive column slices of ``stats`` (``widths``) of
+    ``score(slice) / divisor``, one ``(score, divisor)`` of ``parts`` per slice."""
+    stats = np.asarray(stats)
+    if stats.shape[1] != sum(widths):
+        raise ValueError(
+            f"the OOD guard expects {sum(widths)} activation statistics, "
+            f"got {stats.shape[1]}: it belongs to another model"
+        )
+    total, start = np.zeros(len(stats)), 0
+    for (score, divisor), width in zip(parts, widths):
+        total += score(stats[:, start : start + width]) / divisor
+        start += width
+    return total / len(widths)
+
+
 @dataclass
 class StageGuard:
     """The guard MedLens fits: one :class:`FeatureGuard` per backbone stage, on that stage's
@@ -166,27 +182,16 @@ class StageGuard:
     input = "stats"
 
     def score(self, stats: np.ndarray) -> np.ndarray:
-        stats = np.asarray(stats)
-        if stats.shape[1] != sum(self.widths):
-            raise ValueError(
-                f"the OOD guard expects {sum(self.widths)} activation statistics, "
-                f"got {stats.shape[1]}: it belongs to another model"
-            )
-        total, start = np.zeros(len(stats)), 0
-        for guard, width, ref in zip(self.blocks, self.widths, self.refs):
-            total += guard.score(stats[:, start : start + width]) / ref
-            start += width
-        return total / len(self.blocks)
+        return _mean_score(
+            stats, self.widths, [(g.score, r) for g, r in zip(self.blocks, self.refs)]
+        )
 
     def __call__(self, stats: np.ndarray) -> list[dict]:
         s = self.score(stats)
         return [{"flag": bool(v > self.threshold), "score": round(float(v), 4)} for v in s]
 
-    def save(self, path: str | Path) -> None:
-        import io
-
-        from medlens.fileio import atomic_write_bytes
-
+    def to_arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
+        """The guard as named arrays (``ood.npz``'s content), names prefixed by ``prefix``."""
         arrays = {
             "kind": np.array("stages"),
             "widths": np.asarray(self.widths, np.int64),
@@ -205,12 +210,15 @@ class StageGuard:
                     f"b{i}_residual_scale": np.float64(g.residual_scale),
                 }
             )
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        atomic_write_bytes(path, buf.getvalue())
+        return {prefix + k: v for k, v in arrays.items()}
+
+    def save(self, path: str | Path) -> None:
+        _save_arrays(path, self.to_arrays())
 
     @classmethod
-    def from_npz(cls, z: Mapping[str, np.ndarray]) -> StageGuard:
+    def from_npz(cls, z: Mapping[str, np.ndarray], prefix: str = "") -> StageGuard:
+        if prefix:
+            z = {k.removeprefix(prefix): z[k] for k in z if k.startswith(prefix)}
         widths = [int(w) for w in z["widths"]]
         blocks = [
             FeatureGuard(
@@ -244,11 +252,65 @@ class StageGuard:
         }
 
 
-def load_guard(path: str | Path) -> StageGuard | FeatureGuard:
-    """:class:`StageGuard` or (older runs) :class:`FeatureGuard` from ``ood.npz``."""
+class EnsembleGuard:
+    """The guard of an ensemble: each member's :class:`StageGuard` on its own slice of the
+    concatenated statistics; the score is the mean of the members' scores, each divided by
+    its own threshold, so an image is flagged when on average the members would flag it."""
+
+    input = "stats"
+    threshold = 1.0
+
+    def __init__(self, members: list[StageGuard]):
+        self.members = members
+        self.widths = [sum(m.widths) for m in members]
+
+    def score(self, stats: np.ndarray) -> np.ndarray:
+        return _mean_score(stats, self.widths, [(m.score, m.threshold) for m in self.members])
+
+    def __call__(self, stats: np.ndarray) -> list[dict]:
+        s = self.score(stats)
+        return [{"flag": bool(v > self.threshold), "score": round(float(v), 4)} for v in s]
+
+    def save(self, path: str | Path) -> None:
+        arrays = {"kind": np.array("ensemble"), "members": np.int64(len(self.members))}
+        for i, m in enumerate(self.members):
+            arrays.update(m.to_arrays(prefix=f"m{i}_"))
+        _save_arrays(path, arrays)
+
+    def summary(self, file: str = "") -> dict:
+        """What ``model.json`` records about the guard; ``file``: where it is saved."""
+        return {
+            "method": "mean of the members' per-stage Mahalanobis scores, each over its "
+            "threshold (Lee et al. 2018)",
+            "file": file,
+            "members": len(self.members),
+            "threshold": self.threshold,
+            "quantile": self.members[0].quantile,
+        }
+
+
+def _save_arrays(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
+    import io
+
+    from medlens.fileio import atomic_write_bytes
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_guard(path: str | Path) -> StageGuard | FeatureGuard | EnsembleGuard:
+    """:class:`StageGuard`, :class:`EnsembleGuard` or (older runs) :class:`FeatureGuard` from
+    ``ood.npz``."""
     with np.load(path, allow_pickle=False) as z:
-        if "kind" in z.files and str(z["kind"]) == "stages":
+        kind = str(z["kind"]) if "kind" in z.files else None
+        if kind == "stages":
             return StageGuard.from_npz(z)
+        if kind == "ensemble":
+            arrays = {k: z[k] for k in z.files}
+            return EnsembleGuard(
+                [StageGuard.from_npz(arrays, f"m{i}_") for i in range(int(z["members"]))]
+            )
     return FeatureGuard.load(path)
 
 

@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -45,10 +46,12 @@ from medlens.artifacts.folders import (
     resolve_model,
 )
 from medlens.artifacts.model import ModelMeta, load_network
-from medlens.artifacts.onnx import check_onnx, halve_weights, onnx_bytes
+from medlens.artifacts.onnx import EnsembleGraph, check_onnx, halve_weights, onnx_bytes
 from medlens.data.cache import prepare_samples
-from medlens.errors import ModelLoadError
+from medlens.errors import ModelLoadError, UsageError
+from medlens.evaluation.calibration import choose_threshold, fit_temperature, logits_to_probs
 from medlens.evaluation.metrics import compute_metrics
+from medlens.evaluation.ood import EnsembleGuard, StageGuard, load_guard
 from medlens.fileio import atomic_write_text, write_json
 from medlens.inference.predictor import Predictor
 
@@ -59,34 +62,45 @@ log = logging.getLogger(__name__)
 BUNDLE_FILES = (MODEL_JSON, ONNX_FILE, OOD_FILE, CARD_JSON, CARD_MD)
 
 
-def _held_out(run: Path, split: str, labels: list[str]):
-    """Samples of the run's ``eval/<split>/predictions.csv`` and the run's probabilities."""
+def _held_out(runs: list[Path], split: str, labels: list[str]):
+    """Samples of ``eval/<split>/predictions.csv`` that every run evaluated, and the run's
+    probabilities for them (None for an ensemble), or None when there are none."""
     from medlens.data.datasets import Sample
 
-    pred = ModelFolder(run).read_predictions(split, labels)
-    if pred is None:
+    preds = [ModelFolder(r).read_predictions(split, labels) for r in runs]
+    if any(p is None for p in preds):
         return None
-    return [Sample(p, int(y)) for p, y in zip(pred.paths, pred.y_true)], pred.probs
+    shared = set(preds[0].paths).intersection(*(p.paths for p in preds[1:]))
+    keep = [i for i, path in enumerate(preds[0].paths) if path in shared]
+    if not keep:
+        return None
+    samples = [Sample(preds[0].paths[i], int(preds[0].y_true[i])) for i in keep]
+    return samples, (preds[0].probs[keep] if len(runs) == 1 else None)
 
 
-def _measure_split(pred: Predictor, run: Path, split: str, meta: ModelMeta) -> tuple | None:
-    """The shipped model's headline metrics on a split the run evaluated, the largest
-    probability change against the run, and the share the OOD guard flags (or None)."""
-    held = _held_out(run, split, meta.labels)
-    if held is None:
-        return None
-    samples, run_probs = held
+def _decoded(samples: list, meta: ModelMeta, split: str) -> tuple:
     res = prepare_samples(samples, meta.preprocess, progress=False, desc=split)
     if res.errors:
         raise ModelLoadError(
-            f"{len(res.errors)} {split} image(s) of {run} cannot be read any more (first: "
+            f"{len(res.errors)} {split} image(s) cannot be read any more (first: "
             f"{res.errors[0][0]}); the shipped model cannot be re-measured"
         )
+    return res, np.array([samples[i].label for i in res.keep])
+
+
+def _measure_split(pred: Predictor, runs: list[Path], split: str, meta: ModelMeta) -> tuple | None:
+    """The shipped model's headline metrics on a split the runs evaluated, the largest
+    probability change against the run (0 for an ensemble), and the share the OOD guard flags
+    (or None)."""
+    held = _held_out(runs, split, meta.labels)
+    if held is None:
+        return None
+    samples, run_probs = held
+    res, y = _decoded(samples, meta, split)
     preds = pred.predict_prepared(res.pixels)
     probs = np.array([[p.probabilities[c] for c in meta.labels] for p in preds])
     flagged = [p.ood["flag"] for p in preds if p.ood["flag"] is not None]
-    change = float(np.abs(probs - run_probs[res.keep]).max())
-    y = np.array([samples[i].label for i in res.keep])
+    change = 0.0 if run_probs is None else float(np.abs(probs - run_probs[res.keep]).max())
     m = compute_metrics(y, probs, meta.labels, meta.threshold)
     log.info(
         "%s: n %d, accuracy %.4f, auc %.4f (shipped %s)",
@@ -99,13 +113,13 @@ def _measure_split(pred: Predictor, run: Path, split: str, meta: ModelMeta) -> t
     return headline_metrics(m), change, (float(np.mean(flagged)) if flagged else None)
 
 
-def _remeasure(folder: Path, run: Path, meta: ModelMeta) -> tuple[dict, float]:
+def _remeasure(folder: Path, runs: list[Path], meta: ModelMeta) -> tuple[dict, float]:
     """Predict the run's validation (and carved test) images again through the shipped
     folder; record the metrics and OOD shares in ``meta``."""
     pred = Predictor(folder)
     metrics, change = {}, 0.0
     for split in ("val", "test"):
-        measured = _measure_split(pred, run, split, meta)
+        measured = _measure_split(pred, runs, split, meta)
         if measured is None:
             continue
         metrics[split], split_change, flagged = measured
@@ -128,15 +142,86 @@ def _move_into_place(tmp: Path, dest: Path) -> None:
         tmp.rename(dest)
 
 
+def _ensemble_meta(runs: list[Path], metas: list[ModelMeta]) -> ModelMeta:
+    """The ensemble's metadata: the members must share labels and preprocessing. Its version is
+    the sha256 of the members' weight hashes; temperature and threshold start as the members'
+    means (refitted on shared validation images by :func:`_calibrate_ensemble`)."""
+    first = metas[0]
+    for r, m in zip(runs[1:], metas[1:]):
+        geometry = [(x.image_size, x.channels, x.resize, x.grayscale)
+                    for x in (m.preprocess, first.preprocess)]  # fmt: skip
+        if m.labels != first.labels or geometry[0] != geometry[1]:
+            raise UsageError(
+                f"{r} cannot join an ensemble with {runs[0]}: labels or input geometry differ "
+                f"({m.labels}, size/channels/resize/grey {geometry[0]} vs {first.labels}, "
+                f"{geometry[1]})"
+            )
+    archs = sorted({m.arch for m in metas})
+    shas = [m.extra.get("weights_sha256") or "" for m in metas]
+    thresholds = [m.threshold for m in metas if m.threshold is not None]
+    meta = ModelMeta(
+        arch=archs[0] if len(archs) == 1 else "+".join(archs),
+        labels=list(first.labels),
+        preprocess=first.preprocess,
+        temperature=float(np.mean([m.temperature for m in metas])),
+        threshold=float(np.mean(thresholds)) if thresholds else None,
+        threshold_method="mean of the members'" if thresholds else None,
+        dropout=first.dropout,
+        extra={k: v for k, v in first.extra.items() if k in ("card", "training")},
+    )
+    meta.extra["weights_sha256"] = hashlib.sha256("".join(shas).encode()).hexdigest()
+    meta.extra["ensemble"] = [
+        {"run": r.name, "arch": m.arch, "weights_sha256": sha}
+        for r, m, sha in zip(runs, metas, shas)
+    ]
+    return meta
+
+
+def _copy_guard(runs: list[Path], dest: Path) -> None:
+    """A single run's ``ood.npz``, or the ensemble's guard over every member's."""
+    paths = [r / OOD_FILE for r in runs]
+    if len(runs) == 1:
+        if paths[0].exists():
+            shutil.copyfile(paths[0], dest)
+        return
+    guards = [load_guard(p) for p in paths if p.exists()]
+    if len(guards) == len(runs) and all(isinstance(g, StageGuard) for g in guards):
+        EnsembleGuard(guards).save(dest)
+
+
+def _calibrate_ensemble(folder: Path, runs: list[Path], meta: ModelMeta) -> None:
+    """Temperature (and binary threshold) of the averaged logits, fitted on the validation
+    images every member shares (members trained on the same split with other seeds or
+    backbones). Members of a k-fold cross-validation share none: the members' mean values are
+    kept, and the card says so."""
+    held = _held_out(runs, "val", meta.labels)
+    if held is None:
+        meta.extra["ensemble_calibration"] = (
+            "the members' mean temperature and threshold (they share no validation images)"
+        )
+        return
+    res, y = _decoded(held[0], meta, "val")
+    logits = Predictor(folder).logits_prepared(res.pixels).numpy()
+    meta.temperature = float(fit_temperature(logits, y))
+    if meta.binary:
+        probs = logits_to_probs(logits, meta.temperature)
+        choice = choose_threshold(y, probs[:, 1], method="youden")
+        meta.threshold, meta.threshold_method = float(choice["threshold"]), choice["method"]
+    meta.extra["ensemble_calibration"] = (
+        f"fitted on the {len(y)} validation images the members share"
+    )
+
+
 def make_bundle(
-    run: str | os.PathLike,
+    run: str | os.PathLike | Sequence[str | os.PathLike],
     dest: str | os.PathLike,
     *,
     half: bool = True,
     overwrite: bool = False,
     card: dict | None = None,
 ) -> dict:
-    """Write an inference-only model folder ``dest`` from the training run ``run``.
+    """Write an inference-only model folder ``dest`` from the training run ``run``, or from
+    several runs as one ensemble (see :func:`_ensemble_meta`).
 
     ``card``: model-card fields that replace the run's (e.g. the ``card:`` section of the
     recipe, edited after training).
@@ -148,33 +233,39 @@ def make_bundle(
         ModelLoadError: ``run`` is not a complete run, or ``dest`` exists without
             ``overwrite``.
     """
-    run = resolve_model(run)
+    runs = [resolve_model(r) for r in ([run] if isinstance(run, (str, os.PathLike)) else run)]
     dest = Path(dest)
-    if not (run / MODEL_WEIGHTS).exists():
-        raise ModelLoadError(f"{run} has no {MODEL_WEIGHTS}: bundle a training run folder")
+    for r in runs:
+        if not (r / MODEL_WEIGHTS).exists():
+            raise ModelLoadError(f"{r} has no {MODEL_WEIGHTS}: bundle a training run folder")
     if dest.exists() and not overwrite:
         raise ModelLoadError(f"{dest} exists; pass --overwrite to replace it")
-    net, meta = load_network(run)
-    blob = onnx_bytes(net, meta)
-    check_onnx(net, blob, meta)
+    nets, metas = zip(*(load_network(r) for r in runs))
+    meta = metas[0] if len(runs) == 1 else _ensemble_meta(runs, list(metas))
+    pres = [m.preprocess for m in metas]
+    members = nets[0] if len(runs) == 1 else EnsembleGraph(list(nets), pres)
+    blob = onnx_bytes(members, meta)
+    check_onnx(members, blob, meta)
     if half:
         blob = halve_weights(blob)
     tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     try:
         (tmp / ONNX_FILE).write_bytes(blob)
-        if (run / OOD_FILE).exists():
-            shutil.copyfile(run / OOD_FILE, tmp / OOD_FILE)
+        _copy_guard(runs, tmp / OOD_FILE)
         meta.name = dest.name
         if card:
             meta.extra["card"] = {**(meta.extra.get("card") or {}), **card}
         meta.extra["export"] = {
-            "from_run": run.name,
+            "from_run": "+".join(r.name for r in runs),
             "weights": "float16 storage, float32 compute" if half else "float32",
             "metrics_measured_on": ONNX_FILE,
         }
         write_json(tmp / MODEL_JSON, meta.to_dict())
-        metrics, change = _remeasure(tmp, run, meta)
+        if len(runs) > 1:
+            _calibrate_ensemble(tmp, runs, meta)
+            write_json(tmp / MODEL_JSON, meta.to_dict())
+        metrics, change = _remeasure(tmp, runs, meta)
         write_json(tmp / MODEL_JSON, meta.to_dict())
         card = model_card(meta, tmp, onnx_sha256=hashlib.sha256(blob).hexdigest())
         write_json(tmp / CARD_JSON, card)
