@@ -283,6 +283,12 @@ class TrainConfig:
         "cuda[:N]; prediction and serving always use the CPU",
     )
     threads: int | None = setting(None, "torch CPU threads", check=at_least(1))
+    workers: int = setting(
+        0,
+        "processes that decode-scale-augment the next training batches while the network trains "
+        "(full training; 0: in the training process, as before)",
+        check=at_least(0),
+    )
     cache_dir: str | None = setting(
         None,
         "keep decoded, resized images here for later runs (holds patient images: off unless asked)",

@@ -518,3 +518,37 @@ def test_float32_passes_turn_tf32_off_on_cuda_only():
         assert torch.backends.cudnn.allow_tf32 == before
     with exact_float32(None, torch.device("cpu")):
         assert torch.backends.cudnn.allow_tf32 == before
+
+
+def test_augmenting_workers_give_the_same_batches_whatever_their_number(synthetic_data):
+    import numpy as np
+
+    from medlens.config import AugmentSpec
+    from medlens.data.preprocess import Preprocess
+    from medlens.training.batches import ImageBatches
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (20, 1, 32, 32), dtype=np.uint8)
+    y = torch.arange(20) % 2
+    pre = Preprocess(image_size=32, channels=1, mean=(0.5,), std=(0.25,))
+    spec = AugmentSpec(gamma=0.2)
+
+    def epoch(workers: int) -> list:
+        batches = ImageBatches(x, y, pre, spec, augmenting=True, batch_size=8, device=None,
+                               workers=workers)  # fmt: skip
+        return list(batches(0, torch.Generator().manual_seed(4)))
+
+    one, two = epoch(1), epoch(2)
+    assert len(one) == len(two) == 3  # 8 + 8 + 4
+    for (xa, ya), (xb, yb) in zip(one, two):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    plain = ImageBatches(x, y, pre, spec, augmenting=False, batch_size=8, device=None)
+    unaugmented = list(plain(0, torch.Generator().manual_seed(4)))
+    assert torch.equal(one[0][1], unaugmented[0][1])  # the same shuffle
+    assert not torch.allclose(one[0][0], unaugmented[0][0])  # augmented
+
+
+def test_full_training_with_augmenting_workers(tmp_path, synthetic_data, train_config):
+    out = train(train_config(synthetic_data, tmp_path / "w", workers=1))
+    assert (out / "model.pt").exists()
+    assert "workers: 1" in (out / "config.yaml").read_text()

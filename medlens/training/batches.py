@@ -98,11 +98,16 @@ class ImageBatches:
         augmenting: bool,
         batch_size: int,
         device: torch.device | None,
+        workers: int = 0,
     ):
         self.x, self.y, self.pre, self.spec = x, y, pre, spec
         self.augmenting, self.batch_size, self.device = augmenting, batch_size, device
+        self.workers = workers
 
     def __call__(self, epoch: int, generator: torch.Generator) -> Iterator[Batch]:
+        if self.workers and self.augmenting:
+            yield from self._from_workers(generator)
+            return
         for idx in batch_indices(len(self.y), self.batch_size, generator):
             xb = torch.from_numpy(np.ascontiguousarray(self.x[idx.numpy()]))
             xb = self.pre.to_unit(xb.to(self.device, non_blocking=True))
@@ -112,6 +117,49 @@ class ImageBatches:
                 self.pre.standardize(xb).contiguous(memory_format=torch.channels_last),
                 self.y[idx].to(self.device),
             )
+
+    def _from_workers(self, generator: torch.Generator) -> Iterator[Batch]:
+        """The same epoch prepared ahead by ``workers`` processes (``torch.utils.data``): the
+        shuffle and one seed per batch come from ``generator``, so the batches do not depend on
+        how many workers there are."""
+        from torch.utils.data import DataLoader
+
+        batches = list(batch_indices(len(self.y), self.batch_size, generator))
+        seeds = torch.randint(0, 2**62, (len(batches),), generator=generator).tolist()
+        loader = DataLoader(
+            _AugmentedBatches(self.x, batches, seeds, self.pre, self.spec),
+            batch_size=None,
+            num_workers=self.workers,
+            worker_init_fn=_one_thread,
+            multiprocessing_context="fork",
+        )
+        for idx, xb in zip(batches, loader):
+            xb = xb.to(self.device, non_blocking=True)
+            yield (
+                self.pre.standardize(xb).contiguous(memory_format=torch.channels_last),
+                self.y[idx].to(self.device),
+            )
+
+
+def _one_thread(_worker: int) -> None:
+    torch.set_num_threads(1)  # each worker is one core's worth of augmentation
+
+
+class _AugmentedBatches(torch.utils.data.Dataset):
+    """Batch ``i``: its images scaled to [0, 1] and augmented with its own seed."""
+
+    def __init__(self, x: np.ndarray, batches: list, seeds: list[int], pre: Preprocess,
+                 spec: AugmentSpec):  # fmt: skip
+        self.x, self.batches, self.seeds, self.pre, self.spec = x, batches, seeds, pre, spec
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        xb = self.pre.to_unit(
+            torch.from_numpy(np.ascontiguousarray(self.x[self.batches[i].numpy()]))
+        )
+        return augment(xb, self.spec, torch.Generator().manual_seed(self.seeds[i]))
 
 
 class CachedBatches:

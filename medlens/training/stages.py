@@ -218,7 +218,7 @@ def full_stage(ctx: StageContext) -> Stage:
     net.set_trainable_stages(None)
     batches = ImageBatches(ctx.x_train, ctx.y_train, ctx.to_input.pre, cfg.augment,
                            augmenting=cfg.augment.enabled, batch_size=cfg.batch_size,
-                           device=ctx.device)  # fmt: skip
+                           device=ctx.device, workers=cfg.workers)  # fmt: skip
     return _stage(ctx, "full", net, batches, ctx.x_val, val_transform=ctx.to_input,
                   params=list(net.parameters()), epochs=cfg.epochs, lr=ctx.lr,
                   dtype=ctx.train_dtype)  # fmt: skip
