@@ -96,6 +96,7 @@ def _add_tune(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_tune(a: argparse.Namespace) -> int:
+    from medlens.artifacts.folders import BEST_YAML, TUNE_HTML
     from medlens.training.tune import tune
 
     recipe = read_yaml(a.config, "--config") if a.config else {}
@@ -112,7 +113,7 @@ def _cmd_tune(a: argparse.Namespace) -> int:
     print(f"best: trial {res['best_trial']}, validation AUC {res['best_value']:.4f}: "
           + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                       for k, v in res["best_params"].items()))  # fmt: skip
-    print(f"wrote {Path(cfg.out) / 'best.yaml'} and {Path(cfg.out) / 'tune.html'}")
+    print(f"wrote {Path(cfg.out) / BEST_YAML} and {Path(cfg.out) / TUNE_HTML}")
     return 0
 
 

@@ -54,6 +54,9 @@ REPORT_HTML = "report.html"
 PREDICTIONS_CSV = "predictions.csv"
 COMPARE_HTML = "compare.html"
 COMPARE_CSV = "compare.csv"
+# A cross-validation folder (OUT/fold-i runs) and a tuning study folder (OUT/trial-N runs).
+CV_JSON, CV_CSV = "cv.json", "cv.csv"
+STUDY_DB, BEST_YAML, TRIALS_CSV, TUNE_HTML = "study.db", "best.yaml", "trials.csv", "tune.html"
 
 HISTORY_COLUMNS = [
     "epoch",

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import platform
 from dataclasses import dataclass
-from pathlib import Path
 
 import psutil
 
-from medlens.machine import usable_cores
+from medlens.machine import cpu_info, usable_cores
 
 __all__ = [
     "CpuMeter",
@@ -31,29 +30,13 @@ __all__ = [
 _FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
 
 
-def _cpuinfo() -> dict[str, str]:
-    """The first processor's fields of ``/proc/cpuinfo`` (psutil does not report the CPU's
-    model name or flags); empty where there is no such file."""
-    fields: dict[str, str] = {}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return fields
-    for line in text.splitlines():
-        if not line.strip():
-            break  # the end of the first processor's block
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-    return fields
-
-
 def cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo``), or what :mod:`platform` knows."""
-    return _cpuinfo().get("model name") or platform.processor() or "unknown CPU"
+    return cpu_info().get("model name") or platform.processor() or "unknown CPU"
 
 
 def _cpu_flags() -> list[str]:
-    have = set(_cpuinfo().get("flags", "").split())
+    have = set(cpu_info().get("flags", "").split())
     return [f for f in _FLAGS if f in have]
 
 

@@ -68,25 +68,25 @@ def augment(
     return out
 
 
-def _shift_transforms(spec: AugmentSpec) -> list:
-    """The kornia transforms the spec turns on, in the order they are applied, as
-    ``(name, make(size) -> transform)``: the crop resizes back to the batch's size."""
+def _shift_transforms(spec: AugmentSpec, size: tuple[int, int]) -> list:
+    """The kornia transforms the spec turns on, in the order they are applied (the crop
+    resizes back to the batch's ``size``)."""
     import kornia.augmentation as K
 
     out = []
     if spec.crop_scale:
-        out.append(("crop", lambda size: K.RandomResizedCrop(size, scale=(1 - spec.crop_scale, 1.0),
-                                                             ratio=(3 / 4, 4 / 3), p=1.0)))  # fmt: skip
+        out.append(K.RandomResizedCrop(size, scale=(1 - spec.crop_scale, 1.0),
+                                       ratio=(3 / 4, 4 / 3), p=1.0))  # fmt: skip
     if spec.gamma:
-        out.append(("gamma", lambda _: K.RandomGamma((1 - spec.gamma, 1 + spec.gamma), p=1.0)))
+        out.append(K.RandomGamma((1 - spec.gamma, 1 + spec.gamma), p=1.0))
     if spec.clahe:
-        out.append(("clahe", lambda _: K.RandomClahe(clip_limit=(2.0, 2.0), p=spec.clahe)))
+        out.append(K.RandomClahe(clip_limit=(2.0, 2.0), p=spec.clahe))
     if spec.blur:
-        out.append(("blur", lambda _: K.RandomGaussianBlur((5, 5), (0.1, 1.5), p=spec.blur)))
+        out.append(K.RandomGaussianBlur((5, 5), (0.1, 1.5), p=spec.blur))
     if spec.sharpen:
-        out.append(("sharpen", lambda _: K.RandomSharpness(0.5, p=spec.sharpen)))
+        out.append(K.RandomSharpness(0.5, p=spec.sharpen))
     if spec.noise:
-        out.append(("noise", lambda _: K.RandomGaussianNoise(std=spec.noise, p=0.5)))
+        out.append(K.RandomGaussianNoise(std=spec.noise, p=0.5))
     return out
 
 
@@ -98,9 +98,7 @@ def _acquisition_shift(
     import kornia.augmentation as K
 
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    pipeline = K.AugmentationSequential(
-        *(make(tuple(x.shape[-2:])) for _, make in _shift_transforms(spec))
-    )
+    pipeline = K.AugmentationSequential(*_shift_transforms(spec, tuple(x.shape[-2:])))
     devices = [x.device] if x.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)

@@ -23,6 +23,7 @@ __all__ = [
     "fit_temperature",
     "logits_to_probs",
     "choose_threshold",
+    "calibrate",
     "reliability_curve",
     "T_MIN",
     "T_MAX",
@@ -176,6 +177,30 @@ def choose_threshold(
         "specificity": float((~pred[y == 0]).mean()),
         "target_sensitivity": None if target_sensitivity is None else float(target_sensitivity),
     }
+
+
+def calibrate(
+    logits: ArrayLike, y_true: ArrayLike, binary: bool, *, target_sensitivity: float | None = None
+) -> tuple[float, float | None, str | None]:
+    """Temperature and, for a binary task, the operating threshold, from validation data.
+
+    Args:
+        logits: validation logits ``(N,)``, ``(N, 1)`` or ``(N, K)``.
+        y_true: their labels.
+        binary: a two-class task (a threshold is chosen on the calibrated probabilities).
+        target_sensitivity: see :func:`choose_threshold` (default: Youden's J).
+
+    Returns:
+        ``(temperature, threshold, method)``; threshold and method are None for multi-class.
+    """
+    temperature = float(fit_temperature(logits, y_true))
+    if not binary:
+        return temperature, None, None
+    probs = logits_to_probs(logits, temperature)
+    choice = choose_threshold(
+        y_true, probs[:, 1], method="youden", target_sensitivity=target_sensitivity
+    )
+    return temperature, float(choice["threshold"]), choice["method"]
 
 
 def reliability_curve(

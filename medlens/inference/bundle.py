@@ -49,7 +49,7 @@ from medlens.artifacts.model import ModelMeta, load_network
 from medlens.artifacts.onnx import EnsembleGraph, check_onnx, halve_weights, onnx_bytes
 from medlens.data.cache import prepare_samples
 from medlens.errors import ModelLoadError, UsageError
-from medlens.evaluation.calibration import choose_threshold, fit_temperature, logits_to_probs
+from medlens.evaluation.calibration import calibrate
 from medlens.evaluation.metrics import compute_metrics
 from medlens.evaluation.ood import EnsembleGuard, StageGuard, load_guard
 from medlens.fileio import atomic_write_text, write_json
@@ -202,11 +202,10 @@ def _calibrate_ensemble(folder: Path, runs: list[Path], meta: ModelMeta) -> None
         return
     res, y = _decoded(held[0], meta, "val")
     logits = Predictor(folder).logits_prepared(res.pixels).numpy()
-    meta.temperature = float(fit_temperature(logits, y))
+    temperature, threshold, method = calibrate(logits, y, meta.binary)
+    meta.temperature = temperature
     if meta.binary:
-        probs = logits_to_probs(logits, meta.temperature)
-        choice = choose_threshold(y, probs[:, 1], method="youden")
-        meta.threshold, meta.threshold_method = float(choice["threshold"]), choice["method"]
+        meta.threshold, meta.threshold_method = threshold, method
     meta.extra["ensemble_calibration"] = (
         f"fitted on the {len(y)} validation images the members share"
     )

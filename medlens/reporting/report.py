@@ -107,8 +107,6 @@ _COMPARE_COLUMNS = [
     ("ece", False),
     ("brier", False),
 ]
-_CSV_METRICS = _REPORT_METRICS
-_CSV_CI = _CSV_METRICS[:8]  # metrics that have bootstrap intervals
 
 
 # --------------------------------------------------------------------------------------
@@ -361,14 +359,14 @@ def comparison_table(runs: list[dict]) -> str:
 def _write_compare_csv(runs: list[dict], path: Path) -> None:
     columns = ["name", "n", "threshold"] + [
         c
-        for k in _CSV_METRICS
-        for c in ((k, f"{k}_ci_low", f"{k}_ci_high") if k in _CSV_CI else (k,))
+        for k in _REPORT_METRICS
+        for c in ((k, f"{k}_ci_low", f"{k}_ci_high") if k in CI_METRICS else (k,))
     ]
     rows = []
     for r in runs:
         m = r["metrics"]
         row = {"name": r["name"], "n": m.get("n"), "threshold": m.get("threshold")}
-        for k in _CSV_METRICS:
+        for k in _REPORT_METRICS:
             row[k] = m.get(k)
             ci = (m.get("ci") or {}).get(k) or [None, None]
             row[f"{k}_ci_low"], row[f"{k}_ci_high"] = ci[0], ci[1]

@@ -67,16 +67,18 @@ def run_results(name: str, folder: Path) -> dict:
         "eval": None,
         "n": None,
     }
-    history = ModelFolder(folder).read_history()
+    try:
+        ev = load_run_evaluation(folder, SPLIT)
+    except ModelLoadError:
+        ev = None
+    history = ev["history"] if ev else ModelFolder(folder).read_history()
     if history:
         curves = figures.training_figures(history)
         out["figures"] += [{"id": f"curve-{key}", **fig} for key, fig in curves.items()]
         out["history"] = history
     else:
         out["missing"].append("training curves (no training_metrics.csv)")
-    try:
-        ev = load_run_evaluation(folder, SPLIT)
-    except ModelLoadError:
+    if ev is None:
         out["missing"].append("validation results (no eval/val/metrics.json)")
         return out
     out["eval"] = ev

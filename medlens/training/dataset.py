@@ -68,6 +68,24 @@ def _fold(ds: Dataset, cfg: TrainConfig) -> Dataset:
     return dataclasses.replace(ds, splits=splits, notes=[*ds.notes, note])
 
 
+def load_splits(cfg: TrainConfig, classes: list[str] | None = None) -> Dataset:
+    """A run's splits, as its settings form them (fractions, seed, patient regex, fold).
+
+    Args:
+        cfg: the settings.
+        classes: the class names a trained model expects (default: found in the data).
+    """
+    ds = load_dataset(
+        cfg.data,
+        val_fraction=cfg.val_fraction,
+        test_fraction=cfg.test_fraction,
+        seed=cfg.seed,
+        patient_regex=cfg.patient_regex,
+        classes=classes,
+    )
+    return _fold(ds, cfg) if cfg.fold is not None else ds
+
+
 def load_training_data(cfg: TrainConfig, info: ModelInfo, pretrained: bool) -> TrainingData:
     """Load, check and decode a run's data.
 
@@ -83,15 +101,7 @@ def load_training_data(cfg: TrainConfig, info: ModelInfo, pretrained: bool) -> T
         TrainError: no train or validation split, or one without images of a class.
         DataError: unreadable images, unless ``cfg.skip_bad_images``.
     """
-    ds = load_dataset(
-        cfg.data,
-        val_fraction=cfg.val_fraction,
-        test_fraction=cfg.test_fraction,
-        seed=cfg.seed,
-        patient_regex=cfg.patient_regex,
-    )
-    if cfg.fold is not None:
-        ds = _fold(ds, cfg)
+    ds = load_splits(cfg)
     _check_splits(cfg, ds)
     size = cfg.image_size or info.default_image_size
     channels = cfg.channels

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 from torch import nn
 
 from medlens.errors import TrainError
+from medlens.machine import cpu_info
 
 
 def bf16_supported() -> bool:
@@ -17,11 +16,8 @@ def bf16_supported() -> bool:
     Returns:
         True when ``/proc/cpuinfo`` lists ``amx_bf16`` or ``avx512_bf16``.
     """
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " amx_bf16" in flags or " avx512_bf16" in flags
+    flags = set(cpu_info().get("flags", "").split())
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
 
 
 def resolve_device(name: str) -> torch.device:

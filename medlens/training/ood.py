@@ -23,6 +23,7 @@ from medlens.fileio import write_json
 from medlens.inference.runtime import compute_logits, logits_and_stats
 from medlens.modeling.classifier import Classifier
 from medlens.training.batches import ModelInput
+from medlens.training.dataset import load_splits
 
 log = logging.getLogger(__name__)
 
@@ -145,18 +146,11 @@ def refit_ood_guard(run: str | Path) -> StageGuard:
 
 
 def _decode_splits(cfg: TrainConfig, pre: Preprocess, labels: list[str]) -> dict:
-    """The run's splits, decoded as in training: split -> (uint8 images, labels)."""
-    from medlens.data import datasets as mdata
+    """The run's splits (:func:`~medlens.training.dataset.load_splits`, folds included),
+    decoded at the model's geometry: split -> (uint8 images, labels)."""
     from medlens.data.cache import prepare_samples
 
-    ds = mdata.load_dataset(
-        cfg.data,
-        val_fraction=cfg.val_fraction,
-        test_fraction=cfg.test_fraction,
-        seed=cfg.seed,
-        patient_regex=cfg.patient_regex,
-        classes=labels,
-    )
+    ds = load_splits(cfg, classes=labels)
     prepared = {}
     for split, samples in ds.splits.items():
         res = prepare_samples(samples, pre, progress=False, desc=split)

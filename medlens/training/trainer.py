@@ -23,7 +23,7 @@ from medlens.artifacts.model import ModelMeta, build_network, save_model
 from medlens.config import TrainConfig
 from medlens.data.preprocess import Preprocess, compute_mean_std
 from medlens.errors import ConfigError, TrainError
-from medlens.evaluation.calibration import choose_threshold, fit_temperature, logits_to_probs
+from medlens.evaluation.calibration import calibrate, logits_to_probs
 from medlens.evaluation.ood import StageGuard
 from medlens.fileio import write_yaml
 from medlens.modeling.registry import IMAGENET_MEAN, IMAGENET_STD, model_info
@@ -67,9 +67,9 @@ def train(
         TrainError: a setting that cannot be used, or an ``--out`` that holds a run.
         DataError: data that cannot be used (unreadable images, missing classes, ...).
     """
-    trainer = Trainer(cfg, resume=resume, overwrite=overwrite, command=command)
-    trainer.on_epoch = on_epoch
-    return trainer.run()
+    return Trainer(
+        cfg, resume=resume, overwrite=overwrite, command=command, on_epoch=on_epoch
+    ).run()
 
 
 def _resumed_config(cfg: TrainConfig) -> TrainConfig:
@@ -128,9 +128,18 @@ class Trainer:
         resume: continue the run in ``cfg.out``.
         overwrite: replace a run already in ``cfg.out``.
         command: the command line, recorded in ``model.json``.
+        on_epoch: called with every epoch's history row.
     """
 
-    def __init__(self, cfg: TrainConfig, *, resume: bool, overwrite: bool, command: str | None):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        resume: bool,
+        overwrite: bool,
+        command: str | None,
+        on_epoch: Callable[[dict], None] | None = None,
+    ):
         self.info = model_info(cfg.model)  # unknown model: clear error before anything is written
         # Every declared constraint (config.py), on the settings the run will use.
         self.cfg = (_resumed_config(cfg) if resume else cfg).validate()
@@ -138,7 +147,7 @@ class Trainer:
         if size is not None and size < smallest:
             raise ConfigError(f"--image-size {size}: {self.cfg.model} needs at least {smallest} px")
         self.resume, self.overwrite, self.command = resume, overwrite, command
-        self.on_epoch: Callable[[dict], None] | None = None
+        self.on_epoch = on_epoch
 
     def run(self) -> Path:
         """All the steps; returns the run folder."""
@@ -301,18 +310,13 @@ class Trainer:
     def _calibrate(self, val_logits: torch.Tensor) -> tuple[float, float | None, str | None]:
         """Temperature, and for binary tasks the threshold and how it was chosen; fitted on
         the validation split only."""
-        yva = self.data.prepared["val"][1]
-        temperature = float(fit_temperature(val_logits.numpy(), yva.numpy()))
-        val_probs = logits_to_probs(val_logits.numpy(), temperature)
-        if not self.data.binary:
-            return temperature, None, None
-        choice = choose_threshold(
-            yva.numpy(),
-            val_probs[:, 1],
-            method="youden",
+        yva = self.data.prepared["val"][1].numpy()
+        return calibrate(
+            val_logits.numpy(),
+            yva,
+            self.data.binary,
             target_sensitivity=self.cfg.target_sensitivity,
         )
-        return temperature, float(choice["threshold"]), choice["method"]
 
     def _fit_guard(self, val_stats: np.ndarray) -> StageGuard:
         """The OOD guard, fitted on clean training images and saved beside the model."""

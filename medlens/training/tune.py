@@ -13,19 +13,27 @@ AUC after every epoch, so the median pruner stops unpromising ones early. The st
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 from pathlib import Path
 
 import yaml
 
-from medlens.artifacts.folders import ModelFolder
+from medlens.artifacts.folders import (
+    BEST_YAML,
+    CV_JSON,
+    STUDY_DB,
+    TRIALS_CSV,
+    TUNE_HTML,
+    ModelFolder,
+)
 from medlens.config import RECORDED_FACTS, TrainConfig
 from medlens.errors import ConfigError
 from medlens.fileio import atomic_write_text, write_csv
 from medlens.modeling.registry import model_info
 from medlens.reporting.report import write_tune_report
-from medlens.training.cv import summarise_folds, train_folds
+from medlens.training.cv import train_folds
 from medlens.training.trainer import train
 
 __all__ = ["DEFAULT_SPACE", "tune", "check_space"]
@@ -41,7 +49,6 @@ DEFAULT_SPACE = {
     "unfreeze": {"low": 1, "high": 4},
     "finetune_lr_scale": {"low": 0.03, "high": 0.3, "log": True},
 }
-STUDY_DB, BEST_YAML, TRIALS_CSV, TUNE_HTML = "study.db", "best.yaml", "trials.csv", "tune.html"
 
 
 def check_space(space: dict) -> dict:
@@ -96,8 +103,8 @@ def _objective(base: TrainConfig, space: dict, out: Path):
         cfg = dataclasses.replace(base, out=str(out / f"trial-{trial.number}"), **params)
         cfg.validate()
         if cfg.folds:
-            summary = summarise_folds(train_folds(cfg, overwrite=True), cfg.folds)
-            value = summary["mean"].get("auc")
+            folder = train_folds(cfg, overwrite=True)  # it writes cv.json
+            value = json.loads((folder / CV_JSON).read_text())["mean"].get("auc")
         else:
 
             def report(row: dict) -> None:
