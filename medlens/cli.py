@@ -400,7 +400,8 @@ def _add_export(p: argparse.ArgumentParser) -> None:
         required=True,
         nargs="+",
         metavar="RUN",
-        help="run folder or bundled model name; several runs with --bundle: an ensemble",
+        help="run folder or bundled model name; several runs, or a cross-validation folder "
+        "(`medlens train --folds K`: its folds), with --bundle: an ensemble",
     )
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
     p.add_argument(
@@ -433,6 +434,18 @@ def _add_export(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _expand_folds(models: list[str]) -> str | list:
+    """--model arguments with each cross-validation folder replaced by its fold runs (an
+    ensemble of the folds); one plain run stays a single model."""
+    from medlens.artifacts.folders import cv_members
+
+    runs: list = []
+    for model in models:
+        folds = cv_members(model)
+        runs.extend(folds if folds is not None else [model])
+    return runs[0] if len(runs) == 1 else runs
+
+
 def _cmd_export(a: argparse.Namespace) -> int:
     from medlens.artifacts.card import export_model
     from medlens.artifacts.onnx import OPSET
@@ -440,18 +453,18 @@ def _cmd_export(a: argparse.Namespace) -> int:
     if a.bundle:
         from medlens.inference.bundle import make_bundle
 
+        runs = _expand_folds(a.model)
         if a.refit_ood:
             from medlens.artifacts.folders import resolve_model
             from medlens.training.ood import refit_ood_guard
 
-            for model in a.model:
+            for model in [runs] if isinstance(runs, str) else runs:
                 refit_ood_guard(resolve_model(model))
         card = None
         if a.card:
             card = read_yaml(a.card, "--card").get("card")
             if not isinstance(card, dict):
                 raise UsageError(f"--card {a.card}: no `card:` section in it")
-        runs = a.model[0] if len(a.model) == 1 else a.model
         res = make_bundle(runs, a.bundle, half=a.half, overwrite=a.overwrite, card=card)
         print(
             f"wrote {res['folder']} (model.onnx {res['onnx_bytes'] / 1e6:.1f} MB; largest "
@@ -460,8 +473,9 @@ def _cmd_export(a: argparse.Namespace) -> int:
         return 0
     if a.half or a.overwrite or a.refit_ood or a.card:
         raise UsageError("--half, --overwrite, --card and --refit-ood go with --bundle DEST")
-    if len(a.model) > 1:
-        raise UsageError("several --model runs make an ensemble: give --bundle DEST too")
+    if len(a.model) > 1 or not isinstance(_expand_folds(a.model), str):
+        raise UsageError("several --model runs (or a cross-validation folder's folds) make an "
+                         "ensemble: give --bundle DEST too")
     res = export_model(a.model[0], opset=a.opset or OPSET)
     print(
         f"wrote {res['onnx']} (max relative difference to torch "
@@ -650,7 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
         summary, _, description = add.__doc__.partition("\n\n")
         add(sub.add_parser(name, help=summary, description=" ".join(description.split())))
     for p in sub.choices.values():  # `medlens train ... --debug` works too
-        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="as above")
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="debug messages, and the full traceback when something fails")
     return parser
 
 

@@ -102,7 +102,7 @@ class AugmentSpec:
     shift: float = setting(0.08, "maximum shift, fraction of the side", check=in_range(0, 1))
     zoom: float = setting(0.1, "maximum zoom, fraction", check=in_range(0, 1, hi_open=True))
     hflip: bool = setting(
-        True, "random horizontal flips (turn off where laterality matters)", flag="--no-hflip"
+        True, "flip images horizontally at random (turn off where laterality matters)", flag="--no-hflip"
     )
     brightness: float = setting(0.1, "maximum relative brightness change", check=at_least(0))
     contrast: float = setting(0.1, "maximum relative contrast change", check=at_least(0))
@@ -293,7 +293,7 @@ class TrainConfig:
         None,
         "keep decoded, resized images here for later runs (holds patient images: off unless asked)",
     )
-    pretrained: bool = setting(True, "ImageNet weights where the backbone has them")
+    pretrained: bool = setting(True, "start from ImageNet weights where the backbone has them")
     weights: str | None = setting(
         None,
         "initialise the backbone from this state_dict file (.pt/.pth: ImageNet or chest X-ray "
@@ -301,7 +301,7 @@ class TrainConfig:
         "shape agrees) and what was loaded, missing or unexpected is reported",
     )
     name: str | None = setting(None, "model name (default: the run folder's name)")
-    progress: bool = setting(True, "progress bars", flag="--quiet")
+    progress: bool = setting(True, "show progress bars", flag="--quiet")
     card: dict | None = setting(
         None, "model-card text (title, intended use, citation, ...)", cli=False
     )
@@ -405,6 +405,9 @@ def _add_one(parser: argparse.ArgumentParser, cls: type, f: Any, dest: str) -> N
     kind = _scalar_type(cls, f.name)
     help_text = meta["help"]
     if kind is bool:
+        # The help says what the flag does: a --no-X flag turns the setting off.
+        if f.default is True:
+            help_text = f"do not {help_text[0].lower()}{help_text[1:]} (on by default)"
         parser.add_argument(
             _flag(f),
             dest=dest,

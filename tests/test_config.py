@@ -50,6 +50,10 @@ def test_every_declared_setting_has_an_option_with_its_help(capsys, monkeypatch)
     ):
         assert flag in text
     assert "--card" not in text  # recipe-only
+    # A --no-X flag's help says what typing it does, not what the setting means.
+    assert "--no-pretrained do not start from ImageNet weights" in text
+    assert "--quiet do not show progress bars (on by default)" in text
+    assert "--no-class-weights do not weight the loss by inverse class frequency" in text
 
 
 def test_only_typed_flags_reach_the_settings():

@@ -62,6 +62,18 @@ def test_train_folds_writes_every_run_and_the_summary(tmp_path, synthetic_data, 
         rows = list(csv.DictReader(fh))
     assert [r["fold"] for r in rows] == ["0", "1", "2", "mean", "sd", "min", "max"]
     assert "cross-validation over 3 folds" in capsys.readouterr().err
+    # The cross-validation folder exports as one ensemble of its folds.
+    dest = tmp_path / "cv-bundle"
+    assert main(["export", "--model", str(out), "--bundle", str(dest)]) == 0
+    meta = json.loads((dest / "model.json").read_text())
+    assert [m["run"] for m in meta["ensemble"]] == ["fold-0", "fold-1", "fold-2"]
+    assert main(["export", "--model", str(out)]) == 2
+    assert "cross-validation folder's folds) make an ensemble" in capsys.readouterr().err
+    (out / "fold-2" / "model.json").unlink()
+    assert main(["export", "--model", str(out), "--bundle", str(tmp_path / "b2")]) == 2
+    err = capsys.readouterr().err
+    assert "3-fold cross-validation but" in err and "fold-2 has no finished run" in err
+    assert not (tmp_path / "b2").exists()
     # One fold alone, e.g. on another machine.
     assert main([*argv, "--out", str(tmp_path / "one"), "--folds", "3", "--fold", "1"]) == 0
     with open(tmp_path / "one" / "eval" / "val" / "predictions.csv", newline="") as fh:

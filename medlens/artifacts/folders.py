@@ -56,6 +56,32 @@ COMPARE_HTML = "compare.html"
 COMPARE_CSV = "compare.csv"
 # A cross-validation folder (OUT/fold-i runs) and a tuning study folder (OUT/trial-N runs).
 CV_JSON, CV_CSV = "cv.json", "cv.csv"
+
+
+def fold_folder(out: str | os.PathLike, fold: int) -> Path:
+    """Run folder of fold ``fold`` inside the cross-validation folder ``out``."""
+    return Path(out) / f"fold-{fold}"
+
+
+def cv_members(folder: str | os.PathLike) -> list[Path] | None:
+    """The fold runs of a finished cross-validation folder (``medlens train --folds K``), in
+    fold order; None when ``folder`` is not one.
+
+    Raises:
+        ModelLoadError: a fold named in ``cv.json`` has no finished run.
+    """
+    cv = Path(folder) / CV_JSON
+    if not cv.is_file():
+        return None
+    folds = int(json.loads(cv.read_text())["folds"])
+    runs = [fold_folder(folder, i) for i in range(folds)]
+    missing = [str(r) for r in runs if not (r / MODEL_JSON).exists()]
+    if missing:
+        raise ModelLoadError(
+            f"{folder} is a {folds}-fold cross-validation but {', '.join(missing)} has no "
+            f"finished run (continue it with `medlens train --folds {folds} --resume`)"
+        )
+    return runs
 STUDY_DB, BEST_YAML, TRIALS_CSV, TUNE_HTML = "study.db", "best.yaml", "trials.csv", "tune.html"
 
 HISTORY_COLUMNS = [

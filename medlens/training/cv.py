@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medlens.artifacts.folders import CV_CSV, CV_JSON, ModelFolder
+from medlens.artifacts.folders import CV_CSV, CV_JSON, ModelFolder, fold_folder
 from medlens.artifacts.model import read_meta
 from medlens.config import TrainConfig
 from medlens.evaluation.metrics import compute_metrics
@@ -27,10 +27,6 @@ __all__ = ["train_folds", "summarise_folds", "CV_METRICS"]
 log = logging.getLogger(__name__)
 
 CV_METRICS = ("accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity", "f1", "ece")
-
-
-def fold_folder(out: str | Path, fold: int) -> Path:
-    return Path(out) / f"fold-{fold}"
 
 
 def train_folds(
