@@ -474,8 +474,10 @@ def _cmd_export(a: argparse.Namespace) -> int:
     if a.half or a.overwrite or a.refit_ood or a.card:
         raise UsageError("--half, --overwrite, --card and --refit-ood go with --bundle DEST")
     if len(a.model) > 1 or not isinstance(_expand_folds(a.model), str):
-        raise UsageError("several --model runs (or a cross-validation folder's folds) make an "
-                         "ensemble: give --bundle DEST too")
+        raise UsageError(
+            "several --model runs (or a cross-validation folder's folds) make an "
+            "ensemble: give --bundle DEST too"
+        )
     res = export_model(a.model[0], opset=a.opset or OPSET)
     print(
         f"wrote {res['onnx']} (max relative difference to torch "
@@ -664,7 +666,12 @@ def build_parser() -> argparse.ArgumentParser:
         summary, _, description = add.__doc__.partition("\n\n")
         add(sub.add_parser(name, help=summary, description=" ".join(description.split())))
     for p in sub.choices.values():  # `medlens train ... --debug` works too
-        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="debug messages, and the full traceback when something fails")
+        p.add_argument(
+            "--debug",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="debug messages, and the full traceback when something fails",
+        )
     return parser
 
 

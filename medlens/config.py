@@ -102,7 +102,9 @@ class AugmentSpec:
     shift: float = setting(0.08, "maximum shift, fraction of the side", check=in_range(0, 1))
     zoom: float = setting(0.1, "maximum zoom, fraction", check=in_range(0, 1, hi_open=True))
     hflip: bool = setting(
-        True, "flip images horizontally at random (turn off where laterality matters)", flag="--no-hflip"
+        True,
+        "flip images horizontally at random (turn off where laterality matters)",
+        flag="--no-hflip",
     )
     brightness: float = setting(0.1, "maximum relative brightness change", check=at_least(0))
     contrast: float = setting(0.1, "maximum relative contrast change", check=at_least(0))

@@ -82,6 +82,8 @@ def cv_members(folder: str | os.PathLike) -> list[Path] | None:
             f"finished run (continue it with `medlens train --folds {folds} --resume`)"
         )
     return runs
+
+
 STUDY_DB, BEST_YAML, TRIALS_CSV, TUNE_HTML = "study.db", "best.yaml", "trials.csv", "tune.html"
 
 HISTORY_COLUMNS = [
