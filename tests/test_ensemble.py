@@ -79,4 +79,9 @@ def test_a_fold_ensemble_keeps_the_members_calibration(tmp_path, synthetic_data)
     temps = [json.loads((r / "model.json").read_text())["temperature"] for r in runs]
     assert meta["temperature"] == pytest.approx(np.mean(temps))
     assert "share no validation images" in meta["ensemble_calibration"]
-    assert "val" not in meta["metrics"] and meta["metrics"]["test"]["n"] > 0
+    assert meta["metrics"]["test"]["n"] > 0
+    # No shared validation images: the card reports the pooled out-of-fold estimate, saying so.
+    oof = meta["metrics"]["val"]
+    n_val = [json.loads((r / "eval" / "val" / "metrics.json").read_text())["n"] for r in runs]
+    assert oof["n"] == sum(n_val) and oof["measured_on"].startswith("out-of-fold")
+    assert "Measured out-of-fold" in (dest / "model_card.md").read_text()

@@ -156,6 +156,7 @@ def _md_evaluation(metrics: dict) -> list[str]:
         lines += [
             f"### {split} split (n = {m.get('n')})",
             "",
+            *([f"Measured {m['measured_on']}.", ""] if m.get("measured_on") else []),
             "| metric | value | 95% CI |",
             "|---|---|---|",
         ]

@@ -113,6 +113,29 @@ def _measure_split(pred: Predictor, runs: list[Path], split: str, meta: ModelMet
     return headline_metrics(m), change, (float(np.mean(flagged)) if flagged else None)
 
 
+OUT_OF_FOLD = (
+    "out-of-fold: each validation image predicted by the one fold model that did not train on "
+    "it (run probabilities), at the ensemble's threshold; an estimate for one member, not the "
+    "ensemble"
+)
+
+
+def _out_of_fold(runs: list[Path], meta: ModelMeta) -> dict | None:
+    """Pooled validation metrics of k-fold members whose validation images are disjoint (the
+    cross-validation estimate); None when they overlap or were not evaluated."""
+    preds = [ModelFolder(r).read_predictions("val", meta.labels) for r in runs]
+    if len(runs) < 2 or any(p is None for p in preds):
+        return None
+    paths = [path for p in preds for path in p.paths]
+    if len(set(paths)) != len(paths):
+        return None
+    y = np.concatenate([p.y_true for p in preds])
+    probs = np.concatenate([p.probs for p in preds])
+    m = compute_metrics(y, probs, meta.labels, meta.threshold)
+    log.info("val (out-of-fold, %d members): n %d, auc %.4f", len(runs), m["n"], m["auc"])
+    return {**headline_metrics(m), "measured_on": OUT_OF_FOLD}
+
+
 def _remeasure(folder: Path, runs: list[Path], meta: ModelMeta) -> tuple[dict, float]:
     """Predict the run's validation (and carved test) images again through the shipped
     folder; record the metrics and OOD shares in ``meta``."""
@@ -126,6 +149,10 @@ def _remeasure(folder: Path, runs: list[Path], meta: ModelMeta) -> tuple[dict, f
         change = max(change, split_change)
         if flagged is not None:
             meta.extra.setdefault("ood", {})[f"flagged_{split}_share"] = round(flagged, 4)
+    if "val" not in metrics:
+        oof = _out_of_fold(runs, meta)
+        if oof is not None:
+            metrics = {"val": oof, **metrics}
     if metrics:
         meta.extra["metrics"] = metrics
     meta.extra["export"]["max_probability_change"] = round(change, 6)
