@@ -178,6 +178,18 @@ def test_atomic_write_replaces_content(tmp_path):
     assert [x.name for x in p.parent.iterdir()] == ["f.txt"]
 
 
+def test_atomic_write_gives_the_mode_open_would(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "model.onnx", b"x")
+        os.umask(0o077)
+        atomic_write_bytes(tmp_path / "private.csv", b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "model.onnx").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+    assert (tmp_path / "private.csv").stat().st_mode & 0o777 == 0o600
+
+
 def test_atomic_write_keeps_the_old_file_when_replace_fails(tmp_path, monkeypatch):
     p = tmp_path / "model.json"
     p.write_bytes(b"old")
