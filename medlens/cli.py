@@ -417,6 +417,13 @@ def _add_export(p: argparse.ArgumentParser) -> None:
         help="with --bundle: store weights as float16 (half the size; computation "
         "stays float32; metrics are re-measured after this step)",
     )
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="with --bundle: store weight kernels as 8-bit integers with a scale per output "
+        "channel (a quarter of float32's size, e.g. to ship an ensemble; computation stays "
+        "float32; metrics are re-measured after this step)",
+    )
     p.add_argument("--overwrite", action="store_true", help="with --bundle: replace DEST")
     p.add_argument(
         "--card",
@@ -465,14 +472,18 @@ def _cmd_export(a: argparse.Namespace) -> int:
             card = read_yaml(a.card, "--card").get("card")
             if not isinstance(card, dict):
                 raise UsageError(f"--card {a.card}: no `card:` section in it")
-        res = make_bundle(runs, a.bundle, half=a.half, overwrite=a.overwrite, card=card)
+        res = make_bundle(
+            runs, a.bundle, half=a.half, int8=a.int8, overwrite=a.overwrite, card=card
+        )
         print(
             f"wrote {res['folder']} (model.onnx {res['onnx_bytes'] / 1e6:.1f} MB; largest "
             f"probability change against the run {res['max_prob_change']:.2e})"
         )
         return 0
-    if a.half or a.overwrite or a.refit_ood or a.card:
-        raise UsageError("--half, --overwrite, --card and --refit-ood go with --bundle DEST")
+    if a.half or a.int8 or a.overwrite or a.refit_ood or a.card:
+        raise UsageError(
+            "--half, --int8, --overwrite, --card and --refit-ood go with --bundle DEST"
+        )
     if len(a.model) > 1 or not isinstance(_expand_folds(a.model), str):
         raise UsageError(
             "several --model runs (or a cross-validation folder's folds) make an "

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from medlens.artifacts.model import load_network, read_meta
-from medlens.artifacts.onnx import halve_weights, onnx_bytes, ort_session
+from medlens.artifacts.onnx import halve_weights, onnx_bytes, ort_session, quantize_weights
 from medlens.cli import main
 from medlens.errors import ModelLoadError
 from medlens.fileio import sha256_file
@@ -75,17 +75,25 @@ def test_multiclass_grad_cam_onnx_equals_monai(
     assert peaks >= 1  # at least one class has positive evidence somewhere
 
 
-def test_halve_weights_halves_the_file_and_keeps_the_outputs(trained_run):
+@pytest.mark.parametrize(
+    "store, ratio, tol", [(halve_weights, 0.7, 2e-2), (quantize_weights, 0.4, 5e-2)]
+)
+def test_weight_storage_shrinks_the_file_and_keeps_the_outputs(trained_run, store, ratio, tol):
+    import onnx
+
     net, meta = load_network(trained_run)
     full = onnx_bytes(net, meta)
-    half = halve_weights(full)
-    assert len(half) < 0.7 * len(full)
+    small = store(full)
+    assert len(small) < ratio * len(full)
     x = np.random.default_rng(0).normal(size=(4, 1, 32, 32)).astype(np.float32)
     a = ort_session(full).run(None, {"input": x})
-    b = ort_session(half).run(None, {"input": x})
+    b = ort_session(small).run(None, {"input": x})
     for u, v in zip(a, b):
         assert u.dtype == v.dtype == np.float32 and u.shape == v.shape
-        assert np.abs(u - v).max() <= 2e-2 * max(np.abs(u).max(), 1.0)
+        assert np.abs(u - v).max() <= tol * max(np.abs(u).max(), 1.0)
+    assert np.abs(a[0] - b[0]).max() > 0  # the logits moved: the weights really were rounded
+    kinds = {i.data_type for i in onnx.load_from_string(small).graph.initializer}
+    assert (onnx.TensorProto.INT8 in kinds) == (store is quantize_weights)
 
 
 def test_bundle_holds_only_inference_files_and_its_card_matches(bundle, trained_run):

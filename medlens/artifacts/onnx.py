@@ -21,7 +21,7 @@ options are made by :func:`ort_session`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from medlens.data.preprocess import Preprocess
@@ -169,39 +169,83 @@ def onnx_bytes(net: Classifier | EnsembleGraph, meta: ModelMeta, opset: int = OP
     return model.SerializeToString()
 
 
-def halve_weights(model: bytes, min_elements: int = 256) -> bytes:
-    """Store the graph's large float32 weights as float16, computing in float32 as before.
+def _store_weights(model: bytes, encode: Callable, storage: str, min_elements: int) -> bytes:
+    """Replace each float32 initializer of at least ``min_elements`` values by
+    ``encode(name, array)`` -> (new initializers, nodes that rebuild ``name`` in float32).
 
-    Each weight tensor of at least ``min_elements`` values becomes a float16 initializer
-    followed by a ``Cast`` back to float32; ONNX Runtime folds those casts into float32
-    constants when it loads the graph, so the file is about half the size and inference runs
-    exactly as fast. The only change is rounding every weight to float16 (about 3 significant
-    digits): re-measure the model after this step (``medlens export --half`` does).
+    The rebuilding nodes (``Cast``, ``Mul``) read only initializers, so ONNX Runtime folds them
+    into float32 constants when it loads the graph: inference runs as fast as before, and the
+    only change is the rounding of the stored weights (re-measure the model after this step, as
+    ``medlens export --half/--int8`` does).
     """
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, numpy_helper
 
     m = onnx.load_from_string(model)
-    casts = []
+    kept, added, nodes = [], [], []
     for init in m.graph.initializer:
-        if init.data_type != TensorProto.FLOAT:
+        arr = numpy_helper.to_array(init) if init.data_type == TensorProto.FLOAT else None
+        if arr is None or arr.size < min_elements or not np.all(np.abs(arr) < 60000):
+            kept.append(init)
             continue
-        arr = numpy_helper.to_array(init)
-        if arr.size < min_elements or not np.all(np.abs(arr) < 60000):
-            continue
-        name = init.name
-        init.CopyFrom(numpy_helper.from_array(arr.astype(np.float16), name=f"{name}.fp16"))
-        casts.append(
-            helper.make_node(
-                "Cast", [f"{name}.fp16"], [name], to=TensorProto.FLOAT, name=f"{name}.to_fp32"
-            )
-        )
-    nodes = casts + list(m.graph.node)
+        inits, rebuild = encode(init.name, arr)
+        added += inits
+        nodes += rebuild
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(kept + added)
+    graph_nodes = nodes + list(m.graph.node)
     del m.graph.node[:]
-    m.graph.node.extend(nodes)
-    m.metadata_props.add(key="medlens.weights_storage", value="float16")
+    m.graph.node.extend(graph_nodes)
+    m.metadata_props.add(key="medlens.weights_storage", value=storage)
     onnx.checker.check_model(m)
     return m.SerializeToString()
+
+
+def _as_float16(name: str, arr: np.ndarray) -> tuple[list, list]:
+    from onnx import TensorProto, helper, numpy_helper
+
+    stored = numpy_helper.from_array(arr.astype(np.float16), name=f"{name}.fp16")
+    cast = helper.make_node(
+        "Cast", [f"{name}.fp16"], [name], to=TensorProto.FLOAT, name=f"{name}.to_fp32"
+    )
+    return [stored], [cast]
+
+
+def _as_int8(name: str, arr: np.ndarray) -> tuple[list, list]:
+    """Symmetric 8-bit integers with one float32 scale per output channel (axis 0); vectors
+    (biases, norms) stay float16."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    if arr.ndim < 2:
+        return _as_float16(name, arr)
+    peak = np.abs(arr.reshape(len(arr), -1)).max(axis=1)
+    scale = (np.maximum(peak, 1e-12) / 127.0).astype(np.float32)
+    scale = scale.reshape((-1,) + (1,) * (arr.ndim - 1))
+    q = np.clip(np.rint(arr / scale), -127, 127).astype(np.int8)
+    inits = [
+        numpy_helper.from_array(q, name=f"{name}.int8"),
+        numpy_helper.from_array(scale, name=f"{name}.scale"),
+    ]
+    nodes = [
+        helper.make_node(
+            "Cast", [f"{name}.int8"], [f"{name}.q"], to=TensorProto.FLOAT, name=f"{name}.to_fp32"
+        ),
+        helper.make_node("Mul", [f"{name}.q", f"{name}.scale"], [name], name=f"{name}.scaled"),
+    ]
+    return inits, nodes
+
+
+def halve_weights(model: bytes, min_elements: int = 256) -> bytes:
+    """Store the graph's large float32 weights as float16 (about 3 significant digits; half
+    the size), computing in float32 as before (see :func:`_store_weights`)."""
+    return _store_weights(model, _as_float16, "float16", min_elements)
+
+
+def quantize_weights(model: bytes, min_elements: int = 256) -> bytes:
+    """Store the graph's large weight matrices and kernels as 8-bit integers with a float32
+    scale per output channel (a quarter of float32's size), computing in float32 as before
+    (see :func:`_store_weights`). Weight-only: activations are not quantized."""
+    return _store_weights(model, _as_int8, "int8 per output channel", min_elements)
 
 
 def ort_session(

@@ -1,13 +1,14 @@
 """Inference-only model folders: what MedLens ships as its bundled models.
 
-``medlens export --model RUN --bundle DEST [--half]`` turns a training run into a folder that
+``medlens export --model RUN --bundle DEST [--half | --int8]`` turns a training run into a folder that
 holds only what serving needs:
 
 * ``model.json`` - labels, preprocessing, temperature, threshold, card text, and the metrics
   re-measured on the shipped file (below);
 * ``model.onnx`` - the graph of :func:`medlens.artifacts.onnx.onnx_bytes` (logits, features and the
   closed-form Grad-CAM maps), with float16 weight storage when ``half`` is set
-  (:func:`medlens.artifacts.onnx.halve_weights`);
+  (:func:`medlens.artifacts.onnx.halve_weights`), or 8-bit storage with ``int8``
+  (:func:`medlens.artifacts.onnx.quantize_weights`, for ensembles within a size budget);
 * ``ood.npz`` - the run's out-of-distribution guard;
 * ``model_card.json`` / ``model_card.md`` - the card, with the sha256 of ``model.onnx``.
 
@@ -46,7 +47,13 @@ from medlens.artifacts.folders import (
     resolve_model,
 )
 from medlens.artifacts.model import ModelMeta, load_network
-from medlens.artifacts.onnx import EnsembleGraph, check_onnx, halve_weights, onnx_bytes
+from medlens.artifacts.onnx import (
+    EnsembleGraph,
+    check_onnx,
+    halve_weights,
+    onnx_bytes,
+    quantize_weights,
+)
 from medlens.data.cache import prepare_samples
 from medlens.errors import ModelLoadError, UsageError
 from medlens.evaluation.calibration import calibrate
@@ -88,10 +95,12 @@ def _decoded(samples: list, meta: ModelMeta, split: str) -> tuple:
     return res, np.array([samples[i].label for i in res.keep])
 
 
-def _measure_split(pred: Predictor, runs: list[Path], split: str, meta: ModelMeta) -> tuple | None:
+def _measure_split(
+    pred: Predictor, ref: Predictor, runs: list[Path], split: str, meta: ModelMeta
+) -> tuple | None:
     """The shipped model's headline metrics on a split the runs evaluated, the largest
-    probability change against the run (0 for an ensemble), and the share the OOD guard flags
-    (or None)."""
+    probability change against the run (an ensemble: against its float32 graph ``ref``), and
+    the share the OOD guard flags (or None)."""
     held = _held_out(runs, split, meta.labels)
     if held is None:
         return None
@@ -100,7 +109,8 @@ def _measure_split(pred: Predictor, runs: list[Path], split: str, meta: ModelMet
     preds = pred.predict_prepared(res.pixels)
     probs = np.array([[p.probabilities[c] for c in meta.labels] for p in preds])
     flagged = [p.ood["flag"] for p in preds if p.ood["flag"] is not None]
-    change = 0.0 if run_probs is None else float(np.abs(probs - run_probs[res.keep]).max())
+    before = ref.probs_prepared(res.pixels) if run_probs is None else run_probs[res.keep]
+    change = float(np.abs(probs - before).max())
     m = compute_metrics(y, probs, meta.labels, meta.threshold)
     log.info(
         "%s: n %d, accuracy %.4f, auc %.4f (shipped %s)",
@@ -120,9 +130,14 @@ OUT_OF_FOLD = (
 )
 
 
-def _out_of_fold(runs: list[Path], meta: ModelMeta) -> dict | None:
+def _out_of_fold(
+    pred: Predictor, ref: Predictor, runs: list[Path], meta: ModelMeta
+) -> tuple[dict, float] | None:
     """Pooled validation metrics of k-fold members whose validation images are disjoint (the
-    cross-validation estimate); None when they overlap or were not evaluated."""
+    cross-validation estimate), and the largest probability change of the shipped graph
+    against its float32 one on those images; None when they overlap or were not evaluated."""
+    from medlens.data.datasets import Sample
+
     preds = [ModelFolder(r).read_predictions("val", meta.labels) for r in runs]
     if len(runs) < 2 or any(p is None for p in preds):
         return None
@@ -133,16 +148,24 @@ def _out_of_fold(runs: list[Path], meta: ModelMeta) -> dict | None:
     probs = np.concatenate([p.probs for p in preds])
     m = compute_metrics(y, probs, meta.labels, meta.threshold)
     log.info("val (out-of-fold, %d members): n %d, auc %.4f", len(runs), m["n"], m["auc"])
-    return {**headline_metrics(m), "measured_on": OUT_OF_FOLD}
+    res, _ = _decoded([Sample(path, int(t)) for path, t in zip(paths, y)], meta, "val")
+    change = float(np.abs(pred.probs_prepared(res.pixels) - ref.probs_prepared(res.pixels)).max())
+    return {**headline_metrics(m), "measured_on": OUT_OF_FOLD}, change
 
 
-def _remeasure(folder: Path, runs: list[Path], meta: ModelMeta) -> tuple[dict, float]:
+def _remeasure(
+    folder: Path, runs: list[Path], meta: ModelMeta, full_graph: bytes
+) -> tuple[dict, float]:
     """Predict the run's validation (and carved test) images again through the shipped
-    folder; record the metrics and OOD shares in ``meta``."""
-    pred = Predictor(folder)
+    folder; record the metrics and OOD shares in ``meta``. ``full_graph``: the graph before
+    its weights were rounded for storage (the reference of an ensemble's change)."""
+    from medlens.artifacts.onnx import ort_session
+
+    pred, ref = Predictor(folder), Predictor(folder)
+    ref.session = ort_session(full_graph)
     metrics, change = {}, 0.0
     for split in ("val", "test"):
-        measured = _measure_split(pred, runs, split, meta)
+        measured = _measure_split(pred, ref, runs, split, meta)
         if measured is None:
             continue
         metrics[split], split_change, flagged = measured
@@ -150,9 +173,10 @@ def _remeasure(folder: Path, runs: list[Path], meta: ModelMeta) -> tuple[dict, f
         if flagged is not None:
             meta.extra.setdefault("ood", {})[f"flagged_{split}_share"] = round(flagged, 4)
     if "val" not in metrics:
-        oof = _out_of_fold(runs, meta)
+        oof = _out_of_fold(pred, ref, runs, meta)
         if oof is not None:
-            metrics = {"val": oof, **metrics}
+            metrics = {"val": oof[0], **metrics}
+            change = max(change, oof[1])
     if metrics:
         meta.extra["metrics"] = metrics
     meta.extra["export"]["max_probability_change"] = round(change, 6)
@@ -243,12 +267,15 @@ def make_bundle(
     dest: str | os.PathLike,
     *,
     half: bool = True,
+    int8: bool = False,
     overwrite: bool = False,
     card: dict | None = None,
 ) -> dict:
     """Write an inference-only model folder ``dest`` from the training run ``run``, or from
     several runs as one ensemble (see :func:`_ensemble_meta`).
 
+    ``half`` stores the weights as float16, ``int8`` as 8-bit integers (it wins over
+    ``half``); either way the metrics are re-measured on the shipped file.
     ``card``: model-card fields that replace the run's (e.g. the ``card:`` section of the
     recipe, edited after training).
 
@@ -270,9 +297,11 @@ def make_bundle(
     meta = metas[0] if len(runs) == 1 else _ensemble_meta(runs, list(metas))
     pres = [m.preprocess for m in metas]
     members = nets[0] if len(runs) == 1 else EnsembleGraph(list(nets), pres)
-    blob = onnx_bytes(members, meta)
+    blob = full_graph = onnx_bytes(members, meta)
     check_onnx(members, blob, meta)
-    if half:
+    if int8:
+        blob = quantize_weights(blob)
+    elif half:
         blob = halve_weights(blob)
     tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
@@ -284,14 +313,20 @@ def make_bundle(
             meta.extra["card"] = {**(meta.extra.get("card") or {}), **card}
         meta.extra["export"] = {
             "from_run": "+".join(r.name for r in runs),
-            "weights": "float16 storage, float32 compute" if half else "float32",
+            "weights": (
+                "int8 storage (a scale per output channel), float32 compute"
+                if int8
+                else "float16 storage, float32 compute"
+                if half
+                else "float32"
+            ),
             "metrics_measured_on": ONNX_FILE,
         }
         write_json(tmp / MODEL_JSON, meta.to_dict())
         if len(runs) > 1:
             _calibrate_ensemble(tmp, runs, meta)
             write_json(tmp / MODEL_JSON, meta.to_dict())
-        metrics, change = _remeasure(tmp, runs, meta)
+        metrics, change = _remeasure(tmp, runs, meta, full_graph)
         write_json(tmp / MODEL_JSON, meta.to_dict())
         card = model_card(meta, tmp, onnx_sha256=hashlib.sha256(blob).hexdigest())
         write_json(tmp / CARD_JSON, card)
