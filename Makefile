@@ -38,17 +38,18 @@ test-slow: install
 DATA ?= ../shared/data
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# $(3): weight storage, --half (float16) or --int8 (the pharyngitis 5-fold ensemble).
 define bundle
 	$(BIN)/medlens train --config recipes/$(1).yaml --data $(DATA)/$(2) --out runs/$(1) --overwrite --quiet
-	$(BIN)/medlens export --model runs/$(1) --bundle medlens/bundled/$(1) --half --overwrite --card recipes/$(1).yaml
+	$(BIN)/medlens export --model runs/$(1) --bundle medlens/bundled/$(1) $(3) --overwrite --card recipes/$(1).yaml
 endef
 
 models: install
 	@test -d $(DATA) || { echo "make models needs the training data in $(DATA) (DATA=...)"; exit 2; }
-	$(call bundle,pneumonia,chest_xray/train)
-	$(call bundle,brain-tumor,brain_mri/train)
-	$(call bundle,covid,covid_xray/train)
-	$(call bundle,pharyngitis,pharyngitis)
+	$(call bundle,pneumonia,chest_xray/train,--half)
+	$(call bundle,brain-tumor,brain_mri/train,--half)
+	$(call bundle,covid,covid_xray/train,--half)
+	$(call bundle,pharyngitis,pharyngitis,--int8)
 
 # The diagnosis web app with the bundled models.
 run: install

@@ -199,7 +199,13 @@ def _md_notes(card: dict) -> list[str]:
             "",
             f"Threshold {_fmt(card['decision']['threshold'], 4)} on the calibrated "
             f"probability of {card['labels'][1]!r}, chosen on the validation split by "
-            f"{card['decision']['method']} (Youden's J maximises sensitivity + "
+            f"{card['decision']['method']}"
+            + (
+                " thresholds, each chosen on its own validation fold"
+                if "members" in str(card["decision"]["method"])
+                else ""
+            )
+            + " (Youden's J maximises sensitivity + "
             "specificity; a target-sensitivity rule picks the highest threshold that "
             "keeps that sensitivity).",
         ]
@@ -211,9 +217,15 @@ def _md_notes(card: dict) -> list[str]:
             "",
             f"{ood.get('method')} (up to {ood.get('dim')} principal components per "
             f"block); an image is flagged when its score exceeds "
-            f"{_fmt(ood.get('threshold'), 3)}, the {ood.get('quantile')} quantile of the "
-            "validation images' scores. Flagged images get a warning instead of a "
-            "confident answer.",
+            + (
+                f"1, i.e. when on average the {ood['members']} members score it above their "
+                f"own thresholds (each the {ood.get('quantile')} quantile of its validation "
+                "images' scores)."
+                if ood.get("members")
+                else f"{_fmt(ood.get('threshold'), 3)}, the {ood.get('quantile')} quantile of "
+                "the validation images' scores."
+            )
+            + " Flagged images get a warning instead of a confident answer.",
         ]
     export = card.get("export")
     if export:

@@ -284,6 +284,7 @@ class EnsembleGuard:
             "threshold (Lee et al. 2018)",
             "file": file,
             "members": len(self.members),
+            "dim": max(m.summary()["dim"] for m in self.members),
             "threshold": self.threshold,
             "quantile": self.members[0].quantile,
         }

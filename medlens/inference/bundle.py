@@ -228,8 +228,9 @@ def _ensemble_meta(runs: list[Path], metas: list[ModelMeta]) -> ModelMeta:
     return meta
 
 
-def _copy_guard(runs: list[Path], dest: Path) -> None:
-    """A single run's ``ood.npz``, or the ensemble's guard over every member's."""
+def _copy_guard(runs: list[Path], dest: Path, meta: ModelMeta) -> None:
+    """A single run's ``ood.npz``, or the ensemble's guard over every member's (recorded in
+    ``meta``)."""
     paths = [r / OOD_FILE for r in runs]
     if len(runs) == 1:
         if paths[0].exists():
@@ -237,7 +238,9 @@ def _copy_guard(runs: list[Path], dest: Path) -> None:
         return
     guards = [load_guard(p) for p in paths if p.exists()]
     if len(guards) == len(runs) and all(isinstance(g, StageGuard) for g in guards):
-        EnsembleGuard(guards).save(dest)
+        guard = EnsembleGuard(guards)
+        guard.save(dest)
+        meta.extra["ood"] = guard.summary(OOD_FILE)
 
 
 def _calibrate_ensemble(folder: Path, runs: list[Path], meta: ModelMeta) -> None:
@@ -307,7 +310,7 @@ def make_bundle(
     tmp.mkdir(parents=True)
     try:
         (tmp / ONNX_FILE).write_bytes(blob)
-        _copy_guard(runs, tmp / OOD_FILE)
+        _copy_guard(runs, tmp / OOD_FILE, meta)
         meta.name = dest.name
         if card:
             meta.extra["card"] = {**(meta.extra.get("card") or {}), **card}
