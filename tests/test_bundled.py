@@ -19,6 +19,7 @@ from conftest import SHARED_DATA
 from medlens.artifacts.folders import bundled_models_dir, find_models
 from medlens.fileio import sha256_file
 from medlens.inference.predictor import Predictor
+from medlens.reporting.ood_rates import flag_rate, sample_files
 
 ROOT = Path(__file__).resolve().parents[1]
 # name -> (data folder under ../shared/data, labels)
@@ -100,26 +101,9 @@ def test_predict_cli_warns_about_an_out_of_distribution_image(tmp_path, capsys):
     assert out.startswith(str(tmp_path / "noise.png")) and "OUT-OF-DISTRIBUTION" in out
 
 
-def _sample_files(folder: Path, n: int, seed: int) -> list[Path]:
-    from medlens.data.datasets import list_images
-
-    files = sorted(list_images(folder))
-    rng = np.random.default_rng(seed)
-    return [files[i] for i in rng.choice(len(files), size=min(n, len(files)), replace=False)]
-
-
-def _flag_rate(pred: Predictor, samples) -> float:
-    from medlens.data.cache import prepare_samples
-
-    res = prepare_samples(samples, pred.pre, progress=False, workers=2)
-    assert not res.errors
-    flags = [p.ood["flag"] for p in pred.predict_prepared(res.pixels, batch_size=32)]
-    return float(np.mean(flags))
-
-
 @needs_data
 def test_ood_rates_on_real_data(bundled):
-    from medlens.data.datasets import Sample, load_dataset
+    from medlens.data.datasets import load_dataset
 
     name, pred = bundled
     recipe = yaml.safe_load((ROOT / "recipes" / f"{name}.yaml").read_text())
@@ -130,11 +114,10 @@ def test_ood_rates_on_real_data(bundled):
         test_fraction=recipe.get("test_fraction", 0.15),
         patient_regex=recipe.get("patient_regex"),
     )
-    own = _flag_rate(pred, ds.splits["val"])
+    own = flag_rate(pred, ds.splits["val"])
     assert own <= 0.05, f"{name}: {own:.1%} of its own validation images flagged"
     for other, (folder, _) in BUNDLED.items():
         if other == name:
             continue
-        files = _sample_files(SHARED_DATA / folder, OTHER_PER_TASK, seed=1)
-        rate = _flag_rate(pred, [Sample(str(f), 0) for f in files])
+        rate = flag_rate(pred, sample_files(SHARED_DATA / folder, OTHER_PER_TASK, seed=1))
         assert rate >= 0.95, f"{name}: only {rate:.1%} of {other} images flagged"

@@ -50,9 +50,10 @@ def test_an_ensemble_folder_averages_its_members(members, tmp_path, image_factor
     assert isinstance(guard, EnsembleGuard) and stats.shape[1] == sum(guard.widths)
     card = json.loads((dest / "model_card.json").read_text())
     assert card["ood"]["members"] == 2 and card["ood"]["threshold"] == 1.0
-    assert "on average the 2 members score it above their own thresholds" in (
-        dest / "model_card.md"
-    ).read_text()
+    assert (
+        "on average the 2 members score it above their own thresholds"
+        in (dest / "model_card.md").read_text()
+    )
     pred = Predictor(dest)
     out = pred.predict_prepared(x)
     assert all(p.ood["flag"] is not None for p in out)
