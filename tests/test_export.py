@@ -147,12 +147,52 @@ def test_the_web_app_serves_model_onnx_and_the_card(exported):
 
 def test_stale_onnx_is_refused(exported, tmp_path):
     run = copy_run(exported, tmp_path / "stale")
+    # As if model.pt had been retrained after the export: new weights, model.json updated.
+    state = torch.load(run / "model.pt", weights_only=True)
+    state = {k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}
+    torch.save(state, run / "model.pt")
     d = json.loads((run / "model.json").read_text())
-    d["weights_sha256"] = "0" * 64  # as if model.pt had been retrained after the export
+    d["weights_sha256"] = sha256_file(run / "model.pt")
     (run / "model.json").write_text(json.dumps(d))
     with pytest.raises(ModelLoadError, match="exported from other weights.*medlens export"):
         Predictor(run)
     assert Predictor(run, backend="torch").backend == "torch"
+
+
+def _flip_a_bit(path, offset_fraction=0.6):
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * offset_fraction)] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damaged", ["model.pt", "model.onnx"])
+def test_a_flipped_bit_in_a_model_file_is_refused_naming_it(exported, tmp_path, capsys, damaged):
+    run = copy_run(exported, tmp_path / "bad")
+    _flip_a_bit(run / damaged)
+    with pytest.raises(ModelLoadError, match=f"{damaged} is damaged or was replaced"):
+        Predictor(run)
+    img = tmp_path / "x.png"
+    Image.fromarray(np.full((40, 40), 128, np.uint8)).save(img)
+    assert main(["predict", "--model", str(run), str(img)]) == 2
+    err = capsys.readouterr().err
+    assert str(run / damaged) in err and "sha256" in err
+
+
+def test_serve_refuses_only_the_damaged_model(exported, tmp_path, caplog):
+    from fastapi.testclient import TestClient
+
+    from medlens.serve import create_app
+
+    good, bad = copy_run(exported, tmp_path / "good"), copy_run(exported, tmp_path / "bad")
+    _flip_a_bit(bad / "model.onnx")
+    app = create_app([good, bad], bundled=False)
+    assert set(app.state.models) == {"good"}
+    assert "model.onnx is damaged" in app.state.refused_models["bad"]
+    assert any("model bad refused" in r.getMessage() for r in caplog.records)
+    with TestClient(app) as client:
+        assert [m["name"] for m in client.get("/api/v1/models").json()] == ["good"]
+    with pytest.raises(ModelLoadError, match="no model could be loaded"):
+        create_app([bad], bundled=False)
 
 
 def test_export_of_a_folder_that_is_not_a_model(tmp_path, capsys):

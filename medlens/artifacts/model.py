@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from medlens.artifacts.folders import MODEL_JSON, MODEL_WEIGHTS
+from medlens.artifacts.folders import CARD_JSON, MODEL_JSON, MODEL_WEIGHTS, ONNX_FILE
 from medlens.data.preprocess import Preprocess
 from medlens.errors import ModelLoadError
 from medlens.fileio import atomic_torch_save, sha256_file, write_json
@@ -145,6 +145,40 @@ def read_meta(folder: str | Path) -> ModelMeta:
         raise ModelLoadError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from None
 
 
+def check_file(path: Path, expected: str | None, recorded_in: Path) -> None:
+    """Refuse a model file whose sha256 differs from the one recorded at save or export (a
+    flipped bit or a replaced file would otherwise load and answer wrongly). Nothing recorded
+    (an older folder): nothing to compare.
+
+    Raises:
+        ModelLoadError: naming the file.
+    """
+    if not expected or not path.exists():
+        return
+    got = sha256_file(path)
+    if got != expected:
+        raise ModelLoadError(
+            f"{path} is damaged or was replaced: its sha256 {got[:12]}... differs from the "
+            f"{expected[:12]}... recorded in {recorded_in}; copy the model folder again, or "
+            "re-export or retrain it"
+        )
+
+
+def check_onnx_file(folder: Path) -> None:
+    """``model.onnx`` against the sha256 its model card records (written with it by export)."""
+    card = folder / CARD_JSON
+    if not card.exists():
+        return
+    try:
+        recorded = json.loads(card.read_text())["files"][ONNX_FILE]["sha256"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ModelLoadError(
+            f"{card} does not record the sha256 of {ONNX_FILE} (damaged or edited); re-export "
+            f"the model (`medlens export --model {folder}`)"
+        ) from None
+    check_file(folder / ONNX_FILE, recorded, card)
+
+
 def load_network(folder: str | Path, meta: ModelMeta | None = None) -> tuple[Classifier, ModelMeta]:
     """Rebuild the network of a model folder and load its weights (``weights_only=True``)."""
     folder = Path(folder)
@@ -153,6 +187,7 @@ def load_network(folder: str | Path, meta: ModelMeta | None = None) -> tuple[Cla
     wpath = folder / MODEL_WEIGHTS
     if not wpath.exists():
         raise ModelLoadError(f"{wpath} is missing; the model folder is incomplete")
+    check_file(wpath, meta.extra.get("weights_sha256"), folder / MODEL_JSON)
     try:
         state = torch.load(wpath, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated zip, pickled code, not a torch file

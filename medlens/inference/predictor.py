@@ -25,7 +25,7 @@ import torch
 from numpy.typing import ArrayLike
 
 from medlens.artifacts.folders import MODEL_WEIGHTS, resolve_model
-from medlens.artifacts.model import ModelMeta, load_network, read_meta
+from medlens.artifacts.model import ModelMeta, check_onnx_file, load_network, read_meta
 from medlens.errors import ModelLoadError
 from medlens.inference.cam import cam_to_heat
 
@@ -111,6 +111,7 @@ class Predictor:
         self.pre = self.meta.preprocess
         self.dtype = dtype
         if backend != "torch" and onnx_path.exists():
+            check_onnx_file(self.folder)
             self.session, self.backend = ort_session(onnx_path), "onnx"
             check_onnx_matches(self.session, self.meta, self.folder)
         elif backend == "onnx":

@@ -27,6 +27,7 @@ from medlens import __version__
 from medlens.artifacts.card import DISCLAIMER
 from medlens.artifacts.folders import find_models
 from medlens.data.imaging import MAX_PIXELS
+from medlens.errors import ModelLoadError
 from medlens.machine import usable_cores
 from medlens.serve.api import API
 from medlens.serve.api import router as api_router
@@ -129,10 +130,15 @@ def create_app(
         redoc_url=None,
         description="Calibrated, explainable medical image classifiers. " + DISCLAIMER,
     )
-    models = {
-        name: ServedModel.load(name, folder, backend, inference_threads, tta)
-        for name, folder in find_models(model_dirs, bundled=bundled).items()
-    }
+    models, refused = {}, {}
+    for name, folder in find_models(model_dirs, bundled=bundled).items():
+        try:
+            models[name] = ServedModel.load(name, folder, backend, inference_threads, tta)
+        except ModelLoadError as e:  # a damaged model is refused; the others are served
+            refused[name] = str(e)
+            log.error("model %s refused: %s", name, e)
+    if refused and not models:
+        raise ModelLoadError("no model could be loaded: " + "; ".join(refused.values()))
     for m in models.values():
         log.info(
             "loaded model %s version %s (%s) from %s",
@@ -142,6 +148,7 @@ def create_app(
             m.folder,
         )
     app.state.models = models
+    app.state.refused_models = refused
     app.state.max_upload_bytes = max_upload_bytes
     app.state.max_pixels = max_pixels
     # Decoding, preprocessing and inference release the GIL: `workers` threads keep that many
