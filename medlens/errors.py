@@ -45,6 +45,10 @@ class ModelLoadError(MedLensError, ValueError):
     """A model folder or name that cannot be used; the message says what to do."""
 
 
+class ModelOutputError(MedLensError, RuntimeError):
+    """A model answered with non-finite numbers (a damaged or unsuitable model file)."""
+
+
 class TrainError(MedLensError, ValueError):
     """A training request that cannot go ahead; the message says what to do."""
 

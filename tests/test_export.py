@@ -243,3 +243,28 @@ def test_batch_predict_csv(exported, tmp_path, image_factory, capsys):
     broken = rows["ward/broken.png"]
     assert broken["label"] == "" and "broken.png" in broken["error"]
     assert "wrote 4 rows" in capsys.readouterr().err
+
+
+def test_non_finite_outputs_are_an_error_and_a_503_not_a_500(exported, tmp_path, capsys):
+    from fastapi.testclient import TestClient
+
+    from medlens.serve import create_app
+
+    run = copy_run(exported, tmp_path / "nan")
+    state = torch.load(run / "model.pt", weights_only=True)
+    state = {k: v * float("nan") if v.is_floating_point() else v for k, v in state.items()}
+    torch.save(state, run / "model.pt")
+    d = json.loads((run / "model.json").read_text())
+    d["weights_sha256"] = sha256_file(run / "model.pt")  # consistent files, bad numbers
+    (run / "model.json").write_text(json.dumps(d))
+    for name in ("model.onnx", "model_card.json"):
+        (run / name).unlink()
+    img = tmp_path / "x.png"
+    Image.fromarray(np.full((40, 40), 128, np.uint8)).save(img)
+    assert main(["predict", "--model", str(run), "--backend", "torch", str(img)]) == 2
+    assert "answered with non-finite numbers" in capsys.readouterr().err
+    app = create_app([run], bundled=False, backend="torch")
+    with TestClient(app) as client:
+        r = client.post("/api/v1/models/nan/predict", files={"file": img.read_bytes()})
+        assert r.status_code == 503 and "non-finite" in r.json()["detail"]
+        assert client.get("/healthz").status_code == 200  # the server keeps serving

@@ -26,7 +26,7 @@ from numpy.typing import ArrayLike
 
 from medlens.artifacts.folders import MODEL_WEIGHTS, resolve_model
 from medlens.artifacts.model import ModelMeta, check_onnx_file, load_network, read_meta
-from medlens.errors import ModelLoadError
+from medlens.errors import ModelLoadError, ModelOutputError
 from medlens.inference.cam import cam_to_heat
 
 NO_OOD = {"flag": None, "score": None}
@@ -149,6 +149,12 @@ class Predictor:
         if self.tta:
             mirrored = torch.as_tensor(np.asarray(x_uint8)).flip(-1)
             logits = (logits + self._forward(mirrored, batch_size, None)[0]) / 2
+        if not bool(torch.isfinite(logits).all()):
+            raise ModelOutputError(
+                f"model {self.folder.name} answered with non-finite numbers (NaN or infinity): "
+                f"its files in {self.folder} are damaged or do not fit this input; re-export "
+                "or retrain it"
+            )
         return logits, more
 
     def _forward(

@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medlens.data.imaging import read_image
-from medlens.errors import ImageReadError
+from medlens.errors import ImageReadError, ModelOutputError
 from medlens.inference.cam import overlay_cam
 from medlens.serve.models import ServedModel
 from medlens.serve.upload import UploadError, read_file_field
@@ -147,7 +147,13 @@ def _predict(model: ServedModel, data: bytes, explain: bool, max_pixels: int) ->
         )
         raise UploadError(422, str(e)) from None
     pred = model.predictor
-    result = pred.predict_pixels([img.pixels])[0]
+    try:
+        result = pred.predict_pixels([img.pixels])[0]
+    except ModelOutputError as e:  # the model's fault, not the upload's: 503, not a 500
+        log.error(
+            "model %s answered with non-finite numbers (upload_sha256=%s)", model.name, digest
+        )
+        raise UploadError(503, str(e)) from None
     out = {
         "model": model.name,
         "version": version,
