@@ -191,6 +191,12 @@ def test_serve_refuses_only_the_damaged_model(exported, tmp_path, caplog):
     assert any("model bad refused" in r.getMessage() for r in caplog.records)
     with TestClient(app) as client:
         assert [m["name"] for m in client.get("/api/v1/models").json()] == ["good"]
+        r = client.get("/readyz")
+        assert r.status_code == 503 and r.json()["models"] == {"good": "ok"}
+        assert "model.onnx is damaged" in r.json()["refused"]["bad"]
+    with TestClient(create_app([good], bundled=False)) as client:
+        r = client.get("/readyz")
+        assert r.status_code == 200 and r.json()["status"] == "ready"
     with pytest.raises(ModelLoadError, match="no model could be loaded"):
         create_app([bad], bundled=False)
 
@@ -268,3 +274,5 @@ def test_non_finite_outputs_are_an_error_and_a_503_not_a_500(exported, tmp_path,
         r = client.post("/api/v1/models/nan/predict", files={"file": img.read_bytes()})
         assert r.status_code == 503 and "non-finite" in r.json()["detail"]
         assert client.get("/healthz").status_code == 200  # the server keeps serving
+        r = client.get("/readyz")  # but it is not ready: the model cannot answer
+        assert r.status_code == 503 and "non-finite" in r.json()["models"]["nan"]

@@ -1,4 +1,4 @@
-"""The REST API: ``/healthz``, ``/api/v1/models`` and ``/api/v1/models/{name}/predict``.
+"""The REST API: ``/healthz``, ``/readyz``, ``/api/v1/models`` and ``/api/v1/models/{name}/predict``.
 
 Privacy: uploads are parsed in memory (:mod:`medlens.serve.upload`) and dropped after the
 response; logs carry one line per prediction with the upload's sha256, never its name, pixels
@@ -207,6 +207,28 @@ def get_model(request: Request, name: str) -> ServedModel:
 def healthz() -> dict:
     """Liveness: the process serves requests."""
     return {"status": "ok"}
+
+
+def _ready(model: ServedModel) -> str:
+    """``"ok"`` when the model answers a mid-grey image with finite probabilities."""
+    side = model.predictor.pre.image_size
+    try:
+        model.predictor.predict_pixels([np.full((side, side), 128, np.uint8)])
+    except ModelOutputError as e:
+        return str(e)
+    return "ok"
+
+
+@router.get("/readyz", tags=["service"])
+def readyz(request: Request) -> JSONResponse:
+    """Readiness: one inference per loaded model; 503 naming the models that fail (and those
+    refused at start-up because a file was damaged)."""
+    state = request.app.state
+    models = {name: _ready(m) for name, m in state.models.items()}
+    refused = dict(getattr(state, "refused_models", {}))
+    ok = all(v == "ok" for v in models.values()) and not refused
+    body = {"status": "ready" if ok else "not ready", "models": models, "refused": refused}
+    return JSONResponse(body, status_code=200 if ok else 503)
 
 
 @router.get(f"{API}/models", response_model=list[ModelOut], tags=["models"])
