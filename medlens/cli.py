@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -714,15 +715,31 @@ def _run(args: argparse.Namespace) -> int:
             "medlens: interrupted; a training run can be continued with --resume", file=sys.stderr
         )
         return 130
-    except Exception as e:  # noqa: BLE001 - a bug: say so briefly, traceback with --debug
-        if args.debug:
-            traceback.print_exc()
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return _bug(args, e)
+        # Every file is written atomically: nothing half-written is left behind.
         print(
-            f"{name}: internal error ({type(e).__name__}: {e}). This is a bug in MedLens; "
-            "run the command again with --debug for the traceback and report it.",
+            f"{name}: error: no space left on the disk while writing {e.filename or 'a file'}; "
+            "free some space and run the command again"
+            + (" (with --resume to continue the training run)" if args.command == "train" else ""),
             file=sys.stderr,
         )
-        return EXIT_BUG
+        return EXIT_USAGE
+    except Exception as e:  # noqa: BLE001 - a bug: say so briefly, traceback with --debug
+        return _bug(args, e)
+
+
+def _bug(args: argparse.Namespace, e: BaseException) -> int:
+    """A bug: say so briefly; the traceback with --debug."""
+    if args.debug:
+        traceback.print_exception(e)
+    print(
+        f"medlens {args.command}: internal error ({type(e).__name__}: {e}). This is a bug in "
+        "MedLens; run the command again with --debug for the traceback and report it.",
+        file=sys.stderr,
+    )
+    return EXIT_BUG
 
 
 def main(argv: list[str] | None = None) -> int:

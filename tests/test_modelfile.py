@@ -163,6 +163,12 @@ def test_damaged_weights_are_a_model_load_error(saved, damage):
 def test_weights_with_pickled_code_are_refused(saved):
     folder, _, _ = saved
     torch.save({"x": Path("/")}, folder / "model.pt")  # not a plain tensor dict
+    with pytest.raises(ModelLoadError, match="model.pt is damaged or was replaced"):
+        load_network(folder)  # its sha256 no longer matches model.json's
+    # Even with model.json rewritten to match, the pickled object is not unpickled.
+    meta = json.loads((folder / "model.json").read_text())
+    meta["weights_sha256"] = sha256_file(folder / "model.pt")
+    (folder / "model.json").write_text(json.dumps(meta))
     with pytest.raises(ModelLoadError, match="cannot be read"):
         load_network(folder)
 

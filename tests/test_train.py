@@ -552,3 +552,48 @@ def test_full_training_with_augmenting_workers(tmp_path, synthetic_data, train_c
     out = train(train_config(synthetic_data, tmp_path / "w", workers=1))
     assert (out / "model.pt").exists()
     assert "workers: 1" in (out / "config.yaml").read_text()
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_is_complete(
+    tmp_path, synthetic_data, train_config, monkeypatch
+):
+    from medlens.training.trainer import Trainer
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "model.json").write_text('{"old": true}')
+
+    def crash(self, resume_state):
+        assert not (out / "model.json").exists()  # the new run trains in a clean folder
+        raise RuntimeError("power cut")
+
+    monkeypatch.setattr(Trainer, "_run_stages", crash)
+    with pytest.raises(RuntimeError, match="power cut"):
+        train(train_config(synthetic_data, out, epochs=1), overwrite=True)
+    assert (out / "model.json").read_text() == '{"old": true}'  # the old run is back
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing left beside it
+    monkeypatch.undo()
+    train(train_config(synthetic_data, out, epochs=1), overwrite=True)
+    assert "old" not in json.loads((out / "model.json").read_text())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_full_disk_is_one_clear_line(tmp_path, synthetic_data, capsys, monkeypatch):
+    import errno
+
+    from medlens.cli import main
+
+    out = tmp_path / "run"
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("medlens.fileio.os.fsync", no_space)
+    code = main(["train", "--data", str(synthetic_data), "--out", str(out), "--model", "cnn",
+                 "--image-size", "32", "--epochs", "1", "--threads", "1", "--quiet"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    (line,) = [ln for ln in err.splitlines() if "error" in ln]  # after the data summary
+    assert line.startswith("medlens train: error: no space left on the disk while writing")
+    assert str(out) in line and "--resume" in line
+    assert not [p for p in out.rglob("*.tmp")]  # no half-written file left

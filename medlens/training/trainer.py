@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -84,8 +85,11 @@ def _resumed_config(cfg: TrainConfig) -> TrainConfig:
     )
 
 
-def _prepare_out(cfg: TrainConfig, resume: bool, overwrite: bool) -> ModelFolder:
-    """The run folder: refused when it holds a run (unless resuming or overwriting)."""
+def _prepare_out(
+    cfg: TrainConfig, resume: bool, overwrite: bool
+) -> tuple[ModelFolder, Path | None]:
+    """The run folder: refused when it holds a run (unless resuming or overwriting), and where
+    an overwritten run waits (beside it) until the new one is complete."""
     folder = ModelFolder(cfg.out)
     out = folder.path
     has_run = out.exists() and any(out.iterdir())
@@ -96,10 +100,13 @@ def _prepare_out(cfg: TrainConfig, resume: bool, overwrite: bool) -> ModelFolder
         )
     if resume and not folder.checkpoint.exists():
         raise TrainError(f"--resume: {out} has no checkpoint ({CHECKPOINT.as_posix()}) to resume")
+    previous = None
     if has_run and overwrite and not resume:
-        shutil.rmtree(out)
+        previous = out.with_name(f".{out.name}.replaced-{uuid.uuid4().hex[:8]}")
+        out.rename(previous)
+        log.info("--overwrite: the old run waits in %s until the new one is complete", previous)
     out.mkdir(parents=True, exist_ok=True)
-    return folder
+    return folder, previous
 
 
 def _preprocess(data: TrainingData, cfg: TrainConfig, pretrained: bool) -> Preprocess:
@@ -158,7 +165,19 @@ class Trainer:
         self.to_input = ModelInput(self.pre)
         # Before the folder too: a --weights file that fits nothing stops the run here.
         self._build_network()
-        self.folder = _prepare_out(self.cfg, self.resume, self.overwrite)
+        self.folder, previous = _prepare_out(self.cfg, self.resume, self.overwrite)
+        try:
+            self._train_and_save()
+        except BaseException:
+            if previous is not None:  # the new run failed: the old one comes back
+                shutil.rmtree(self.folder.path, ignore_errors=True)
+                previous.rename(self.folder.path)
+            raise
+        if previous is not None:
+            shutil.rmtree(previous)
+        return self.folder.path
+
+    def _train_and_save(self) -> None:
         self._report_data()
         self._write_config()
         resume_state = self._start_progress()
@@ -172,7 +191,6 @@ class Trainer:
         summaries = self._evaluate(meta, outputs, guard)
         save_model(self.folder.path, self.net, meta)
         _log_saved(self.folder.path, wall, summaries)
-        return self.folder.path
 
     def _set_up(self) -> None:
         """Threads, device, seeds and precision."""
