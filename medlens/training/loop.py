@@ -172,6 +172,12 @@ class _StageFit:
         self.bad_epochs = state["bad_epochs"]
         self.start_epoch = state["epoch"] + 1
         self.gen.set_state(state["generator"])
+        # Exact continuation: dropout draws from torch's global generator, and an EMA run's
+        # average is part of the state (checkpoints of older runs lack both).
+        if "torch_rng" in state:
+            torch.set_rng_state(state["torch_rng"])
+        if self.average is not None and state.get("average") is not None:
+            self.average.average.load_state_dict(state["average"])
 
     def epoch(self, epoch: int) -> bool:
         """Train, validate, record and checkpoint one epoch; True: stop early."""
@@ -293,6 +299,8 @@ class _StageFit:
             "best_state": self.best_state,
             "bad_epochs": self.bad_epochs,
             "generator": self.gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "average": self.average.average.state_dict() if self.average is not None else None,
             "history": self.progress.history,
             "finished": stop,
         }
