@@ -245,6 +245,18 @@ def test_exif_orientation_applied(tmp_path):
     assert jpeg.pixels.shape == (20, 10, 3)
 
 
+@pytest.mark.parametrize("value", [0, 9, 9999])
+def test_an_invalid_exif_orientation_is_left_alone_and_said_so(tmp_path, value):
+    arr = np.zeros((10, 20, 3), np.uint8)
+    arr[:3, :3] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = value
+    out = read_image(save(tmp_path, "r.png", Image.fromarray(arr), exif=exif))
+    np.testing.assert_array_equal(out.pixels, arr)
+    assert f"EXIF orientation {value} is not 1-8: left as stored" in out.notes
+    assert not any("rotated" in n for n in out.notes)
+
+
 def test_multi_frame_tiff_uses_first_frame(tmp_path):
     frames = [Image.new("L", (4, 4), v) for v in (10, 20, 30)]
     path = tmp_path / "stack.tif"
@@ -386,6 +398,28 @@ def test_dicom_signed_ct_with_rescale_and_window(tmp_path):
     assert px[0, 0] == 0 and px[0, 1] == 0  # at or below the window's lower edge (-160)
     assert abs(int(px[0, 2]) - 128) <= 1  # window center
     assert px[1, 0] == 255 and px[1, 1] == 255 and px[1, 2] == 255
+
+
+@pytest.mark.parametrize(
+    "center, width", [("nan", "nan"), ("40", "nan"), ("inf", "400"), ("40", "0.5"), ("40", "-1")]
+)
+def test_a_dicom_window_that_cannot_work_is_ignored_not_applied(tmp_path, center, width):
+    arr = np.array([[-500, 0], [250, 1500]], np.int16)
+    ds = make_dicom(arr, WindowCenter=center, WindowWidth=width)
+    out = read_image(dicom_bytes(ds))
+    np.testing.assert_array_equal(out.pixels, [[0, 64], [96, 255]])  # min-max, not blank
+    assert any(n.startswith("VOI LUT/window in the file is invalid") for n in out.notes)
+    assert not any("window from the file applied" in n for n in out.notes)
+
+
+@pytest.mark.parametrize("slope", ["abc", "1e999x"])
+def test_a_dicom_rescale_with_letters_is_ignored_not_a_crash(tmp_path, slope):
+    arr = np.array([[-500, 0], [250, 1500]], np.int16)
+    ds = make_dicom(arr, RescaleIntercept="0")
+    ds.add_new(0x00281053, "LO", slope)  # RescaleSlope holding text, as a broken writer leaves it
+    out = read_image(dicom_bytes(ds))
+    np.testing.assert_array_equal(out.pixels, [[0, 64], [96, 255]])
+    assert any(n.startswith("modality LUT/rescale in the file is invalid") for n in out.notes)
 
 
 def test_dicom_without_window_is_min_max(tmp_path):

@@ -222,9 +222,11 @@ def _read_raster(
             ) from None
         try:  # photographs of films/screens often carry an EXIF rotation
             orientation = im.getexif().get(0x0112, 1)
-            if orientation not in (1, None):
+            if orientation in (2, 3, 4, 5, 6, 7, 8):
                 im = ImageOps.exif_transpose(im)
                 notes.append(f"rotated/flipped upright per EXIF orientation {orientation}")
+            elif orientation not in (1, None):
+                notes.append(f"EXIF orientation {orientation!r} is not 1-8: left as stored")
         except Exception:  # noqa: BLE001 - a broken EXIF block should not lose the image
             notes.append("EXIF orientation unreadable: left as stored")
         pixels = _pil_to_uint8(im, notes, label)
@@ -382,7 +384,11 @@ def _dicom_mono(arr: np.ndarray, ds: Any, notes: list[str]) -> np.ndarray:
     """Modality LUT (rescale), then VOI LUT/window, then uint8 over the window's output range."""
     from pydicom import pixels as dpx
 
-    values = dpx.apply_modality_lut(arr, ds)
+    try:
+        values = dpx.apply_modality_lut(arr, ds)
+    except Exception as exc:  # noqa: BLE001 - e.g. letters in RescaleSlope, a broken LUT
+        notes.append(f"modality LUT/rescale in the file is invalid ({_reason(exc)}): ignored")
+        values = arr
     seq = ds.get("VOILUTSequence")
     # Mirror apply_voi_lut's own choice: a complete VOI LUT wins over window center/width.
     has_lut = bool(seq) and all(seq[0].get(k) is not None for k in ("LUTDescriptor", "LUTData"))
@@ -396,6 +402,9 @@ def _dicom_mono(arr: np.ndarray, ds: Any, notes: list[str]) -> np.ndarray:
             notes.append("VOI LUT from the file applied")
             return _scale_uint8(out, float(lut.min()), float(lut.max()))
         if has_window:
+            center, width = float(_first(ds.WindowCenter)), float(_first(ds.WindowWidth))
+            if not (np.isfinite(center) and np.isfinite(width) and width >= 1):
+                raise ValueError(f"center {center:g}, width {width:g}")
             out = dpx.apply_windowing(values, ds)
             # Windowing maps below/above the window to fixed y_min/y_max that depend on
             # BitsStored, signedness and rescale; probing with -inf/+inf reads them back exactly.
