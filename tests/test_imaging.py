@@ -422,6 +422,23 @@ def test_a_dicom_rescale_with_letters_is_ignored_not_a_crash(tmp_path, slope):
     assert any(n.startswith("modality LUT/rescale in the file is invalid") for n in out.notes)
 
 
+@pytest.mark.parametrize(
+    "tag, vr",
+    [
+        (b"\x28\x00\x11\x00", b"US"),  # Columns
+        (b"\x28\x00\x10\x00", b"US"),  # Rows
+        (b"\x28\x00\x00\x01", b"US"),  # BitsAllocated
+        (b"\x28\x00\x04\x00", b"CS"),  # PhotometricInterpretation
+    ],
+)
+def test_a_dicom_with_an_unknown_vr_is_unreadable_not_a_crash(tag, vr):
+    arr = np.array([[0, 100], [200, 300]], np.uint16)
+    data = dicom_bytes(make_dicom(arr, bits_stored=12))
+    assert tag + vr in data
+    with pytest.raises(ImageReadError, match="not a readable DICOM file.*Unknown Value Repr"):
+        read_image(data.replace(tag + vr, tag + b"XX"), name="odd.dcm")
+
+
 def test_dicom_without_window_is_min_max(tmp_path):
     arr = np.array([[-500, 0], [250, 1500]], np.int16)
     out = read_image(write_dicom(tmp_path, make_dicom(arr)))

@@ -316,8 +316,6 @@ def _read_dicom(
     fh: IO[bytes], label: str, hint: str, max_pixels: int, ds: Any = None
 ) -> DecodedImage:
     import pydicom
-    from pydicom import pixels as dpx
-    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
     if ds is None:
         fh.seek(0)
@@ -325,6 +323,20 @@ def _read_dicom(
             ds = pydicom.dcmread(fh)
         except Exception as exc:  # noqa: BLE001 - InvalidDicomError, EOFError, struct errors...
             raise _unreadable_dicom(label, exc, hint) from None
+    try:
+        return _decode_dicom(ds, label, hint, max_pixels)
+    except (ImageReadError, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - pydicom parses elements lazily: an unknown VR,
+        # a value of the wrong type or an inconsistent header surfaces here, on first access
+        raise _unreadable_dicom(label, exc, hint) from None
+
+
+def _decode_dicom(ds: Any, label: str, hint: str, max_pixels: int) -> DecodedImage:
+    """The first frame of a parsed DICOM dataset, as 8-bit grey or RGB."""
+    from pydicom import pixels as dpx
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
     if not any(k in ds for k in _PIXEL_KEYWORDS):
         if "Rows" in ds and "Columns" in ds:  # image attributes but no pixels: cut-off download
             raise ImageReadError(
