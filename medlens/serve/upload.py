@@ -111,9 +111,11 @@ async def read_file_field(request: Request, field: str, limit: int) -> bytes:
     if declared and declared.isdigit() and int(declared) > limit + MULTIPART_OVERHEAD:
         raise _too_large(limit)
     collector = _FieldCollector(field, limit)
-    parser = MultipartParser(boundary, collector.callbacks())
     received = 0
     try:
+        # Inside the try: the parser's constructor refuses a boundary over 70 (RFC 2046) /
+        # 256 characters with FormParserError, as the parsing itself refuses a malformed body.
+        parser = MultipartParser(boundary, collector.callbacks())
         async for chunk in request.stream():
             received += len(chunk)
             if received > limit + MULTIPART_OVERHEAD:  # many small fields, or a lying header
