@@ -159,6 +159,26 @@ def test_16bit_png_is_min_max_scaled(tmp_path):
     assert any("16-bit" in n and "min-max" in n for n in out.notes)
 
 
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32, np.float32])
+def test_high_depth_scaling_needs_no_full_size_float_copies(dtype):
+    import tracemalloc
+
+    from medlens.data.imaging import _minmax_uint8
+
+    arr = (np.arange(2000 * 2000) % 4096).astype(dtype).reshape(2000, 2000)
+    tracemalloc.start()
+    try:
+        out = _minmax_uint8(arr)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert out.dtype == np.uint8 and out.max() == 255 and out.min() == 0
+    # The uint8 result (4 MB), row-chunk temporaries and, for floats, a 1-byte finite mask;
+    # one float64 copy alone is 32 MB.
+    bound = 9_000_000 + (4_000_000 if arr.dtype.kind == "f" else 0)
+    assert peak < bound, f"{peak / 1e6:.1f} MB"
+
+
 def test_rgba_and_la_composited_on_black(tmp_path):
     rgba = np.zeros((2, 2, 4), np.uint8)
     rgba[..., :3] = 200

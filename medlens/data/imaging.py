@@ -470,22 +470,45 @@ def _owned(pixels: np.ndarray) -> np.ndarray:
     return np.require(pixels, np.uint8, ["C_CONTIGUOUS", "WRITEABLE", "OWNDATA"])
 
 
+_ROWS_PER_CHUNK = 256  # float32 temporaries of at most 256 rows, whatever the image size
+
+
 def _scale_uint8(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Linearly map [lo, hi] to [0, 255], clipping outside; all zeros if the range is empty."""
+    """Linearly map [lo, hi] to [0, 255], clipping outside (NaN -> 0); all zeros if the range
+    is empty. Works through the rows in chunks with float32 temporaries, so the memory beyond
+    the input is the uint8 output plus a few MB (a 64 MP 16-bit image: +64 MB, not GBs)."""
+    arr = np.asarray(arr)
+    out = np.zeros(arr.shape, np.uint8)
     if not hi > lo:
-        return np.zeros(arr.shape, np.uint8)
-    scaled = (np.asarray(arr, np.float64) - lo) * (255.0 / (hi - lo))
-    return np.rint(np.clip(scaled, 0, 255)).astype(np.uint8)
+        return out
+    k = np.float32(255.0 / (hi - lo))
+    for start in range(0, arr.shape[0], _ROWS_PER_CHUNK):
+        chunk = arr[start : start + _ROWS_PER_CHUNK].astype(np.float32)
+        chunk -= np.float32(lo)
+        chunk *= k
+        np.clip(chunk, 0, 255, out=chunk)
+        np.nan_to_num(chunk, copy=False, nan=0.0)
+        out[start : start + _ROWS_PER_CHUNK] = np.rint(chunk, out=chunk)
+    return out
 
 
 def _minmax_uint8(arr: np.ndarray) -> np.ndarray:
-    """Min-max scale to uint8; NaN/inf become the minimum and a constant image becomes 0."""
-    arr = np.asarray(arr, np.float64)
+    """Min-max scale to uint8; NaN/inf become the minimum and a constant image becomes 0.
+    Integer images are scaled without any full-size float copy."""
+    arr = np.asarray(arr)
+    if arr.size == 0:
+        return np.zeros(arr.shape, np.uint8)
+    if arr.dtype.kind in "iub":
+        return _scale_uint8(arr, float(arr.min()), float(arr.max()))
     finite = np.isfinite(arr)
     if not finite.any():
         return np.zeros(arr.shape, np.uint8)
-    lo, hi = float(arr[finite].min()), float(arr[finite].max())
-    return _scale_uint8(np.where(finite, arr, lo), lo, hi)
+    lo = float(np.min(arr, where=finite, initial=np.inf))
+    hi = float(np.max(arr, where=finite, initial=-np.inf))
+    out = _scale_uint8(arr, lo, hi)
+    if not finite.all():
+        out[np.logical_not(finite, out=finite)] = 0  # -inf/+inf/NaN count as the minimum
+    return out
 
 
 def _too_big(label: str, size: tuple[int, int], limit: int) -> ImageReadError:
