@@ -459,6 +459,27 @@ def test_a_dicom_with_an_unknown_vr_is_unreadable_not_a_crash(tag, vr):
         read_image(data.replace(tag + vr, tag + b"XX"), name="odd.dcm")
 
 
+def test_a_deflated_dicom_is_read_and_a_deflate_bomb_refused_before_inflating():
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from medlens.data.imaging import deflate_limit
+
+    arr = np.array([[0, 100], [200, 300]], np.uint16)
+    small = dicom_bytes(make_dicom(arr, bits_stored=12, tsyntax=DeflatedExplicitVRLittleEndian))
+    out = read_image(small, name="small.dcm")
+    np.testing.assert_array_equal(out.pixels, [[0, 85], [170, 255]])
+    # A 64x64 image whose dataset also holds 8 MB of zeros: a few KB deflated.
+    ds = make_dicom(np.zeros((64, 64), np.uint16), tsyntax=DeflatedExplicitVRLittleEndian)
+    ds.add_new(0x00091010, "OB", b"\0" * 8_000_000)
+    bomb = dicom_bytes(ds)
+    assert len(bomb) < 50_000
+    max_pixels = 1_000_000  # limit: 4 MB inflated
+    assert deflate_limit(max_pixels) < 8_000_000
+    with pytest.raises(ImageReadError, match="inflates to more than 4 MB.*decompression bomb"):
+        read_image(bomb, name="bomb.dcm", max_pixels=max_pixels)
+    assert read_image(bomb, name="ok.dcm").pixels.shape == (64, 64)  # within the default limit
+
+
 def test_dicom_without_window_is_min_max(tmp_path):
     arr = np.array([[-500, 0], [250, 1500]], np.int16)
     out = read_image(write_dicom(tmp_path, make_dicom(arr)))

@@ -168,6 +168,7 @@ def _decode(
     fh: IO[bytes], label: str, hint: str, max_pixels: int, target_size: int | None = None
 ) -> DecodedImage:
     if fh.read(132)[128:132] == b"DICM":
+        _refuse_deflate_bomb(fh, label, max_pixels)
         return _read_dicom(fh, label, hint, max_pixels)
     fh.seek(0)
     decoded = _read_raster(fh, label, hint, max_pixels, target_size)
@@ -310,6 +311,49 @@ def _header_size(fh: IO[bytes]) -> tuple[int, int] | None:
 
 
 # ------------------------------------------------------------------------------ DICOM (pydicom)
+
+
+_DEFLATED = b"1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian
+_DEFLATE_CHUNK = 1 << 20
+
+
+def deflate_limit(max_pixels: int) -> int:
+    """The most bytes a deflated DICOM may inflate to: an 8-bit RGB (or 16-bit grey) image at
+    the pixel limit, plus 1 MB of header."""
+    return 3 * max_pixels + (1 << 20)
+
+
+def _refuse_deflate_bomb(fh: IO[bytes], label: str, max_pixels: int) -> None:
+    """pydicom inflates a deflated dataset whole, before anything can be checked: inflate it
+    here first, chunk by chunk and discarding the output, and refuse it past
+    :func:`deflate_limit` (a 0.5 MB upload can otherwise become gigabytes)."""
+    import zlib
+
+    fh.seek(132)
+    head = fh.read(12)  # (0002,0000) UL: the length of the rest of the file meta group
+    if len(head) < 12 or head[:4] != b"\x02\x00\x00\x00":
+        return  # no group length: pydicom decides (and inflates only what is declared)
+    meta = fh.read(int.from_bytes(head[8:12], "little"))
+    if _DEFLATED not in meta:
+        return
+    limit, total = deflate_limit(max_pixels), 0
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        while not inflater.eof:
+            chunk = inflater.unconsumed_tail or fh.read(_DEFLATE_CHUNK)
+            if not chunk:
+                break
+            total += len(inflater.decompress(chunk, _DEFLATE_CHUNK))
+            if total > limit:
+                raise ImageReadError(
+                    f"`{label}` is a deflated DICOM that inflates to more than "
+                    f"{limit / 1e6:.0f} MB (the most an image within the "
+                    f"{max_pixels / 1e6:.0f} MP limit needs): refused as a decompression bomb"
+                )
+    except zlib.error:
+        pass  # not valid deflate data: pydicom's own reading reports the damage
+    finally:
+        fh.seek(0)
 
 
 def _read_dicom(
