@@ -531,6 +531,45 @@ def _encapsulated(tsyntax: str) -> Dataset:
     return ds
 
 
+def _jpeg_dicom(header: tuple[int, int], frame: tuple[int, int], fmt: str = "JPEG") -> bytes:
+    """A DICOM whose Rows/Columns say ``header`` (w, h) over one ``frame``-sized codestream."""
+    from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit
+
+    ds = make_dicom(
+        np.zeros(header[::-1], np.uint8),
+        tsyntax=JPEGBaseline8Bit if fmt == "JPEG" else JPEG2000Lossless,
+    )
+    buf = io.BytesIO()
+    ramp = np.tile(np.linspace(0, 255, frame[0]).astype(np.uint8), (frame[1], 1))
+    Image.fromarray(ramp).save(buf, format=fmt)
+    ds.PixelData = encapsulate([buf.getvalue()])
+    ds["PixelData"].VR = "OB"
+    return dicom_bytes(ds)
+
+
+def test_an_encapsulated_frame_larger_than_its_header_is_refused_before_decoding():
+    ok = read_image(_jpeg_dicom((64, 48), (64, 48)), name="ok.dcm")
+    assert ok.pixels.shape == (48, 64) and ok.pixels[:, 0].max() < 10 < 245 < ok.pixels[:, -1].min()
+    with pytest.raises(ImageReadError, match="12500x12500 pixels .* more than the 1.0 MP"):
+        read_image(_jpeg_dicom((64, 64), (12500, 12500)), name="big.dcm", max_pixels=1_000_000)
+    with pytest.raises(
+        ImageReadError, match="first frame is 80x64 pixels but the header says 64x64"
+    ):
+        read_image(_jpeg_dicom((64, 64), (80, 64)), name="odd.dcm")
+
+
+def test_a_jpeg2000_frame_is_sized_from_its_header():
+    from medlens.data.imaging import _codestream_size
+
+    buf = io.BytesIO()
+    Image.new("L", (300, 200), 0).save(buf, format="JPEG2000", no_jp2=True)
+    assert _codestream_size(buf.getvalue()) == (300, 200)
+    buf = io.BytesIO()
+    Image.new("L", (300, 200), 0).save(buf, format="JPEG2000")  # JP2 file format
+    assert _codestream_size(buf.getvalue()) == (300, 200)
+    assert _codestream_size(b"\x00\x01junk") is None
+
+
 def test_dicom_jpeg2000_junk_names_transfer_syntax(tmp_path):
     path = write_dicom(tmp_path, _encapsulated(JPEG2000Lossless), "j2k.dcm")
     with pytest.raises(ImageReadError) as err:

@@ -405,6 +405,8 @@ def _decode_dicom(ds: Any, label: str, hint: str, max_pixels: int) -> DecodedIma
             else ExplicitVRLittleEndian
         )
     tsyntax = ds.file_meta.TransferSyntaxUID
+    if tsyntax.is_encapsulated:
+        _check_frame_size(ds, label, size, max_pixels)
     try:
         arr = dpx.pixel_array(ds, index=0)  # decode only the first frame of multi-frame files
     except (NotImplementedError, RuntimeError) as exc:
@@ -477,6 +479,57 @@ def _dicom_mono(arr: np.ndarray, ds: Any, notes: list[str]) -> np.ndarray:
         "scaled to 8 bits (min-max)"
     )
     return _minmax_uint8(values)
+
+
+def _check_frame_size(ds: Any, label: str, header: tuple[int, int], max_pixels: int) -> None:
+    """The first compressed frame's own size, read from its codestream header, must be the
+    one Rows/Columns declare: a decoder allocates what the codestream says (a 64x64 header
+    over a 12500x12500 JPEG frame would otherwise decode in full)."""
+    from pydicom.encaps import get_frame
+
+    frames = int(ds.get("NumberOfFrames") or 1)
+    frame = get_frame(ds.PixelData, 0, number_of_frames=frames)
+    size = _codestream_size(frame[:65536])
+    if size is None or size == header:
+        return
+    if size[0] * size[1] > max_pixels:
+        raise _too_big(label, size, max_pixels)
+    raise ImageReadError(
+        f"`{label}`: its first frame is {size[0]}x{size[1]} pixels but the header says "
+        f"{header[0]}x{header[1]} (Columns x Rows); the file is damaged or inconsistent: "
+        "re-export it"
+    )
+
+
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7}
+
+
+def _codestream_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG / JPEG-LS start-of-frame or a JPEG 2000 SIZ marker (or a
+    JP2 file's image header box); None for other codestreams (RLE: the header's own size)."""
+    if data[:4] == b"\xff\x4f\xff\x51" and len(data) >= 24:  # J2K: SOC, SIZ
+        x, y, x0, y0 = (int.from_bytes(data[i : i + 4], "big") for i in (8, 12, 16, 20))
+        return x - x0, y - y0
+    box = data.find(b"ihdr")  # JP2 file: image header box (height, width)
+    if data[4:8] == b"jP  " and box >= 0 and len(data) >= box + 12:
+        h, w = (int.from_bytes(data[i : i + 4], "big") for i in (box + 4, box + 8))
+        return w, h
+    if data[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 9 <= len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in _JPEG_SOF:
+            h, w = (int.from_bytes(data[j : j + 2], "big") for j in (i + 5, i + 7))
+            return (w, h) if h else None  # height 0: given later by a DNL marker
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+            continue
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return None
 
 
 def _unreadable_dicom(label: str, exc: Exception, hint: str) -> ImageReadError:
