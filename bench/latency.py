@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"{folder} is not a model folder (no {ModelFolder(folder).model_json.name})")
     load_before = load_average()
     data = synthetic_jpeg()
-    with running_server(folder, "--log-level", "warning") as srv:
+    with running_server(folder, "--log-level", "warning", "--rate-limit", "off") as srv:
         results = _measure(srv, folder, data, args)
     import onnxruntime
 

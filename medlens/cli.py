@@ -533,11 +533,73 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
         help="test-time augmentation: average each image's logits with its left-right mirror "
         "image's (about twice the compute; calibration was fitted without it)",
     )
+    p.add_argument(
+        "--api-key-file",
+        metavar="F",
+        help="require this key (the file's text, >= 16 characters): `Authorization: Bearer "
+        "KEY` on the API, a login with it for the pages; or set MEDLENS_API_KEY. Required "
+        "when --host is not a loopback address",
+    )
+    p.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="serve a non-loopback --host without a key (only behind your own access control)",
+    )
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a Host header name the server answers (repeatable); default: localhost and "
+        "127.0.0.1 on a loopback --host, else the --host itself (any host on 0.0.0.0)",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        help="close a connection whose request headers have not all arrived after this many "
+        "seconds; default %(default)s",
+    )
+    p.add_argument(
+        "--rate-limit",
+        default="30/second",
+        help="per-client request limit, e.g. 30/second or '20/second;600/minute' (429 past it), "
+        "or off; default %(default)s",
+    )
+
+
+def _serve_security(a: argparse.Namespace):
+    """The :class:`~medlens.serve.security.SecurityPolicy` of the serve flags."""
+    from medlens.serve.security import (
+        SecurityPolicy,
+        allowed_hosts_for,
+        is_loopback,
+        parse_rate_limit,
+        read_api_key,
+    )
+
+    key = read_api_key(a.api_key_file) if a.api_key_file else None
+    if key is None and os.environ.get("MEDLENS_API_KEY"):
+        key = os.environ["MEDLENS_API_KEY"].strip()
+        if len(key) < 16:
+            raise UsageError("MEDLENS_API_KEY: use a key of at least 16 characters")
+    if key is None and not is_loopback(a.host) and not a.insecure_no_auth:
+        raise UsageError(
+            f"--host {a.host} makes the server reachable from the network: give "
+            "--api-key-file F (or MEDLENS_API_KEY) so that only key holders can use it, or "
+            "--insecure-no-auth if your own proxy controls access"
+        )
+    return SecurityPolicy(
+        api_key=key,
+        allowed_hosts=allowed_hosts_for(a.host, a.allowed_host),
+        rate_limit=parse_rate_limit(a.rate_limit),
+    )
 
 
 def _cmd_serve(a: argparse.Namespace) -> int:
     from medlens.serve import serve
 
+    security = _serve_security(a)
     serve(
         a.host,
         a.port,
@@ -546,6 +608,8 @@ def _cmd_serve(a: argparse.Namespace) -> int:
         a.log_level,
         bundled=not a.no_bundled,
         tta=a.tta,
+        security=security,
+        header_timeout=a.header_timeout,
     )
     return 0
 

@@ -50,9 +50,15 @@ def server(served_models):  # noqa: F811
     import uvicorn
 
     from medlens.serve import create_app
+    from medlens.serve.security import SecurityPolicy, allowed_hosts_for
 
     models = os.environ.get("MEDLENS_BROWSER_MODELS") or served_models
-    app = create_app([models], bundled=bool(os.environ.get("MEDLENS_BROWSER_MODELS")))
+    # The policy `medlens serve` applies on 127.0.0.1 (Host allow-list, Origin check, the
+    # Content-Security-Policy and other headers), so the pages are tested under it.
+    policy = SecurityPolicy(allowed_hosts=allowed_hosts_for("127.0.0.1"), rate_limit=None)
+    app = create_app(
+        [models], bundled=bool(os.environ.get("MEDLENS_BROWSER_MODELS")), security=policy
+    )
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -89,6 +95,11 @@ def page(server):
             lambda r: None if r.url.startswith((base, "data:")) else external.append(r.url),
         )
         pg.on("pageerror", lambda e: errors.append(str(e)))
+        # A script, style or image the Content-Security-Policy blocks is reported here.
+        pg.on(
+            "console",
+            lambda m: errors.append(m.text) if "Content Security Policy" in m.text else None,
+        )
         pg.external, pg.errors = external, errors
         yield pg
         browser.close()

@@ -208,6 +208,7 @@ def load_test(
     *,
     filename: str = "bench.jpg",
     content_type: str = "image/jpeg",
+    api_key: str | None = None,
 ) -> LoadResult:
     """Closed-loop HTTP load on one loopback URL.
 
@@ -226,6 +227,7 @@ def load_test(
         timeout: seconds one request may take, from connecting to the last byte of the answer.
         filename: the file field's file name.
         content_type: the file field's content type.
+        api_key: sent as ``Authorization: Bearer`` (a server started with a key).
 
     Returns:
         The counts and latencies of the requests started in the measured window.
@@ -239,4 +241,6 @@ def load_test(
     request = httpx2.Request("POST", url, files={"file": (filename, data, content_type)})
     body = request.read()
     headers = {"Content-Type": request.headers["Content-Type"], "User-Agent": "medlens-bench"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
     return asyncio.run(_load(url, body, headers, concurrency, duration, max(warmup, 0), timeout))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -161,6 +162,13 @@ def server_config() -> str:
     )
 
 
+def _key_file(folder: Path, key: str) -> str:
+    path = folder / "api-key"
+    path.touch(mode=0o600)
+    path.write_text(key)
+    return str(path)
+
+
 def bench_serve(
     ref: str | os.PathLike,
     duration: float = 20.0,
@@ -191,7 +199,13 @@ def bench_serve(
     """
     folder = resolve_model(ref)
     data = image if image is not None else synthetic_jpeg()
-    with running_server(folder, start_timeout=start_timeout) as srv:
+    # As a deployment runs it: authentication on (a random key, in a private temporary
+    # file); the per-client rate limit off, since all the load comes from one client.
+    key = secrets.token_urlsafe(32)
+    with tempfile.TemporaryDirectory() as tmp, running_server(
+        folder, "--api-key-file", _key_file(Path(tmp), key), "--rate-limit", "off",
+        start_timeout=start_timeout,
+    ) as srv:  # fmt: skip
         log.info(
             "server ready on port %d after %.1f s; %d connections, %g s warm-up + %g s",
             srv.port,
@@ -202,7 +216,10 @@ def bench_serve(
         )
         load_before = load_average()
         meter = CpuMeter(srv.proc.pid)
-        res = load_test(srv.url(folder.name), data, concurrency, duration, warmup, request_timeout)
+        res = load_test(
+            srv.url(folder.name), data, concurrency, duration, warmup, request_timeout,
+            api_key=key,
+        )  # fmt: skip
         usage = meter.stop()
     out = res.to_dict()
     n_all = res.requests + res.warmup_requests  # CPU is measured over warm-up + window
@@ -210,7 +227,7 @@ def bench_serve(
         {
             "model": folder.name,
             "upload_bytes": len(data),
-            "server": server_config(),
+            "server": server_config() + "; API key required (Bearer), rate limit off",
             "upload": "synthetic 1024x1024 greyscale JPEG" if image is None else "given image",
             "server_startup_s": round(srv.startup_s, 2),
             "load_average_before": load_before,

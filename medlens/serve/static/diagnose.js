@@ -108,6 +108,10 @@
     render(payload);
   }
 
+  // The form never submits itself: uploads go through fetch (no inline handler: the
+  // Content-Security-Policy allows only this file's script).
+  const form = document.getElementById("diagnose-form");
+  if (form) form.addEventListener("submit", (e) => e.preventDefault());
   select.addEventListener("change", () => { showCard(); clearResult(); });
   showCard();
 

@@ -1,0 +1,193 @@
+"""Access control and hardening of ``medlens serve`` (issue 13): API key and login, Host
+allow-list, Origin check, rate limit, security headers; and, on a real uvicorn server, no
+banner and a header-read timeout."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+
+import httpx2
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from serve_fixtures import (
+    BINARY,
+    encode,
+    served_models,  # noqa: F401 - fixture
+)
+
+from medlens.cli import main
+from medlens.serve import create_app
+from medlens.serve.security import SESSION_COOKIE, SecurityPolicy, allowed_hosts_for
+
+KEY = "k" * 12 + "-secret-key-123"
+PREDICT = f"/api/v1/models/{BINARY}/predict"
+
+
+def tiny_png() -> bytes:
+    return encode(Image.fromarray(np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))))
+
+
+@pytest.fixture(scope="module")
+def secured(served_models):  # noqa: F811
+    policy = SecurityPolicy(api_key=KEY, allowed_hosts=("testserver",), rate_limit=None)
+    with TestClient(create_app([served_models], bundled=False, security=policy)) as c:
+        yield c
+
+
+def _auth(key: str = KEY) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_the_api_needs_the_key(secured):
+    r = secured.get("/api/v1/models")
+    assert r.status_code == 401 and "Bearer" in r.json()["detail"]
+    assert r.headers["www-authenticate"].startswith("Bearer")
+    assert secured.get("/api/v1/models", headers=_auth("wrong-key-wrong-key")).status_code == 401
+    r = secured.get("/api/v1/models", headers=_auth())
+    assert r.status_code == 200 and BINARY in [m["name"] for m in r.json()]
+    r = secured.post(PREDICT, files={"file": ("a.png", tiny_png())}, headers=_auth())
+    assert r.status_code == 200 and r.json()["label"]
+    # Probes and static assets stay open.
+    assert secured.get("/healthz").status_code == 200
+    assert secured.get("/static/medlens.css").status_code == 200
+
+
+def test_the_pages_need_a_login_session(secured):
+    r = secured.get("/dashboard", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/login?next=/dashboard"
+    page = secured.get("/login?next=/dashboard")
+    assert page.status_code == 200 and 'type="password"' in page.text
+    bad = secured.post("/login?next=/dashboard", data={"key": "nope"}, follow_redirects=False)
+    assert bad.status_code == 401 and "not right" in bad.text
+    ok = secured.post("/login?next=/dashboard", data={"key": KEY}, follow_redirects=False)
+    assert ok.status_code == 303 and ok.headers["location"] == "/dashboard"
+    cookie = ok.headers["set-cookie"]
+    assert cookie.startswith(SESSION_COOKIE) and "HttpOnly" in cookie
+    assert "SameSite=Strict" in cookie
+    token = cookie.split(";")[0].split("=", 1)[1]
+    cookies = {SESSION_COOKIE: token}
+    assert secured.get("/", cookies=cookies).status_code == 200
+    assert secured.get("/api/v1/models", cookies=cookies).status_code == 200  # the page's JS
+    forged = {SESSION_COOKIE: token[:-4] + "0000"}
+    assert secured.get("/", cookies=forged, follow_redirects=False).status_code == 303
+    expired = {SESSION_COOKIE: "1." + token.split(".")[1]}
+    assert secured.get("/", cookies=expired, follow_redirects=False).status_code == 303
+    # The destination after login is only ever a local path.
+    r = secured.post("/login?next=//evil.example/x", data={"key": KEY}, follow_redirects=False)
+    assert r.headers["location"] == "/"
+    out = secured.post("/logout", follow_redirects=False)
+    assert out.status_code == 303 and "Max-Age=0" in out.headers["set-cookie"]
+
+
+def test_hosts_origins_and_headers(secured):
+    r = secured.get("/healthz", headers={"Host": "evil.example"})
+    assert r.status_code == 400 and "evil.example" in r.json()["detail"]
+    r = secured.post(
+        PREDICT,
+        files={"file": ("a.png", tiny_png())},
+        headers={**_auth(), "Origin": "http://evil.example"},
+    )
+    assert r.status_code == 403 and "cross-origin" in r.json()["detail"]
+    r = secured.post(
+        PREDICT,
+        files={"file": ("a.png", tiny_png())},
+        headers={**_auth(), "Origin": "http://testserver"},
+    )
+    assert r.status_code == 200
+    for path in ("/healthz", "/login", "/api/v1/models"):
+        h = secured.get(path).headers
+        assert "default-src 'self'" in h["content-security-policy"]
+        assert "frame-ancestors 'none'" in h["content-security-policy"]
+        assert h["x-content-type-options"] == "nosniff" and h["x-frame-options"] == "DENY"
+        assert h["referrer-policy"] == "no-referrer" and h["cache-control"] == "no-store"
+    assert "'unsafe-inline'" in secured.get("/docs").headers["content-security-policy"]
+
+
+def test_the_rate_limit_answers_429_with_retry_after(served_models):  # noqa: F811
+    policy = SecurityPolicy(allowed_hosts=("testserver",), rate_limit="5/minute")
+    with TestClient(create_app([served_models], bundled=False, security=policy)) as c:
+        codes = [c.get("/api/v1/models").status_code for _ in range(8)]
+        assert codes == [200] * 5 + [429] * 3
+        r = c.get("/api/v1/models")
+        assert r.status_code == 429 and "too many requests" in r.json()["detail"]
+        assert 1 <= int(r.headers["retry-after"]) <= 60
+        assert c.get("/healthz").status_code == 200  # probes are not limited
+
+
+def test_default_host_allow_lists():
+    assert "localhost" in allowed_hosts_for("127.0.0.1")
+    assert "evil.example" not in allowed_hosts_for("127.0.0.1")
+    assert allowed_hosts_for("0.0.0.0") == ("*",)
+    assert allowed_hosts_for("0.0.0.0", ["ml.hospital.example"]) == ("ml.hospital.example",)
+    assert allowed_hosts_for("10.1.2.3") == ("10.1.2.3",)
+
+
+def test_serve_refuses_the_network_without_a_key(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MEDLENS_API_KEY", raising=False)
+    assert main(["serve", "--host", "0.0.0.0", "--no-bundled"]) == 2
+    err = capsys.readouterr().err
+    assert "--api-key-file" in err and "--insecure-no-auth" in err
+    short = tmp_path / "key"
+    short.write_text("short\n")
+    assert main(["serve", "--host", "0.0.0.0", "--api-key-file", str(short)]) == 2
+    assert "at least 16" in capsys.readouterr().err
+    assert main(["serve", "--rate-limit", "lots", "--no-bundled"]) == 2
+    assert "--rate-limit 'lots'" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def live_server(served_models, tmp_path_factory):  # noqa: F811
+    """A real `medlens serve` (uvicorn) with a key and a 1 s header timeout."""
+    key_file = tmp_path_factory.mktemp("key") / "api-key"
+    key_file.write_text(KEY)
+    port = _free_port()
+    cmd = [sys.executable, "-m", "medlens.cli", "serve", "--models", str(served_models),
+           "--no-bundled", "--port", str(port), "--api-key-file", str(key_file),
+           "--header-timeout", "1", "--log-level", "warning"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx2.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx2.HTTPError:
+                time.sleep(0.2)
+        else:
+            raise RuntimeError("server did not start: " + proc.stderr.read().decode()[-500:])
+        yield port, url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_a_real_server_has_no_banner_and_needs_the_key(live_server):
+    port, url = live_server
+    r = httpx2.get(url + "/api/v1/models")
+    assert r.status_code == 401 and "server" not in r.headers
+    assert "content-security-policy" in r.headers
+    r = httpx2.get(url + "/api/v1/models", headers=_auth())
+    assert r.status_code == 200 and "server" not in r.headers
+    r = httpx2.get(url + "/healthz", headers={"Host": "rebound.evil.example"})
+    assert r.status_code == 400  # DNS rebinding: another name pointing at 127.0.0.1
+
+
+def test_half_sent_request_headers_are_cut_off(live_server):
+    port, url = live_server
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        t0 = time.perf_counter()
+        assert s.recv(1024) == b""  # closed by the server, no answer
+        assert 0.5 < time.perf_counter() - t0 < 5
+    assert httpx2.get(url + "/healthz").status_code == 200  # and it keeps serving
