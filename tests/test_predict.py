@@ -86,6 +86,17 @@ def test_explain_returns_a_normalised_non_constant_map(predictor, image_factory)
     assert sum(p.probabilities.values()) == pytest.approx(1, abs=1e-5)
 
 
+def test_the_jet_colour_map_runs_blue_green_red():
+    from medlens.inference.cam import jet
+
+    np.testing.assert_allclose(
+        jet(np.array([0.0, 0.5, 1.0])), [[0, 0, 0.5], [0.5, 1, 0.5], [0.5, 0, 0]]
+    )
+    rgb = jet(np.linspace(0, 1, 101))
+    assert rgb.shape == (101, 3) and rgb.min() >= 0 and rgb.max() <= 1
+    assert np.argmax(rgb[:, 2]) < np.argmax(rgb[:, 1]) < np.argmax(rgb[:, 0])  # b, g, r peaks
+
+
 def test_overlay_cam_shapes_and_dtype():
     grey = np.zeros((40, 60), np.uint8)
     cam = np.zeros((8, 8), np.float32)

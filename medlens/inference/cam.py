@@ -19,6 +19,15 @@ def cam_to_heat(acti: torch.Tensor, size: Sequence[int]) -> np.ndarray:
     return heat.astype(np.float32)
 
 
+def jet(x: np.ndarray) -> np.ndarray:
+    """The 'jet' colour map in closed form (blue - cyan - yellow - red): ``(...)`` values in
+    [0, 1] -> ``(..., 3)`` RGB in [0, 1]. Computed here rather than through matplotlib, whose
+    import writes a configuration folder into the user's home (serving writes nothing)."""
+    x = np.clip(np.asarray(x, dtype=np.float32), 0, 1)[..., None]
+    centres = np.array([3.0, 2.0, 1.0], np.float32)  # red, green, blue peak at 3/4, 1/2, 1/4
+    return np.clip(1.5 - np.abs(4 * x - centres), 0, 1)
+
+
 def overlay_cam(
     pixels: np.ndarray, cam: np.ndarray, size: int | None = None, alpha: float = 0.4
 ) -> np.ndarray:
@@ -32,7 +41,6 @@ def overlay_cam(
     Returns:
         ``uint8 (H, W, 3)`` RGB overlay.
     """
-    from matplotlib import colormaps
     from PIL import Image
 
     img = Image.fromarray(pixels).convert("RGB")
@@ -41,7 +49,7 @@ def overlay_cam(
     heat = Image.fromarray((np.clip(cam, 0, 1) * 255).astype(np.uint8)).resize(
         img.size, Image.BILINEAR
     )
-    colour = colormaps["jet"](np.asarray(heat, dtype=np.float32) / 255.0)[..., :3]
+    colour = jet(np.asarray(heat, dtype=np.float32) / 255.0)
     base = np.asarray(img, dtype=np.float32) / 255.0
     out = (1 - alpha) * base + alpha * colour
     return (np.clip(out, 0, 1) * 255).astype(np.uint8)
