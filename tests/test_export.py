@@ -165,7 +165,7 @@ def _flip_a_bit(path, offset_fraction=0.6):
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("damaged", ["model.pt", "model.onnx"])
+@pytest.mark.parametrize("damaged", ["model.pt", "model.onnx", "ood.npz"])
 def test_a_flipped_bit_in_a_model_file_is_refused_naming_it(exported, tmp_path, capsys, damaged):
     run = copy_run(exported, tmp_path / "bad")
     _flip_a_bit(run / damaged)
@@ -276,3 +276,13 @@ def test_non_finite_outputs_are_an_error_and_a_503_not_a_500(exported, tmp_path,
         assert client.get("/healthz").status_code == 200  # the server keeps serving
         r = client.get("/readyz")  # but it is not ready: the model cannot answer
         assert r.status_code == 503 and "non-finite" in r.json()["models"]["nan"]
+
+
+def test_a_damaged_guard_without_a_recorded_hash_is_still_a_clear_error(exported, tmp_path):
+    run = copy_run(exported, tmp_path / "old")
+    d = json.loads((run / "model.json").read_text())
+    d["ood"].pop("sha256")  # as in folders written before the hash was recorded
+    (run / "model.json").write_text(json.dumps(d))
+    _flip_a_bit(run / "ood.npz", 0.5)
+    with pytest.raises(ModelLoadError, match="ood.npz cannot be read as the out-of-distribution"):
+        Predictor(run)

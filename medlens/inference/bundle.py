@@ -59,7 +59,7 @@ from medlens.errors import ModelLoadError, UsageError
 from medlens.evaluation.calibration import calibrate
 from medlens.evaluation.metrics import compute_metrics
 from medlens.evaluation.ood import EnsembleGuard, StageGuard, load_guard
-from medlens.fileio import atomic_write_text, write_json
+from medlens.fileio import atomic_write_text, sha256_file, write_json
 from medlens.inference.predictor import Predictor
 
 __all__ = ["make_bundle", "BUNDLE_FILES"]
@@ -240,7 +240,7 @@ def _copy_guard(runs: list[Path], dest: Path, meta: ModelMeta) -> None:
     if len(guards) == len(runs) and all(isinstance(g, StageGuard) for g in guards):
         guard = EnsembleGuard(guards)
         guard.save(dest)
-        meta.extra["ood"] = guard.summary(OOD_FILE)
+        meta.extra["ood"] = {**guard.summary(OOD_FILE), "sha256": sha256_file(dest)}
 
 
 def _calibrate_ensemble(folder: Path, runs: list[Path], meta: ModelMeta) -> None:

@@ -24,8 +24,14 @@ import numpy as np
 import torch
 from numpy.typing import ArrayLike
 
-from medlens.artifacts.folders import MODEL_WEIGHTS, resolve_model
-from medlens.artifacts.model import ModelMeta, check_onnx_file, load_network, read_meta
+from medlens.artifacts.folders import MODEL_JSON, MODEL_WEIGHTS, resolve_model
+from medlens.artifacts.model import (
+    ModelMeta,
+    check_file,
+    check_onnx_file,
+    load_network,
+    read_meta,
+)
 from medlens.errors import ModelLoadError, ModelOutputError
 from medlens.inference.cam import cam_to_heat
 
@@ -49,7 +55,16 @@ def load_ood_guard(folder: Path | None, meta: ModelMeta) -> OODGuard | None:
 
     if folder is None or not (Path(folder) / OOD_FILE).exists():
         return None
-    return load_guard(Path(folder) / OOD_FILE)
+    path = Path(folder) / OOD_FILE
+    check_file(path, (meta.extra.get("ood") or {}).get("sha256"), Path(folder) / MODEL_JSON)
+    try:
+        return load_guard(path)
+    except Exception as e:  # noqa: BLE001 - a damaged zip (CRC), missing arrays, not an npz
+        raise ModelLoadError(
+            f"{path} cannot be read as the out-of-distribution guard ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); copy the model folder again, or "
+            "re-export or retrain it"
+        ) from None
 
 
 @dataclass

@@ -19,7 +19,7 @@ from medlens.artifacts.folders import OOD_FILE, ModelFolder
 from medlens.config import TrainConfig
 from medlens.data.preprocess import Preprocess
 from medlens.evaluation.ood import StageGuard
-from medlens.fileio import write_json
+from medlens.fileio import sha256_file, write_json
 from medlens.inference.runtime import compute_logits, logits_and_stats
 from medlens.modeling.classifier import Classifier
 from medlens.training.batches import ModelInput
@@ -92,17 +92,22 @@ def fit_ood_guard(
     )
 
 
-def guard_summary(guard: StageGuard, test_stats: np.ndarray | None = None) -> dict:
+def guard_summary(
+    guard: StageGuard, test_stats: np.ndarray | None = None, saved: Path | None = None
+) -> dict:
     """The ``ood`` entry of ``model.json``; with the share of test images it flags.
 
     Args:
         guard: the fitted guard.
         test_stats: statistics of the test split, when there is one.
+        saved: the guard's ``ood.npz``, whose sha256 is recorded (checked at load).
 
     Returns:
         The summary.
     """
     summary = guard.summary(OOD_FILE)
+    if saved is not None:
+        summary["sha256"] = sha256_file(saved)
     if test_stats is not None:
         summary["flagged_test_share"] = round(
             float(np.mean([o["flag"] for o in guard(test_stats)])), 4
@@ -139,7 +144,7 @@ def refit_ood_guard(run: str | Path) -> StageGuard:
     test_stats = None
     if "test" in prepared and len(prepared["test"][1]):
         test_stats = float32_outputs(net, prepared["test"][0], to_input)[1]
-    meta.extra["ood"] = guard_summary(guard, test_stats)
+    meta.extra["ood"] = guard_summary(guard, test_stats, folder.ood)
     write_json(folder.model_json, meta.to_dict())
     log.info(f"refitted {folder.ood}: {meta.extra['ood']}")
     return guard

@@ -398,7 +398,8 @@ class Trainer:
                 sources=self.data.sources[split],
             )
         meta.extra["metrics"] = {split: headline_metrics(m) for split, m in summaries.items()}
-        meta.extra["ood"] = guard_summary(guard, outputs["test"][1] if "test" in outputs else None)
+        test_stats = outputs["test"][1] if "test" in outputs else None
+        meta.extra["ood"] = guard_summary(guard, test_stats, self.folder.ood)
         return summaries
 
 
