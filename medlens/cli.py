@@ -554,6 +554,13 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
         "127.0.0.1 on a loopback --host, else the --host itself (any host on 0.0.0.0)",
     )
     p.add_argument(
+        "--max-connections",
+        type=int,
+        default=64,
+        help="connections and requests served at once; more get a 503 (bounds the memory "
+        "held by uploads in flight); default %(default)s",
+    )
+    p.add_argument(
         "--header-timeout",
         type=float,
         default=10.0,
@@ -610,6 +617,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
         tta=a.tta,
         security=security,
         header_timeout=a.header_timeout,
+        max_connections=a.max_connections,
     )
     return 0
 

@@ -185,12 +185,14 @@ def serve(
     tta: bool = False,
     security: SecurityPolicy | None = None,
     header_timeout: float = HEADER_TIMEOUT_S,
+    max_connections: int = 64,
 ) -> None:
     """``medlens serve``: run the app with uvicorn (blocks).
 
     ``security`` defaults to the loopback policy (this machine's host names, no key, the
     default rate limit); uvicorn runs without its server banner and closes connections whose
-    request headers take longer than ``header_timeout`` seconds.
+    request headers take longer than ``header_timeout`` seconds; past ``max_connections``
+    connections and requests at once it answers 503.
     """
     import uvicorn
 
@@ -225,5 +227,6 @@ def serve(
         log_level=log_level,
         server_header=False,
         timeout_keep_alive=5,
+        limit_concurrency=max_connections,
         http=header_timeout_protocol(header_timeout),
     )
