@@ -480,6 +480,30 @@ def test_a_deflated_dicom_is_read_and_a_deflate_bomb_refused_before_inflating():
     assert read_image(bomb, name="ok.dcm").pixels.shape == (64, 64)  # within the default limit
 
 
+@pytest.mark.parametrize("window", [True, False])
+def test_a_rescaled_16_bit_dicom_needs_no_float64_copies(window):
+    import tracemalloc
+
+    from medlens.data.imaging import _dicom_mono
+
+    stored = (np.arange(2000 * 2000) % 4000).astype(np.int16).reshape(2000, 2000)
+    tags = {"RescaleSlope": 1, "RescaleIntercept": -1024}
+    if window:
+        tags.update(WindowCenter=40, WindowWidth=400)
+    ds = make_dicom(stored, bits_stored=16, **tags)
+    tracemalloc.start()
+    try:
+        out = _dicom_mono(stored, ds, [])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert out.dtype == np.uint8 and out.min() == 0 and out.max() == 255
+    assert peak < 9_000_000, f"{peak / 1e6:.1f} MB"  # one float64 copy alone is 32 MB
+    if window:  # -160 HU (stored 864) and below are black, 239 HU (1263) and above white
+        flat = out.ravel()
+        assert flat[864] == 0 and flat[1263] == 255 and abs(int(flat[1064]) - 128) <= 1
+
+
 def test_dicom_without_window_is_min_max(tmp_path):
     arr = np.array([[-500, 0], [250, 1500]], np.int16)
     out = read_image(write_dicom(tmp_path, make_dicom(arr)))

@@ -438,15 +438,38 @@ def _decode_dicom(ds: Any, label: str, hint: str, max_pixels: int) -> DecodedIma
     return DecodedImage(_owned(pixels), "DICOM", tuple(notes), modality)
 
 
+def _linear_rescale(ds: Any) -> tuple[float, float] | None:
+    """(slope, intercept) when the modality LUT is a plain rescale with a positive slope (the
+    usual case), else None (a LUT sequence, a negative or unreadable slope: pydicom decides)."""
+    if "ModalityLUTSequence" in ds:
+        return None
+    try:
+        slope = float(ds.get("RescaleSlope", 1) if ds.get("RescaleSlope") is not None else 1)
+        intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    except (TypeError, ValueError):
+        return None
+    return (
+        (slope, intercept) if np.isfinite(slope) and slope > 0 and np.isfinite(intercept) else None
+    )
+
+
 def _dicom_mono(arr: np.ndarray, ds: Any, notes: list[str]) -> np.ndarray:
-    """Modality LUT (rescale), then VOI LUT/window, then uint8 over the window's output range."""
+    """Modality LUT (rescale), then VOI LUT/window, then uint8 over the window's output range.
+
+    A plain rescale (positive slope) and a linear window are applied in the stored values'
+    own units: the window's edges are mapped back through the rescale and the stored pixels
+    scaled straight to 8 bits in row chunks, with no float64 copy of the image (pydicom's
+    modality LUT and windowing make two); min-max scaling is unchanged by a positive rescale.
+    """
     from pydicom import pixels as dpx
 
-    try:
-        values = dpx.apply_modality_lut(arr, ds)
-    except Exception as exc:  # noqa: BLE001 - e.g. letters in RescaleSlope, a broken LUT
-        notes.append(f"modality LUT/rescale in the file is invalid ({_reason(exc)}): ignored")
-        values = arr
+    rescale = _linear_rescale(ds)
+    values = arr
+    if rescale is None:
+        try:
+            values = dpx.apply_modality_lut(arr, ds)
+        except Exception as exc:  # noqa: BLE001 - e.g. letters in RescaleSlope, a broken LUT
+            notes.append(f"modality LUT/rescale in the file is invalid ({_reason(exc)}): ignored")
     seq = ds.get("VOILUTSequence")
     # Mirror apply_voi_lut's own choice: a complete VOI LUT wins over window center/width.
     has_lut = bool(seq) and all(seq[0].get(k) is not None for k in ("LUTDescriptor", "LUTData"))
@@ -456,22 +479,12 @@ def _dicom_mono(arr: np.ndarray, ds: Any, notes: list[str]) -> np.ndarray:
             item = seq[0]
             entries, first = int(item.LUTDescriptor[0]) or 65536, int(item.LUTDescriptor[1])
             lut = dpx.apply_voi(np.arange(first, first + entries), ds)
-            out = dpx.apply_voi(np.rint(values).astype(np.int64), ds)  # LUT indices must be ints
+            rescaled = dpx.apply_modality_lut(arr, ds) if rescale else values
+            out = dpx.apply_voi(np.rint(rescaled).astype(np.int64), ds)  # indices must be ints
             notes.append("VOI LUT from the file applied")
             return _scale_uint8(out, float(lut.min()), float(lut.max()))
         if has_window:
-            center, width = float(_first(ds.WindowCenter)), float(_first(ds.WindowWidth))
-            if not (np.isfinite(center) and np.isfinite(width) and width >= 1):
-                raise ValueError(f"center {center:g}, width {width:g}")
-            out = dpx.apply_windowing(values, ds)
-            # Windowing maps below/above the window to fixed y_min/y_max that depend on
-            # BitsStored, signedness and rescale; probing with -inf/+inf reads them back exactly.
-            lo, hi = dpx.apply_windowing(np.array([-np.inf, np.inf]), ds)
-            notes.append(
-                f"window from the file applied (center {_first(ds.WindowCenter):g}, "
-                f"width {_first(ds.WindowWidth):g})"
-            )
-            return _scale_uint8(out, float(lo), float(hi))
+            return _window(values, ds, rescale, notes)
     except Exception as exc:  # noqa: BLE001 - e.g. width < 1, unknown VOI function
         notes.append(f"VOI LUT/window in the file is invalid ({_reason(exc)}): ignored")
     notes.append(
@@ -479,6 +492,35 @@ def _dicom_mono(arr: np.ndarray, ds: Any, notes: list[str]) -> np.ndarray:
         "scaled to 8 bits (min-max)"
     )
     return _minmax_uint8(values)
+
+
+def _window(
+    values: np.ndarray, ds: Any, rescale: tuple[float, float] | None, notes: list[str]
+) -> np.ndarray:
+    """The file's window (centre/width) to uint8; ``values`` are stored values when
+    ``rescale`` is given (the window's edges are then mapped back into their units)."""
+    from pydicom import pixels as dpx
+
+    center, width = float(_first(ds.WindowCenter)), float(_first(ds.WindowWidth))
+    if not (np.isfinite(center) and np.isfinite(width) and width >= 1):
+        raise ValueError(f"center {center:g}, width {width:g}")
+    function = str(ds.get("VOILUTFunction") or "LINEAR").strip().upper()
+    if function == "LINEAR":
+        # DICOM PS3.3 C.11.2.1.2.1: below c - 0.5 - (w - 1) / 2 the output is its minimum,
+        # above c - 0.5 + (w - 1) / 2 its maximum, linear between.
+        lo, hi = center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2
+        if rescale is not None:
+            slope, intercept = rescale
+            lo, hi = (lo - intercept) / slope, (hi - intercept) / slope
+        out, lo_out, hi_out = values, lo, hi
+    else:  # SIGMOID, LINEAR_EXACT: pydicom's implementation, on rescaled values
+        rescaled = values * rescale[0] + rescale[1] if rescale else values
+        out = dpx.apply_windowing(rescaled, ds)
+        # Windowing maps below/above the window to fixed y_min/y_max that depend on
+        # BitsStored, signedness and rescale; probing with -inf/+inf reads them back exactly.
+        lo_out, hi_out = dpx.apply_windowing(np.array([-np.inf, np.inf]), ds)
+    notes.append(f"window from the file applied (center {center:g}, width {width:g})")
+    return _scale_uint8(out, float(lo_out), float(hi_out))
 
 
 def _check_frame_size(ds: Any, label: str, header: tuple[int, int], max_pixels: int) -> None:
