@@ -594,6 +594,17 @@ def test_a_jpeg2000_frame_is_sized_from_its_header():
     assert _codestream_size(b"\x00\x01junk") is None
 
 
+@pytest.mark.parametrize("sof", [0xC0, 0xC1, 0xC2, 0xC3, 0xC7, 0xF7])  # baseline ... JPEG-LS
+def test_jpeg_family_frames_are_sized_from_their_start_of_frame(sof):
+    from medlens.data.imaging import _codestream_size
+
+    app0 = b"\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
+    frame = b"\xff" + bytes([sof]) + b"\x00\x0b\x08" + (12500).to_bytes(2, "big")
+    frame += (9000).to_bytes(2, "big") + b"\x01\x01\x11\x00"
+    assert _codestream_size(b"\xff\xd8" + app0 + frame) == (9000, 12500)
+    assert _codestream_size(b"\xff\xd8" + app0) is None  # no frame header: unknown
+
+
 def test_dicom_jpeg2000_junk_names_transfer_syntax(tmp_path):
     path = write_dicom(tmp_path, _encapsulated(JPEG2000Lossless), "j2k.dcm")
     with pytest.raises(ImageReadError) as err:
