@@ -235,6 +235,8 @@ def _copy_guard(runs: list[Path], dest: Path, meta: ModelMeta) -> None:
     if len(runs) == 1:
         if paths[0].exists():
             shutil.copyfile(paths[0], dest)
+            if meta.extra.get("ood"):  # runs trained before the hash was recorded get it here
+                meta.extra["ood"] = {**meta.extra["ood"], "sha256": sha256_file(dest)}
         return
     guards = [load_guard(p) for p in paths if p.exists()]
     if len(guards) == len(runs) and all(isinstance(g, StageGuard) for g in guards):
