@@ -162,11 +162,19 @@ def server_config() -> str:
     )
 
 
-def _key_file(folder: Path, key: str) -> str:
-    path = folder / "api-key"
-    path.touch(mode=0o600)
-    path.write_text(key)
-    return str(path)
+@contextlib.contextmanager
+def _authenticated_server(folder: Path, start_timeout: float) -> Iterator[tuple[Server, str]]:
+    """:func:`running_server` as a deployment runs it: authentication on (a random key, in a
+    private temporary file); the per-client rate limit off, since all the load is one client."""
+    key = secrets.token_urlsafe(32)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "api-key"
+        path.touch(mode=0o600)
+        path.write_text(key)
+        with running_server(
+            folder, "--api-key-file", str(path), "--rate-limit", "off", start_timeout=start_timeout
+        ) as srv:
+            yield srv, key
 
 
 def bench_serve(
@@ -199,13 +207,7 @@ def bench_serve(
     """
     folder = resolve_model(ref)
     data = image if image is not None else synthetic_jpeg()
-    # As a deployment runs it: authentication on (a random key, in a private temporary
-    # file); the per-client rate limit off, since all the load comes from one client.
-    key = secrets.token_urlsafe(32)
-    with tempfile.TemporaryDirectory() as tmp, running_server(
-        folder, "--api-key-file", _key_file(Path(tmp), key), "--rate-limit", "off",
-        start_timeout=start_timeout,
-    ) as srv:  # fmt: skip
+    with _authenticated_server(folder, start_timeout) as (srv, key):
         log.info(
             "server ready on port %d after %.1f s; %d connections, %g s warm-up + %g s",
             srv.port,

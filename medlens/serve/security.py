@@ -26,6 +26,7 @@ import hmac
 import ipaddress
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, quote
@@ -76,7 +77,7 @@ def parse_rate_limit(spec: str) -> str | None:
     return spec
 
 
-def header_timeout_protocol(seconds: float = HEADER_TIMEOUT_S):
+def header_timeout_protocol(seconds: float = HEADER_TIMEOUT_S) -> type:
     """uvicorn's h11 protocol closing a connection whose request headers have not all arrived
     ``seconds`` after it opened or after its previous answer (uvicorn itself has no such
     limit: half-sent requests would hold connections open for ever)."""
@@ -196,7 +197,7 @@ def _cookie(headers: dict[bytes, bytes], name: str) -> str | None:
 class Guard:
     """The ASGI middleware enforcing a :class:`SecurityPolicy` (see the module docstring)."""
 
-    def __init__(self, app, policy: SecurityPolicy):
+    def __init__(self, app: Callable, policy: SecurityPolicy) -> None:
         from limits import parse_many
         from limits.storage import MemoryStorage
         from limits.strategies import MovingWindowRateLimiter
