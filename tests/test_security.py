@@ -70,13 +70,19 @@ def test_the_pages_need_a_login_session(secured):
     assert cookie.startswith(SESSION_COOKIE) and "HttpOnly" in cookie
     assert "SameSite=Strict" in cookie
     token = cookie.split(";")[0].split("=", 1)[1]
-    cookies = {SESSION_COOKIE: token}
-    assert secured.get("/", cookies=cookies).status_code == 200
-    assert secured.get("/api/v1/models", cookies=cookies).status_code == 200  # the page's JS
-    forged = {SESSION_COOKIE: token[:-4] + "0000"}
-    assert secured.get("/", cookies=forged, follow_redirects=False).status_code == 303
-    expired = {SESSION_COOKIE: "1." + token.split(".")[1]}
-    assert secured.get("/", cookies=expired, follow_redirects=False).status_code == 303
+
+    def get(path, value):
+        secured.cookies.clear()
+        secured.cookies.set(SESSION_COOKIE, value)
+        try:
+            return secured.get(path, follow_redirects=False)
+        finally:
+            secured.cookies.clear()
+
+    assert get("/", token).status_code == 200
+    assert get("/api/v1/models", token).status_code == 200  # the page's JS
+    assert get("/", token[:-4] + "0000").status_code == 303  # forged
+    assert get("/", "1." + token.split(".")[1]).status_code == 303  # expired
     # The destination after login is only ever a local path.
     r = secured.post("/login?next=//evil.example/x", data={"key": KEY}, follow_redirects=False)
     assert r.headers["location"] == "/"
