@@ -154,7 +154,27 @@ def test_diagnose_upload_shows_label_probabilities_and_grad_cam(
     assert not page.is_visible("#result")
     page.set_input_files("#file", str(upload))
     page.wait_for_selector("#result:not([hidden])")
+    assert page.is_visible("#cam")
+
+    # Without Grad-CAM, the next result must not sit beside the previous image's pictures.
+    page.uncheck("#explain")
+    other = tmp_path / "dark.png"
+    other.write_bytes(encode(Image.fromarray(image_factory("dark", seed=12, size=96))))
+    page.set_input_files("#file", str(other))
+    page.wait_for_function("document.getElementById('original').getAttribute('src') === null")
+    page.wait_for_selector("#result:not([hidden])")
+    assert not page.is_visible("#result .images") and not page.is_visible("#cam")
+    assert page.eval_on_selector("#cam", "i => i.getAttribute('src')") is None
+    page.check("#explain")
     assert page.errors == [] and page.external == []
+
+
+def test_a_fresh_page_shows_no_image_boxes(server, page):
+    base, _ = server
+    page.goto(base + "/")
+    assert not page.is_visible("#result") and not page.is_visible("#result .images")
+    hidden = page.eval_on_selector("#result .images", "e => getComputedStyle(e).display")
+    assert hidden == "none"  # the `hidden` attribute wins over `.images { display: flex }`
 
 
 def test_dashboard_renders_plotly_plots(server, page):

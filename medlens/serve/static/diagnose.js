@@ -12,10 +12,17 @@
     });
   }
 
+  function clearImages() {
+    // Never leave the previous patient's pictures in place: drop them, not just hide them.
+    for (const id of ["original", "cam"]) $(id).removeAttribute("src");
+    document.querySelector("#result .images").hidden = true;
+  }
+
   function clearResult() {
     $("result").hidden = true;
     $("error").hidden = true;
     $("status").textContent = "";
+    clearImages();
   }
 
   function showError(text) {
@@ -68,11 +75,11 @@
       li.textContent = "Note: " + n;
       notes.appendChild(li);
     }
-    const images = document.querySelector("#result .images");
-    images.hidden = !r.cam_png_base64;
+    clearImages();
     if (r.cam_png_base64) {
       $("original").src = "data:image/png;base64," + r.image_png_base64;
       $("cam").src = "data:image/png;base64," + r.cam_png_base64;
+      document.querySelector("#result .images").hidden = false;
     }
     $("version").textContent = r.version;
     $("elapsed").textContent = r.elapsed_ms;
