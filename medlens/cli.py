@@ -173,7 +173,10 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out",
         default=None,
-        help="write a CSV (path,label,p_<class>...,ood_flag,error); unreadable files "
+        help="write a CSV (path,label,p_<class>...,threshold,ood_flag,ood_score,error); "
+        "threshold: the binary decision threshold on the last class's probability (empty: "
+        "argmax); ood_score: the guard's score (flagged above 1 for ensembles, else above the "
+        "threshold in the model card); unreadable files "
         "are listed with their error instead of stopping the batch",
     )
     p.add_argument("--batch-size", type=int, default=32)
@@ -234,7 +237,8 @@ def _predict_rows(pred: Predictor, files: list[str], batch_size: int, quiet: boo
         if prepared:
             for f, r in zip(ok, pred.predict_prepared(np.stack(prepared), batch_size)):
                 probs = {f"p_{c}": v for c, v in r.probabilities.items()}
-                rows.append({"path": f, "label": r.label, **probs, "ood_flag": r.ood["flag"],
+                rows.append({"path": f, "label": r.label, **probs, "threshold": r.threshold,
+                             "ood_flag": r.ood["flag"], "ood_score": r.ood["score"],
                              "error": None})  # fmt: skip
         bar.update(len(chunk))
     bar.close()
@@ -247,7 +251,8 @@ def _print_rows(pred: Predictor, rows: list[dict], as_json: bool) -> None:
             probs = {c: r.get(f"p_{c}") for c in pred.labels} if r["label"] else None
             print(json.dumps({"path": r["path"], "model": pred.meta.name, "label": r["label"],
                               "probabilities": probs, "threshold": pred.meta.threshold,
-                              "ood_flag": r.get("ood_flag"), "error": r["error"]}))  # fmt: skip
+                              "ood_flag": r.get("ood_flag"), "ood_score": r.get("ood_score"),
+                              "error": r["error"]}))  # fmt: skip
         elif r["error"]:
             print(f"{r['path']}\tERROR\t{r['error']}")
         else:
@@ -268,7 +273,8 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     rows = _predict_rows(pred, _expand_inputs(a.paths), a.batch_size, a.quiet)
     failed = sum(r["error"] is not None for r in rows)
     if a.out:
-        cols = ["path", "label"] + [f"p_{c}" for c in pred.labels] + ["ood_flag", "error"]
+        cols = ["path", "label"] + [f"p_{c}" for c in pred.labels]
+        cols += ["threshold", "ood_flag", "ood_score", "error"]
         write_csv(a.out, rows, cols)
         print(f"wrote {len(rows)} rows to {a.out} ({failed} unreadable)", file=sys.stderr)
     if a.json or not a.out:

@@ -389,7 +389,7 @@ def test_predict_csv_lists_unreadable_files(capsys, tmp_path, trained_run, predi
         reader = csv.DictReader(f)
         cols = reader.fieldnames
         assert cols[:4] == ["path", "label", "p_NORMAL", "p_PNEUMONIA"] and cols[-1] == "error"
-        assert set(cols[4:-1]) <= {"ood_flag"}
+        assert cols[4:-1] == ["threshold", "ood_flag", "ood_score"]
         rows = {r["path"]: r for r in reader}
     assert set(rows) == {str(f) for f in files}
     for f in good:

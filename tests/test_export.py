@@ -237,7 +237,9 @@ def test_batch_predict_csv(exported, tmp_path, image_factory, capsys):
             "label",
             "p_NORMAL",
             "p_PNEUMONIA",
+            "threshold",
             "ood_flag",
+            "ood_score",
             "error",
         ]
     assert set(rows) == {"a.png", "ward/b/c.png", "ward/d.jpg", "ward/broken.png"}
@@ -245,6 +247,8 @@ def test_batch_predict_csv(exported, tmp_path, image_factory, capsys):
     for name in ("a.png", "ward/b/c.png", "ward/d.jpg"):
         r = rows[name]
         assert r["error"] == "" and r["ood_flag"] == "False"  # training-like: not flagged
+        assert float(r["threshold"]) == pytest.approx(read_meta(exported).threshold)
+        assert 0 <= float(r["ood_score"])
         assert float(r["p_NORMAL"]) + float(r["p_PNEUMONIA"]) == pytest.approx(1, abs=1e-5)
     broken = rows["ward/broken.png"]
     assert broken["label"] == "" and "broken.png" in broken["error"]
