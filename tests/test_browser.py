@@ -134,6 +134,19 @@ def test_diagnose_upload_shows_label_probabilities_and_grad_cam(
     values = [float(r.query_selector(".bar-value").text_content().rstrip("%")) for r in rows]
     assert sum(values) == pytest.approx(100, abs=0.2)
     assert page.text_content("#result .bar-row.predicted .bar-name") == label
+    # The binary decision threshold is marked on the positive class's bar, at its value.
+    marks = page.query_selector_all("#probabilities .bar-threshold")
+    threshold = app.state.models[name].predictor.meta.threshold
+    if threshold is not None:
+        assert len(marks) == 1 and rows[-1].query_selector(".bar-threshold") is not None
+        left = page.eval_on_selector(
+            "#probabilities .bar-threshold",
+            "m => m.getBoundingClientRect().left - m.parentElement.getBoundingClientRect().left",
+        )
+        width = page.eval_on_selector("#probabilities .bar-track", "t => t.clientWidth")
+        assert left == pytest.approx(threshold * width - 1, abs=2)
+    else:
+        assert marks == []
     page.wait_for_function("document.getElementById('cam').naturalWidth > 0")
     assert page.eval_on_selector("#cam", "i => i.naturalWidth") == 224
     assert page.eval_on_selector("#original", "i => i.naturalWidth") == 224

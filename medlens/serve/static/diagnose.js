@@ -52,6 +52,16 @@
       fill.className = "bar-fill";
       fill.style.width = pct(p);
       track.appendChild(fill);
+      const classes = Object.keys(r.probabilities);
+      if (r.threshold !== null && cls === classes[classes.length - 1]) {
+        // Binary models decide at the threshold, not at 50%: mark it on the positive bar.
+        const mark = document.createElement("div");
+        mark.className = "bar-threshold";
+        mark.style.left = pct(r.threshold);
+        mark.title = `decision threshold ${pct(r.threshold)}`;
+        mark.setAttribute("aria-label", mark.title);
+        track.appendChild(mark);
+      }
       const value = document.createElement("span");
       value.className = "bar-value";
       value.textContent = pct(p);
