@@ -18,6 +18,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 from serve_fixtures import BINARY, encode, served_models  # noqa: F401 - fixture
@@ -180,6 +181,30 @@ def test_diagnose_upload_shows_label_probabilities_and_grad_cam(
     assert page.eval_on_selector("#cam", "i => i.getAttribute('src')") is None
     page.check("#explain")
     assert page.errors == [] and page.external == []
+
+
+def test_an_out_of_distribution_image_gets_no_verdict(server, page, tmp_path):
+    base, app = server
+    page.goto(base + "/")
+    page.select_option("#model", BINARY)
+    noise = tmp_path / "noise.png"
+    rng = np.random.default_rng(5)
+    noise.write_bytes(encode(Image.fromarray(rng.integers(0, 256, (96, 96), dtype=np.uint8))))
+    page.set_input_files("#file", str(noise))
+    page.wait_for_selector("#result:not([hidden])", timeout=60_000)
+    assert "ood" in page.eval_on_selector("#result", "e => e.className")
+    assert page.text_content("#result-heading").startswith("Not assessed")
+    label = page.text_content("#result-label")
+    assert label.startswith("this image is unlike the images the model was trained on")
+    warning = page.text_content("#ood-warning")
+    assert (
+        page.is_visible("#ood-warning") and "times the level at which images are flagged" in warning
+    )
+    grey = page.eval_on_selector(
+        "#result .bar-row.predicted .bar-fill", "e => getComputedStyle(e).backgroundColor"
+    )
+    assert grey == "rgb(196, 196, 196)"
+    assert page.errors == []
 
 
 def test_a_fresh_page_shows_no_image_boxes(server, page):

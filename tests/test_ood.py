@@ -38,7 +38,9 @@ def test_scores_are_finite_and_round_trip(tmp_path):
     assert back.threshold == pytest.approx(guard.threshold)
     assert back.summary()["dim"] == guard.components.shape[0]
     out = guard(xva[:3])
-    assert set(out[0]) == {"flag", "score"} and isinstance(out[0]["flag"], bool)
+    assert set(out[0]) == {"flag", "score", "ratio"} and isinstance(out[0]["flag"], bool)
+    assert out[0]["ratio"] == pytest.approx(out[0]["score"] / guard.threshold, abs=0.01)
+    assert out[0]["flag"] == (out[0]["score"] > guard.threshold)
 
 
 def test_too_little_data_is_a_clear_error():

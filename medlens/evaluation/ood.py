@@ -61,7 +61,7 @@ class FeatureGuard:
 
     def __call__(self, feats: np.ndarray) -> list[dict]:
         s = self.score(feats)
-        return [{"flag": bool(v > self.threshold), "score": round(float(v), 4)} for v in s]
+        return verdicts(s, self.threshold)
 
     def save(self, path: str | Path) -> None:
         import io
@@ -143,6 +143,19 @@ def fit_guard(
     return guard
 
 
+def verdicts(scores: np.ndarray, threshold: float) -> list[dict]:
+    """Per image: ``flag`` (score above the threshold), ``score``, and ``ratio``, the score
+    over the threshold (a scale a person can read: flagged above 1)."""
+    return [
+        {
+            "flag": bool(v > threshold),
+            "score": round(float(v), 4),
+            "ratio": round(float(v) / threshold, 2) if threshold > 0 else None,
+        }
+        for v in scores
+    ]
+
+
 def _mean_score(stats: np.ndarray, widths: list[int], parts: list[tuple]) -> np.ndarray:
     """The mean over consecutive column slices of ``stats`` (``widths``) of
     ``score(slice) / divisor``, one ``(score, divisor)`` of ``parts`` per slice."""
@@ -188,7 +201,7 @@ class StageGuard:
 
     def __call__(self, stats: np.ndarray) -> list[dict]:
         s = self.score(stats)
-        return [{"flag": bool(v > self.threshold), "score": round(float(v), 4)} for v in s]
+        return verdicts(s, self.threshold)
 
     def to_arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
         """The guard as named arrays (``ood.npz``'s content), names prefixed by ``prefix``."""
@@ -269,7 +282,7 @@ class EnsembleGuard:
 
     def __call__(self, stats: np.ndarray) -> list[dict]:
         s = self.score(stats)
-        return [{"flag": bool(v > self.threshold), "score": round(float(v), 4)} for v in s]
+        return verdicts(s, self.threshold)
 
     def save(self, path: str | Path) -> None:
         arrays = {"kind": np.array("ensemble"), "members": np.int64(len(self.members))}

@@ -35,7 +35,7 @@ from medlens.artifacts.model import (
 from medlens.errors import ModelLoadError, ModelOutputError
 from medlens.inference.cam import cam_to_heat
 
-NO_OOD = {"flag": None, "score": None}
+NO_OOD = {"flag": None, "score": None, "ratio": None}
 """What :attr:`Prediction.ood` holds for a model without an out-of-distribution guard."""
 
 

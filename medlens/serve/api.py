@@ -57,6 +57,9 @@ class OODOut(BaseModel):
         "data; null when the model has no guard",
     )
     score: float | None = None
+    ratio: float | None = Field(
+        None, description="the score over the flag threshold: flagged above 1"
+    )
 
 
 class PredictOut(BaseModel):

@@ -72,10 +72,17 @@
     $("threshold").textContent = r.threshold === null
       ? "Decision rule: the most probable class."
       : `Decision threshold: ${classes[1]} is predicted when its calibrated probability is at least ${pct(r.threshold)}.`;
-    const ood = r.ood || { flag: null, score: null };
-    $("ood-warning").hidden = ood.flag !== true;
-    $("ood-warning").textContent = ood.flag === true
-      ? `Warning: this image looks unlike the images the model was trained on (score ${Number(ood.score).toFixed(3)}). The prediction is unreliable.`
+    const ood = r.ood || { flag: null, score: null, ratio: null };
+    const flagged = ood.flag === true;
+    // A flagged image gets no verdict in the normal style: say so plainly, grey the bars.
+    $("result").classList.toggle("ood", flagged);
+    $("result-heading").textContent = flagged ? "Not assessed: " : "Prediction: ";
+    $("result-label").textContent = flagged
+      ? `this image is unlike the images the model was trained on (the model's output, not to be trusted, would be ${r.label})`
+      : r.label;
+    $("ood-warning").hidden = !flagged;
+    $("ood-warning").textContent = flagged
+      ? `Out-of-distribution score ${ood.ratio === null || ood.ratio === undefined ? Number(ood.score).toFixed(2) : Number(ood.ratio).toFixed(1) + " times the level at which images are flagged (1 = the level; the model's own validation images stay below it 97.5% of the time)"}. Check the image and the model: is this the right kind of image for it?`
       : "";
     $("ood-none").hidden = ood.flag !== null;
     const notes = $("notes");
