@@ -260,6 +260,9 @@ def test_resume_continues_an_interrupted_run(tmp_path, synthetic_data, train_con
     assert "resuming stage full at epoch 2" in train_logs.messages
     assert [int(r["epoch"]) for r in _history(out)] == [1, 2, 3]
     assert _json(out / "model.json")["training"]["epochs_run"] == 3
+    # The console says which accuracy is which (issue 14: they seemed to disagree).
+    saved = [m for m in train_logs.messages if m.startswith("saved model to")]
+    assert saved and "calibrated, at the operating point: val: acc" in saved[0]
 
 
 def test_resume_checkpoint_mechanics(tmp_path, synthetic_data, train_config, train_logs):

@@ -294,7 +294,12 @@ class Trainer:
         for name in self.stages:
             if name in self.progress.stages_done:
                 continue
-            log.info("stage %s", name)
+            log.info(
+                "stage %s (each epoch's val_acc: the most probable class, before calibration; "
+                "the figures after training use the calibrated probabilities and the chosen "
+                "operating point)",
+                name,
+            )
             st = resume_state if (resume_state and resume_state.get("stage") == name) else None
             stage = build_stage(name, ctx)
             fit(
@@ -412,7 +417,7 @@ def _log_calibration(meta: ModelMeta) -> None:
 
 def _log_saved(out: Path, wall: float, summaries: dict) -> None:
     log.info(
-        f"saved model to {out} ({wall:.0f}s); "
+        f"saved model to {out} ({wall:.0f}s); calibrated, at the operating point: "
         + "; ".join(
             f"{s}: acc {m['accuracy']:.4f} "
             f"auc {m['auc'] if m['auc'] is None else round(m['auc'], 4)}"
