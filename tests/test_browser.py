@@ -130,6 +130,7 @@ def test_diagnose_upload_shows_label_probabilities_and_grad_cam(
     page.wait_for_selector("#result:not([hidden])", timeout=60_000)
     label = page.text_content("#result-label")
     assert label in labels
+    assert page.text_content("#result-file").startswith(f"File: {upload.name} · model:")
     rows = page.query_selector_all("#probabilities .bar-row")
     assert [r.query_selector(".bar-name").text_content() for r in rows] == labels
     values = [float(r.query_selector(".bar-value").text_content().rstrip("%")) for r in rows]

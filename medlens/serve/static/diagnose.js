@@ -36,7 +36,8 @@
     return (100 * p).toFixed(1) + "%";
   }
 
-  function render(r) {
+  function render(r, fileName) {
+    $("result-file").textContent = `File: ${fileName} · model: ${select.options[select.selectedIndex].text}`;
     $("result-label").textContent = r.label;
     const bars = $("probabilities");
     bars.replaceChildren();
@@ -129,7 +130,7 @@
       showError(`The image could not be analysed: ${detail}`);
       return;
     }
-    render(payload);
+    render(payload, file.name);
   }
 
   // The form never submits itself: uploads go through fetch (no inline handler: the
