@@ -15,12 +15,10 @@ import argparse
 import json
 from pathlib import Path
 
-import yaml
-
 from medlens.artifacts.folders import bundled_models_dir
-from medlens.data.datasets import load_dataset
 from medlens.inference.predictor import Predictor
 from medlens.reporting.ood_rates import flag_rate, sample_files
+from medlens.training.dataset import recipe_splits
 
 ROOT = Path(__file__).resolve().parents[1]
 # bundled model -> its data under ../shared/data
@@ -66,14 +64,7 @@ def ood_table(data: Path, n: int) -> str:
     ]
     for name, folder in DATA.items():
         pred = Predictor(name)
-        recipe = yaml.safe_load((ROOT / "recipes" / f"{name}.yaml").read_text())
-        ds = load_dataset(
-            data / folder,
-            seed=recipe.get("seed", 0),
-            val_fraction=recipe.get("val_fraction", 0.15),
-            test_fraction=recipe.get("test_fraction", 0.15),
-            patient_regex=recipe.get("patient_regex"),
-        )
+        ds = recipe_splits(ROOT / "recipes" / f"{name}.yaml", data / folder)
         own = ds.splits["val"]
         cells = [f"{flag_rate(pred, own):.1%} ({len(own)})"]
         for other, other_folder in DATA.items():

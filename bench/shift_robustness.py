@@ -19,13 +19,12 @@ import argparse
 import io
 
 import numpy as np
-import yaml
 from PIL import Image, ImageFilter
 
 from medlens.data.cache import prepare_samples
-from medlens.data.datasets import load_dataset
 from medlens.evaluation.metrics import compute_metrics
 from medlens.inference.predictor import Predictor
+from medlens.training.dataset import recipe_splits
 
 
 def _pil_each(x: np.ndarray, fn) -> np.ndarray:
@@ -70,14 +69,7 @@ def main() -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--split", default="val")
     a = ap.parse_args()
-    recipe = yaml.safe_load(open(a.recipe))
-    ds = load_dataset(
-        a.data,
-        seed=recipe.get("seed", 0),
-        val_fraction=recipe.get("val_fraction", 0.15),
-        test_fraction=recipe.get("test_fraction", 0.15),
-        patient_regex=recipe.get("patient_regex"),
-    )
+    ds = recipe_splits(a.recipe, a.data)
     samples = ds.splits[a.split]
     print(f"{a.split} split of {a.data}: {len(samples)} images")
     print("| model | shift | accuracy | balanced acc. | AUC | OOD flagged |")

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from conftest import SHARED_DATA
 
 from medlens.artifacts.folders import bundled_models_dir, find_models
@@ -103,17 +102,10 @@ def test_predict_cli_warns_about_an_out_of_distribution_image(tmp_path, capsys):
 
 @needs_data
 def test_ood_rates_on_real_data(bundled):
-    from medlens.data.datasets import load_dataset
+    from medlens.training.dataset import recipe_splits
 
     name, pred = bundled
-    recipe = yaml.safe_load((ROOT / "recipes" / f"{name}.yaml").read_text())
-    ds = load_dataset(
-        SHARED_DATA / BUNDLED[name][0],
-        seed=recipe.get("seed", 0),
-        val_fraction=recipe.get("val_fraction", 0.15),
-        test_fraction=recipe.get("test_fraction", 0.15),
-        patient_regex=recipe.get("patient_regex"),
-    )
+    ds = recipe_splits(ROOT / "recipes" / f"{name}.yaml", SHARED_DATA / BUNDLED[name][0])
     own = flag_rate(pred, ds.splits["val"])
     assert own <= 0.05, f"{name}: {own:.1%} of its own validation images flagged"
     for other, (folder, _) in BUNDLED.items():

@@ -31,12 +31,12 @@ def test_predicting_leaves_home_tmp_and_cwd_untouched(tmp_path):
 
 def test_serving_writes_nothing_anywhere(tmp_path, trained_run):
     import shutil
-    import socket
-    import time
 
     import httpx2
     import numpy as np
     from PIL import Image
+
+    from medlens.bench import running_server
 
     dirs = {name: tmp_path / name for name in ("home", "tmp", "cwd")}
     for d in dirs.values():
@@ -46,22 +46,8 @@ def test_serving_writes_nothing_anywhere(tmp_path, trained_run):
     before = {p: p.stat().st_mtime_ns for p in models.rglob("*")}
     env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
     env.update(HOME=str(dirs["home"]), TMPDIR=str(dirs["tmp"]), XDG_CACHE_HOME="")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "medlens.cli", "serve", "--models", str(models), "--no-bundled",
-         "--port", str(port), "--log-level", "warning"],  # fmt: skip
-        env=env, cwd=dirs["cwd"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                if httpx2.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx2.HTTPError:
-                time.sleep(0.2)
+    with running_server(models, "--log-level", "warning", env=env, cwd=dirs["cwd"]) as srv:
+        url = f"http://127.0.0.1:{srv.port}"
         buf = io.BytesIO()
         Image.fromarray(np.tile(np.arange(0, 256, 2, dtype=np.uint8), (128, 1))).save(buf, "PNG")
         big = buf.getvalue() + b"\0" * 3_000_000  # > 1 MB: would spool to a temporary file
@@ -74,9 +60,6 @@ def test_serving_writes_nothing_anywhere(tmp_path, trained_run):
             assert r.status_code in (200, 422), r.text
         assert httpx2.get(url + "/readyz", timeout=60).status_code == 200
         assert httpx2.get(url + "/", timeout=10).status_code == 200
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
     for name, d in dirs.items():
         left = sorted(str(p.relative_to(d)) for p in d.rglob("*"))
         assert left == [], f"{name} holds {left}"

@@ -5,8 +5,6 @@ banner and a header-read timeout."""
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
 import time
 
 import httpx2
@@ -146,36 +144,16 @@ def test_serve_refuses_the_network_without_a_key(tmp_path, capsys, monkeypatch):
     assert "--rate-limit 'lots'" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def live_server(served_models, tmp_path_factory):  # noqa: F811
     """A real `medlens serve` (uvicorn) with a key and a 1 s header timeout."""
+    from medlens.bench import running_server
+
     key_file = tmp_path_factory.mktemp("key") / "api-key"
     key_file.write_text(KEY)
-    port = _free_port()
-    cmd = [sys.executable, "-m", "medlens.cli", "serve", "--models", str(served_models),
-           "--no-bundled", "--port", str(port), "--api-key-file", str(key_file),
-           "--header-timeout", "1", "--log-level", "warning"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                if httpx2.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx2.HTTPError:
-                time.sleep(0.2)
-        else:
-            raise RuntimeError("server did not start: " + proc.stderr.read().decode()[-500:])
-        yield port, url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    extra = ("--api-key-file", str(key_file), "--header-timeout", "1", "--log-level", "warning")
+    with running_server(served_models, *extra, start_timeout=120) as srv:
+        yield srv.port, f"http://127.0.0.1:{srv.port}"
 
 
 def test_a_real_server_has_no_banner_and_needs_the_key(live_server):

@@ -116,13 +116,20 @@ class Server:
 
 
 @contextlib.contextmanager
-def running_server(folder: Path, *extra: str, start_timeout: float = 300.0) -> Iterator[Server]:
+def running_server(
+    folder: Path,
+    *extra: str,
+    start_timeout: float = 300.0,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> Iterator[Server]:
     """``medlens serve`` of ``folder`` on 127.0.0.1 and a free port, ready, stopped on exit.
 
     Args:
         folder: the model folder to serve.
         *extra: more ``medlens serve`` options (e.g. ``"--log-level", "warning"``).
         start_timeout: seconds to wait for ``/healthz``.
+        env, cwd: the server process's environment and working folder (default: this one's).
 
     Raises:
         BenchError: the server did not become ready; the message ends with its last log
@@ -132,7 +139,11 @@ def running_server(folder: Path, *extra: str, start_timeout: float = 300.0) -> I
     # Its log goes to an anonymous temporary file, for the error message should it not start.
     with tempfile.TemporaryFile() as errlog:
         proc = subprocess.Popen(
-            serve_command(folder, port, *extra), stdout=subprocess.DEVNULL, stderr=errlog
+            serve_command(folder, port, *extra),
+            stdout=subprocess.DEVNULL,
+            stderr=errlog,
+            env=env,
+            cwd=cwd,
         )
         t0 = time.perf_counter()
         try:

@@ -96,7 +96,7 @@ def _decoded(samples: list, meta: ModelMeta, split: str) -> tuple:
 
 
 def _measure_split(
-    pred: Predictor, ref: Predictor, runs: list[Path], split: str, meta: ModelMeta
+    pred: Predictor, ref: Predictor | None, runs: list[Path], split: str, meta: ModelMeta
 ) -> tuple | None:
     """The shipped model's headline metrics on a split the runs evaluated, the largest
     probability change against the run (an ensemble: against its float32 graph ``ref``), and
@@ -159,10 +159,15 @@ def _remeasure(
     """Predict the run's validation (and carved test) images again through the shipped
     folder; record the metrics and OOD shares in ``meta``. ``full_graph``: the graph before
     its weights were rounded for storage (the reference of an ensemble's change)."""
+    import copy
+
     from medlens.artifacts.onnx import ort_session
 
-    pred, ref = Predictor(folder), Predictor(folder)
-    ref.session = ort_session(full_graph)
+    pred = Predictor(folder)
+    ref = None  # a single run is compared with its own probabilities, an ensemble with this
+    if len(runs) > 1:
+        ref = copy.copy(pred)  # the same model and guard, through the float32 graph
+        ref.session = ort_session(full_graph)
     metrics, change = {}, 0.0
     for split in ("val", "test"):
         measured = _measure_split(pred, ref, runs, split, meta)

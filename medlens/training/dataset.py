@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from medlens.config import TrainConfig
+from medlens.config import TrainConfig, merge_settings
 from medlens.data.cache import is_colour, prepare_samples, refuse_unreadable
 from medlens.data.datasets import Dataset, Sample, load_dataset
 from medlens.data.preprocess import Preprocess
 from medlens.data.splits import fold_split
 from medlens.errors import ImageReadError, TrainError
+from medlens.fileio import read_yaml
 from medlens.modeling.registry import ModelInfo
 
 
@@ -84,6 +86,15 @@ def load_splits(cfg: TrainConfig, classes: list[str] | None = None) -> Dataset:
         classes=classes,
     )
     return _fold(ds, cfg) if cfg.fold is not None else ds
+
+
+def recipe_splits(recipe: str | Path, data: str | Path) -> Dataset:
+    """The splits a recipe's run carves from ``data`` (its seed, fractions, patient regex):
+    what a model trained with it was validated and tested on."""
+    settings = read_yaml(recipe, "the recipe")
+    return load_splits(
+        merge_settings(settings, {"data": str(data), "out": "-"}, source=str(recipe))
+    )
 
 
 def load_training_data(cfg: TrainConfig, info: ModelInfo, pretrained: bool) -> TrainingData:
