@@ -41,6 +41,7 @@
     $("result-label").textContent = r.label;
     const bars = $("probabilities");
     bars.replaceChildren();
+    const classes = Object.keys(r.probabilities);
     for (const [cls, p] of Object.entries(r.probabilities)) {
       const row = document.createElement("div");
       row.className = "bar-row" + (cls === r.label ? " predicted" : "");
@@ -53,7 +54,6 @@
       fill.className = "bar-fill";
       fill.style.width = pct(p);
       track.appendChild(fill);
-      const classes = Object.keys(r.probabilities);
       if (r.threshold !== null && cls === classes[classes.length - 1]) {
         // Binary models decide at the threshold, not at 50%: mark it on the positive bar.
         const mark = document.createElement("div");
@@ -69,7 +69,6 @@
       row.append(name, track, value);
       bars.appendChild(row);
     }
-    const classes = Object.keys(r.probabilities);
     $("threshold").textContent = r.threshold === null
       ? "Decision rule: the most probable class."
       : `Decision threshold: ${classes[1]} is predicted when its calibrated probability is at least ${pct(r.threshold)}.`;
