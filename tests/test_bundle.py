@@ -4,11 +4,13 @@ Grad-CAM (MONAI through torch, and the closed form inside the ONNX graph)."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
 import torch
 
+from medlens.artifacts.folders import ModelFolder
 from medlens.artifacts.model import load_network, read_meta
 from medlens.artifacts.onnx import halve_weights, onnx_bytes, ort_session, quantize_weights
 from medlens.cli import main
@@ -98,8 +100,26 @@ def test_weight_storage_shrinks_the_file_and_keeps_the_outputs(trained_run, stor
 
 def test_bundle_holds_only_inference_files_and_its_card_matches(bundle, trained_run):
     assert sorted(p.name for p in bundle.iterdir()) == sorted(
-        ["model.json", "model.onnx", "ood.npz", "model_card.json", "model_card.md"]
+        ["model.json", "model.onnx", "ood.npz", "model_card.json", "model_card.md", "eval",
+         "training_metrics.csv"]  # fmt: skip
     )
+    # What the dashboard draws: the run's curves and the shipped file's per-image results,
+    # with paths relative to the data folder (no developer paths).
+    assert (bundle / "training_metrics.csv").read_bytes() == (
+        trained_run / "training_metrics.csv"
+    ).read_bytes()
+    for split in ("val", "test"):
+        shipped = ModelFolder(bundle)
+        m = shipped.read_metrics(split)
+        preds = shipped.read_predictions(split, m["labels"])
+        run_preds = ModelFolder(trained_run).read_predictions(split, m["labels"])
+        assert m["n"] == len(preds.paths) == len(run_preds.paths) and "confusion_matrix" in m
+        assert m["auc"] == read_meta(bundle).extra["metrics"][split]["auc"]
+        assert all(not os.path.isabs(p) and ".." not in p for p in preds.paths)
+        assert [p.split("/")[-1] for p in preds.paths] == [
+            os.path.basename(p) for p in run_preds.paths
+        ]
+        assert np.abs(preds.probs - run_preds.probs).max() < 0.05
     card = json.loads((bundle / "model_card.json").read_text())
     assert card["files"] == {"model.onnx": {"sha256": sha256_file(bundle / "model.onnx")}}
     assert card["name"] == "tiny-pneumonia"
@@ -115,6 +135,10 @@ def test_bundle_holds_only_inference_files_and_its_card_matches(bundle, trained_
     md = (bundle / "model_card.md").read_text()
     assert card["files"]["model.onnx"]["sha256"] in md and "## Out-of-distribution guard" in md
     assert "model.pt" not in card["files"]
+    # The card names the data folder, not the trainer's disk layout.
+    data = card["training"]["data"]
+    assert data.count("/") == 1 and not os.path.isabs(data) and ".." not in data
+    assert f"`{data}`" in md
     # No half-written leftovers beside it.
     assert [p.name for p in bundle.parent.iterdir()] == ["tiny-pneumonia"]
 

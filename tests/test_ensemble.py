@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from medlens.artifacts.folders import ModelFolder
 from medlens.artifacts.model import load_network
 from medlens.artifacts.onnx import ort_session
 from medlens.cli import main
@@ -90,4 +91,9 @@ def test_a_fold_ensemble_keeps_the_members_calibration(tmp_path, synthetic_data)
     oof = meta["metrics"]["val"]
     n_val = [json.loads((r / "eval" / "val" / "metrics.json").read_text())["n"] for r in runs]
     assert oof["n"] == sum(n_val) and oof["measured_on"].startswith("out-of-fold")
-    assert "Measured out-of-fold" in (dest / "model_card.md").read_text()
+    md = (dest / "model_card.md").read_text()
+    assert "### Validation split, out of fold (n =" in md and "Out-of-fold: each validation" in md
+    assert md.index("### Carved test split") < md.index("### Validation split, out of fold")
+    # The bundle ships the pooled out-of-fold predictions for the dashboard.
+    shipped = ModelFolder(dest).read_predictions("val", meta["labels"])
+    assert len(shipped.paths) == oof["n"] and len(set(shipped.paths)) == oof["n"]

@@ -436,12 +436,17 @@ def test_diagnose_page(client, served_models):  # noqa: F811
     assert 'id="drop-zone"' in html and 'type="file"' in html
     assert "Not a medical device" in html and 'id="ood-warning"' in html
     assert 'src="/static/diagnose.js"' in html
-    # Model card summary with validation metrics and their intervals.
-    val = read_meta(served_models / BINARY).extra["metrics"]["val"]
-    assert f"Validation (n = {val['n']})" in html
-    lo, hi = val["ci"]["accuracy"]
-    assert f"[{lo:.3f}–{hi:.3f}]" in html
-    assert "No validation metrics recorded" in html  # the untrained three-class model
+    # Model card summary: carved test split first, then validation, with intervals, what each
+    # split was for, and a warning where a split is too small to trust its interval.
+    metrics = read_meta(served_models / BINARY).extra["metrics"]
+    test_at = html.index(f"<strong>Carved test split</strong> (n = {metrics['test']['n']})")
+    assert test_at < html.index(f"<strong>Validation split</strong> (n = {metrics['val']['n']})")
+    for split in ("test", "val"):
+        lo, hi = metrics[split]["ci"]["accuracy"]
+        assert f"[{lo:.3f}–{hi:.3f}]" in html
+    assert "Chose the epoch, the temperature and the threshold" in html
+    assert "too few for the interval to mean much" in html
+    assert "No evaluation recorded" in html  # the untrained three-class model
 
 
 def test_dashboard_page(client, served_models):  # noqa: F811
@@ -479,7 +484,9 @@ def test_dashboard_page(client, served_models):  # noqa: F811
     acc = figures["m0-curve-acc"]["data"]
     assert [t["name"] for t in acc][:2] == ["train", "validation"]
     assert acc[1]["y"] == pytest.approx([float(h["val_acc"]) for h in history], abs=1e-4)
-    metrics = json.loads((run / "eval" / "val" / "metrics.json").read_text())
+    # The carved test split comes first (validation chose the threshold); its figures are drawn.
+    metrics = json.loads((run / "eval" / "test" / "metrics.json").read_text())
+    val = json.loads((run / "eval" / "val" / "metrics.json").read_text())
     assert figures["m0-confusion"]["data"][0]["type"] == "heatmap"
     assert figures["m0-confusion"]["data"][0]["customdata"] == metrics["confusion_matrix"]
     roc = next(t for t in figures["m0-roc"]["data"] if t["name"].startswith("PNEUMONIA"))
@@ -487,12 +494,19 @@ def test_dashboard_page(client, served_models):  # noqa: F811
     bars = figures["compare-metrics"]["data"]
     assert [b["name"] for b in bars] == [BINARY]  # the untrained model has no metrics
     assert bars[0]["y"][0] == pytest.approx(metrics["accuracy"], abs=1e-4)
-    assert figures["m0-roc"]["layout"]["title"]["text"] == "ROC curve (validation)"
+    assert figures["m0-roc"]["layout"]["title"]["text"] == "ROC curve (carved test split)"
+    test_at, val_at = html.index("<strong>Carved test split</strong>"), html.index(
+        "<strong>Validation split</strong>"
+    )
+    assert test_at < val_at and f"(n = {metrics['n']})" in html and f"(n = {val['n']})" in html
+    assert "chose the epoch, the temperature and the threshold" in html
+    # A split this small (a few images per class) gets a warning instead of trusted intervals.
+    assert html.count("too few for the interval to mean much") == 2
     # The headline table (labels from medlens.reporting.figures) and the classification report.
     assert "<th>Balanced accuracy</th>" in html and f"{metrics['accuracy']:.3f}" in html
     assert "Classification report" in html and "NORMAL" in html
     # The untrained model has no curves or validation files, and says so.
-    assert "Not available: training curves" in html and "Not available: validation results" in html
+    assert "Not available: training curves" in html and "Not available: evaluation results" in html
 
 
 def test_static_and_vendored_assets(client):

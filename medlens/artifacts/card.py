@@ -9,7 +9,7 @@ from pathlib import Path
 from medlens.artifacts.folders import CARD_JSON, CARD_MD, MODEL_WEIGHTS, ONNX_FILE
 from medlens.artifacts.model import ModelMeta, load_network
 from medlens.artifacts.onnx import OPSET, check_onnx, onnx_bytes
-from medlens.evaluation.metrics import CI_METRICS
+from medlens.evaluation.metrics import CI_METRICS, split_views
 from medlens.fileio import atomic_write_bytes, atomic_write_text, sha256_file, write_json
 
 # Fields a model.json may carry under "card" (all optional; empty placeholders otherwise).
@@ -87,7 +87,7 @@ def model_card(
             else {"threshold": None, "method": None, "rule": "predict the most probable class"}
         ),
         "metrics": meta.extra.get("metrics") or {},
-        "training": meta.extra.get("training") or {},
+        "training": _shareable(meta.extra.get("training") or {}),
         **{k: card[k] for k in CARD_FIELDS if k not in ("title", "modality")},
         "disclaimer": DISCLAIMER,
         "ood": meta.extra.get("ood"),
@@ -100,6 +100,19 @@ def model_card(
     }
     for k, v in given.items():  # further fields the author put in the card; ours win
         out.setdefault(k, v)
+    return out
+
+
+def _shareable(training: dict) -> dict:
+    """The training facts without the trainer's own disk layout: the data folder as its last
+    two path components (``chest_xray/train``), also inside the recorded command."""
+    data = training.get("data")
+    if not data or data.startswith("npz:"):
+        return dict(training)
+    short = "/".join(Path(data).parts[-2:])
+    out = {**training, "data": short}
+    if training.get("command"):
+        out["command"] = training["command"].replace(f"--data {data}", f"--data {short}")
     return out
 
 
@@ -152,11 +165,14 @@ def _md_evaluation(metrics: dict) -> list[str]:
     lines = ["## Evaluation (95% bootstrap intervals)", ""]
     if not metrics:
         lines += ["_No evaluation recorded in model.json._", ""]
-    for split, m in metrics.items():
+    for view in split_views(metrics):
+        m = view["metrics"]
         lines += [
-            f"### {split} split (n = {m.get('n')})",
+            f"### {view['title']} (n = {m.get('n')})",
             "",
-            *([f"Measured {m['measured_on']}.", ""] if m.get("measured_on") else []),
+            f"{view['role'][0].upper()}{view['role'][1:]}.",
+            "",
+            *([f"> Warning: {view['warning']}", ""] if view["warning"] else []),
             "| metric | value | 95% CI |",
             "|---|---|---|",
         ]

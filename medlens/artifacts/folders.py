@@ -34,7 +34,8 @@ import numpy as np
 import yaml
 
 from medlens.errors import ModelLoadError
-from medlens.fileio import write_csv
+from medlens.evaluation.metrics import class_support, predict_labels
+from medlens.fileio import write_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +118,9 @@ HEADLINE_KEYS = (
 
 
 def headline_metrics(metrics: dict) -> dict:
-    """The :data:`HEADLINE_KEYS` subset of a full ``metrics.json`` dict."""
-    return {k: metrics.get(k) for k in HEADLINE_KEYS}
+    """The :data:`HEADLINE_KEYS` subset of a full ``metrics.json`` dict, and ``support``
+    (images per true class), which says how far its intervals can be trusted."""
+    return {**{k: metrics.get(k) for k in HEADLINE_KEYS}, "support": class_support(metrics)}
 
 
 @dataclass(frozen=True)
@@ -261,6 +263,25 @@ def write_predictions(
         for s, t, p, pr in zip(sources, y_true, pred, probs)
     ]
     write_csv(path, rows, ["path", "true", "pred"] + [f"p_{c}" for c in labels])
+
+
+def write_split(
+    out_dir: str | os.PathLike,
+    metrics: dict,
+    sources: Sequence[str] | None = None,
+    y_true: np.ndarray | None = None,
+    probs: np.ndarray | None = None,
+) -> None:
+    """One evaluated split: ``metrics.json`` and, given the images, ``predictions.csv`` (the
+    predicted class at ``metrics``' threshold) in ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / METRICS_JSON, metrics)
+    if sources is not None:
+        pred = predict_labels(probs, metrics.get("threshold"))
+        write_predictions(
+            out_dir / PREDICTIONS_CSV, sources, y_true, pred, probs, metrics["labels"]
+        )
 
 
 def read_predictions(path: str | os.PathLike, labels: Sequence[str]) -> Predictions | None:

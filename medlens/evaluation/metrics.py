@@ -467,3 +467,75 @@ def classification_report_text(
         digits=3,
         zero_division=0,
     )
+
+
+# --------------------------------------------------------------------------------------
+# which split says what
+# --------------------------------------------------------------------------------------
+SMALL_CLASS = 30
+"""A split whose smallest class has fewer images gets a warning: its intervals say little."""
+
+SPLIT_ROLES = {
+    "test": (
+        "Carved test split",
+        "held out from training, from the choice of epoch and from calibration and the "
+        "threshold: the figures to quote",
+    ),
+    "val": (
+        "Validation split",
+        "chose the epoch, the temperature and the threshold, so its figures are optimistic",
+    ),
+}
+"""Title and role of each split a model is evaluated on."""
+
+
+def class_support(metrics: dict) -> dict[str, int]:
+    """Images per true class of a ``metrics.json`` dict (or a headline subset with ``support``)."""
+    if metrics.get("support"):
+        return {c: int(v) for c, v in metrics["support"].items()}
+    per_class = metrics.get("per_class") or {}
+    return {c: int(v["support"]) for c, v in per_class.items() if v.get("support") is not None}
+
+
+def small_split_warning(metrics: dict) -> str | None:
+    """A warning when a split is too small for its intervals to mean much, else None."""
+    n = metrics.get("n") or 0
+    support = class_support(metrics)
+    if support:
+        cls, smallest = min(support.items(), key=lambda kv: kv[1])
+        if smallest >= SMALL_CLASS:
+            return None
+        return (
+            f"Only {smallest} {cls} image(s) among {n}: too few for the interval to mean much "
+            "(a perfect score on so few images is common by chance)."
+        )
+    return None if n >= 3 * SMALL_CLASS else f"Only {n} images: the interval says little."
+
+
+def split_views(metrics: dict[str, dict]) -> list[dict]:
+    """The evaluated splits of a model, carved test first, each with what it is for.
+
+    Args:
+        metrics: ``{split: metrics}`` (``model.json``'s ``metrics`` or ``metrics.json`` dicts).
+
+    Returns:
+        ``[{"split", "title", "role", "warning", "metrics"}]``; a split measured out of fold
+        (a fold ensemble's ``measured_on``) says so in its title and role.
+    """
+    order = sorted(metrics, key=lambda s: (s != "test", s != "val", s))
+    out = []
+    for split in order:
+        m = metrics[split] or {}
+        title, role = SPLIT_ROLES.get(split, (f"{split} split", "evaluated after training"))
+        if m.get("measured_on"):
+            title, role = f"{title}, out of fold", m["measured_on"]
+        out.append(
+            {
+                "split": split,
+                "title": title,
+                "role": role,
+                "warning": small_split_warning(m),
+                "metrics": m,
+            }
+        )
+    return out

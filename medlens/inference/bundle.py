@@ -10,7 +10,10 @@ holds only what serving needs:
   (:func:`medlens.artifacts.onnx.halve_weights`), or 8-bit storage with ``int8``
   (:func:`medlens.artifacts.onnx.quantize_weights`, for ensembles within a size budget);
 * ``ood.npz`` - the run's out-of-distribution guard;
-* ``model_card.json`` / ``model_card.md`` - the card, with the sha256 of ``model.onnx``.
+* ``model_card.json`` / ``model_card.md`` - the card, with the sha256 of ``model.onnx``;
+* ``training_metrics.csv`` and ``eval/<split>/{metrics.json,predictions.csv}`` - the training
+  curves and the shipped file's results on the run's validation and carved test images (paths
+  relative to the data folder), which the dashboard draws.
 
 There is no ``model.pt``: the folder runs on ONNX Runtime alone (see
 :class:`medlens.inference.predictor.Predictor`), which keeps the four bundled models within the package's
@@ -38,6 +41,7 @@ from medlens.artifacts.card import model_card, model_card_markdown
 from medlens.artifacts.folders import (
     CARD_JSON,
     CARD_MD,
+    HISTORY_CSV,
     MODEL_JSON,
     MODEL_WEIGHTS,
     ONNX_FILE,
@@ -45,6 +49,7 @@ from medlens.artifacts.folders import (
     ModelFolder,
     headline_metrics,
     resolve_model,
+    write_split,
 )
 from medlens.artifacts.model import ModelMeta, load_network
 from medlens.artifacts.onnx import (
@@ -67,6 +72,8 @@ __all__ = ["make_bundle", "BUNDLE_FILES"]
 log = logging.getLogger(__name__)
 
 BUNDLE_FILES = (MODEL_JSON, ONNX_FILE, OOD_FILE, CARD_JSON, CARD_MD)
+"""The files every bundle has (besides ``training_metrics.csv`` and ``eval/``, where the run
+had them)."""
 
 
 def _held_out(runs: list[Path], split: str, labels: list[str]):
@@ -120,7 +127,19 @@ def _measure_split(
         m["auc"],
         ONNX_FILE,
     )
+    _write_split(pred.folder, split, m, [samples[i].source for i in res.keep], y, probs)
     return headline_metrics(m), change, (float(np.mean(flagged)) if flagged else None)
+
+
+def _write_split(folder: Path, split: str, m: dict, sources: list, y, probs) -> None:
+    """The bundle's ``eval/<split>`` (metrics and per-image probabilities: what the dashboard
+    draws), with image paths relative to the data folder, not the developer's disk."""
+    if any(s.startswith("npz:") for s in sources):  # npz:<file>#<split>/<index>
+        rel = [f"{Path(s[4:].split('#')[0]).name}#{s.split('#')[-1]}" for s in sources]
+    else:
+        root = os.path.commonpath([os.path.dirname(os.path.abspath(s)) for s in sources])
+        rel = [os.path.relpath(os.path.abspath(s), root) for s in sources]
+    write_split(ModelFolder(folder).eval_dir(split), m, rel, y, probs)
 
 
 OUT_OF_FOLD = (
@@ -148,6 +167,7 @@ def _out_of_fold(
     probs = np.concatenate([p.probs for p in preds])
     m = compute_metrics(y, probs, meta.labels, meta.threshold)
     log.info("val (out-of-fold, %d members): n %d, auc %.4f", len(runs), m["n"], m["auc"])
+    _write_split(pred.folder, "val", {**m, "measured_on": OUT_OF_FOLD}, paths, y, probs)
     res, _ = _decoded([Sample(path, int(t)) for path, t in zip(paths, y)], meta, "val")
     change = float(np.abs(pred.probs_prepared(res.pixels) - ref.probs_prepared(res.pixels)).max())
     return {**headline_metrics(m), "measured_on": OUT_OF_FOLD}, change
@@ -250,6 +270,18 @@ def _copy_guard(runs: list[Path], dest: Path, meta: ModelMeta) -> None:
         meta.extra["ood"] = {**guard.summary(OOD_FILE), "sha256": sha256_file(dest)}
 
 
+def _copy_curves(runs: list[Path], dest: Path) -> str | None:
+    """The training curves (``training_metrics.csv``) for the dashboard: the run's, or an
+    ensemble's first member's. Returns whose they are, or None when there are none."""
+    src = runs[0] / HISTORY_CSV
+    if not src.exists():
+        return None
+    shutil.copyfile(src, dest / HISTORY_CSV)
+    if len(runs) == 1:
+        return f"run {runs[0].name}"
+    return f"member {runs[0].name}, the first of {len(runs)} (the others trained alike)"
+
+
 def _calibrate_ensemble(folder: Path, runs: list[Path], meta: ModelMeta) -> None:
     """Temperature (and binary threshold) of the averaged logits, fitted on the validation
     images every member shares (members trained on the same split with other seeds or
@@ -318,6 +350,7 @@ def make_bundle(
     try:
         (tmp / ONNX_FILE).write_bytes(blob)
         _copy_guard(runs, tmp / OOD_FILE, meta)
+        curves = _copy_curves(runs, tmp)
         meta.name = dest.name
         if card:
             meta.extra["card"] = {**(meta.extra.get("card") or {}), **card}
@@ -331,6 +364,7 @@ def make_bundle(
                 else "float32"
             ),
             "metrics_measured_on": ONNX_FILE,
+            **({"curves": curves} if curves else {}),
         }
         write_json(tmp / MODEL_JSON, meta.to_dict())
         if len(runs) > 1:

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medlens.artifacts.folders import METRICS_JSON, PREDICTIONS_CSV, read_history, write_predictions
+from medlens.artifacts.folders import read_history, write_split
 from medlens.artifacts.model import ModelMeta
-from medlens.fileio import write_json
 
 __all__ = ["evaluate", "write_evaluation"]
 
@@ -40,13 +39,13 @@ def write_evaluation(
     sources: list[str] | None = None,
 ) -> dict:
     """Metrics at the stored threshold (and 0.5), ``metrics.json``, ``report.html``."""
-    from medlens.evaluation.metrics import compute_metrics, predict_labels
+    from medlens.evaluation.metrics import compute_metrics
     from medlens.reporting.report import write_report
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = compute_metrics(y_true, probs, meta.labels, meta.threshold)
-    write_json(out_dir / METRICS_JSON, metrics)
+    write_split(out_dir, metrics, sources, y_true, probs)
     write_report(
         out_dir,
         metrics,
@@ -58,9 +57,6 @@ def write_evaluation(
         title=title,
         model_info=_model_info(meta),
     )
-    if sources is not None:
-        pred = predict_labels(probs, meta.threshold)
-        write_predictions(out_dir / PREDICTIONS_CSV, sources, y_true, pred, probs, meta.labels)
     return metrics
 
 

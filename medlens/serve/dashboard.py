@@ -1,10 +1,12 @@
-"""The dashboard's data: each served model folder's training and validation results.
+"""The dashboard's data: each served model folder's training and evaluation results.
 
-Everything is read from the files ``medlens train`` writes into a run folder:
-``training_metrics.csv`` (curves) and ``eval/val/{metrics.json,predictions.csv}`` (ROC,
-confusion matrix, classification report). The figures are the Plotly dicts of
-:mod:`medlens.reporting.figures`, the ones ``report.html`` draws; the browser draws them with
-the plotly.js of the ``plotly`` package, served locally.
+Everything is read from the files ``medlens train`` writes into a run folder, and
+``medlens export --bundle`` into a bundled model: ``training_metrics.csv`` (curves) and
+``eval/<split>/{metrics.json,predictions.csv}`` for the carved test and validation splits (ROC,
+confusion matrix, classification report). The carved test split comes first: validation chose
+the epoch, temperature and threshold, so its figures are optimistic. The figures are the
+Plotly dicts of :mod:`medlens.reporting.figures`, the ones ``report.html`` draws; the browser
+draws them with the plotly.js of the ``plotly`` package, served locally.
 """
 
 from __future__ import annotations
@@ -12,14 +14,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from medlens.artifacts.folders import ModelFolder
+from medlens.artifacts.model import read_meta
 from medlens.errors import ModelLoadError
+from medlens.evaluation.metrics import split_views
 from medlens.reporting import figures
 from medlens.reporting.compare import load_run_evaluation
 from medlens.reporting.figures import HEADLINE, HEADLINE_LABELS
 
 __all__ = ["run_results", "comparison", "HEADLINE_LABELS"]
 
-SPLIT = "val"
+SPLITS = ("test", "val")
 
 
 def _report_rows(metrics: dict) -> list[dict]:
@@ -29,19 +33,36 @@ def _report_rows(metrics: dict) -> list[dict]:
     ]
 
 
-def _evaluation_figures(ev: dict) -> list[dict]:
-    """ROC curve (needs ``predictions.csv``) and confusion matrix of a validation split."""
+def _evaluation_figures(ev: dict, title: str) -> list[dict]:
+    """ROC curve (needs ``predictions.csv``) and confusion matrix of one evaluated split."""
     m, labels, out = ev["metrics"], ev["labels"], []
     if ev["y_true"] is not None:
         roc = figures.roc_figure(
-            ev["y_true"], ev["probs"], labels, m.get("threshold"), title="ROC curve (validation)"
+            ev["y_true"], ev["probs"], labels, m.get("threshold"), title=f"ROC curve ({title})"
         )
         out.append({"id": "roc", **roc})
     if m.get("confusion_matrix"):
         cm = figures.confusion_figure(
-            m["confusion_matrix"], labels, title="Confusion matrix (validation)"
+            m["confusion_matrix"], labels, title=f"Confusion matrix ({title})"
         )
         out.append({"id": "confusion", **cm})
+    return out
+
+
+def _headline(m: dict) -> dict:
+    ci = m.get("ci") or {}
+    return {
+        label: (m[k], ci.get(k)) for k, label in zip(HEADLINE, HEADLINE_LABELS) if m.get(k) is not None
+    }
+
+
+def _evaluations(folder: Path) -> dict[str, dict]:
+    out = {}
+    for split in SPLITS:
+        try:
+            out[split] = load_run_evaluation(folder, split)
+        except ModelLoadError:
+            continue
     return out
 
 
@@ -50,56 +71,48 @@ def run_results(name: str, folder: Path) -> dict:
 
     Args:
         name: The model's name.
-        folder: Its model (run) folder.
+        folder: Its model (run or bundled) folder.
 
     Returns:
-        ``{"name", "figures": [plotly dicts with "id"], "report": per-class rows,
-        "headline": {label: (value, ci)}, "missing": [what is not there], "history", "eval",
-        "n"}``.
+        ``{"name", "figures": [plotly dicts with "id"], "report": per-class rows of the first
+        split, "splits": [{"split", "title", "role", "warning", "n", "headline": {label:
+        (value, ci)}}], carved test first, "missing": [what is not there], "history",
+        "eval": the first split's evaluation, "curves": whose curves they are}``.
     """
-    out = {
-        "name": name,
-        "figures": [],
-        "report": [],
-        "headline": {},
-        "missing": [],
-        "history": None,
-        "eval": None,
-        "n": None,
-    }
-    try:
-        ev = load_run_evaluation(folder, SPLIT)
-    except ModelLoadError:
-        ev = None
-    history = ev["history"] if ev else ModelFolder(folder).read_history()
+    out = {"name": name, "figures": [], "report": [], "splits": [], "missing": [],
+           "history": None, "eval": None, "curves": None}  # fmt: skip
+    evs = _evaluations(folder)
+    history = ModelFolder(folder).read_history()
     if history:
         curves = figures.training_figures(history)
         out["figures"] += [{"id": f"curve-{key}", **fig} for key, fig in curves.items()]
         out["history"] = history
+        out["curves"] = (read_meta(folder).extra.get("export") or {}).get("curves")
     else:
         out["missing"].append("training curves (no training_metrics.csv)")
-    if ev is None:
-        out["missing"].append("validation results (no eval/val/metrics.json)")
+    if not evs:
+        out["missing"].append("evaluation results (no eval/test or eval/val metrics.json)")
         return out
-    out["eval"] = ev
-    if ev["y_true"] is None:
-        out["missing"].append("ROC curve (no eval/val/predictions.csv)")
-    out["figures"] += _evaluation_figures(ev)
-    m = ev["metrics"]
-    out["report"] = _report_rows(m)
-    ci = m.get("ci") or {}
-    out["headline"] = {
-        label: (m[k], ci.get(k))
-        for k, label in zip(HEADLINE, HEADLINE_LABELS)
-        if m.get(k) is not None
-    }
-    out["n"] = m.get("n")
+    views = split_views({split: ev["metrics"] for split, ev in evs.items()})
+    for view in views:
+        m = view["metrics"]
+        out["splits"].append(
+            {**{k: view[k] for k in ("split", "title", "role", "warning")},
+             "n": m.get("n"), "headline": _headline(m)}  # fmt: skip
+        )
+    first = evs[views[0]["split"]]
+    out["eval"] = {**first, "split_title": views[0]["title"]}
+    if first["y_true"] is None:
+        out["missing"].append(f"ROC curve (no eval/{views[0]['split']}/predictions.csv)")
+    out["figures"] += _evaluation_figures(first, views[0]["title"].lower())
+    out["report"] = _report_rows(first["metrics"])
     return out
 
 
 def comparison(runs: list[dict]) -> list[dict]:
-    """Figures comparing the models: headline metrics with 95% intervals, validation curves,
-    ROC curves (model ``i`` has colour ``i`` in each).
+    """Figures comparing the models on each one's first split (carved test where there is
+    one): headline metrics with 95% intervals, validation curves, ROC curves (model ``i`` has
+    colour ``i`` in each).
 
     Args:
         runs: :func:`run_results` of each model.
@@ -112,9 +125,11 @@ def comparison(runs: list[dict]) -> list[dict]:
     merged = [{**(r["eval"] or {}), "name": r["name"], "history": r["history"]} for r in runs]
     figs = {
         "metrics": figures.compare_metrics_figure(
-            merged, title="Validation metrics (95% bootstrap intervals)"
+            merged, title="Each model's carved test split (validation where it has none), 95% CI"
         ),
         **figures.compare_curve_figures(merged),
-        "roc": figures.compare_roc_figure(merged, title="ROC curves (validation)"),
+        "roc": figures.compare_roc_figure(
+            merged, title="ROC curves (carved test, or validation where there is none)"
+        ),
     }
     return [{"id": f"compare-{key}", **fig} for key, fig in figs.items() if fig]

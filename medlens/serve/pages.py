@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medlens.artifacts.card import DISCLAIMER
 from medlens.errors import InstallError
+from medlens.evaluation.metrics import split_views
 
 HERE = Path(__file__).parent
 router = APIRouter(include_in_schema=False)
@@ -49,7 +50,13 @@ def diagnose_page(request: Request) -> HTMLResponse:
         "diagnose.html",
         {
             "models": [
-                m.card | {"name": m.name, "version": m.info["version"]} for m in models.values()
+                m.card
+                | {
+                    "name": m.name,
+                    "version": m.info["version"],
+                    "views": split_views(m.card.get("metrics") or {}),
+                }
+                for m in models.values()
             ],
             "max_upload_mb": round(request.app.state.max_upload_bytes / 2**20, 1),
             "disclaimer": DISCLAIMER,
