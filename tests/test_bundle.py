@@ -100,8 +100,15 @@ def test_weight_storage_shrinks_the_file_and_keeps_the_outputs(trained_run, stor
 
 def test_bundle_holds_only_inference_files_and_its_card_matches(bundle, trained_run):
     assert sorted(p.name for p in bundle.iterdir()) == sorted(
-        ["model.json", "model.onnx", "ood.npz", "model_card.json", "model_card.md", "eval",
-         "training_metrics.csv"]  # fmt: skip
+        [
+            "model.json",
+            "model.onnx",
+            "ood.npz",
+            "model_card.json",
+            "model_card.md",
+            "eval",
+            "training_metrics.csv",
+        ]  # fmt: skip
     )
     # What the dashboard draws: the run's curves and the shipped file's per-image results,
     # with paths relative to the data folder (no developer paths).

@@ -495,8 +495,9 @@ def test_dashboard_page(client, served_models):  # noqa: F811
     assert [b["name"] for b in bars] == [BINARY]  # the untrained model has no metrics
     assert bars[0]["y"][0] == pytest.approx(metrics["accuracy"], abs=1e-4)
     assert figures["m0-roc"]["layout"]["title"]["text"] == "ROC curve (carved test split)"
-    test_at, val_at = html.index("<strong>Carved test split</strong>"), html.index(
-        "<strong>Validation split</strong>"
+    test_at, val_at = (
+        html.index("<strong>Carved test split</strong>"),
+        html.index("<strong>Validation split</strong>"),
     )
     assert test_at < val_at and f"(n = {metrics['n']})" in html and f"(n = {val['n']})" in html
     assert "chose the epoch, the temperature and the threshold" in html

@@ -52,7 +52,9 @@ def _evaluation_figures(ev: dict, title: str) -> list[dict]:
 def _headline(m: dict) -> dict:
     ci = m.get("ci") or {}
     return {
-        label: (m[k], ci.get(k)) for k, label in zip(HEADLINE, HEADLINE_LABELS) if m.get(k) is not None
+        label: (m[k], ci.get(k))
+        for k, label in zip(HEADLINE, HEADLINE_LABELS)
+        if m.get(k) is not None
     }
 
 
@@ -97,8 +99,11 @@ def run_results(name: str, folder: Path) -> dict:
     for view in views:
         m = view["metrics"]
         out["splits"].append(
-            {**{k: view[k] for k in ("split", "title", "role", "warning")},
-             "n": m.get("n"), "headline": _headline(m)}  # fmt: skip
+            {
+                **{k: view[k] for k in ("split", "title", "role", "warning")},
+                "n": m.get("n"),
+                "headline": _headline(m),
+            }  # fmt: skip
         )
     first = evs[views[0]["split"]]
     out["eval"] = {**first, "split_title": views[0]["title"]}
