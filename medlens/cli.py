@@ -133,15 +133,45 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", required=True, help="folder for metrics.json and report.html")
     p.add_argument(
+        "--groups",
+        metavar="GROUPS.csv",
+        help="subgroup report: a CSV with a 'path' column (file name, or path relative to "
+        "--data) and one column per attribute (sex, age band, site, scanner...); metrics.json "
+        "gains 'subgroups' and report.html a section with each group's figures",
+    )
+    p.add_argument(
         "--skip-bad-images", action="store_true", help="skip unreadable images instead of stopping"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _print_subgroups(subgroups: dict) -> None:
+    for attr, res in subgroups.items():
+        for value, g in res["groups"].items():
+            auc = "n/a" if g.get("auc") is None else f"{g['auc']:.3f}"
+            print(
+                f"  {attr}={value}: n={g['n']}  accuracy {g['accuracy']:.3f}  auc {auc}"
+                + ("  (too small to trust)" if g["warning"] else "")
+            )
+        gap = res["largest_gap"].get("accuracy")
+        if gap:
+            print(
+                f"  {attr}: largest accuracy gap {gap['gap']:.3f} "
+                f"({gap['highest']} vs {gap['lowest']})"
+            )
+
+
 def _cmd_evaluate(a: argparse.Namespace) -> int:
     from medlens.reporting.evaluate import evaluate
 
-    m = evaluate(a.model, a.data, a.out, skip_bad_images=a.skip_bad_images, progress=not a.quiet)
+    m = evaluate(
+        a.model,
+        a.data,
+        a.out,
+        skip_bad_images=a.skip_bad_images,
+        progress=not a.quiet,
+        groups=a.groups,
+    )
     ci = m.get("ci", {})
 
     def fmt(k):
@@ -157,6 +187,8 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
         f"n={m['n']}  "
         + "  ".join(fmt(k) for k in ("accuracy", "auc", "sensitivity", "specificity"))
     )
+    if m.get("subgroups"):
+        _print_subgroups(m["subgroups"])
     print(f"wrote {Path(a.out) / 'metrics.json'} and {Path(a.out) / 'report.html'}")
     return 0
 

@@ -37,14 +37,22 @@ def write_evaluation(
     history: list[dict] | None = None,
     title: str = "MedLens evaluation",
     sources: list[str] | None = None,
+    attributes: dict[str, list] | None = None,
 ) -> dict:
-    """Metrics at the stored threshold (and 0.5), ``metrics.json``, ``report.html``."""
+    """Metrics at the stored threshold (and 0.5), ``metrics.json``, ``report.html``; with
+    ``attributes`` (``{attribute: value per image}``), each subgroup's metrics too."""
     from medlens.evaluation.metrics import compute_metrics
     from medlens.reporting.report import write_report
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = compute_metrics(y_true, probs, meta.labels, meta.threshold)
+    if attributes:
+        from medlens.evaluation.subgroups import subgroup_metrics
+
+        metrics["subgroups"] = subgroup_metrics(
+            y_true, probs, meta.labels, meta.threshold, attributes
+        )
     write_split(out_dir, metrics, sources, y_true, probs)
     write_report(
         out_dir,
@@ -67,8 +75,11 @@ def evaluate(
     *,
     skip_bad_images: bool = False,
     progress: bool = True,
+    groups: str | None = None,
 ) -> dict:
-    """``medlens evaluate``: every image under ``data`` is evaluated; nothing is split off."""
+    """``medlens evaluate``: every image under ``data`` is evaluated; nothing is split off.
+    ``groups``: a CSV of subgroup attributes per image (:func:`medlens.data.groups.read_groups`),
+    read before any image is decoded."""
     from medlens.data.cache import prepare_samples, refuse_unreadable
     from medlens.data.datasets import load_dataset
     from medlens.inference.predictor import Predictor
@@ -77,9 +88,18 @@ def evaluate(
     meta = predictor.meta
     ds = load_dataset(data, mode="all", classes=meta.labels)
     samples = ds.splits["all"]
+    if groups:  # a bad groups file fails before the images are decoded
+        from medlens.data.groups import read_groups
+
+        read_groups(groups, [s.source for s in samples], data)
     res = prepare_samples(samples, meta.preprocess, progress=progress, desc="decode")
     refuse_unreadable(res.errors, skip_bad_images)
     kept = [samples[i] for i in res.keep]
+    attributes = None
+    if groups:
+        attributes, notes = read_groups(groups, [s.source for s in kept], data)
+        for note in notes:
+            log.warning("%s", note)
     y = np.array([s.label for s in kept])
     probs = predictor.probs_prepared(res.pixels)
     history = read_history(predictor.folder) if predictor.folder else None
@@ -91,6 +111,7 @@ def evaluate(
         history=history,
         title=f"{meta.name}: evaluation on {data}",
         sources=[s.source for s in kept],
+        attributes=attributes,
     )
     if res.errors:
         log.warning("skipped %d unreadable image(s)", len(res.errors))

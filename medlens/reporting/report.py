@@ -262,7 +262,40 @@ def _tables(metrics: dict, labels: list[str], model_info: dict) -> dict:
             for lab, row in (metrics.get("per_class") or {}).items()
         ],
         "cm": metrics.get("confusion_matrix") or [],
+        "subgroups": _subgroup_tables(metrics.get("subgroups") or {}),
     }
+
+
+_SUBGROUP_COLUMNS = ("accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity")
+
+
+def _subgroup_tables(subgroups: dict) -> list[dict]:
+    """One table per attribute: each group's figures with intervals, the largest gaps."""
+    tables = []
+    for attr, res in subgroups.items():
+        rows = [
+            {
+                "value": value,
+                "n": g["n"],
+                "cells": [(_f(g.get(k)), _ci(g, k)) for k in _SUBGROUP_COLUMNS],
+                "warning": g["warning"],
+            }
+            for value, g in res["groups"].items()
+        ]
+        gaps = [
+            f"{METRIC_LABELS[k]} {_f(gap['gap'])} ({gap['highest']} vs {gap['lowest']})"
+            for k, gap in res["largest_gap"].items()
+        ]
+        tables.append(
+            {
+                "attribute": attr,
+                "columns": [METRIC_LABELS[k] for k in _SUBGROUP_COLUMNS],
+                "rows": rows,
+                "gaps": gaps,
+                "unknown": res["unknown"],
+            }
+        )
+    return tables
 
 
 def write_report(

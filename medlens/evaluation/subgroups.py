@@ -1,0 +1,95 @@
+"""Subgroup (fairness) results: the same metrics for each value of each attribute.
+
+A clinical reviewer asks whether a model works as well for women as for men, for the old as
+for the young, on every site and scanner. :func:`subgroup_metrics` answers with each group's
+figures and bootstrap intervals (:func:`medlens.evaluation.metrics.compute_metrics` on the
+group's images), the largest gap between groups of an attribute, and a warning where a group
+is too small for its figures to mean much.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from medlens.evaluation.metrics import compute_metrics, small_split_warning
+
+__all__ = ["subgroup_metrics", "SUBGROUP_METRICS", "GAP_METRICS"]
+
+SUBGROUP_METRICS = (
+    "n",
+    "accuracy",
+    "balanced_accuracy",
+    "auc",
+    "sensitivity",
+    "specificity",
+    "precision",
+    "f1",
+    "ece",
+    "ci",
+)
+"""What each group keeps of :func:`compute_metrics`' dict."""
+
+GAP_METRICS = ("accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity")
+"""The metrics whose largest between-group gap is reported."""
+
+
+def _largest_gaps(groups: dict[str, dict]) -> dict[str, dict]:
+    """For each gap metric, the groups with the highest and lowest value (groups with a
+    warning excluded when at least two groups are large enough)."""
+    solid = {v: m for v, m in groups.items() if not m["warning"]}
+    pool = solid if len(solid) >= 2 else groups
+    out = {}
+    for key in GAP_METRICS:
+        vals = {v: m[key] for v, m in pool.items() if m.get(key) is not None}
+        if len(vals) < 2:
+            continue
+        hi, lo = max(vals, key=vals.get), min(vals, key=vals.get)
+        out[key] = {"gap": vals[hi] - vals[lo], "highest": hi, "lowest": lo}
+    return out
+
+
+def subgroup_metrics(
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    labels: Sequence[str],
+    threshold: float | None,
+    attributes: dict[str, Sequence[str | None]],
+    *,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict[str, dict]:
+    """Metrics of each group of each attribute.
+
+    Args:
+        y_true: ``(N,)`` class indices.
+        probs: ``(N, K)`` calibrated probabilities.
+        labels: Class names.
+        threshold: The model's binary threshold (None: argmax).
+        attributes: ``{attribute: [value of image i, or None when unknown]}``.
+
+    Returns:
+        ``{attribute: {"groups": {value: {n, accuracy, ..., ci, warning}}, "largest_gap":
+        {metric: {gap, highest, lowest}}, "unknown": images without a value}}``.
+    """
+    y_true, probs = np.asarray(y_true), np.asarray(probs)
+    out = {}
+    for attr, values in attributes.items():
+        values = np.array(["" if v is None else str(v) for v in values], dtype=object)
+        groups = {}
+        for value in sorted({v for v in values if v != ""}):
+            idx = np.flatnonzero(values == value)
+            m = compute_metrics(
+                y_true[idx], probs[idx], labels, threshold, n_bootstrap=n_bootstrap, seed=seed
+            )
+            groups[value] = {
+                **{k: m.get(k) for k in SUBGROUP_METRICS},
+                "warning": small_split_warning(m),
+            }
+        out[attr] = {
+            "groups": groups,
+            "largest_gap": _largest_gaps(groups),
+            "unknown": int(np.sum(values == "")),
+        }
+    return out
