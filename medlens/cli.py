@@ -282,7 +282,7 @@ def _print_rows(pred: Predictor, rows: list[dict], as_json: bool) -> None:
         if as_json:
             probs = {c: r.get(f"p_{c}") for c in pred.labels} if r["label"] else None
             print(json.dumps({"path": r["path"], "model": pred.meta.name, "label": r["label"],
-                              "probabilities": probs, "threshold": pred.meta.threshold,
+                              "probabilities": probs, "threshold": r.get("threshold"),
                               "ood_flag": r.get("ood_flag"), "ood_score": r.get("ood_score"),
                               "error": r["error"]}))  # fmt: skip
         elif r["error"]:

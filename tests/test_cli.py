@@ -369,7 +369,7 @@ def test_predict_json_lines(capsys, trained_run, predict_inputs):
     assert [r["path"] for r in ok] == [str(f) for f in good]
     thr = json.loads((trained_run / "model.json").read_text())["threshold"]
     for r in ok:
-        assert r["model"] == trained_run.name and r["threshold"] == thr
+        assert r["model"] == trained_run.name and r["threshold"] == round(thr, 6)  # not 17 digits
         assert sum(r["probabilities"].values()) == pytest.approx(1, abs=1e-5)
         assert r["label"] == ("PNEUMONIA" if r["probabilities"]["PNEUMONIA"] >= thr else "NORMAL")
     bad = next(r for r in records if r["path"] == str(junk))
@@ -492,6 +492,13 @@ def test_explain_errors_are_exit_2(capsys, tmp_path, trained_run, synthetic_data
     )
     assert code == 2 and "none.png" in err
     assert not (tmp_path / "x.png").exists()
+    # A file that is no image: the message names it, not the decoding library, and suggests
+    # nothing explain does not have.
+    junk = tmp_path / "scan.png"
+    junk.write_text("a letter, not a scan")
+    code, _, err = _run(capsys, "explain", junk, "--model", trained_run, "--out", tmp_path / "x.png")
+    assert code == 2 and f"`{junk}` is not an image MedLens can read" in err
+    assert "PIL" not in err and "--skip-bad-images" not in err and "save it again as PNG" in err
 
 
 # --------------------------------------------------------------------------- compare, models

@@ -94,7 +94,9 @@ class Sample:
             split, _, index = where.partition("/")
             # A copy: callers may modify pixels in place, and the cached array is shared.
             return _npz_array(file, f"{split}_images")[int(index)].copy()
-        return imaging.read_image(self.source, target_size=target_size).pixels
+        return imaging.read_image(
+            self.source, target_size=target_size, hint="remove it or pass --skip-bad-images"
+        ).pixels
 
 
 @dataclass

@@ -74,6 +74,7 @@ def read_image(
     name: str | None = None,
     max_pixels: int = MAX_PIXELS,
     target_size: int | None = None,
+    hint: str | None = None,
 ) -> DecodedImage:
     """Decode a raster image or a DICOM file into a ``uint8`` array.
 
@@ -89,6 +90,7 @@ def read_image(
             model decodes to 256x256, which is faster to decode and to resize. Pass the same
             value wherever images are decoded for one model (training cache, prediction,
             serving) so that every path sees the same pixels. Other formats ignore it.
+        hint: What an error message tells the user to do (the command's own options).
 
     Returns:
         A :class:`DecodedImage` with ``(H, W)`` or ``(H, W, 3)`` ``uint8`` pixels.
@@ -99,14 +101,15 @@ def read_image(
         TypeError: ``src`` is neither a path nor bytes (a programming error, not a bad file).
     """
     if isinstance(src, (bytes, bytearray, memoryview)):
-        label, hint = name or "upload", "upload a PNG, JPEG or DICOM image"
+        label, hint = name or "upload", hint or "upload a PNG, JPEG or DICOM image"
         data = bytes(src)
         if not data:
             raise ImageReadError(f"`{label}` is empty (0 bytes); {hint}")
         return _decode(io.BytesIO(data), label, hint, max_pixels, target_size)
     if not isinstance(src, (str, os.PathLike)):
         raise TypeError(f"read_image() needs a path or bytes, not {type(src).__name__}")
-    label, hint = name or str(src), "remove it or pass --skip-bad-images"
+    label = name or str(src)
+    hint = hint or "check the file, or save it again as PNG, JPEG or DICOM"
     try:
         fh = open(Path(src), "rb")
     except FileNotFoundError:
@@ -178,7 +181,8 @@ def _decode(
     if ds is not None:
         return _read_dicom(fh, label, hint, max_pixels, ds=ds)
     raise ImageReadError(
-        f"`{label}` is not an image (PIL could not identify it and it is not DICOM); {hint}"
+        f"`{label}` is not an image MedLens can read (neither a picture format such as PNG, JPEG "
+        f"or TIFF nor DICOM, whatever its name says); {hint}"
     )
 
 

@@ -248,7 +248,7 @@ class Predictor:
         return Prediction(
             self.labels[idx],
             {c: round(float(v), 6) for c, v in zip(self.labels, probs)},
-            self.meta.threshold,
+            None if self.meta.threshold is None else round(self.meta.threshold, 6),
             dict(ood or NO_OOD),
         )
 
