@@ -133,6 +133,9 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", required=True, help="folder for metrics.json and report.html")
     p.add_argument(
+        "--overwrite", action="store_true", help="replace an evaluation already in --out"
+    )
+    p.add_argument(
         "--groups",
         metavar="GROUPS.csv",
         help="subgroup report: a CSV with a 'path' column (file name, or path relative to "
@@ -171,6 +174,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
         skip_bad_images=a.skip_bad_images,
         progress=not a.quiet,
         groups=a.groups,
+        overwrite=a.overwrite,
     )
     ci = m.get("ci", {})
 

@@ -289,6 +289,12 @@ def test_evaluate_bad_image_stops_unless_skipped(capsys, tmp_path, trained_run, 
     assert "skipped 1 unreadable image(s)" in err  # a message (stderr), not a result
     assert any(line.startswith("n=80 ") for line in stdout.splitlines())
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["n"] == 80
+    # Running again into the same --out stops at once (nothing decoded, nothing replaced).
+    before = (tmp_path / "ev" / "metrics.json").read_bytes()
+    code, _, err = _run(capsys, *argv, "--skip-bad-images")
+    assert code == 2 and "already holds an evaluation" in err and "--overwrite" in err
+    assert (tmp_path / "ev" / "metrics.json").read_bytes() == before
+    assert _run(capsys, *argv, "--skip-bad-images", "--overwrite")[0] == 0
 
 
 def test_evaluate_unknown_class_and_unknown_model_are_exit_2(
@@ -496,7 +502,9 @@ def test_explain_errors_are_exit_2(capsys, tmp_path, trained_run, synthetic_data
     # nothing explain does not have.
     junk = tmp_path / "scan.png"
     junk.write_text("a letter, not a scan")
-    code, _, err = _run(capsys, "explain", junk, "--model", trained_run, "--out", tmp_path / "x.png")
+    code, _, err = _run(
+        capsys, "explain", junk, "--model", trained_run, "--out", tmp_path / "x.png"
+    )
     assert code == 2 and f"`{junk}` is not an image MedLens can read" in err
     assert "PIL" not in err and "--skip-bad-images" not in err and "save it again as PNG" in err
 
@@ -509,12 +517,15 @@ def test_compare_two_runs(capsys, tmp_path, trained_run, cli_run):
     code, stdout, _ = _run(capsys, "compare", trained_run, cli_run, "--out", out)
     assert code == 0
     lines = stdout.splitlines()
-    assert lines[0].startswith("name")
+    assert lines[0].startswith("Validation split of each run (chose the epoch")  # which split
+    assert lines[1].startswith("name")
+    assert "Validation split of each run" in (out / "compare.html").read_text()
     assert any(line.startswith(trained_run.name) for line in lines)
     assert any(line.startswith(cli_run.name) for line in lines)
     assert (out / "compare.html").is_file() and f"wrote {out / 'compare.html'}" in stdout
     code, stdout, _ = _run(capsys, "compare", trained_run, cli_run, "--out", out, "--split", "test")
     assert code == 0 and cli_run.name in stdout
+    assert stdout.startswith("Carved test split of each run (held out from training")
 
 
 def test_compare_missing_run_is_exit_2(capsys, tmp_path, trained_run):

@@ -71,7 +71,8 @@ def test_compare_runs_table_and_files(tmp_path, two_runs):
     out = tmp_path / "cmp"
     table, html = compare_runs([str(a), str(b)], out)
     lines = table.splitlines()
-    assert lines[0].split()[:2] == ["name", "n"] and "auc" in lines[0]
+    assert lines[0].startswith("Validation split of each run")
+    assert lines[1].split()[:2] == ["name", "n"] and "auc" in lines[1]
     row_a = next(line for line in lines if line.startswith("baseline"))
     row_b = next(line for line in lines if line.startswith("challenger"))
     assert "0.812" in row_b or "0.8125" in row_b

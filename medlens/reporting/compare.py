@@ -39,4 +39,4 @@ def compare_runs(runs: list[str], out: str | Path, split: str = "val") -> tuple[
     if len(set(names)) != len(names):  # two runs called "run" in different folders
         for r, path in zip(loaded, runs):
             r["name"] = str(path)
-    return comparison_table(loaded), write_comparison(loaded, out)
+    return comparison_table(loaded, split), write_comparison(loaded, out, split)

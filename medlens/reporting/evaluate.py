@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from medlens.artifacts.folders import read_history, write_split
+from medlens.artifacts.folders import METRICS_JSON, read_history, write_split
 from medlens.artifacts.model import ModelMeta
+from medlens.errors import UsageError
 
 __all__ = ["evaluate", "write_evaluation"]
 
@@ -68,6 +69,16 @@ def write_evaluation(
     return metrics
 
 
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder for metrics.json and report.html")
+    if (out / METRICS_JSON).exists() and not overwrite:
+        raise UsageError(
+            f"{out} already holds an evaluation ({METRICS_JSON}); pass --overwrite to replace "
+            "it, or choose another --out"
+        )
+
+
 def evaluate(
     model_ref: str,
     data: str,
@@ -76,14 +87,17 @@ def evaluate(
     skip_bad_images: bool = False,
     progress: bool = True,
     groups: str | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """``medlens evaluate``: every image under ``data`` is evaluated; nothing is split off.
     ``groups``: a CSV of subgroup attributes per image (:func:`medlens.data.groups.read_groups`),
-    read before any image is decoded."""
+    read before any image is decoded, like the check that ``out`` holds no evaluation yet
+    (unless ``overwrite``)."""
     from medlens.data.cache import prepare_samples, refuse_unreadable
     from medlens.data.datasets import load_dataset
     from medlens.inference.predictor import Predictor
 
+    _check_out(Path(out), overwrite)  # before anything is decoded
     predictor = Predictor(model_ref)
     meta = predictor.meta
     ds = load_dataset(data, mode="all", classes=meta.labels)

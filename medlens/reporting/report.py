@@ -21,7 +21,7 @@ from markupsafe import Markup
 from numpy.typing import ArrayLike
 
 from medlens.artifacts.folders import COMPARE_CSV, COMPARE_HTML, REPORT_HTML
-from medlens.evaluation.metrics import CI_METRICS
+from medlens.evaluation.metrics import CI_METRICS, SPLIT_ROLES
 from medlens.fileio import atomic_write_text, write_csv
 from medlens.reporting.figures import (
     METRIC_LABELS,
@@ -356,11 +356,12 @@ def _check_runs(runs: list[dict]) -> None:
             raise ValueError("each run needs at least 'name' and 'metrics'")
 
 
-def comparison_table(runs: list[dict]) -> str:
+def comparison_table(runs: list[dict], split: str | None = None) -> str:
     """Plain-text, column-aligned comparison of runs for a terminal.
 
     Args:
         runs: ``[{"name": str, "metrics": dict, ...}]`` (see :func:`write_comparison`).
+        split: Which evaluation is compared; the table's first line says so.
 
     Returns:
         The table: name, n, accuracy [CI], AUC [CI], sensitivity, specificity, F1, ECE.
@@ -386,7 +387,11 @@ def comparison_table(runs: list[dict]) -> str:
             c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
         ).rstrip()
 
-    return "\n".join([line(head), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
+    table = [line(head), "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
+    if split in SPLIT_ROLES:
+        title, role = SPLIT_ROLES[split]
+        table.insert(0, f"{title} of each run ({role}):")
+    return "\n".join(table)
 
 
 def _write_compare_csv(runs: list[dict], path: Path) -> None:
@@ -432,7 +437,7 @@ def _compare_rows(runs: list[dict]) -> list[dict]:
     ]
 
 
-def write_comparison(runs: list[dict], out_dir: str | Path) -> Path:
+def write_comparison(runs: list[dict], out_dir: str | Path, split: str | None = None) -> Path:
     """Compare several evaluated runs in ``compare.html`` and ``compare.csv``.
 
     Args:
@@ -440,6 +445,8 @@ def write_comparison(runs: list[dict], out_dir: str | Path) -> Path:
             "y_true": array | None, "probs": array | None, "labels": [...]}]``; only
             ``name`` and ``metrics`` are required.
         out_dir: Output folder (created).
+        split: Which evaluation of each run is compared (``val`` or ``test``), named in the
+            title.
 
     Returns:
         Path of ``compare.html``. Its figures: ``metrics`` (bars with bootstrap-interval error
@@ -463,10 +470,11 @@ def write_comparison(runs: list[dict], out_dir: str | Path) -> Path:
         "compare.html",
         out / COMPARE_HTML,
         [b for b in blocks if b["figures"]],
-        title="MedLens run comparison",
+        title="MedLens run comparison"
+        + (f": {SPLIT_ROLES[split][0].lower()} of each run" if split in SPLIT_ROLES else ""),
         columns=[METRIC_LABELS[k] for k, _ in _COMPARE_COLUMNS],
         table=_compare_rows(runs),
-        text_table=comparison_table(runs),
+        text_table=comparison_table(runs, split),
     )
 
 
