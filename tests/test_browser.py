@@ -6,8 +6,9 @@ Outside CI the test skips (with a message) where chromium is absent; in CI (``CI
 must run.
 
 ``MEDLENS_SCREENSHOTS=1`` saves ``docs/screenshots/{diagnose,dashboard}.png``;
-``MEDLENS_BROWSER_MODELS=DIR`` and ``MEDLENS_BROWSER_IMAGE=FILE`` replace the tiny test model
-and image (the README's screenshots use a real run and a real X-ray).
+``MEDLENS_BROWSER_MODELS=DIR``, ``MEDLENS_BROWSER_MODEL=NAME`` and ``MEDLENS_BROWSER_IMAGE=FILE``
+replace the tiny test model and image (the README's screenshots use the bundled models and
+real images).
 """
 
 from __future__ import annotations
@@ -123,8 +124,8 @@ def test_diagnose_upload_shows_label_probabilities_and_grad_cam(
     else:
         upload = tmp_path / "bright.png"
         upload.write_bytes(encode(Image.fromarray(image_factory("bright", seed=11, size=96))))
-        page.select_option("#model", BINARY)
-    name = page.eval_on_selector("#model", "s => s.value")
+    name = os.environ.get("MEDLENS_BROWSER_MODEL", BINARY)
+    page.check(f'input[name=model][value="{name}"]')
     labels = app.state.models[name].predictor.labels
     page.set_input_files("#file", str(upload))
     page.wait_for_selector("#result:not([hidden])", timeout=60_000)
@@ -187,7 +188,7 @@ def test_diagnose_upload_shows_label_probabilities_and_grad_cam(
 def test_an_out_of_distribution_image_gets_no_verdict(server, page, tmp_path):
     base, app = server
     page.goto(base + "/")
-    page.select_option("#model", BINARY)
+    page.check(f'input[name=model][value="{BINARY}"]')
     noise = tmp_path / "noise.png"
     rng = np.random.default_rng(5)
     noise.write_bytes(encode(Image.fromarray(rng.integers(0, 256, (96, 96), dtype=np.uint8))))
@@ -230,8 +231,8 @@ def test_dashboard_renders_plotly_plots(server, page):
     assert {
         "Accuracy per epoch",
         "Loss per epoch",
-        "ROC curve (validation)",
-        "Confusion matrix (validation)",
+        "ROC curve (carved test split)",
+        "Confusion matrix (carved test split)",
     } <= set(titles)
     assert "Classification report" in page.text_content("main")
     _screenshot(page, "dashboard")
@@ -249,3 +250,168 @@ def test_swagger_ui_renders_offline(server, page):
     )
     assert {"/healthz", "/api/v1/models", "/api/v1/models/{name}/predict"} <= set(paths)
     assert page.errors == [] and page.external == []
+
+
+def _wait(page, js: str, timeout: float = 30) -> None:
+    """Poll a JavaScript expression (``wait_for_function`` evaluates strings, which the
+    page's Content-Security-Policy forbids once it has to poll)."""
+    deadline = time.time() + timeout
+    while not page.evaluate(js):
+        assert time.time() < deadline, f"timed out waiting for {js}"
+        time.sleep(0.05)
+
+
+def _pick(page, base, name=BINARY):
+    page.goto(base + "/")
+    page.check(f'input[name=model][value="{name}"]')
+
+
+def _png(tmp_path, image_factory, kind: str, seed: int) -> Path:
+    path = tmp_path / f"{kind}-{seed}.png"
+    path.write_bytes(encode(Image.fromarray(image_factory(kind, seed=seed, size=96))))
+    return path
+
+
+def test_no_model_is_chosen_for_the_user_and_tab_skips_the_hidden_input(
+    server, page, tmp_path, image_factory
+):
+    base, _ = server
+    page.goto(base + "/")
+    assert page.eval_on_selector_all("input[name=model]:checked", "rs => rs.length") == 0
+    page.set_input_files("#file", str(_png(tmp_path, image_factory, "bright", 1)))
+    page.wait_for_selector("#error:not([hidden])")
+    assert "Choose the model for this image first" in page.text_content("#error")
+    assert not page.is_visible("#result")
+    # Keyboard: from the last model, Tab reaches the drop zone (Enter opens the file
+    # chooser), never the invisible file input.
+    page.focus("input[name=model]")
+    order = []
+    for _ in range(4):
+        page.keyboard.press("Tab")
+        order.append(page.evaluate("document.activeElement.id || document.activeElement.name"))
+    assert "drop-zone" in order and "file" not in order
+
+
+def test_batch_upload_gives_a_table_and_a_csv(server, page, tmp_path, image_factory):
+    import csv
+
+    base, app = server
+    _pick(page, base)
+    files = [_png(tmp_path, image_factory, k, s) for k, s in (("bright", 21), ("dark", 22))]
+    bad = tmp_path / "letter.png"
+    bad.write_bytes(b"not an image at all")
+    page.set_input_files("#file", [str(f) for f in [*files, bad]])
+    page.wait_for_selector("#batch-table tbody tr:nth-child(3)", timeout=60_000)
+    page.wait_for_selector("text=3 images analysed.")
+    rows = page.eval_on_selector_all(
+        "#batch-table tbody tr", "rs => rs.map(r => [...r.cells].map(c => c.textContent))"
+    )
+    assert [r[0] for r in rows] == [f.name for f in files] + ["letter.png"]
+    assert rows[2][1] == "error" and "is not an image" in rows[2][2]
+    assert not page.is_visible("#result") and page.is_visible("#batch")
+    with page.expect_download() as dl:
+        page.click("#batch-csv")
+    with open(dl.value.path(), newline="") as f:
+        got = list(csv.DictReader(f))
+    labels = app.state.models[BINARY].predictor.labels
+    assert list(got[0]) == ["path", "label", *[f"p_{c}" for c in labels], "threshold",
+                            "ood_flag", "ood_score", "error"]  # fmt: skip
+    pred = app.state.models[BINARY].predictor
+    for row, f in zip(got, files):  # the same numbers as the model gives directly
+        from medlens.data.imaging import read_image
+
+        ref = pred.predict_pixels([read_image(f).pixels])[0]
+        assert row["path"] == f.name and row["label"] == ref.label and row["error"] == ""
+        for c in labels:
+            assert float(row[f"p_{c}"]) == pytest.approx(ref.probabilities[c], abs=1e-5)
+        assert float(row["threshold"]) == pytest.approx(ref.threshold)
+    assert got[2]["label"] == "" and "is not an image" in got[2]["error"]
+    assert page.errors == [] and page.external == []
+
+
+def test_pre_test_to_post_test_probability(server, page, tmp_path, image_factory):
+    from medlens.evaluation.metrics import likelihood_ratios
+
+    base, app = server
+    card = app.state.models[BINARY].card
+    saved = card["metrics"]
+    # The tiny model is perfect on its few test images (infinite LR+): give it figures a real
+    # model has, so that both ratios are finite (LR+ 4.5, LR- 0.125).
+    card["metrics"] = {**saved, "test": {**saved["test"], "sensitivity": 0.9, "specificity": 0.8}}
+    lr = likelihood_ratios(card["metrics"])
+    assert lr["positive"] == pytest.approx(4.5) and lr["negative"] == pytest.approx(0.125)
+    card["clinical_score"] = "mcisaac"  # as the pharyngitis card says
+    try:
+        _pick(page, base)
+        page.set_input_files("#file", str(_png(tmp_path, image_factory, "bright", 31)))
+        page.wait_for_selector("#context:not([hidden])")
+        label = page.text_content("#result-label")
+        ratio = lr["positive"] if label == card["labels"][1] else lr["negative"]
+        assert ratio is not None
+        # McIsaac: fever, no cough, age 3-14 -> score 3 -> 37% (Fine et al. 2012).
+        boxes = page.query_selector_all("#mcisaac .mc")
+        boxes[0].check()
+        boxes[1].check()
+        page.select_option("#mc-age", "1")
+        assert page.input_value("#pretest") == "37"
+        assert page.text_content("#mc-result").startswith("Score 3: in a large US study, 37%")
+        for pre in (0.37, 0.05):
+            page.fill("#pretest", f"{100 * pre:g}")
+            odds = pre / (1 - pre) * ratio
+            expected = f"{100 * odds / (1 + odds):.1f}%"
+            text = page.text_content("#posttest")
+            assert text.startswith(f"Post-test probability of {card['labels'][1]}: {expected}")
+        basis = page.text_content("#context-basis")
+        assert f"measured on the model's {lr['title'].lower()}, n = {lr['n']}" in basis
+        assert "Assumes the likelihood ratio holds in your population" in basis
+        assert "group A streptococcus" in basis  # the McIsaac caveat
+        page.fill("#pretest", "0")
+        assert page.text_content("#posttest").startswith("Enter a pre-test probability")
+    finally:
+        card.pop("clinical_score")
+        card["metrics"] = saved
+
+
+def test_phone_width_layout_and_one_page_print(server, page, tmp_path, image_factory):
+    base, _ = server
+    page.set_viewport_size({"width": 390, "height": 844})
+    try:
+        _pick(page, base)
+        page.set_input_files("#file", str(_png(tmp_path, image_factory, "bright", 41)))
+        page.wait_for_selector("#result:not([hidden])")
+        _wait(page, "document.getElementById('cam').naturalWidth > 0")
+        for url in ("/", "/dashboard"):
+            if url != "/":
+                page.goto(base + url)
+            width = page.evaluate("document.documentElement.scrollWidth")
+            assert width <= 390, f"{url} is {width} px wide on a 390 px screen"
+        page.goto(base + "/")
+        page.check(f'input[name=model][value="{BINARY}"]')
+        overflow = page.eval_on_selector_all(
+            ".model-card:not([hidden]), .model-card:not([hidden]) *",
+            "es => es.filter(e => e.scrollWidth > e.clientWidth + 1 && "
+            "getComputedStyle(e).overflowX !== 'auto').map(e => e.tagName + '.' + e.className)",
+        )
+        assert overflow == []  # the card's text stays inside its border
+    finally:
+        page.set_viewport_size({"width": 1280, "height": 900})
+    # Printing a result: one A4 page holding the image, the map, the result and the card.
+    page.set_input_files("#file", str(_png(tmp_path, image_factory, "bright", 42)))
+    page.wait_for_selector("#result:not([hidden])")
+    _wait(page, "document.getElementById('cam').naturalWidth > 0")
+    page.emulate_media(media="print")
+    try:
+        assert not page.is_visible("#diagnose-form") and page.is_visible("#cam")
+        assert page.is_visible(f'.model-card[data-model="{BINARY}"]')
+        assert page.is_visible(".disclaimer") and page.text_content("#when") != ""
+        pdf = page.pdf(format="A4", print_background=True)
+        if os.environ.get("MEDLENS_SCREENSHOTS"):
+            page.set_viewport_size({"width": 718, "height": 1000})
+            _screenshot(page, "print")
+            page.set_viewport_size({"width": 1280, "height": 900})
+    finally:
+        page.emulate_media(media="screen")
+    import re
+
+    pages = len(re.findall(rb"/Type\s*/Page[^s]", pdf))
+    assert pages == 1, f"the printed result takes {pages} A4 pages"

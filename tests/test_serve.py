@@ -432,7 +432,11 @@ def test_diagnose_page(client, served_models):  # noqa: F811
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     html = r.text
     _local_only(html)
-    assert f'<option value="{BINARY}">' in html and f'<option value="{MULTI}">' in html
+    for name in (BINARY, MULTI):  # a radio button each, none chosen for the user
+        assert f'<input type="radio" name="model" value="{name}">' in html
+    assert "checked>" not in html.split('id="model-picker"')[1].split("</fieldset>")[0]
+    chosen = client.get(f"/?model={BINARY}").text  # a link may preselect one
+    assert f'<input type="radio" name="model" value="{BINARY}" checked>' in chosen
     assert 'id="drop-zone"' in html and 'type="file"' in html
     assert "Not a medical device" in html and 'id="ood-warning"' in html
     assert 'src="/static/diagnose.js"' in html

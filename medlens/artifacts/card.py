@@ -27,9 +27,10 @@ CARD_FIELDS = (
 )
 
 
+DISCLAIMER_HEAD = "Not a medical device: research software."
 DISCLAIMER = (
-    "Research software: not a medical device. Predictions must not be used for "
-    "diagnosis without clinical validation on the population the model would serve."
+    f"{DISCLAIMER_HEAD} Predictions must not be used for diagnosis without clinical "
+    "validation on the population the model would serve."
 )
 
 

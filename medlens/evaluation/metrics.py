@@ -539,3 +539,30 @@ def split_views(metrics: dict[str, dict]) -> list[dict]:
             }
         )
     return out
+
+
+def likelihood_ratios(metrics: dict[str, dict]) -> dict | None:
+    """Likelihood ratios of a binary model's positive and negative result at its operating
+    point, from the first of :func:`split_views` (the carved test split where there is one):
+    LR+ = sensitivity / (1 - specificity), LR- = (1 - sensitivity) / specificity.
+
+    Returns:
+        ``{"positive", "negative", "sensitivity", "specificity", "split", "title", "n"}``
+        (a ratio is None where its denominator is 0: no false positives, or no true
+        negatives, among the split's images), or None when no split has both figures.
+    """
+    for view in split_views(metrics):
+        m = view["metrics"]
+        sens, spec = m.get("sensitivity"), m.get("specificity")
+        if sens is None or spec is None:
+            continue
+        return {
+            "positive": sens / (1 - spec) if spec < 1 else None,
+            "negative": (1 - sens) / spec if spec > 0 else None,
+            "sensitivity": sens,
+            "specificity": spec,
+            "split": view["split"],
+            "title": view["title"],
+            "n": m.get("n"),
+        }
+    return None

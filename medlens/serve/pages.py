@@ -13,13 +13,17 @@ from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from medlens.artifacts.card import DISCLAIMER
+from medlens.artifacts.card import DISCLAIMER, DISCLAIMER_HEAD
 from medlens.errors import InstallError
-from medlens.evaluation.metrics import split_views
+from medlens.evaluation.metrics import likelihood_ratios, split_views
 
 HERE = Path(__file__).parent
 router = APIRouter(include_in_schema=False)
 TEMPLATES = Jinja2Templates(directory=str(HERE / "templates"))
+TEMPLATES.env.globals.update(
+    disclaimer_head=DISCLAIMER_HEAD,
+    disclaimer_body=DISCLAIMER.removeprefix(DISCLAIMER_HEAD).strip(),
+)
 
 
 def vendor_files() -> dict[str, Path]:
@@ -42,8 +46,21 @@ def vendor_files() -> dict[str, Path]:
     return files
 
 
+def _model_info(card: dict) -> dict:
+    """What the page's script needs beyond the card's text: the likelihood ratios of a
+    binary model's results (for the pre-test to post-test probability) and its clinical
+    score form, if its card names one."""
+    binary = len(card["labels"]) == 2
+    return {
+        "labels": card["labels"],
+        "lr": likelihood_ratios(card.get("metrics") or {}) if binary else None,
+        "clinical_score": card.get("clinical_score"),
+    }
+
+
 @router.get("/", response_class=HTMLResponse)
-def diagnose_page(request: Request) -> HTMLResponse:
+def diagnose_page(request: Request, model: str | None = None) -> HTMLResponse:
+    """The diagnose page; ``?model=NAME`` preselects a model (none is chosen otherwise)."""
     models = request.app.state.models
     return TEMPLATES.TemplateResponse(
         request,
@@ -58,8 +75,9 @@ def diagnose_page(request: Request) -> HTMLResponse:
                 }
                 for m in models.values()
             ],
+            "model_info": {name: _model_info(m.card) for name, m in models.items()},
+            "preselect": model if model in models else None,
             "max_upload_mb": round(request.app.state.max_upload_bytes / 2**20, 1),
-            "disclaimer": DISCLAIMER,
             "page": "diagnose",
         },
     )
@@ -87,7 +105,6 @@ def dashboard_page(request: Request) -> HTMLResponse:
             "compare": compare,
             "figures": figures,
             "columns": HEADLINE_LABELS,
-            "disclaimer": DISCLAIMER,
             "page": "dashboard",
         },
     )

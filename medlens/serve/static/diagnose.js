@@ -1,14 +1,30 @@
-// Diagnose page: upload an image to the JSON API and show the answer. Every text from the
-// server is set with textContent (never innerHTML).
+// Diagnose page: upload images to the JSON API and show the answers. Every text from the
+// server is set with textContent (never innerHTML). Nothing is stored: results live in this
+// page's memory, and the batch CSV is made in the browser.
 (() => {
   "use strict";
   const $ = (id) => document.getElementById(id);
-  const select = $("model");
-  if (!select) return; // no models loaded
+  const picker = $("model-picker");
+  if (!picker) return; // no models loaded
+  const INFO = JSON.parse($("model-info").textContent);
+  // McIsaac score -> share of patients (3 years and older) testing positive for group A
+  // streptococcus in Fine, Nizet & Mandl, Arch Intern Med 2012;172:847 (206,870 patients).
+  const MCISAAC = { 0: 8, 1: 14, 2: 23, 3: 37, 4: 55 };
+  let batchRows = [];
+
+  function chosen() {
+    const r = picker.querySelector("input[name=model]:checked");
+    return r ? r.value : null;
+  }
+
+  function modelTitle(name) {
+    const r = picker.querySelector(`input[value="${CSS.escape(name)}"]`);
+    return r ? r.closest("label").querySelector(".model-title").textContent : name;
+  }
 
   function showCard() {
     document.querySelectorAll(".model-card").forEach((s) => {
-      s.hidden = s.dataset.model !== select.value;
+      s.hidden = s.dataset.model !== chosen();
     });
   }
 
@@ -20,8 +36,10 @@
 
   function clearResult() {
     $("result").hidden = true;
+    $("batch").hidden = true;
     $("error").hidden = true;
     $("status").textContent = "";
+    $("context").hidden = true;
     clearImages();
   }
 
@@ -36,11 +54,9 @@
     return (100 * p).toFixed(1) + "%";
   }
 
-  function render(r, fileName) {
-    $("result-file").textContent = `File: ${fileName} · model: ${select.options[select.selectedIndex].text}`;
-    $("result-label").textContent = r.label;
-    const bars = $("probabilities");
-    bars.replaceChildren();
+  function bars(r) {
+    const box = $("probabilities");
+    box.replaceChildren();
     const classes = Object.keys(r.probabilities);
     for (const [cls, p] of Object.entries(r.probabilities)) {
       const row = document.createElement("div");
@@ -67,11 +83,23 @@
       value.className = "bar-value";
       value.textContent = pct(p);
       row.append(name, track, value);
-      bars.appendChild(row);
+      box.appendChild(row);
     }
     $("threshold").textContent = r.threshold === null
       ? "Decision rule: the most probable class."
       : `Decision threshold: ${classes[1]} is predicted when its calibrated probability is at least ${pct(r.threshold)}.`;
+  }
+
+  function oodText(ood) {
+    const level = ood.ratio === null || ood.ratio === undefined
+      ? Number(ood.score).toFixed(2)
+      : Number(ood.ratio).toFixed(1) + " times the level at which images are flagged (1 = the level; the model's own validation images stay below it 97.5% of the time)";
+    return `Out-of-distribution score ${level}. Check the image and the model: is this the right kind of image for it?`;
+  }
+
+  function render(r, fileName, model) {
+    $("result-file").textContent = `File: ${fileName} · model: ${modelTitle(model)}`;
+    bars(r);
     const ood = r.ood || { flag: null, score: null, ratio: null };
     const flagged = ood.flag === true;
     // A flagged image gets no verdict in the normal style: say so plainly, grey the bars.
@@ -81,9 +109,7 @@
       ? `this image is unlike the images the model was trained on (the model's output, not to be trusted, would be ${r.label})`
       : r.label;
     $("ood-warning").hidden = !flagged;
-    $("ood-warning").textContent = flagged
-      ? `Out-of-distribution score ${ood.ratio === null || ood.ratio === undefined ? Number(ood.score).toFixed(2) : Number(ood.ratio).toFixed(1) + " times the level at which images are flagged (1 = the level; the model's own validation images stay below it 97.5% of the time)"}. Check the image and the model: is this the right kind of image for it?`
-      : "";
+    $("ood-warning").textContent = flagged ? oodText(ood) : "";
     $("ood-none").hidden = ood.flag !== null;
     const notes = $("notes");
     notes.replaceChildren();
@@ -100,23 +126,74 @@
     }
     $("version").textContent = r.version;
     $("elapsed").textContent = r.elapsed_ms;
+    $("when").textContent = new Date().toLocaleString();
+    setupContext(r, model, flagged);
     $("status").textContent = "";
     $("error").hidden = true;
     $("result").hidden = false;
   }
 
-  async function diagnose(file) {
-    clearResult();
-    $("status").textContent = `Analysing ${file.name}…`;
+  // ------------------------------------------------------------------ clinical context
+  let current = null; // {r, info}
+
+  function setupContext(r, model, flagged) {
+    const info = INFO[model];
+    const lr = info && info.lr;
+    current = { r, info };
+    $("context").hidden = !lr || flagged;
+    if (!lr || flagged) return;
+    $("pretest-label").textContent = info.labels[1];
+    $("mcisaac").hidden = info.clinical_score !== "mcisaac";
+    if (info.clinical_score === "mcisaac") updateMcIsaac();
+    updatePostTest();
+  }
+
+  function updateMcIsaac() {
+    let score = Number($("mc-age").value);
+    document.querySelectorAll("#mcisaac .mc").forEach((c) => { if (c.checked) score += 1; });
+    const p = MCISAAC[Math.max(0, Math.min(4, score))];
+    $("mc-result").textContent = `Score ${score}: in a large US study, ${p}% of patients with this score tested positive for group A streptococcus (Fine et al. 2012). Used below as the pre-test probability.`;
+    $("pretest").value = p;
+    updatePostTest();
+  }
+
+  function fmtLr(v) {
+    return v === null ? "not finite (no false results of this kind on that split)" : v.toFixed(2);
+  }
+
+  function updatePostTest() {
+    if (!current || !current.info || !current.info.lr) return;
+    const { r, info } = current;
+    const lr = info.lr;
+    const positive = r.label === info.labels[1];
+    const ratio = positive ? lr.positive : lr.negative;
+    const pre = Number($("pretest").value) / 100;
+    const basis = `Likelihood ratio of a ${positive ? "positive" : "negative"} result: ${fmtLr(ratio)} (sensitivity ${lr.sensitivity.toFixed(3)}, specificity ${lr.specificity.toFixed(3)} at the threshold, measured on the model's ${lr.title.toLowerCase()}, n = ${lr.n}).`;
+    const assumptions = " Assumes the likelihood ratio holds in your population (the same spectrum of disease and images), that the image is of the kind the model was trained on, and that the pre-test probability does not already count what the image shows." + (info.clinical_score === "mcisaac" ? " The McIsaac score estimates group A streptococcus, while this model was trained on photographs labelled pharyngitis or not (any cause), and tonsillar exudate counts in both: the post-test figure is optimistic and for teaching only." : "");
+    $("context-basis").textContent = basis + assumptions;
+    if (!(pre > 0 && pre < 1)) {
+      $("posttest").textContent = "Enter a pre-test probability between 0.1% and 99.9%.";
+      return;
+    }
+    if (ratio === null) {
+      $("posttest").textContent = "No post-test probability: the likelihood ratio is not finite on the split it was measured on.";
+      return;
+    }
+    const odds = (pre / (1 - pre)) * ratio;
+    const post = odds / (1 + odds);
+    $("posttest").textContent = `Post-test probability of ${info.labels[1]}: ${pct(post)} (pre-test ${pct(pre)}, ${positive ? "positive" : "negative"} result).`;
+  }
+
+  // ------------------------------------------------------------------ requests
+  async function ask(file, model, explain) {
     const body = new FormData();
     body.append("file", file);
-    const url = `/api/v1/models/${encodeURIComponent(select.value)}/predict?explain=${$("explain").checked}`;
+    const url = `/api/v1/models/${encodeURIComponent(model)}/predict?explain=${explain}`;
     let res;
     try {
       res = await fetch(url, { method: "POST", body });
     } catch (err) {
-      showError(`The server could not be reached (${err.message}). Is medlens serve still running?`);
-      return;
+      return { error: `The server could not be reached (${err.message}). Is medlens serve still running?` };
     }
     let payload = null;
     try {
@@ -126,18 +203,112 @@
     }
     if (!res.ok) {
       const detail = payload && payload.detail ? payload.detail : `${res.status} ${res.statusText}`;
-      showError(`The image could not be analysed: ${detail}`);
+      return { error: `The image could not be analysed: ${detail}` };
+    }
+    return { result: payload };
+  }
+
+  async function diagnose(file, model) {
+    clearResult();
+    $("status").textContent = `Analysing ${file.name}…`;
+    const got = await ask(file, model, $("explain").checked);
+    if (got.error) showError(got.error);
+    else render(got.result, file.name, model);
+  }
+
+  function cell(tr, text, cls) {
+    const td = document.createElement("td");
+    td.textContent = text;
+    if (cls) td.className = cls;
+    tr.appendChild(td);
+  }
+
+  async function diagnoseMany(files, model) {
+    clearResult();
+    batchRows = [];
+    const body = $("batch-table").querySelector("tbody");
+    body.replaceChildren();
+    $("batch-heading").textContent = `Results for ${files.length} images`;
+    $("batch-model").textContent = `Model: ${modelTitle(model)}. Open a file alone for its Grad-CAM map and clinical context.`;
+    $("batch").hidden = false;
+    let done = 0;
+    for (const file of files) {
+      $("status").textContent = `Analysing ${file.name} (${done + 1} of ${files.length})…`;
+      const got = await ask(file, model, false);
+      const tr = document.createElement("tr");
+      cell(tr, file.name);
+      if (got.error) {
+        cell(tr, "error", "err");
+        cell(tr, got.error);
+        cell(tr, "");
+        batchRows.push({ file: file.name, error: got.error });
+      } else {
+        const r = got.result;
+        const flagged = r.ood && r.ood.flag === true;
+        cell(tr, flagged ? `not assessed (would be ${r.label})` : r.label, flagged ? "ood" : "");
+        cell(tr, Object.entries(r.probabilities).map(([c, p]) => `${c} ${pct(p)}`).join(", "));
+        cell(tr, r.ood && r.ood.flag !== null ? (flagged ? "flagged" : "no") : "no check");
+        batchRows.push({ file: file.name, r });
+      }
+      body.appendChild(tr);
+      done += 1;
+    }
+    $("status").textContent = `${done} images analysed.`;
+  }
+
+  function csvQuote(v) {
+    const s = v === null || v === undefined ? "" : String(v);
+    return /[",\n\r]/.test(s) ? `"${s.replace(/"/g, '""')}"` : s;
+  }
+
+  function downloadCsv() {
+    const model = chosen();
+    const labels = INFO[model] ? INFO[model].labels : [];
+    const head = ["path", "label", ...labels.map((c) => `p_${c}`), "threshold", "ood_flag", "ood_score", "error"];
+    const lines = [head.join(",")];
+    for (const row of batchRows) {
+      const r = row.r;
+      const values = r
+        ? [row.file, r.label, ...labels.map((c) => r.probabilities[c]), r.threshold,
+           r.ood ? r.ood.flag : null, r.ood ? r.ood.score : null, null]
+        : [row.file, null, ...labels.map(() => null), null, null, null, row.error];
+      lines.push(values.map(csvQuote).join(","));
+    }
+    const blob = new Blob([lines.join("\n") + "\n"], { type: "text/csv" });
+    const a = document.createElement("a");
+    a.href = URL.createObjectURL(blob);
+    a.download = `medlens-${model}-predictions.csv`;
+    document.body.appendChild(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(a.href), 1000);
+  }
+
+  function handle(files) {
+    const list = Array.from(files || []);
+    if (!list.length) return;
+    const model = chosen();
+    if (!model) {
+      showError("Choose the model for this image first (step 1): each model reads one kind of image.");
       return;
     }
-    render(payload, file.name);
+    if (list.length === 1) diagnose(list[0], model);
+    else diagnoseMany(list, model);
   }
 
   // The form never submits itself: uploads go through fetch (no inline handler: the
   // Content-Security-Policy allows only this file's script).
-  const form = document.getElementById("diagnose-form");
-  if (form) form.addEventListener("submit", (e) => e.preventDefault());
-  select.addEventListener("change", () => { showCard(); clearResult(); });
+  $("diagnose-form").addEventListener("submit", (e) => e.preventDefault());
+  picker.addEventListener("change", (e) => {
+    if (e.target.name !== "model") return;
+    showCard();
+    clearResult();
+  });
   showCard();
+  document.querySelectorAll("#mcisaac .mc, #mc-age").forEach((el) => el.addEventListener("change", updateMcIsaac));
+  $("pretest").addEventListener("input", updatePostTest);
+  $("print").addEventListener("click", () => window.print());
+  $("batch-csv").addEventListener("click", downloadCsv);
 
   const drop = $("drop-zone");
   const input = $("file");
@@ -147,15 +318,12 @@
   for (const ev of ["dragleave", "drop"]) {
     drop.addEventListener(ev, (e) => { e.preventDefault(); drop.classList.remove("over"); });
   }
-  drop.addEventListener("drop", (e) => {
-    const f = e.dataTransfer && e.dataTransfer.files[0];
-    if (f) diagnose(f);
-  });
+  drop.addEventListener("drop", (e) => handle(e.dataTransfer && e.dataTransfer.files));
   drop.addEventListener("keydown", (e) => {
     if (e.key === "Enter" || e.key === " ") { e.preventDefault(); input.click(); }
   });
   input.addEventListener("change", () => {
-    if (input.files[0]) diagnose(input.files[0]);
+    handle(input.files);
     input.value = ""; // choosing the same file again triggers another analysis
   });
 })();
