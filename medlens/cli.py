@@ -215,6 +215,15 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
         "threshold in the model card); unreadable files "
         "are listed with their error instead of stopping the batch",
     )
+    p.add_argument(
+        "--format",
+        choices=["fhir", "dicom-sr"],
+        default=None,
+        help="instead of the table: fhir, an HL7 FHIR R4 DiagnosticReport per image (printed as "
+        "JSON lines, or one .fhir.json file per image in --out DIR); dicom-sr, a DICOM "
+        "Structured Report per DICOM image, written into --out DIR (it carries the image's "
+        "patient and study identifiers, so the PACS files it with the study)",
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument(
         "--backend",
@@ -301,11 +310,48 @@ def _print_rows(pred: Predictor, rows: list[dict], as_json: bool) -> None:
             print(f"{r['path']}\t{r['label']}\t{probs}{warn}")
 
 
+def _predict_documents(a: argparse.Namespace, pred: Predictor, files: list[str]) -> int:
+    """``predict --format fhir|dicom-sr``: one document per image (see medlens.interop)."""
+    from medlens.artifacts.card import model_card, model_version
+    from medlens.data.imaging import read_image
+    from medlens.errors import ImageReadError
+    from medlens.fileio import atomic_write_bytes
+    from medlens.interop.documents import render
+
+    if a.format == "dicom-sr" and not a.out:
+        raise UsageError("--format dicom-sr writes files: give --out DIR (a folder)")
+    out = Path(a.out) if a.out else None
+    if out is not None:
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out {out} is a file; with --format give a folder")
+        out.mkdir(parents=True, exist_ok=True)
+    card = model_card(pred.meta, pred.folder)
+    about = {"name": pred.meta.name, "version": model_version(pred.meta, pred.folder),
+             "title": card["title"]}  # fmt: skip
+    failed = 0
+    for f in files:
+        try:
+            img = read_image(f, target_size=pred.pre.image_size)
+            doc = render(a.format, pred.predict_pixels([img.pixels])[0], about, card, img.dicom)
+        except (ImageReadError, OSError, UsageError) as e:
+            failed += 1
+            print(f"{f}\tERROR\t{e}", file=sys.stderr)
+            continue
+        if out is None:
+            print(json.dumps(json.loads(doc.content)))
+        else:
+            atomic_write_bytes(out / doc.filename, doc.content)
+            print(f"{f}\t{out / doc.filename}")
+    return 1 if files and failed == len(files) else 0
+
+
 def _cmd_predict(a: argparse.Namespace) -> int:
     from medlens.fileio import write_csv
     from medlens.inference.predictor import Predictor
 
     pred = Predictor(a.model, backend=a.backend, tta=a.tta)
+    if a.format:
+        return _predict_documents(a, pred, _expand_inputs(a.paths))
     rows = _predict_rows(pred, _expand_inputs(a.paths), a.batch_size, a.quiet)
     failed = sum(r["error"] is not None for r in rows)
     if a.out:
@@ -363,6 +409,49 @@ def _cmd_explain(a: argparse.Namespace) -> int:
     print(f"{a.image}\t{r.label}\t" + "  ".join(f"{c}={v:.4f}" for c, v in r.probabilities.items()))
     print(f"wrote {a.out}")
     return 0
+
+
+def _add_pacs(p: argparse.ArgumentParser) -> None:
+    """classify a study's images on a PACS (DICOMweb) and store DICOM SRs back
+
+    Find the image instances of each --study on a DICOMweb server (QIDO-RS), fetch them
+    (WADO-RS), predict with --model, and store a DICOM Structured Report about each image
+    into the same study (STOW-RS). Everything stays in memory; the summary names instances
+    by series and instance number only.
+    """
+    p.add_argument(
+        "--url",
+        required=True,
+        help="the server's DICOMweb root, e.g. http://127.0.0.1:8042/dicom-web",
+    )
+    p.add_argument("--model", required=True, help="run folder or bundled/installed model name")
+    p.add_argument(
+        "--study",
+        action="append",
+        required=True,
+        metavar="UID",
+        help="Study Instance UID (repeatable)",
+    )
+    p.add_argument("--no-store", action="store_true", help="predict only; store no reports")
+    p.add_argument("--limit", type=int, default=None, help="at most this many images per study")
+    p.add_argument("--timeout", type=float, default=30, help="seconds per request; default 30")
+
+
+def _cmd_pacs(a: argparse.Namespace) -> int:
+    from medlens.artifacts.card import model_card, model_version
+    from medlens.inference.predictor import Predictor
+    from medlens.interop.pacs import round_trip
+
+    pred = Predictor(a.model)
+    card = model_card(pred.meta, pred.folder)
+    about = {"name": pred.meta.name, "version": model_version(pred.meta, pred.folder),
+             "title": card["title"]}  # fmt: skip
+    res = round_trip(a.url, a.study, pred, about, card, store=not a.no_store, limit=a.limit,
+                     timeout=a.timeout)  # fmt: skip
+    for line in res.lines:
+        print(line)
+    print(f"{len(res.stored)} report(s) stored, {res.failed} image(s) could not be used")
+    return 1 if res.failed and not res.stored else 0
 
 
 def _add_compare(p: argparse.ArgumentParser) -> None:
@@ -770,6 +859,7 @@ COMMANDS = {
     "predict": (_add_predict, _cmd_predict),
     "explain": (_add_explain, _cmd_explain),
     "compare": (_add_compare, _cmd_compare),
+    "pacs": (_add_pacs, _cmd_pacs),
     "models": (_add_models, _cmd_models),
     "export": (_add_export, _cmd_export),
     "serve": (_add_serve, _cmd_serve),

@@ -20,6 +20,7 @@ LAYERS = [
     {"medlens.data", "medlens.modeling", "medlens.evaluation"},
     {"medlens.artifacts"},
     {"medlens.inference"},
+    {"medlens.interop"},
     {"medlens.reporting"},
     {"medlens.training"},
     {"medlens.serve"},

@@ -113,3 +113,22 @@ def test_ood_rates_on_real_data(bundled):
             continue
         rate = flag_rate(pred, sample_files(SHARED_DATA / folder, OTHER_PER_TASK, seed=1))
         assert rate >= 0.95, f"{name}: only {rate:.1%} of {other} images flagged"
+
+
+def test_the_dashboard_has_curves_and_results_of_each_bundled_model(bundled):
+    """What ``make run`` shows at /dashboard: the bundle ships its curves and the shipped
+    file's per-image results (issue #14 item 2), carved test split first where there is one."""
+    from medlens.serve.dashboard import run_results
+
+    name, pred = bundled
+    res = run_results(name, bundled_models_dir() / name)
+    assert res["missing"] == []
+    ids = {f["id"] for f in res["figures"]}
+    assert {"curve-acc", "curve-loss", "roc", "confusion"} <= ids
+    meta_metrics = pred.meta.extra["metrics"]
+    assert [s["split"] for s in res["splits"]] == sorted(meta_metrics, key=lambda s: s != "test")
+    for s in res["splits"]:  # the tables show the card's figures
+        m = meta_metrics[s["split"]]
+        assert s["n"] == m["n"] and s["headline"]["Accuracy"][0] == m["accuracy"]
+    card = json.loads((bundled_models_dir() / name / "model_card.json").read_text())
+    assert "../" not in json.dumps(card["training"])  # no developer paths

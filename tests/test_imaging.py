@@ -332,7 +332,7 @@ def test_dicom_size_guard():
 def test_empty_file_and_empty_upload(tmp_path):
     path = tmp_path / "x.png"
     path.write_bytes(b"")
-    with pytest.raises(ImageReadError, match=r"`.*x\.png` is empty \(0 bytes\); .*--skip-bad"):
+    with pytest.raises(ImageReadError, match=r"`.*x\.png` is empty \(0 bytes\); check the file"):
         read_image(path)
     with pytest.raises(ImageReadError, match=r"`upload` is empty .*upload a PNG, JPEG or") as err:
         read_image(b"")
@@ -342,7 +342,9 @@ def test_empty_file_and_empty_upload(tmp_path):
 def test_text_file_is_not_an_image(tmp_path):
     path = tmp_path / "notes.txt"
     path.write_text("hello, not an image\n" * 10)
-    with pytest.raises(ImageReadError, match=r"notes\.txt` is not an image \(PIL could not"):
+    with pytest.raises(
+        ImageReadError, match=r"notes\.txt` is not an image MedLens can read \(neither a picture"
+    ):
         read_image(path)
     assert not is_dicom(path)
 

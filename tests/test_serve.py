@@ -99,8 +99,9 @@ def test_predict_png_matches_the_torch_network(client, served_models, png, image
         "ood",
         "elapsed_ms",
         "notes",
+        "dicom",
     }
-    assert body["model"] == BINARY
+    assert body["model"] == BINARY and body["dicom"] == {}  # a PNG has no DICOM header
     # The run's guard (ood.npz) scores every upload; a training-like image is not flagged.
     assert body["ood"]["flag"] is False and body["ood"]["score"] > 0
     assert list(body["probabilities"]) == ["NORMAL", "PNEUMONIA"]

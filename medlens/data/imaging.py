@@ -17,7 +17,7 @@ import os
 import re
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -60,12 +60,40 @@ class DecodedImage:
         source_format: Container format, e.g. ``"PNG"``, ``"JPEG"``, ``"TIFF"``, ``"DICOM"``.
         notes: Human-readable remarks about conversions applied (bit depth, alpha, frames, ...).
         modality: DICOM Modality tag (``"CR"``, ``"DX"``, ``"MR"``, ...); ``None`` for non-DICOM.
+        dicom: A DICOM upload's header (the pydicom dataset without its pixel data): what a
+            DICOM Structured Report about it must reference. It holds patient identifiers: it
+            stays in memory, never in ``repr``, logs or files unless the caller writes an SR.
     """
 
     pixels: np.ndarray
     source_format: str
     notes: tuple[str, ...] = ()
     modality: str | None = None
+    dicom: Any = field(default=None, repr=False, compare=False)
+
+    def header_facts(self) -> dict[str, str | int]:
+        """The non-identifying header facts a reader checks (modality, view, body part,
+        photometric interpretation, bits, size); empty for a non-DICOM image."""
+        if self.dicom is None:
+            return {}
+        out = {}
+        for key in _HEADER_FACTS:
+            value = self.dicom.get(key)
+            if value not in (None, ""):
+                out[key] = value if isinstance(value, int) else str(value).strip()
+        return out
+
+
+_HEADER_FACTS = (
+    "Modality",
+    "ViewPosition",
+    "BodyPartExamined",
+    "PhotometricInterpretation",
+    "BitsStored",
+    "Rows",
+    "Columns",
+)
+"""DICOM attributes shown with a result: none of them identifies a patient."""
 
 
 def read_image(
@@ -439,7 +467,19 @@ def _decode_dicom(ds: Any, label: str, hint: str, max_pixels: int) -> DecodedIma
             pixels = 255 - pixels
             notes.append("MONOCHROME1 inverted so that higher values are brighter")
     modality = str(ds.get("Modality") or "").strip() or None
-    return DecodedImage(_owned(pixels), "DICOM", tuple(notes), modality)
+    return DecodedImage(_owned(pixels), "DICOM", tuple(notes), modality, _header(ds))
+
+
+def _header(ds: Any) -> Any:
+    """The dataset's elements but its pixel data (a structured report references them)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+
+    header = Dataset()
+    for elem in ds:
+        if elem.keyword not in _PIXEL_KEYWORDS:
+            header.add(elem)
+    header.file_meta = FileMetaDataset(ds.file_meta)
+    return header
 
 
 def _linear_rescale(ds: Any) -> tuple[float, float] | None:

@@ -655,7 +655,8 @@ def training_figures(history: list[dict] | None) -> dict[str, dict]:
             marks.append(_vline(best[0], dash="dot", name=best[1]))
         fig_layout = layout(title, "epoch", ytitle, xaxis=tick, shapes=marks, annotations=notes)
         if name == "lr":
-            fig_layout["yaxis"].update(type="log", dtick="D2")
+            # Readable ticks ("3.0e-4"), not plotly's bare log-axis digits ("2", "100µ").
+            fig_layout["yaxis"].update(type="log", tickformat=".1e", nticks=6)
         out[name] = figure(data, fig_layout)
     return out
 

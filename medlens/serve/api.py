@@ -13,17 +13,17 @@ import io
 import logging
 import time
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from anyio.to_thread import run_sync
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medlens.data.imaging import read_image
-from medlens.errors import ImageReadError, ModelOutputError
+from medlens.errors import ImageReadError, ModelOutputError, UsageError
 from medlens.inference.cam import overlay_cam
 from medlens.serve.models import ServedModel
 from medlens.serve.upload import UploadError, read_file_field
@@ -77,6 +77,12 @@ class PredictOut(BaseModel):
         description="conversions applied while decoding (e.g. first frame "
         "of a multi-frame DICOM used)"
     )
+    dicom: dict[str, str | int] = Field(
+        default_factory=dict,
+        description="a DICOM upload's non-identifying header facts (Modality, ViewPosition, "
+        "BodyPartExamined, PhotometricInterpretation, BitsStored, Rows, Columns); empty "
+        "otherwise. Patient identifiers are never returned here",
+    )
     cam_png_base64: str | None = Field(None, description="explain=true: Grad-CAM overlay, PNG")
     image_png_base64: str | None = Field(
         None, description="explain=true: the image at the overlay's size, PNG"
@@ -129,14 +135,11 @@ def _png_base64(pixels: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _predict(model: ServedModel, data: bytes, explain: bool, max_pixels: int) -> dict:
-    """Decode, predict and (optionally) explain one upload; runs in a worker thread."""
-    t0 = time.perf_counter()
-    digest = hashlib.sha256(data).hexdigest()
-    version = model.info["version"]
+def _decode(model: ServedModel, data: bytes, max_pixels: int, digest: str, t0: float) -> Any:
+    """The upload decoded; 422 (logged by its hash only) when it is not a usable image."""
     try:
         # target_size: a large JPEG decodes straight to >= the network's input size.
-        img = read_image(
+        return read_image(
             data, name="upload", max_pixels=max_pixels, target_size=model.predictor.pre.image_size
         )
     except ImageReadError as e:
@@ -144,11 +147,28 @@ def _predict(model: ServedModel, data: bytes, explain: bool, max_pixels: int) ->
             "rejected time=%s model=%s version=%s upload_sha256=%s status=422 elapsed_ms=%.1f",
             _now(),
             model.name,
-            version,
+            model.info["version"],
             digest,
             (time.perf_counter() - t0) * 1e3,
         )
         raise UploadError(422, str(e)) from None
+
+
+def _predict(
+    model: ServedModel, data: bytes, explain: bool, max_pixels: int, fmt: str = "json"
+) -> dict | Response:
+    """Decode, predict and (optionally) explain one upload; runs in a worker thread. With
+    ``fmt`` ``fhir`` or ``dicom-sr`` the answer is that document instead of the JSON dict."""
+    t0 = time.perf_counter()
+    digest = hashlib.sha256(data).hexdigest()
+    version = model.info["version"]
+    img = _decode(model, data, max_pixels, digest, t0)
+    if fmt == "dicom-sr" and img.dicom is None:
+        raise UploadError(
+            422,
+            "format=dicom-sr needs a DICOM upload (the report references the image's study "
+            "and SOP instance); this upload is not DICOM: ask for format=json or fhir",
+        )
     pred = model.predictor
     try:
         result = pred.predict_pixels([img.pixels])[0]
@@ -166,7 +186,25 @@ def _predict(model: ServedModel, data: bytes, explain: bool, max_pixels: int) ->
         "ood": result.ood,
         "elapsed_ms": 0.0,
         "notes": list(img.notes),
+        "dicom": img.header_facts(),
     }
+    if fmt != "json":
+        try:
+            document = _document(model, result, img, fmt)
+        except UsageError as e:  # a DICOM without the UIDs a report references
+            raise UploadError(422, str(e)) from None
+        log.info(
+            "prediction time=%s model=%s version=%s upload_sha256=%s label=%s format=%s "
+            "elapsed_ms=%.1f",
+            _now(),
+            model.name,
+            version,
+            digest,
+            result.label,
+            fmt,
+            (time.perf_counter() - t0) * 1e3,
+        )
+        return document
     if explain:
         idx = None if pred.meta.binary else pred.labels.index(result.label)
         cam, _ = pred.explain(img.pixels, idx)
@@ -188,6 +226,19 @@ def _predict(model: ServedModel, data: bytes, explain: bool, max_pixels: int) ->
         out["elapsed_ms"],
     )
     return out
+
+
+def _document(model: ServedModel, result: Any, img: Any, fmt: str) -> Response:
+    """The prediction as a FHIR R4 DiagnosticReport or a DICOM SR (Part 10 bytes)."""
+    from medlens.interop.documents import render
+
+    about = {"name": model.name, "version": model.info["version"], "title": model.info["title"]}
+    doc = render(fmt, result, about, model.card, img.dicom)
+    return Response(
+        doc.content,
+        media_type=doc.media_type,
+        headers={"Content-Disposition": f'attachment; filename="{doc.filename}"'},
+    )
 
 
 def _now() -> str:
@@ -250,7 +301,13 @@ async def predict(
     request: Request,
     name: str,
     explain: bool = Query(False, description="add a Grad-CAM overlay (cam_png_base64)"),
-) -> JSONResponse:
+    format: Literal["json", "fhir", "dicom-sr"] = Query(  # noqa: A002 - the API's own word
+        "json",
+        description="json (this schema); fhir: an HL7 FHIR R4 DiagnosticReport with contained "
+        "Observations (application/fhir+json); dicom-sr: a DICOM Structured Report about a "
+        "DICOM upload (application/dicom; 422 for other images)",
+    ),
+) -> Response:
     """Diagnose one image sent as multipart field `file` (PNG, JPEG or DICOM).
 
     The upload is processed in memory and never stored.
@@ -258,5 +315,7 @@ async def predict(
     state = request.app.state
     model = get_model(request, name)  # before reading the body: unknown models cost nothing
     data = await read_file_field(request, "file", state.max_upload_bytes)
-    result = await run_sync(_predict, model, data, explain, state.max_pixels, limiter=state.workers)
-    return JSONResponse(result)
+    result = await run_sync(
+        _predict, model, data, explain, state.max_pixels, format, limiter=state.workers
+    )
+    return result if isinstance(result, Response) else JSONResponse(result)

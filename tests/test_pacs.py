@@ -1,0 +1,190 @@
+"""A real PACS round trip: Orthanc with its DICOMweb plugin, started here on 127.0.0.1 with a
+temporary storage folder (issue #15).
+
+A DICOM chest X-ray goes into Orthanc through its REST API; ``medlens pacs`` finds it
+(QIDO-RS), fetches it (WADO-RS), predicts with the bundled pneumonia model and stores a DICOM
+SR (STOW-RS); the SR is then found in the same study through Orthanc's own API. ``make test``
+installs Debian's ``orthanc`` and ``orthanc-dicomweb``; outside CI the module skips, with a
+message, where they are missing. Orthanc's storage is deleted afterwards: no patient data is
+left behind.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx2 as httpx
+import numpy as np
+import pydicom
+import pytest
+from conftest import SHARED_DATA
+from dicom_fixtures import PATIENT_ID, PATIENT_NAME, dicom_xray, to_bytes
+from PIL import Image
+
+from medlens.cli import main
+
+ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+if not (Path(ORTHANC).exists() and PLUGIN.exists()):
+    if os.environ.get("CI"):
+        raise RuntimeError(f"{ORTHANC} or {PLUGIN} is missing: `make test` installs them")
+    pytest.skip(
+        f"Orthanc is not installed ({ORTHANC}, {PLUGIN}): `make test` installs the Debian "
+        "packages orthanc and orthanc-dicomweb; in CI this test runs",
+        allow_module_level=True,
+    )
+
+PNEUMONIA_SCT = "233604007"
+NORMAL_SCT = "17621005"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_orthanc(root: Path, lua: str | None = None) -> tuple[str, subprocess.Popen]:
+    port = _free_port()
+    config = {
+        "Name": "medlens-test",
+        "StorageDirectory": str(root / "storage"),
+        "IndexDirectory": str(root / "storage"),
+        "HttpPort": port,
+        "DicomServerEnabled": False,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "Plugins": [str(PLUGIN)],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+    }
+    if lua:
+        (root / "filter.lua").write_text(lua)
+        config["LuaScripts"] = [str(root / "filter.lua")]
+    (root / "orthanc.json").write_text(json.dumps(config))
+    log = open(root / "orthanc.log", "w")
+    proc = subprocess.Popen([ORTHANC, str(root / "orthanc.json")], stdout=log, stderr=log)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while True:
+        try:
+            if httpx.get(f"{base}/system", timeout=1).status_code == 200:
+                return base, proc
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise RuntimeError(f"Orthanc did not start: {(root / 'orthanc.log').read_text()}")
+        time.sleep(0.2)
+
+
+def _stop(proc: subprocess.Popen, root: Path) -> None:
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    shutil.rmtree(root / "storage", ignore_errors=True)
+    assert not (root / "storage").exists()  # no patient data left behind
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    root = tmp_path_factory.mktemp("orthanc")
+    base, proc = _start_orthanc(root)
+    yield base
+    _stop(proc, root)
+
+
+def _xray_pixels() -> np.ndarray:
+    files = sorted((SHARED_DATA / "chest_xray" / "train" / "PNEUMONIA").glob("*.jpeg"))
+    if files:  # a real paediatric chest X-ray where the data is here
+        return np.asarray(Image.open(files[0]).convert("L"))
+    yy, xx = np.mgrid[:224, :224]
+    return (128 + 60 * np.sin(xx / 17.0) * np.cos(yy / 23.0)).astype(np.uint8)
+
+
+def _upload(base: str, ds) -> None:
+    r = httpx.post(f"{base}/instances", content=to_bytes(ds), timeout=30)
+    assert r.status_code == 200, r.text
+
+
+def _study_instances(base: str, study_uid: str) -> list[pydicom.Dataset]:
+    found = httpx.post(
+        f"{base}/tools/find", json={"Level": "Study", "Query": {"StudyInstanceUID": study_uid}}
+    ).json()
+    assert len(found) == 1
+    out = []
+    for inst in httpx.get(f"{base}/studies/{found[0]}/instances").json():
+        raw = httpx.get(f"{base}/instances/{inst['ID']}/file").content
+        out.append(pydicom.dcmread(io.BytesIO(raw)))
+    return out
+
+
+def test_pacs_round_trip_stores_an_sr_in_the_same_study(orthanc, capsys, tmp_path, monkeypatch):
+    import highdicom as hd
+
+    source = dicom_xray(_xray_pixels())
+    _upload(orthanc, source)
+    monkeypatch.chdir(tmp_path)  # MedLens writes nothing: the folder must stay empty
+    argv = ["pacs", "--url", f"{orthanc}/dicom-web", "--model", "pneumonia",
+            "--study", source.StudyInstanceUID]  # fmt: skip
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "1 report(s) stored, 0 image(s) could not be used" in out
+    assert "series 1, instance 1:" in out and "report stored" in out
+    for secret in (PATIENT_ID, "Testpatient", source.StudyInstanceUID, source.SOPInstanceUID):
+        assert secret not in out + err  # names instances by number only
+    assert list(tmp_path.iterdir()) == []
+    instances = _study_instances(orthanc, source.StudyInstanceUID)
+    sr = [d for d in instances if d.Modality == "SR"]
+    assert len(instances) == 2 and len(sr) == 1
+    sr = sr[0]
+    assert sr.PatientID == PATIENT_ID and str(sr.PatientName) == PATIENT_NAME
+    assert sr.StudyInstanceUID == source.StudyInstanceUID
+    assert sr.SeriesInstanceUID != source.SeriesInstanceUID
+    assert "not for diagnostic use" in sr.SeriesDescription
+    ref = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+    assert ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    report = hd.sr.srread(io.BytesIO(to_bytes(sr)))
+    assert report.VerificationFlag == "UNVERIFIED" and report.PreliminaryFlag == "PRELIMINARY"
+    group = report.content.get_image_measurement_groups()[0]
+    finding = group.get_qualitative_evaluations()[0].value
+    assert finding.scheme_designator == "SCT" and finding.value in (PNEUMONIA_SCT, NORMAL_SCT)
+    probs = {m.name.meaning: m.value for m in group.get_measurements()}
+    assert sum(v for k, v in probs.items() if k.startswith("Calibrated")) == pytest.approx(1, 1e-4)
+    assert group.source_images[0].referenced_sop_instance_uid == source.SOPInstanceUID
+
+
+def test_pacs_unknown_study_and_server_down_are_clear_errors(orthanc, capsys):
+    argv = ["pacs", "--url", f"{orthanc}/dicom-web", "--model", "pneumonia", "--study", "1.2.3.4"]
+    assert main(argv) == 2
+    assert "has no instances of the requested study" in capsys.readouterr().err
+    down = f"http://127.0.0.1:{_free_port()}/dicom-web"
+    assert main(["pacs", "--url", down, "--model", "pneumonia", "--study", "1.2.3.4"]) == 2
+    assert "cannot reach the DICOMweb server" in capsys.readouterr().err
+
+
+def test_a_refused_stow_is_an_error_and_stores_nothing(tmp_path, capsys):
+    # This Orthanc accepts images but filters out every structured report (its DICOMweb
+    # plugin still acknowledges the STOW-RS request: MedLens checks with a search).
+    lua = "function ReceivedInstanceFilter(dicom, origin, info)\n" \
+          "  return dicom.Modality ~= 'SR'\nend\n"  # fmt: skip
+    base, proc = _start_orthanc(tmp_path, lua)
+    try:
+        source = dicom_xray(_xray_pixels())
+        _upload(base, source)
+        argv = ["pacs", "--url", f"{base}/dicom-web", "--model", "pneumonia",
+                "--study", source.StudyInstanceUID]  # fmt: skip
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "did not keep the report on series 1, instance 1: STOW-RS acknowledged" in err
+        assert [d.Modality for d in _study_instances(base, source.StudyInstanceUID)] == ["DX"]
+    finally:
+        _stop(proc, tmp_path)
