@@ -2,7 +2,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install browser lint test test-slow models run clean
+.PHONY: install browser orthanc lint test test-slow models run clean
 
 # The browser test drives Debian's chromium (Playwright never downloads a browser here).
 CHROMIUM ?= /usr/bin/chromium
@@ -23,11 +23,20 @@ browser:
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
 	fi
 
+# The PACS round trip test starts Debian's Orthanc with its DICOMweb plugin (never a mock).
+ORTHANC ?= /usr/sbin/Orthanc
+orthanc:
+	@if [ ! -x $(ORTHANC) ] || [ ! -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; then \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			orthanc orthanc-dicomweb; \
+	fi
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: install browser lint
+test: install browser orthanc lint
 	$(BIN)/python -m pytest -q
 
 test-slow: install
