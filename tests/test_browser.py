@@ -415,3 +415,40 @@ def test_phone_width_layout_and_one_page_print(server, page, tmp_path, image_fac
 
     pages = len(re.findall(rb"/Type\s*/Page[^s]", pdf))
     assert pages == 1, f"the printed result takes {pages} A4 pages"
+
+
+def test_a_dicom_upload_shows_its_header_facts_and_offers_sr_and_fhir(
+    server, page, tmp_path, image_factory
+):
+    import io
+    import json
+
+    import pydicom
+    from dicom_fixtures import PATIENT_ID, dicom_xray, to_bytes
+
+    base, _ = server
+    _pick(page, base)
+    ds = dicom_xray(np.full((64, 64), 200, np.uint8))
+    path = tmp_path / "chest.dcm"
+    path.write_bytes(to_bytes(ds))
+    page.set_input_files("#file", str(path))
+    page.wait_for_selector("#dicom-facts:not([hidden])", timeout=60_000)
+    facts = page.text_content("#dicom-list")
+    assert "ModalityDX" in facts and "View positionPA" in facts and "Body partCHEST" in facts
+    body = page.text_content("body")
+    assert PATIENT_ID not in body and "Testpatient" not in body  # identifiers never shown
+    with page.expect_download() as dl:
+        page.click("#get-fhir")
+    report = json.loads(Path(dl.value.path()).read_text())
+    assert report["resourceType"] == "DiagnosticReport" and report["status"] == "preliminary"
+    with page.expect_download() as dl:
+        page.click("#get-sr")
+    sr = pydicom.dcmread(io.BytesIO(Path(dl.value.path()).read_bytes()))
+    assert sr.Modality == "SR" and sr.StudyInstanceUID == ds.StudyInstanceUID
+    assert dl.value.suggested_filename == f"{sr.SOPInstanceUID}.dcm"
+    # A PNG next: no DICOM facts, no SR button, and the FHIR result still on offer.
+    page.set_input_files("#file", str(_png(tmp_path, image_factory, "bright", 51)))
+    page.wait_for_selector("#result:not([hidden])")
+    _wait(page, "document.getElementById('dicom-facts').hidden === true")
+    assert not page.is_visible("#get-sr") and page.is_visible("#get-fhir")
+    assert page.errors == [] and page.external == []

@@ -25,7 +25,9 @@ URL = "/api/v1/models/pneumonia/predict"
 def _pixels(seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:224, :224]
-    img = 110 + 50 * np.exp(-((xx - 112) ** 2 + (yy - 112) ** 2) / 4000) + rng.normal(0, 8, xx.shape)
+    img = (
+        110 + 50 * np.exp(-((xx - 112) ** 2 + (yy - 112) ** 2) / 4000) + rng.normal(0, 8, xx.shape)
+    )
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
@@ -60,7 +62,9 @@ def test_fhir_report_is_valid_and_carries_the_result(client, xray, caplog):
     assert [o["code"]["text"] for o in obs] == ["NORMAL", "PNEUMONIA"]
     assert [o["code"]["coding"][0]["code"] for o in obs] == ["17621005", "233604007"]
     for o in obs:
-        assert o["valueQuantity"]["value"] == pytest.approx(plain["probabilities"][o["code"]["text"]])
+        assert o["valueQuantity"]["value"] == pytest.approx(
+            plain["probabilities"][o["code"]["text"]]
+        )
         assert o["device"] == {"reference": "#model"} and o["status"] == "preliminary"
         predicted = o["code"]["text"] == plain["label"]
         assert o["interpretation"][0]["coding"][0]["code"] == ("POS" if predicted else "NEG")
@@ -100,7 +104,9 @@ def test_dicom_sr_references_the_image_and_keeps_the_study(client, xray):
     assert ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == xray.SOPInstanceUID
     assert ref.ReferencedSOPSequence[0].ReferencedSOPClassUID == xray.SOPClassUID
     report = hd.sr.srread(io.BytesIO(r.content))
-    assert report.PreliminaryFlag == "PRELIMINARY" and "not for diagnostic use" in sr.SeriesDescription
+    assert (
+        report.PreliminaryFlag == "PRELIMINARY" and "not for diagnostic use" in sr.SeriesDescription
+    )
     group = report.content.get_image_measurement_groups()[0]
     finding = group.get_qualitative_evaluations()[0]
     assert finding.name.value == "439401001"  # SNOMED CT "Diagnosis"
@@ -154,7 +160,9 @@ def test_predict_cli_writes_fhir_and_sr_files(tmp_path, capsys, xray):
     code = main(["predict", str(dcm), str(png), "--model", "pneumonia", "--format", "dicom-sr",
                  "--out", str(out)])  # fmt: skip
     captured = capsys.readouterr()
-    assert code == 0 and "y.png\tERROR\ta DICOM structured report needs a DICOM image" in captured.err
+    assert (
+        code == 0 and "y.png\tERROR\ta DICOM structured report needs a DICOM image" in captured.err
+    )
     files = list(out.iterdir())
     assert len(files) == 1 and files[0].suffix == ".dcm"
     sr = pydicom.dcmread(files[0])

@@ -124,6 +124,7 @@
       $("cam").src = "data:image/png;base64," + r.cam_png_base64;
       document.querySelector("#result .images").hidden = false;
     }
+    showDicom(r.dicom || {});
     $("version").textContent = r.version;
     $("elapsed").textContent = r.elapsed_ms;
     $("when").textContent = new Date().toLocaleString();
@@ -131,6 +132,62 @@
     $("status").textContent = "";
     $("error").hidden = true;
     $("result").hidden = false;
+  }
+
+  // ------------------------------------------------------------------ DICOM and documents
+  const FACT_NAMES = {
+    Modality: "Modality", ViewPosition: "View position", BodyPartExamined: "Body part",
+    PhotometricInterpretation: "Photometric interpretation", BitsStored: "Bits stored",
+    Rows: "Rows", Columns: "Columns",
+  };
+  let lastUpload = null; // {file, model}: kept in this page's memory only
+
+  function showDicom(facts) {
+    const list = $("dicom-list");
+    list.replaceChildren();
+    for (const [key, value] of Object.entries(facts)) {
+      const dt = document.createElement("dt");
+      dt.textContent = FACT_NAMES[key] || key;
+      const dd = document.createElement("dd");
+      dd.textContent = String(value);
+      list.append(dt, dd);
+    }
+    const isDicom = Object.keys(facts).length > 0;
+    $("dicom-facts").hidden = !isDicom;
+    $("get-sr").hidden = !isDicom;
+    $("download-status").textContent = "";
+  }
+
+  async function download(format) {
+    if (!lastUpload) return;
+    const { file, model } = lastUpload;
+    $("download-status").textContent = "Preparing…";
+    const body = new FormData();
+    body.append("file", file);
+    let res;
+    try {
+      res = await fetch(`/api/v1/models/${encodeURIComponent(model)}/predict?format=${format}`, { method: "POST", body });
+    } catch (err) {
+      $("download-status").textContent = `The server could not be reached (${err.message}).`;
+      return;
+    }
+    if (!res.ok) {
+      let detail = `${res.status} ${res.statusText}`;
+      try { detail = (await res.json()).detail || detail; } catch (err) { /* not JSON */ }
+      $("download-status").textContent = `Not available: ${detail}`;
+      return;
+    }
+    const blob = await res.blob();
+    const disposition = res.headers.get("Content-Disposition") || "";
+    const match = /filename="([^"]+)"/.exec(disposition);
+    const a = document.createElement("a");
+    a.href = URL.createObjectURL(blob);
+    a.download = match ? match[1] : `medlens-result.${format === "fhir" ? "json" : "dcm"}`;
+    document.body.appendChild(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(a.href), 1000);
+    $("download-status").textContent = "";
   }
 
   // ------------------------------------------------------------------ clinical context
@@ -212,8 +269,13 @@
     clearResult();
     $("status").textContent = `Analysing ${file.name}…`;
     const got = await ask(file, model, $("explain").checked);
-    if (got.error) showError(got.error);
-    else render(got.result, file.name, model);
+    if (got.error) {
+      lastUpload = null;
+      showError(got.error);
+    } else {
+      lastUpload = { file, model };
+      render(got.result, file.name, model);
+    }
   }
 
   function cell(tr, text, cls) {
@@ -309,6 +371,8 @@
   $("pretest").addEventListener("input", updatePostTest);
   $("print").addEventListener("click", () => window.print());
   $("batch-csv").addEventListener("click", downloadCsv);
+  $("get-fhir").addEventListener("click", () => download("fhir"));
+  $("get-sr").addEventListener("click", () => download("dicom-sr"));
 
   const drop = $("drop-zone");
   const input = $("file");
