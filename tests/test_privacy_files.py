@@ -58,6 +58,17 @@ def test_serving_writes_nothing_anywhere(tmp_path, trained_run):
                 timeout=60,
             )
             assert r.status_code in (200, 422), r.text
+        # A DICOM (with patient identifiers) as FHIR and as a DICOM SR: answered, not stored.
+        from dicom_fixtures import dicom_xray, to_bytes
+
+        dcm = to_bytes(dicom_xray(np.full((64, 64), 90, np.uint8)))
+        for fmt, media in (("fhir", "application/fhir+json"), ("dicom-sr", "application/dicom")):
+            r = httpx2.post(
+                url + f"/api/v1/models/chest/predict?format={fmt}",
+                files={"file": ("x.dcm", dcm)},
+                timeout=60,
+            )
+            assert r.status_code == 200 and r.headers["content-type"] == media, r.text
         assert httpx2.get(url + "/readyz", timeout=60).status_code == 200
         assert httpx2.get(url + "/", timeout=10).status_code == 200
     for name, d in dirs.items():
