@@ -452,3 +452,21 @@ def test_a_dicom_upload_shows_its_header_facts_and_offers_sr_and_fhir(
     _wait(page, "document.getElementById('dicom-facts').hidden === true")
     assert not page.is_visible("#get-sr") and page.is_visible("#get-fhir")
     assert page.errors == [] and page.external == []
+
+
+def test_report_html_prints_cleanly(page, trained_run):
+    report = trained_run / "eval" / "test" / "report.html"
+    page.goto(report.as_uri())
+    _wait(page, "document.querySelectorAll('.js-plotly-plot').length > 0")
+    page.emulate_media(media="print")
+    try:
+        styles = page.evaluate(
+            "[getComputedStyle(document.querySelector('section')).breakInside,"
+            " getComputedStyle(document.querySelector('.plot')).height,"
+            " getComputedStyle(document.body).backgroundColor]"
+        )
+        assert styles == ["avoid", "300px", "rgb(255, 255, 255)"]
+        pdf = page.pdf(format="A4")
+    finally:
+        page.emulate_media(media="screen")
+    assert pdf.startswith(b"%PDF")
