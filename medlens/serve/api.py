@@ -155,7 +155,12 @@ def _decode(model: ServedModel, data: bytes, max_pixels: int, digest: str, t0: f
 
 
 def _predict(
-    model: ServedModel, data: bytes, explain: bool, max_pixels: int, fmt: str = "json"
+    model: ServedModel,
+    data: bytes,
+    explain: bool,
+    max_pixels: int,
+    fmt: str = "json",
+    metrics: Any = None,
 ) -> dict | Response:
     """Decode, predict and (optionally) explain one upload; runs in a worker thread. With
     ``fmt`` ``fhir`` or ``dicom-sr`` the answer is that document instead of the JSON dict."""
@@ -177,6 +182,8 @@ def _predict(
             "model %s answered with non-finite numbers (upload_sha256=%s)", model.name, digest
         )
         raise UploadError(503, str(e)) from None
+    if metrics is not None:
+        metrics.observe_prediction(model.name, result.label, result.ood)
     out = {
         "model": model.name,
         "version": version,
@@ -285,6 +292,16 @@ def readyz(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ok else 503)
 
 
+@router.get("/metrics", tags=["service"], response_class=Response)
+def metrics(request: Request) -> Response:
+    """Prometheus metrics (text format): requests, latency, predictions by label and the
+    out-of-distribution verdicts and score ratios per model; nothing that identifies a
+    patient or an image."""
+    from medlens.serve.metrics import CONTENT_TYPE_LATEST
+
+    return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+
 @router.get(f"{API}/models", response_model=list[ModelOut], tags=["models"])
 def list_models(request: Request) -> list[dict]:
     """The loaded models: labels, input, version and validation metrics."""
@@ -316,6 +333,13 @@ async def predict(
     model = get_model(request, name)  # before reading the body: unknown models cost nothing
     data = await read_file_field(request, "file", state.max_upload_bytes)
     result = await run_sync(
-        _predict, model, data, explain, state.max_pixels, format, limiter=state.workers
+        _predict,
+        model,
+        data,
+        explain,
+        state.max_pixels,
+        format,
+        getattr(state, "metrics", None),
+        limiter=state.workers,
     )
     return result if isinstance(result, Response) else JSONResponse(result)

@@ -31,6 +31,7 @@ from medlens.errors import ModelLoadError
 from medlens.machine import usable_cores
 from medlens.serve.api import API
 from medlens.serve.api import router as api_router
+from medlens.serve.metrics import MetricsMiddleware, ServeMetrics
 from medlens.serve.models import ServedModel
 from medlens.serve.pages import HERE, vendor_files
 from medlens.serve.pages import router as pages_router
@@ -170,8 +171,11 @@ def create_app(
     _add_error_handlers(app)
     app.include_router(api_router)
     app.include_router(pages_router)
+    app.state.metrics = ServeMetrics()
+    # Added last, so it runs first: refused requests (host, rate, key) are counted too.
     if security is not None:
         app.add_middleware(Guard, policy=security)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app
 
 

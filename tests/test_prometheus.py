@@ -1,0 +1,81 @@
+"""``GET /metrics``: Prometheus text format with request, latency, prediction and
+out-of-distribution series, and nothing that identifies a patient or an image (issue #16)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from dicom_fixtures import PATIENT_ID, dicom_xray, to_bytes
+from fastapi.testclient import TestClient
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from medlens.serve import create_app
+
+URL = "/api/v1/models/pneumonia/predict"
+
+
+def _series(client) -> dict[tuple, float]:
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    out = {}
+    for family in text_string_to_metric_families(r.text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def _get(series, name, **labels) -> float:
+    return series.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def _png(pixels) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture()
+def client():
+    with TestClient(create_app([], bundled=True)) as c:
+        yield c
+
+
+def test_a_flagged_upload_moves_the_ood_counter(client):
+    before = _series(client)
+    noise = np.random.default_rng(0).integers(0, 256, (224, 224), dtype=np.uint8)
+    body = client.post(URL, files={"file": ("noise.png", _png(noise))}).json()
+    assert body["ood"]["flag"] is True
+    after = _series(client)
+    key = dict(model="pneumonia", verdict="flagged")
+    assert _get(after, "medlens_ood_total", **key) == _get(before, "medlens_ood_total", **key) + 1
+    label = dict(model="pneumonia", label=body["label"])
+    assert _get(after, "medlens_predictions_total", **label) == 1
+    # The score over the flag level lands in the histogram's bucket above 1.
+    assert _get(after, "medlens_ood_ratio_count", model="pneumonia") == 1
+    assert _get(after, "medlens_ood_ratio_bucket", model="pneumonia", le="1.0") == 0
+    assert _get(after, "medlens_ood_ratio_sum", model="pneumonia") == pytest.approx(
+        body["ood"]["ratio"], rel=1e-3
+    )
+    route = dict(method="POST", route="/api/v1/models/{name}/predict", status="200")
+    assert _get(after, "medlens_http_requests_total", **route) == 1
+    assert _get(after, "medlens_http_request_duration_seconds_count",
+                method="POST", route="/api/v1/models/{name}/predict") == 1  # fmt: skip
+
+
+def test_metrics_hold_no_patient_or_image_data(client):
+    dcm = dicom_xray(np.full((224, 224), 100, np.uint8))
+    assert client.post(URL, files={"file": ("alice-smith.dcm", to_bytes(dcm))}).status_code == 200
+    assert client.post(URL, files={"file": ("bad.png", b"nope")}).status_code == 422
+    client.get("/no/such/page/for/patient/" + PATIENT_ID)
+    text = client.get("/metrics").text
+    for secret in (PATIENT_ID, "alice", dcm.StudyInstanceUID, dcm.SOPInstanceUID, "no/such"):
+        assert secret not in text
+    series = _series(client)
+    assert (
+        _get(series, "medlens_http_requests_total", method="GET", route="other", status="404") == 1
+    )
+    assert _get(series, "medlens_http_requests_total", method="POST",
+                route="/api/v1/models/{name}/predict", status="422") == 1  # fmt: skip
