@@ -638,6 +638,13 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="default %(default)s (this machine only)")
     p.add_argument("--port", type=int, default=8000, help="default %(default)s")
     p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes on the one port, each loading the models once (stateless: "
+        "any process answers any request; the rate limit counts per process); default 1",
+    )
+    p.add_argument(
         "--models",
         action="append",
         default=[],
@@ -749,6 +756,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
         security=security,
         header_timeout=a.header_timeout,
         max_connections=a.max_connections,
+        processes=a.workers,
     )
     return 0
 

@@ -4,6 +4,7 @@ out-of-distribution series, and nothing that identifies a patient or an image (i
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -79,3 +80,38 @@ def test_metrics_hold_no_patient_or_image_data(client):
     )
     assert _get(series, "medlens_http_requests_total", method="POST",
                 route="/api/v1/models/{name}/predict", status="422") == 1  # fmt: skip
+
+
+def test_two_worker_processes_serve_and_share_their_metrics(tmp_path, trained_run):
+    """``medlens serve --workers 2``: two processes, each with the model loaded, one port; the
+    metrics of both are aggregated, and their counter folder is removed at exit."""
+    import shutil
+
+    import httpx2
+    import psutil
+
+    from medlens.bench import running_server
+
+    models = tmp_path / "models"
+    shutil.copytree(trained_run, models / "chest")
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp")}
+    (tmp_path / "tmp").mkdir()
+    png = _png(np.full((48, 48), 200, np.uint8))
+    with running_server(models, "--workers", "2", "--log-level", "warning", env=env) as srv:
+        children = psutil.Process(srv.proc.pid).children(recursive=True)
+        workers = [p for p in children if "spawn_main" in " ".join(p.cmdline())]
+        assert len(workers) == 2
+        url = f"http://127.0.0.1:{srv.port}"
+        n = 12
+        with httpx2.Client(timeout=60) as c:
+            for _ in range(n):
+                r = c.post(url + "/api/v1/models/chest/predict", files={"file": ("x.png", png)})
+                assert r.status_code == 200
+            series = {}
+            for family in text_string_to_metric_families(c.get(url + "/metrics").text):
+                for s in family.samples:
+                    series[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        total = sum(v for (name, _), v in series.items() if name == "medlens_predictions_total")
+        assert total == n  # every process's predictions, whichever answered the scrape
+        assert [p.name for p in (tmp_path / "tmp").iterdir()][0].startswith("medlens-metrics-")
+    assert list((tmp_path / "tmp").iterdir()) == []  # the counter folder is gone

@@ -179,6 +179,70 @@ def create_app(
     return app
 
 
+SERVE_CONFIG_ENV = "MEDLENS_SERVE_CONFIG"
+
+
+def _quiet_torch() -> None:
+    import torch
+
+    # One torch thread per request (preprocessing, Grad-CAM): the app runs one prediction per
+    # core at once (create_app's workers), and torch's OpenMP threads spreading one request over
+    # cores that are busy make it far slower, not faster (Grad-CAM measured 0.22 s with one
+    # thread, 5-9 s with two, while another process kept one of two cores busy).
+    torch.set_num_threads(1)
+
+
+def app_from_env() -> FastAPI:
+    """The app of one worker process of ``medlens serve --workers N`` (a uvicorn factory):
+    its settings come from ``MEDLENS_SERVE_CONFIG`` (JSON), which :func:`serve` sets."""
+    import json
+
+    cfg = json.loads(os.environ[SERVE_CONFIG_ENV])
+    logging.basicConfig(
+        level=getattr(logging, cfg["log_level"].upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
+    )
+    _quiet_torch()
+    security = SecurityPolicy(
+        **{**cfg["security"], "allowed_hosts": tuple(cfg["security"]["allowed_hosts"])}
+    )
+    return create_app(
+        cfg["model_dirs"],
+        cfg["max_upload_bytes"],
+        bundled=cfg["bundled"],
+        tta=cfg["tta"],
+        security=security,
+        workers=cfg["threads"],
+    )
+
+
+def _run_workers(processes: int, settings: dict, uvicorn_kwargs: dict) -> None:
+    """Several uvicorn worker processes, each loading the models once; their Prometheus
+    counters meet in a temporary folder (numbers only), removed at exit."""
+    import json
+    import shutil
+    import tempfile
+
+    import uvicorn
+
+    from medlens.serve.security import HEADER_TIMEOUT_ENV
+
+    metrics_dir = tempfile.mkdtemp(prefix="medlens-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    os.environ[SERVE_CONFIG_ENV] = json.dumps(settings)
+    os.environ[HEADER_TIMEOUT_ENV] = str(uvicorn_kwargs.pop("header_timeout"))
+    try:
+        uvicorn.run(
+            "medlens.serve.app:app_from_env",
+            factory=True,
+            workers=processes,
+            http="medlens.serve.security:EnvHeaderTimeoutH11Protocol",
+            **uvicorn_kwargs,
+        )
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
 def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
@@ -190,13 +254,16 @@ def serve(
     security: SecurityPolicy | None = None,
     header_timeout: float = HEADER_TIMEOUT_S,
     max_connections: int = 64,
+    processes: int = 1,
 ) -> None:
     """``medlens serve``: run the app with uvicorn (blocks).
 
     ``security`` defaults to the loopback policy (this machine's host names, no key, the
     default rate limit); uvicorn runs without its server banner and closes connections whose
     request headers take longer than ``header_timeout`` seconds; past ``max_connections``
-    connections and requests at once it answers 503.
+    connections and requests at once (per process) it answers 503. ``processes`` > 1 runs
+    that many worker processes on one port (``--workers``), each with the models loaded once
+    and a share of the cores for its predictions.
     """
     import uvicorn
 
@@ -204,33 +271,33 @@ def serve(
         level=getattr(logging, log_level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    import torch
-
-    # One torch thread per request (preprocessing, Grad-CAM): the app runs one prediction per
-    # core at once (create_app's workers), and torch's OpenMP threads spreading one request over
-    # cores that are busy make it far slower, not faster (Grad-CAM measured 0.22 s with one
-    # thread, 5-9 s with two, while another process kept one of two cores busy).
-    torch.set_num_threads(1)
     security = security or SecurityPolicy(allowed_hosts=allowed_hosts_for(host))
+    log.info(
+        "access: %s; hosts %s; rate limit %s%s",
+        "API key required" if security.api_key else "no authentication",
+        ", ".join(security.allowed_hosts),
+        security.rate_limit or "off",
+        f" per process ({processes} processes)" if processes > 1 and security.rate_limit else "",
+    )
+    uvicorn_kwargs = dict(host=host, port=port, log_level=log_level, server_header=False,
+                          timeout_keep_alive=5, limit_concurrency=max_connections)  # fmt: skip
+    if processes > 1:
+        settings = {
+            "model_dirs": [str(d) for d in model_dirs],
+            "max_upload_bytes": max_upload_bytes,
+            "bundled": bundled,
+            "tta": tta,
+            "log_level": log_level,
+            "threads": max(1, usable_cores() // processes),
+            "security": {**security.__dict__, "allowed_hosts": list(security.allowed_hosts)},
+        }
+        _run_workers(processes, settings, {**uvicorn_kwargs, "header_timeout": header_timeout})
+        return
+    _quiet_torch()
     app = create_app(model_dirs, max_upload_bytes, bundled=bundled, tta=tta, security=security)
     if not app.state.models:
         log.warning(
             "no models loaded: pass --models DIR (a run folder of `medlens train` or a "
             "folder of them)"
         )
-    log.info(
-        "access: %s; hosts %s; rate limit %s",
-        "API key required" if security.api_key else "no authentication",
-        ", ".join(security.allowed_hosts),
-        security.rate_limit or "off",
-    )
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        log_level=log_level,
-        server_header=False,
-        timeout_keep_alive=5,
-        limit_concurrency=max_connections,
-        http=header_timeout_protocol(header_timeout),
-    )
+    uvicorn.run(app, http=header_timeout_protocol(header_timeout), **uvicorn_kwargs)

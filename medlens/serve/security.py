@@ -25,6 +25,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -75,6 +76,22 @@ def parse_rate_limit(spec: str) -> str | None:
             f"--rate-limit {spec!r}: use e.g. 30/second or '20/second;600/minute' (or off)"
         ) from None
     return spec
+
+
+HEADER_TIMEOUT_ENV = "MEDLENS_HEADER_TIMEOUT"
+
+
+def env_header_timeout_protocol() -> type:
+    """The protocol of :func:`header_timeout_protocol` with the limit from the environment
+    (``MEDLENS_HEADER_TIMEOUT``): what the worker processes of ``medlens serve --workers N``
+    load by name (``medlens.serve.security:EnvHeaderTimeoutH11Protocol``)."""
+    return header_timeout_protocol(float(os.environ.get(HEADER_TIMEOUT_ENV, HEADER_TIMEOUT_S)))
+
+
+def __getattr__(name: str):  # the protocol class uvicorn imports by name in its workers
+    if name == "EnvHeaderTimeoutH11Protocol":
+        return env_header_timeout_protocol()
+    raise AttributeError(name)
 
 
 def header_timeout_protocol(seconds: float = HEADER_TIMEOUT_S) -> type:
