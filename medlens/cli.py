@@ -671,6 +671,11 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
         help="test-time augmentation: average each image's logits with its left-right mirror "
         "image's (about twice the compute; calibration was fitted without it)",
     )
+    _add_serve_access(p)
+
+
+def _add_serve_access(p: argparse.ArgumentParser) -> None:
+    """``medlens serve``'s access and abuse options (key, hosts, limits, timeouts)."""
     p.add_argument(
         "--api-key-file",
         metavar="F",
