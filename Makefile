@@ -15,7 +15,7 @@ $(BIN)/python:
 # torch is installed first and pinned so pip takes the CPU wheel already on disk.
 install: $(BIN)/python
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,ray]'
 
 browser:
 	@if [ ! -x $(CHROMIUM) ]; then \

@@ -224,6 +224,23 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
         "Structured Report per DICOM image, written into --out DIR (it carries the image's "
         "patient and study identifiers, so the PACS files it with the study)",
     )
+    p.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="local: this process; ray: Ray Data, a pool of actors each holding one ONNX "
+        "Runtime session and decoding its own batches (pip install 'medlens[ray]'); the same "
+        "columns either way; default %(default)s",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="with --engine ray: join this running Ray cluster (e.g. auto, ray://head:10001) "
+        "instead of starting a local runtime",
+    )
+    p.add_argument(
+        "--ray-workers", type=int, default=2, help="with --engine ray: actors; default 2"
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument(
         "--backend",
@@ -248,7 +265,11 @@ def _expand_inputs(paths: list[str]) -> list[str]:
 
     files = []
     for p in paths:
-        if Path(p).is_dir():
+        if p.lower().endswith(".csv") and (Path(p).is_file() or "://" in p):
+            from medlens.inference.ray_engine import read_manifest
+
+            files += read_manifest(p)  # a manifest: its `path` column
+        elif Path(p).is_dir():
             found = list_images(p)
             if not found:
                 log.warning("warning: no images under %s", p)
@@ -271,20 +292,21 @@ def _predict_rows(pred: Predictor, files: list[str], batch_size: int, quiet: boo
                disable=quiet or len(files) < 2)  # fmt: skip
     for i in range(0, len(files), batch_size):
         chunk = files[i : i + batch_size]
-        ok, prepared = [], []
-        for f in chunk:
+        done, ok, prepared = {}, [], []  # rows by position: the output keeps input order
+        for j, f in enumerate(chunk):
             try:
                 pixels = read_image(f, target_size=pred.pre.image_size).pixels
                 prepared.append(pred.pre.prepare(pixels))
-                ok.append(f)
+                ok.append(j)
             except (ImageReadError, OSError) as e:
-                rows.append({"path": f, "label": None, "error": str(e)})
+                done[j] = {"path": f, "label": None, "error": str(e)}
         if prepared:
-            for f, r in zip(ok, pred.predict_prepared(np.stack(prepared), batch_size)):
+            for j, r in zip(ok, pred.predict_prepared(np.stack(prepared), batch_size)):
                 probs = {f"p_{c}": v for c, v in r.probabilities.items()}
-                rows.append({"path": f, "label": r.label, **probs, "threshold": r.threshold,
-                             "ood_flag": r.ood["flag"], "ood_score": r.ood["score"],
-                             "error": None})  # fmt: skip
+                done[j] = {"path": chunk[j], "label": r.label, **probs, "threshold": r.threshold,
+                           "ood_flag": r.ood["flag"], "ood_score": r.ood["score"],
+                           "error": None}  # fmt: skip
+        rows += [done[j] for j in range(len(chunk))]
         bar.update(len(chunk))
     bar.close()
     return rows
@@ -345,6 +367,19 @@ def _predict_documents(a: argparse.Namespace, pred: Predictor, files: list[str])
     return 1 if files and failed == len(files) else 0
 
 
+def _write_parquet(path: str, rows: list[dict], columns: list[str]) -> None:
+    """The prediction rows as Parquet (pyarrow), written atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from medlens.fileio import atomic_write_bytes
+
+    table = pa.table({c: [r.get(c) for r in rows] for c in columns})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
 def _cmd_predict(a: argparse.Namespace) -> int:
     from medlens.fileio import write_csv
     from medlens.inference.predictor import Predictor
@@ -352,12 +387,22 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     pred = Predictor(a.model, backend=a.backend, tta=a.tta)
     if a.format:
         return _predict_documents(a, pred, _expand_inputs(a.paths))
-    rows = _predict_rows(pred, _expand_inputs(a.paths), a.batch_size, a.quiet)
+    files = _expand_inputs(a.paths)
+    if a.engine == "ray":
+        from medlens.inference.ray_engine import predict_on_ray
+
+        rows = predict_on_ray(str(pred.folder), files, address=a.ray_address,
+                              workers=a.ray_workers, batch_size=a.batch_size, tta=a.tta)  # fmt: skip
+    else:
+        rows = _predict_rows(pred, files, a.batch_size, a.quiet)
     failed = sum(r["error"] is not None for r in rows)
     if a.out:
         cols = ["path", "label"] + [f"p_{c}" for c in pred.labels]
         cols += ["threshold", "ood_flag", "ood_score", "error"]
-        write_csv(a.out, rows, cols)
+        if a.out.lower().endswith(".parquet"):
+            _write_parquet(a.out, rows, cols)
+        else:
+            write_csv(a.out, rows, cols)
         print(f"wrote {len(rows)} rows to {a.out} ({failed} unreadable)", file=sys.stderr)
     if a.json or not a.out:
         _print_rows(pred, rows, a.json)

@@ -95,6 +95,8 @@ class Predictor:
         backend: ``"auto"``: ONNX Runtime when the folder has ``model.onnx``, else torch;
             ``"onnx"``: ONNX Runtime, exporting the network in memory when ``model.onnx`` is
             missing (nothing is written); ``"torch"``: torch only.
+        threads: ONNX Runtime intra-op threads of the session (None: every core); a server
+            or a Ray actor running several predictions at once gives each one thread.
     """
 
     def __init__(
@@ -104,6 +106,7 @@ class Predictor:
         dtype: torch.dtype | None = None,
         backend: str = "auto",
         tta: bool = False,
+        threads: int | None = None,
     ) -> None:
         from medlens.artifacts.folders import ONNX_FILE
         from medlens.artifacts.onnx import check_onnx_matches, onnx_bytes, ort_session
@@ -127,10 +130,10 @@ class Predictor:
         self.dtype = dtype
         if backend != "torch" and onnx_path.exists():
             check_onnx_file(self.folder)
-            self.session, self.backend = ort_session(onnx_path), "onnx"
+            self.session, self.backend = ort_session(onnx_path, threads=threads), "onnx"
             check_onnx_matches(self.session, self.meta, self.folder)
         elif backend == "onnx":
-            self.session = ort_session(onnx_bytes(self.net, self.meta))
+            self.session = ort_session(onnx_bytes(self.net, self.meta), threads=threads)
             self.backend = "onnx (exported in memory)"
         self.ood_guard = load_ood_guard(self.folder, self.meta)
         if (

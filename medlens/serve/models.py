@@ -6,8 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medlens.artifacts.card import model_card, model_version
-from medlens.artifacts.folders import ONNX_FILE
-from medlens.artifacts.onnx import onnx_bytes, ort_session
 from medlens.inference.predictor import Predictor
 
 
@@ -55,16 +53,4 @@ def _serving_predictor(folder: Path, backend: str, threads: int | None) -> Predi
     a session per request that spreads over every core would make the concurrent runs fight
     for the same cores, so serving sessions default to one thread each.
     """
-    in_memory = backend == "onnx" and not (folder / ONNX_FILE).exists()
-    if threads is None and not in_memory:
-        return Predictor(folder, backend=backend)
-    # Export in memory here (once) rather than letting the Predictor do it with its default
-    # threads and doing it again; a folder with model.onnx is opened by the Predictor (which
-    # checks that it matches model.pt) and re-opened with the serving thread count.
-    pred = Predictor(folder, backend="torch" if in_memory else backend)
-    if in_memory:
-        pred.session = ort_session(onnx_bytes(pred.net, pred.meta), threads=threads)
-        pred.backend = "onnx (exported in memory)"
-    elif pred.session is not None:
-        pred.session = ort_session(folder / ONNX_FILE, threads=threads)
-    return pred
+    return Predictor(folder, backend=backend, threads=threads)
