@@ -50,6 +50,12 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
 
 
+def _under_torchrun() -> bool:
+    from medlens.training.distributed import launched
+
+    return launched()
+
+
 def _cmd_train(a: argparse.Namespace) -> int:
     from medlens.training.cv import train_folds
     from medlens.training.trainer import train
@@ -61,6 +67,11 @@ def _cmd_train(a: argparse.Namespace) -> int:
     cfg = merge_settings(recipe, given_settings(a), source=source)
     argv = getattr(a, "_argv", None)
     run = train_folds if cfg.folds and cfg.fold is None else train
+    if run is train_folds and _under_torchrun():
+        raise UsageError(
+            "--folds K trains K runs one after another: under torchrun, train one fold per "
+            "command with --fold I (each fold then uses every process)"
+        )
     run(
         cfg,
         resume=a.resume,
@@ -100,6 +111,11 @@ def _cmd_tune(a: argparse.Namespace) -> int:
     from medlens.artifacts.folders import BEST_YAML, TUNE_HTML
     from medlens.training.tune import tune
 
+    if _under_torchrun():
+        raise UsageError(
+            "medlens tune runs its trials in one process; start it without torchrun (or "
+            "tune on one machine, then train the best recipe under torchrun)"
+        )
     recipe = read_yaml(a.config, "--config") if a.config else {}
     given = given_settings(a)
     cfg = merge_settings(recipe, given, source=a.config or "the command line")

@@ -26,6 +26,7 @@ LAYERS = [
     {"medlens.serve"},
     {"medlens.bench"},
     {"medlens.cli"},
+    {"medlens.__main__"},
 ]
 MAX_FUNCTION_LINES = 80
 

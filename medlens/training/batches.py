@@ -18,6 +18,7 @@ import torch
 from medlens.config import AugmentSpec
 from medlens.data.augment import augment
 from medlens.data.preprocess import Preprocess
+from medlens.training.distributed import sampled_batches
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 BatchSource = Callable[[int, torch.Generator], Iterator[Batch]]
@@ -56,23 +57,23 @@ class AugmentedInput:
         return self.pre.standardize(u).contiguous(memory_format=torch.channels_last)
 
 
-def batch_indices(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """One epoch's shuffled index batches; a last batch of one sample is dropped.
+def batch_indices(
+    n: int, batch_size: int, generator: torch.Generator, epoch: int = 0
+) -> Iterator[torch.Tensor]:
+    """One epoch's shuffled index batches (this rank's share under torchrun: see
+    :func:`medlens.training.distributed.sampled_batches`); a last batch of one sample is
+    dropped.
 
     Args:
         n: samples.
-        batch_size: samples per batch.
-        generator: draws the shuffle (when iteration starts).
+        batch_size: samples per (global) batch.
+        generator: draws the shuffle's seed (when iteration starts).
+        epoch: the epoch (the sampler's ``set_epoch``).
 
     Yields:
         Index tensors.
     """
-    order = torch.randperm(n, generator=generator)
-    for i in range(0, n, batch_size):
-        idx = order[i : i + batch_size]
-        if len(idx) < 2:  # batch norm cannot train on one sample
-            continue
-        yield idx
+    yield from sampled_batches(n, batch_size, generator, epoch)
 
 
 class ImageBatches:
@@ -106,9 +107,9 @@ class ImageBatches:
 
     def __call__(self, epoch: int, generator: torch.Generator) -> Iterator[Batch]:
         if self.workers and self.augmenting:
-            yield from self._from_workers(generator)
+            yield from self._from_workers(generator, epoch)
             return
-        for idx in batch_indices(len(self.y), self.batch_size, generator):
+        for idx in batch_indices(len(self.y), self.batch_size, generator, epoch):
             xb = torch.from_numpy(np.ascontiguousarray(self.x[idx.numpy()]))
             xb = self.pre.to_unit(xb.to(self.device, non_blocking=True))
             if self.augmenting:
@@ -118,13 +119,13 @@ class ImageBatches:
                 self.y[idx].to(self.device),
             )
 
-    def _from_workers(self, generator: torch.Generator) -> Iterator[Batch]:
+    def _from_workers(self, generator: torch.Generator, epoch: int) -> Iterator[Batch]:
         """The same epoch prepared ahead by ``workers`` processes (``torch.utils.data``): the
         shuffle and one seed per batch come from ``generator``, so the batches do not depend on
         how many workers there are."""
         from torch.utils.data import DataLoader
 
-        batches = list(batch_indices(len(self.y), self.batch_size, generator))
+        batches = list(batch_indices(len(self.y), self.batch_size, generator, epoch))
         seeds = torch.randint(0, 2**62, (len(batches),), generator=generator).tolist()
         loader = DataLoader(
             _AugmentedBatches(self.x, batches, seeds, self.pre, self.spec),
@@ -187,7 +188,7 @@ class CachedBatches:
     def __call__(self, epoch: int, generator: torch.Generator) -> Iterator[Batch]:
         n = len(self.y)
         base = (epoch % self.copies) * n
-        for idx in batch_indices(n, self.batch_size, generator):
+        for idx in batch_indices(n, self.batch_size, generator, epoch):
             yield (
                 self.x[base + idx].to(self.device, non_blocking=True).float(),
                 self.y[idx].to(self.device),

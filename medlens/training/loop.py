@@ -22,6 +22,7 @@ from medlens.config import TrainConfig
 from medlens.evaluation.calibration import logits_to_probs
 from medlens.fileio import atomic_torch_save
 from medlens.inference.runtime import autocast, compute_logits
+from medlens.training.distributed import gather_rows, sum_over_ranks, train_forward, world
 from medlens.training.regularise import WeightAverage, mix_batch, smoothed_loss
 from medlens.training.stages import Stage
 
@@ -64,11 +65,14 @@ class Checkpointer:
 
     def __init__(self, folder: ModelFolder):
         self.last = folder.checkpoint
-        self.last.parent.mkdir(parents=True, exist_ok=True)
+        if world().main:  # under torchrun only rank 0 writes into the run folder
+            self.last.parent.mkdir(parents=True, exist_ok=True)
 
     def save(self, state: dict) -> None:
-        """Replace the checkpoint (atomically: an interrupted save leaves the previous one)."""
-        atomic_torch_save(state, self.last)
+        """Replace the checkpoint (atomically: an interrupted save leaves the previous one);
+        under torchrun only rank 0 writes."""
+        if world().main:
+            atomic_torch_save(state, self.last)
 
     def load(self) -> dict | None:
         """The checkpoint, or None when there is none."""
@@ -95,7 +99,8 @@ class Progress:
     def add_row(self, row: dict) -> None:
         """Record an epoch (:data:`~medlens.artifacts.folders.HISTORY_COLUMNS`)."""
         self.history.append(row)
-        self.folder.write_history(self.history)
+        if world().main:
+            self.folder.write_history(self.history)
         if self.on_epoch is not None:
             self.on_epoch(row)
 
@@ -162,6 +167,8 @@ class _StageFit:
         self.best_score, self.best_state, self.bad_epochs, self.start_epoch = -math.inf, None, 0, 0
         self.gen = torch.Generator().manual_seed(cfg.seed + 1000 * len(progress.stages_done))
         self.average = WeightAverage(stage.module, cfg.ema) if cfg.ema else None
+        # Under torchrun: through DistributedDataParallel, which averages the gradients.
+        self.forward = train_forward(stage.module, stage.forward)
 
     def restore(self, state: dict) -> None:
         """Continue from an epoch checkpoint of this stage."""
@@ -188,13 +195,7 @@ class _StageFit:
         # With --ema, the averaged weights are validated and kept; training goes on with its own.
         averaged = self.average.applied() if self.average else contextlib.nullcontext()
         with averaged:
-            val_logits = compute_logits(
-                stage.forward,
-                stage.val_x,
-                dtype=stage.dtype,
-                transform=stage.val_transform,
-                device=stage.device,
-            )
+            val_logits = gather_rows(self._val_logits, len(stage.val_y))
             scores = quick_scores(val_logits, stage.val_y, self.binary)
             improved = self._keep_if_best(scores)
         row = {
@@ -220,6 +221,14 @@ class _StageFit:
         self.progress.checkpointer.save(self._checkpoint(epoch, stop))
         return stop
 
+    def _val_logits(self, idx: torch.Tensor) -> torch.Tensor:
+        """Validation logits of the images ``idx`` (this rank's share under torchrun)."""
+        stage = self.stage
+        x = stage.val_x
+        part = x[idx.numpy()] if not isinstance(x, torch.Tensor) else x[idx]
+        return compute_logits(stage.forward, part, dtype=stage.dtype,
+                              transform=stage.val_transform, device=stage.device)  # fmt: skip
+
     def _train(self, epoch: int) -> tuple[float, int, int]:
         """One pass over the training batches: (loss sum, correct, images)."""
         stage, binary = self.stage, self.binary
@@ -243,7 +252,7 @@ class _StageFit:
                 bar.set_postfix(loss=f"{loss_sum / total:.4f}", acc=f"{correct / total:.3f}")
         if bar is not None:
             bar.close()
-        return loss_sum, correct, total
+        return tuple(sum_over_ranks([loss_sum, correct, total]))
 
     def _loss(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The training loss of one batch (label smoothing, mixup) and its logits."""
@@ -252,7 +261,7 @@ class _StageFit:
         if cfg.mixup:
             xb, perm, lam = mix_batch(xb, cfg.mixup, self.gen)
         with autocast(stage.dtype, stage.device):
-            logits = stage.forward(xb)
+            logits = self.forward(xb)
         logits = logits.float()
         loss = smoothed_loss(logits, yb, self.weights, self.binary, cfg.label_smoothing)
         if perm is not None:

@@ -10,6 +10,7 @@ validation (and the carved test split, when there is one) with reports.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 import uuid
@@ -27,11 +28,13 @@ from medlens.errors import ConfigError, TrainError
 from medlens.evaluation.calibration import calibrate, logits_to_probs
 from medlens.evaluation.ood import StageGuard
 from medlens.fileio import write_yaml
+from medlens.machine import usable_cores
 from medlens.modeling.registry import IMAGENET_MEAN, IMAGENET_STD, model_info
 from medlens.reporting.evaluate import write_evaluation
 from medlens.training.batches import ModelInput
 from medlens.training.dataset import TrainingData, load_training_data
 from medlens.training.device import resolve_device, resolve_precision, set_bn_momentum, set_seed
+from medlens.training.distributed import barrier, launched, start, stop
 from medlens.training.loop import Checkpointer, Progress, fit
 from medlens.training.ood import fit_ood_guard, float32_outputs, guard_summary
 from medlens.training.stages import build_stage, stage_context, stage_names
@@ -165,7 +168,11 @@ class Trainer:
         self.to_input = ModelInput(self.pre)
         # Before the folder too: a --weights file that fits nothing stops the run here.
         self._build_network()
-        self.folder, previous = _prepare_out(self.cfg, self.resume, self.overwrite)
+        if self.world.main:
+            self.folder, previous = _prepare_out(self.cfg, self.resume, self.overwrite)
+        else:  # under torchrun only rank 0 touches the run folder
+            self.folder, previous = ModelFolder(self.cfg.out), None
+        barrier()
         try:
             self._train_and_save()
         except BaseException:
@@ -179,9 +186,13 @@ class Trainer:
 
     def _train_and_save(self) -> None:
         self._report_data()
-        self._write_config()
+        if self.world.main:
+            self._write_config()
         resume_state = self._start_progress()
         self._run_stages(resume_state)
+        stop()  # the ranks part here; rank 0 alone calibrates, evaluates and saves
+        if not self.world.main:
+            return
         outputs = self._held_out_outputs()
         calibration = self._calibrate(outputs["val"][0])
         guard = self._fit_guard(outputs["val"][1])
@@ -196,9 +207,12 @@ class Trainer:
         """Threads, device, seeds and precision."""
         cfg = self.cfg
         self.t_start = time.time()
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
+        if launched() and self.device.type == "cuda":  # one GPU per process
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        self.world = start(self.device)
+        if cfg.threads or self.world.distributed:  # processes share the cores
+            torch.set_num_threads(cfg.threads or max(1, usable_cores() // self.world.size))
         set_seed(cfg.seed)
         self.pretrained = cfg.pretrained and self.info.pretrained
         # Frozen (no-grad) passes use bf16 where the CPU (or GPU) has it: ~1.6x faster on CPU.
@@ -237,6 +251,10 @@ class Trainer:
                 "split_counts": self.split_counts,
                 "data_notes": data.dataset.notes,
                 "torch_threads": torch.get_num_threads(),
+                # torchrun: the global batch stays --batch-size (each process takes its share)
+                "world_size": self.world.size,
+                "global_batch_size": cfg.batch_size,
+                "batch_size_per_process": max(1, cfg.batch_size // self.world.size),
             }
         )
         write_yaml(self.folder.config, resolved)
