@@ -203,6 +203,20 @@ class StageGuard:
         s = self.score(stats)
         return verdicts(s, self.threshold)
 
+    def recalibrated(self, val_stats: np.ndarray) -> StageGuard:
+        """The same per-stage fits with each block's scale (its median validation score)
+        and the flag threshold (the ``quantile`` of the validation scores) set on
+        ``val_stats``: how a guard is fitted, and how an exported one follows its graph
+        (weights stored in 16 or 8 bits move the activations it reads)."""
+        refs, start = [], 0
+        for g, width in zip(self.blocks, self.widths):
+            part = val_stats[:, start : start + width]
+            refs.append(max(float(np.median(g.score(part))), 1e-12))
+            start += width
+        guard = StageGuard(self.blocks, list(self.widths), np.asarray(refs), 0.0, self.quantile)
+        guard.threshold = float(np.quantile(guard.score(val_stats), self.quantile))
+        return guard
+
     def to_arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
         """The guard as named arrays (``ood.npz``'s content), names prefixed by ``prefix``."""
         arrays = {
@@ -339,15 +353,14 @@ def fit_stage_guard(
 ) -> StageGuard:
     """Fit a :class:`StageGuard`: per-stage statistics from training images, block scales
     and the threshold from validation images."""
-    blocks, refs, start = [], [], 0
+    blocks, start = [], 0
     for width in widths:
         sl = slice(start, start + width)
-        g = fit_guard(
-            train_stats[:, sl], train_labels, val_stats[:, sl], dim=dim, quantile=quantile
+        blocks.append(
+            fit_guard(
+                train_stats[:, sl], train_labels, val_stats[:, sl], dim=dim, quantile=quantile
+            )
         )
-        blocks.append(g)
-        refs.append(max(float(np.median(g.score(val_stats[:, sl]))), 1e-12))
         start += width
-    guard = StageGuard(blocks, list(widths), np.asarray(refs), 0.0, quantile)
-    guard.threshold = float(np.quantile(guard.score(val_stats), quantile))
-    return guard
+    unscaled = StageGuard(blocks, list(widths), np.ones(len(widths)), 0.0, quantile)
+    return unscaled.recalibrated(val_stats)
