@@ -132,3 +132,4 @@ def test_the_dashboard_has_curves_and_results_of_each_bundled_model(bundled):
         assert s["n"] == m["n"] and s["headline"]["Accuracy"][0] == m["accuracy"]
     card = json.loads((bundled_models_dir() / name / "model_card.json").read_text())
     assert "../" not in json.dumps(card["training"])  # no developer paths
+    assert " /" not in (card["training"].get("command") or "")

@@ -104,16 +104,27 @@ def model_card(
     return out
 
 
+def _short_path(path: str) -> str:
+    """A path without the trainer's disk layout: its last two components."""
+    return "/".join(Path(path).parts[-2:])
+
+
 def _shareable(training: dict) -> dict:
     """The training facts without the trainer's own disk layout: the data folder as its last
-    two path components (``chest_xray/train``), also inside the recorded command."""
+    two path components (``chest_xray/train``), and so the ``--data`` and ``--out`` values of
+    the recorded command."""
+    import shlex
+
+    out = dict(training)
     data = training.get("data")
-    if not data or data.startswith("npz:"):
-        return dict(training)
-    short = "/".join(Path(data).parts[-2:])
-    out = {**training, "data": short}
+    if data and not data.startswith("npz:"):
+        out["data"] = _short_path(data)
     if training.get("command"):
-        out["command"] = training["command"].replace(f"--data {data}", f"--data {short}")
+        words = shlex.split(training["command"])
+        for i, w in enumerate(words[:-1]):
+            if w in ("--data", "--out") and not words[i + 1].startswith("npz:"):
+                words[i + 1] = _short_path(words[i + 1])
+        out["command"] = shlex.join(words)
     return out
 
 
