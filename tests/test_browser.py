@@ -107,10 +107,12 @@ def page(server):
         browser.close()
 
 
-def _screenshot(pg, name: str) -> None:
+def _screenshot(pg, name: str, height: int | None = None) -> None:
+    """The page (whole, or its top ``height`` px) into docs/screenshots/NAME.png."""
     if os.environ.get("MEDLENS_SCREENSHOTS"):
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        pg.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+        clip = {"x": 0, "y": 0, "width": 1280, "height": height} if height else None
+        pg.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True, clip=clip)
 
 
 def test_diagnose_upload_shows_label_probabilities_and_grad_cam(
@@ -235,7 +237,7 @@ def test_dashboard_renders_plotly_plots(server, page):
         "Confusion matrix (carved test split)",
     } <= set(titles)
     assert "Classification report" in page.text_content("main")
-    _screenshot(page, "dashboard")
+    _screenshot(page, "dashboard", height=1500)
     assert page.errors == [] and page.external == []
 
 

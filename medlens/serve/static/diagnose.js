@@ -228,6 +228,12 @@
     const basis = `Likelihood ratio of a ${positive ? "positive" : "negative"} result: ${fmtLr(ratio)} (sensitivity ${lr.sensitivity.toFixed(3)}, specificity ${lr.specificity.toFixed(3)} at the threshold, measured on the model's ${lr.title.toLowerCase()}, n = ${lr.n}).`;
     const assumptions = " Assumes the likelihood ratio holds in your population (the same spectrum of disease and images), that the image is of the kind the model was trained on, and that the pre-test probability does not already count what the image shows." + (info.clinical_score === "mcisaac" ? " The McIsaac score estimates group A streptococcus, while this model was trained on photographs labelled pharyngitis or not (any cause), and tonsillar exudate counts in both: the post-test figure is optimistic and for teaching only." : "");
     $("context-basis").textContent = basis + assumptions;
+    const empty = $("pretest").value === "";
+    $("posttest").classList.toggle("muted", empty);
+    if (empty) {
+      $("posttest").textContent = "Enter the pre-test probability (0.1% to 99.9%) to see the post-test probability.";
+      return;
+    }
     if (!(pre > 0 && pre < 1)) {
       $("posttest").textContent = "Enter a pre-test probability between 0.1% and 99.9%.";
       return;
