@@ -353,6 +353,9 @@ RECORDED_FACTS = (
     "split_counts",
     "data_notes",
     "torch_threads",
+    "world_size",
+    "global_batch_size",
+    "batch_size_per_process",
 )
 """What ``config.yaml`` records beside the settings (what training resolved); reading the file
 back as a recipe skips them."""
