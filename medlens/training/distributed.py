@@ -122,12 +122,36 @@ class _Call(nn.Module):
         return self.fn(x)
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the ranks in the forward pass, and the gradients' sum in the backward pass
+    (every rank's loss depends on every rank's share)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        import torch.distributed as dist
+
+        out = t.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        import torch.distributed as dist
+
+        out = grad.clone()
+        dist.all_reduce(out)
+        return out
+
+
+def all_reduce(t: torch.Tensor) -> torch.Tensor:
+    """The sum of ``t`` over the ranks, differentiable."""
+    return _AllReduceSum.apply(t)
+
+
 def _global_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
     """Batch norm over the global batch (every rank's share): sums, sums of squares and counts
-    all-reduced with autograd-aware collectives, so the backward pass is the global batch's
+    all-reduced with an autograd-aware collective, so the backward pass is the global batch's
     too. What ``SyncBatchNorm`` does on GPUs, for the CPU (gloo)."""
-    from torch.distributed.nn.functional import all_reduce
-
     if not bn.training:
         return bn._forward_local(x)
     dims = [0] + list(range(2, x.dim()))
