@@ -188,3 +188,21 @@ def test_a_refused_stow_is_an_error_and_stores_nothing(tmp_path, capsys):
         assert [d.Modality for d in _study_instances(base, source.StudyInstanceUID)] == ["DX"]
     finally:
         _stop(proc, tmp_path)
+
+
+def test_an_unusable_instance_is_reported_and_the_others_go_on(orthanc, capsys):
+    study = dicom_xray(_xray_pixels())
+    _upload(orthanc, study)
+    broken = dicom_xray(np.full((64, 64), 90, np.uint8), study_uid=study.StudyInstanceUID)
+    broken.SeriesInstanceUID, broken.SeriesNumber = study.SeriesInstanceUID, 1
+    broken.InstanceNumber = 2
+    broken.PixelData = broken.PixelData[:100]  # cut off: it says 64x64 but holds 100 bytes
+    _upload(orthanc, broken)
+    argv = ["pacs", "--url", f"{orthanc}/dicom-web", "--model", "pneumonia",
+            "--study", study.StudyInstanceUID]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "1 report(s) stored, 1 image(s) could not be used" in out
+    assert "series 1, instance 2" in out and PATIENT_ID not in out
+    kinds = sorted(d.Modality for d in _study_instances(orthanc, study.StudyInstanceUID))
+    assert kinds == ["DX", "DX", "SR"]  # a report for the usable image only
