@@ -115,3 +115,15 @@ def test_two_worker_processes_serve_and_share_their_metrics(tmp_path, trained_ru
         assert total == n  # every process's predictions, whichever answered the scrape
         assert [p.name for p in (tmp_path / "tmp").iterdir()][0].startswith("medlens-metrics-")
     assert list((tmp_path / "tmp").iterdir()) == []  # the counter folder is gone
+
+
+def test_metrics_need_the_api_key_when_one_is_set():
+    from medlens.serve.security import SecurityPolicy
+
+    key = "k" * 24
+    app = create_app([], bundled=True, security=SecurityPolicy(api_key=key, rate_limit=None))
+    with TestClient(app) as c:
+        r = c.get("/metrics", follow_redirects=False)  # a scraper gets a 401, not a login page
+        assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
+        r = c.get("/metrics", headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 200 and "medlens_http_requests_total" in r.text

@@ -48,6 +48,7 @@ __all__ = [
 SESSION_COOKIE = "medlens_session"
 SESSION_SECONDS = 12 * 3600
 MIN_KEY_CHARS = 16
+MACHINE_PREFIXES = ("/api/", "/metrics")  # read by programs: 401, never a login redirect
 OPEN_PREFIXES = ("/healthz", "/readyz", "/login", "/static/", "/vendor/", "/favicon")
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 CSP = (
@@ -276,7 +277,7 @@ class Guard:
         return token is not None and _valid_session(key, token)
 
     async def _unauthenticated(self, send, path: str, method: str) -> None:
-        if path.startswith("/api/") or method != "GET":
+        if path.startswith(MACHINE_PREFIXES) or method != "GET":  # machines get a 401
             await _respond(
                 send,
                 401,
