@@ -74,22 +74,22 @@ class _Predict:
         from medlens.data.imaging import read_image
         from medlens.errors import ImageReadError
 
-        pred, rows = self.pred, []
+        pred, rows, ok, prepared = self.pred, [], [], []
         for index, path in zip(batch["index"], batch["path"]):
-            row = {"index": int(index), "path": str(path)}
-            try:
-                pixels = read_image(
-                    _open(str(path)), name=str(path), target_size=pred.pre.image_size
-                ).pixels
-                r = pred.predict_pixels([pixels])[0]
+            path = str(path)
+            rows.append({"index": int(index), "path": path, "error": None})
+            try:  # local files as the local engine reads them (the same error texts)
+                source = path if "://" not in path else _open(path)
+                img = read_image(source, name=path, target_size=pred.pre.image_size)
+                prepared.append(pred.pre.prepare(img.pixels))
+                ok.append(len(rows) - 1)
             except (ImageReadError, OSError) as e:
-                rows.append({**row, "error": str(e) if not isinstance(e, OSError) else
-                             f"`{path}` cannot be read ({e.strerror or e})"})  # fmt: skip
-                continue
-            rows.append({**row, "label": r.label,
-                         **{f"p_{c}": v for c, v in r.probabilities.items()},
-                         "threshold": r.threshold, "ood_flag": r.ood["flag"],
-                         "ood_score": r.ood["score"], "error": None})  # fmt: skip
+                rows[-1]["error"] = str(e)
+        if prepared:
+            for i, r in zip(ok, pred.predict_prepared(np.stack(prepared))):
+                rows[i].update({"label": r.label, "threshold": r.threshold,
+                                **{f"p_{c}": v for c, v in r.probabilities.items()},
+                                "ood_flag": r.ood["flag"], "ood_score": r.ood["score"]})  # fmt: skip
         columns = ["index", "path", "label", *(f"p_{c}" for c in pred.labels), "threshold",
                    "ood_flag", "ood_score", "error"]  # fmt: skip
         return {c: np.array([r.get(c) for r in rows], dtype=object) for c in columns}
