@@ -34,7 +34,7 @@ import numpy as np
 import yaml
 
 from medlens.errors import ModelLoadError
-from medlens.evaluation.metrics import class_support, predict_labels
+from medlens.evaluation.metrics import predict_labels
 from medlens.fileio import write_csv, write_json
 
 log = logging.getLogger(__name__)
@@ -99,28 +99,6 @@ HISTORY_COLUMNS = [
     "seconds",
 ]
 """Columns of ``training_metrics.csv``, one row per epoch."""
-
-HEADLINE_KEYS = (
-    "n",
-    "accuracy",
-    "balanced_accuracy",
-    "auc",
-    "sensitivity",
-    "specificity",
-    "f1",
-    "precision",
-    "ece",
-    "brier",
-    "ci",
-    "threshold",
-)
-"""The metrics a model keeps in ``model.json`` (and its card) for each evaluated split."""
-
-
-def headline_metrics(metrics: dict) -> dict:
-    """The :data:`HEADLINE_KEYS` subset of a full ``metrics.json`` dict, and ``support``
-    (images per true class), which says how far its intervals can be trusted."""
-    return {**{k: metrics.get(k) for k in HEADLINE_KEYS}, "support": class_support(metrics)}
 
 
 @dataclass(frozen=True)

@@ -497,6 +497,30 @@ def class_support(metrics: dict) -> dict[str, int]:
     return {c: int(v["support"]) for c, v in per_class.items() if v.get("support") is not None}
 
 
+HEADLINE_KEYS = (
+    "n",
+    "accuracy",
+    "balanced_accuracy",
+    "auc",
+    "sensitivity",
+    "specificity",
+    "f1",
+    "precision",
+    "ece",
+    "brier",
+    "ci",
+    "threshold",
+)
+"""The metrics a model keeps in ``model.json`` (and its card) for each evaluated split, and
+subgroup reports for each group."""
+
+
+def headline_metrics(metrics: dict) -> dict:
+    """The :data:`HEADLINE_KEYS` subset of a full ``metrics.json`` dict, and ``support``
+    (images per true class), which says how far its intervals can be trusted."""
+    return {**{k: metrics.get(k) for k in HEADLINE_KEYS}, "support": class_support(metrics)}
+
+
 def small_split_warning(metrics: dict) -> str | None:
     """A warning when a split is too small for its intervals to mean much, else None."""
     n = metrics.get("n") or 0

@@ -13,23 +13,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from medlens.evaluation.metrics import compute_metrics, small_split_warning
+from medlens.evaluation.metrics import compute_metrics, headline_metrics, small_split_warning
 
-__all__ = ["subgroup_metrics", "SUBGROUP_METRICS", "GAP_METRICS"]
-
-SUBGROUP_METRICS = (
-    "n",
-    "accuracy",
-    "balanced_accuracy",
-    "auc",
-    "sensitivity",
-    "specificity",
-    "precision",
-    "f1",
-    "ece",
-    "ci",
-)
-"""What each group keeps of :func:`compute_metrics`' dict."""
+__all__ = ["subgroup_metrics", "GAP_METRICS"]
 
 GAP_METRICS = ("accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity")
 """The metrics whose largest between-group gap is reported."""
@@ -70,7 +56,7 @@ def subgroup_metrics(
         attributes: ``{attribute: [value of image i, or None when unknown]}``.
 
     Returns:
-        ``{attribute: {"groups": {value: {n, accuracy, ..., ci, warning}}, "largest_gap":
+        ``{attribute: {"groups": {value: {the model.json headline metrics, ci, support, warning}}, "largest_gap":
         {metric: {gap, highest, lowest}}, "unknown": images without a value}}``.
     """
     y_true, probs = np.asarray(y_true), np.asarray(probs)
@@ -84,7 +70,7 @@ def subgroup_metrics(
                 y_true[idx], probs[idx], labels, threshold, n_bootstrap=n_bootstrap, seed=seed
             )
             groups[value] = {
-                **{k: m.get(k) for k in SUBGROUP_METRICS},
+                **headline_metrics(m),
                 "warning": small_split_warning(m),
             }
         out[attr] = {

@@ -47,7 +47,6 @@ from medlens.artifacts.folders import (
     ONNX_FILE,
     OOD_FILE,
     ModelFolder,
-    headline_metrics,
     resolve_model,
     write_split,
 )
@@ -62,7 +61,7 @@ from medlens.artifacts.onnx import (
 from medlens.data.cache import prepare_samples
 from medlens.errors import ModelLoadError, UsageError
 from medlens.evaluation.calibration import calibrate
-from medlens.evaluation.metrics import compute_metrics
+from medlens.evaluation.metrics import compute_metrics, headline_metrics
 from medlens.evaluation.ood import EnsembleGuard, StageGuard, load_guard
 from medlens.fileio import atomic_write_text, sha256_file, write_json
 from medlens.inference.predictor import Predictor

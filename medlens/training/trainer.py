@@ -20,12 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medlens.artifacts.folders import CHECKPOINT, ModelFolder, headline_metrics
+from medlens.artifacts.folders import CHECKPOINT, ModelFolder
 from medlens.artifacts.model import ModelMeta, build_network, save_model
 from medlens.config import TrainConfig
 from medlens.data.preprocess import Preprocess, compute_mean_std
 from medlens.errors import ConfigError, TrainError
 from medlens.evaluation.calibration import calibrate, logits_to_probs
+from medlens.evaluation.metrics import headline_metrics
 from medlens.evaluation.ood import StageGuard
 from medlens.fileio import write_yaml
 from medlens.machine import usable_cores
