@@ -1,13 +1,13 @@
 """DICOM images as a PACS holds them: a real chest X-ray in a DX dataset with (made-up)
-patient and study identifiers, for the structured report, FHIR and PACS tests."""
+patient and study identifiers, for the structured report, FHIR and PACS tests. Built on
+:func:`test_imaging.make_dicom` (the pixel module and file meta)."""
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from test_imaging import dicom_bytes, make_dicom
 
 DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
 PATIENT_ID = "MEDLENS-TEST-0042"
@@ -18,33 +18,30 @@ def dicom_xray(
     pixels: np.ndarray, *, patient_id: str = PATIENT_ID, study_uid: str | None = None
 ) -> Dataset:
     """A frontal chest X-ray (8-bit grey ``pixels``) as a DX DICOM dataset."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = DX_STORAGE
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = DX_STORAGE, meta.MediaStorageSOPInstanceUID
-    ds.PatientName, ds.PatientID = PATIENT_NAME, patient_id
-    ds.PatientBirthDate, ds.PatientSex = "20190101", "F"
-    ds.StudyInstanceUID = study_uid or generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.StudyID, ds.SeriesNumber, ds.InstanceNumber = "1", 1, 1
-    ds.AccessionNumber = "ACC-0042"
-    ds.StudyDate, ds.StudyTime = "20261201", "090000"
-    ds.ReferringPhysicianName = ""
-    ds.Modality, ds.ViewPosition, ds.BodyPartExamined = "DX", "PA", "CHEST"
-    ds.Manufacturer = "Test"
-    ds.PresentationIntentType = "FOR PRESENTATION"
-    ds.ImageType = ["ORIGINAL", "PRIMARY"]
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()
+    ds = make_dicom(
+        np.ascontiguousarray(pixels, dtype=np.uint8),
+        PatientName=PATIENT_NAME,
+        PatientID=patient_id,
+        PatientBirthDate="20190101",
+        PatientSex="F",
+        StudyInstanceUID=study_uid or generate_uid(),
+        SeriesInstanceUID=generate_uid(),
+        StudyID="1",
+        SeriesNumber=1,
+        InstanceNumber=1,
+        AccessionNumber="ACC-0042",
+        StudyDate="20261201",
+        StudyTime="090000",
+        ReferringPhysicianName="",
+        Modality="DX",
+        ViewPosition="PA",
+        BodyPartExamined="CHEST",
+        Manufacturer="Test",
+        PresentationIntentType="FOR PRESENTATION",
+        ImageType=["ORIGINAL", "PRIMARY"],
+    )
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = DX_STORAGE
     return ds
 
 
-def to_bytes(ds: Dataset) -> bytes:
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+to_bytes = dicom_bytes

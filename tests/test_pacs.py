@@ -115,6 +115,12 @@ def _upload(base: str, ds) -> None:
     assert r.status_code == 200, r.text
 
 
+def _pacs(base: str, study_uid: str) -> int:
+    """``medlens pacs`` with the bundled pneumonia model on one study."""
+    return main(["pacs", "--url", f"{base}/dicom-web", "--model", "pneumonia",
+                 "--study", study_uid])  # fmt: skip
+
+
 def _study_instances(base: str, study_uid: str) -> list[pydicom.Dataset]:
     found = httpx.post(
         f"{base}/tools/find", json={"Level": "Study", "Query": {"StudyInstanceUID": study_uid}}
@@ -133,9 +139,7 @@ def test_pacs_round_trip_stores_an_sr_in_the_same_study(orthanc, capsys, tmp_pat
     source = dicom_xray(_xray_pixels())
     _upload(orthanc, source)
     monkeypatch.chdir(tmp_path)  # MedLens writes nothing: the folder must stay empty
-    argv = ["pacs", "--url", f"{orthanc}/dicom-web", "--model", "pneumonia",
-            "--study", source.StudyInstanceUID]  # fmt: skip
-    assert main(argv) == 0
+    assert _pacs(orthanc, source.StudyInstanceUID) == 0
     out, err = capsys.readouterr()
     assert "1 report(s) stored, 0 image(s) could not be used" in out
     assert "series 1, instance 1:" in out and "report stored" in out
@@ -163,8 +167,7 @@ def test_pacs_round_trip_stores_an_sr_in_the_same_study(orthanc, capsys, tmp_pat
 
 
 def test_pacs_unknown_study_and_server_down_are_clear_errors(orthanc, capsys):
-    argv = ["pacs", "--url", f"{orthanc}/dicom-web", "--model", "pneumonia", "--study", "1.2.3.4"]
-    assert main(argv) == 2
+    assert _pacs(orthanc, "1.2.3.4") == 2
     assert "has no instances of the requested study" in capsys.readouterr().err
     down = f"http://127.0.0.1:{_free_port()}/dicom-web"
     assert main(["pacs", "--url", down, "--model", "pneumonia", "--study", "1.2.3.4"]) == 2
@@ -180,9 +183,7 @@ def test_a_refused_stow_is_an_error_and_stores_nothing(tmp_path, capsys):
     try:
         source = dicom_xray(_xray_pixels())
         _upload(base, source)
-        argv = ["pacs", "--url", f"{base}/dicom-web", "--model", "pneumonia",
-                "--study", source.StudyInstanceUID]  # fmt: skip
-        assert main(argv) == 2
+        assert _pacs(base, source.StudyInstanceUID) == 2
         err = capsys.readouterr().err
         assert "did not keep the report on series 1, instance 1: STOW-RS acknowledged" in err
         assert [d.Modality for d in _study_instances(base, source.StudyInstanceUID)] == ["DX"]
@@ -198,9 +199,7 @@ def test_an_unusable_instance_is_reported_and_the_others_go_on(orthanc, capsys):
     broken.InstanceNumber = 2
     broken.PixelData = broken.PixelData[:100]  # cut off: it says 64x64 but holds 100 bytes
     _upload(orthanc, broken)
-    argv = ["pacs", "--url", f"{orthanc}/dicom-web", "--model", "pneumonia",
-            "--study", study.StudyInstanceUID]  # fmt: skip
-    assert main(argv) == 0
+    assert _pacs(orthanc, study.StudyInstanceUID) == 0
     out = capsys.readouterr().out
     assert "1 report(s) stored, 1 image(s) could not be used" in out
     assert "series 1, instance 2" in out and PATIENT_ID not in out
