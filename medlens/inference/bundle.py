@@ -91,14 +91,24 @@ def _held_out(runs: list[Path], split: str, labels: list[str]):
     return samples, (preds[0].probs[keep] if len(runs) == 1 else None)
 
 
-def _decoded(samples: list, meta: ModelMeta, split: str) -> tuple:
-    res = prepare_samples(samples, meta.preprocess, progress=False, desc=split)
-    if res.errors:
-        raise ModelLoadError(
-            f"{len(res.errors)} {split} image(s) cannot be read any more (first: "
-            f"{res.errors[0][0]}); the shipped model cannot be re-measured"
-        )
-    return res, np.array([samples[i].label for i in res.keep])
+_PIXELS: dict[str, np.ndarray] = {}
+"""Prepared images by source, for one :func:`make_bundle` (guard, ensemble calibration and
+re-measuring read the same validation images): each is decoded once per export."""
+
+
+def _decoded(samples: list, meta: ModelMeta, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Prepared ``uint8`` images and labels of ``samples`` (all must still be readable)."""
+    missing = list({s.source: s for s in samples if s.source not in _PIXELS}.values())
+    if missing:
+        res = prepare_samples(missing, meta.preprocess, progress=False, desc=split)
+        if res.errors:
+            raise ModelLoadError(
+                f"{len(res.errors)} {split} image(s) cannot be read any more (first: "
+                f"{res.errors[0][0]}); the shipped model cannot be re-measured"
+            )
+        _PIXELS.update(zip((s.source for s in missing), res.pixels))
+    pixels = np.stack([_PIXELS[s.source] for s in samples])
+    return pixels, np.array([s.label for s in samples])
 
 
 def _measure_split(
@@ -111,11 +121,11 @@ def _measure_split(
     if held is None:
         return None
     samples, run_probs = held
-    res, y = _decoded(samples, meta, split)
-    preds = pred.predict_prepared(res.pixels)
+    pixels, y = _decoded(samples, meta, split)
+    preds = pred.predict_prepared(pixels)
     probs = np.array([[p.probabilities[c] for c in meta.labels] for p in preds])
     flagged = [p.ood["flag"] for p in preds if p.ood["flag"] is not None]
-    before = ref.probs_prepared(res.pixels) if run_probs is None else run_probs[res.keep]
+    before = ref.probs_prepared(pixels) if run_probs is None else run_probs
     change = float(np.abs(probs - before).max())
     m = compute_metrics(y, probs, meta.labels, meta.threshold)
     log.info(
@@ -126,7 +136,7 @@ def _measure_split(
         m["auc"],
         ONNX_FILE,
     )
-    _write_split(pred.folder, split, m, [samples[i].source for i in res.keep], y, probs)
+    _write_split(pred.folder, split, m, [s.source for s in samples], y, probs)
     return headline_metrics(m), change, (float(np.mean(flagged)) if flagged else None)
 
 
@@ -167,8 +177,8 @@ def _out_of_fold(
     m = compute_metrics(y, probs, meta.labels, meta.threshold)
     log.info("val (out-of-fold, %d members): n %d, auc %.4f", len(runs), m["n"], m["auc"])
     _write_split(pred.folder, "val", {**m, "measured_on": OUT_OF_FOLD}, paths, y, probs)
-    res, _ = _decoded([Sample(path, int(t)) for path, t in zip(paths, y)], meta, "val")
-    change = float(np.abs(pred.probs_prepared(res.pixels) - ref.probs_prepared(res.pixels)).max())
+    pixels, _ = _decoded([Sample(path, int(t)) for path, t in zip(paths, y)], meta, "val")
+    change = float(np.abs(pred.probs_prepared(pixels) - ref.probs_prepared(pixels)).max())
     return {**headline_metrics(m), "measured_on": OUT_OF_FOLD}, change
 
 
@@ -289,8 +299,8 @@ def _recalibrate_guard(folder: Path, runs: list[Path], meta: ModelMeta) -> None:
         if held is None:  # no validation images to set it on: kept as trained
             fresh.append(member)
         else:
-            res, _ = _decoded(held[0], meta, "val")
-            _, stats = pred.forward_prepared(res.pixels, features="stats")
+            pixels, _ = _decoded(held[0], meta, "val")
+            _, stats = pred.forward_prepared(pixels, features="stats")
             fresh.append(member.recalibrated(np.asarray(stats)[:, start : start + width]))
         start += width
     new = EnsembleGuard(fresh) if isinstance(guard, EnsembleGuard) else fresh[0]
@@ -322,8 +332,8 @@ def _calibrate_ensemble(folder: Path, runs: list[Path], meta: ModelMeta) -> None
             "the members' mean temperature and threshold (they share no validation images)"
         )
         return
-    res, y = _decoded(held[0], meta, "val")
-    logits = Predictor(folder).logits_prepared(res.pixels).numpy()
+    pixels, y = _decoded(held[0], meta, "val")
+    logits = Predictor(folder).logits_prepared(pixels).numpy()
     temperature, threshold, method = calibrate(logits, y, meta.binary)
     meta.temperature = temperature
     if meta.binary:
@@ -410,4 +420,6 @@ def make_bundle(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        _PIXELS.clear()
     return {"folder": dest, "onnx_bytes": len(blob), "metrics": metrics, "max_prob_change": change}
