@@ -282,9 +282,9 @@ def _expand_inputs(paths: list[str]) -> list[str]:
     files = []
     for p in paths:
         if p.lower().endswith(".csv") and (Path(p).is_file() or "://" in p):
-            from medlens.inference.ray_engine import read_manifest
+            from medlens.fileio import read_path_manifest
 
-            files += read_manifest(p)  # a manifest: its `path` column
+            files += read_path_manifest(p)  # a manifest: its `path` column
         elif Path(p).is_dir():
             found = list_images(p)
             if not found:

@@ -108,3 +108,36 @@ def read_yaml(path: str | Path, what: str) -> Any:
         where = getattr(e, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""
         raise UsageError(f"{what} {path}: not valid YAML{line}; fix the file") from None
+
+
+def read_uri(path: str) -> bytes:
+    """A file's bytes, from the local disk or any filesystem pyarrow knows (``s3://`` ...)."""
+    if "://" not in path:
+        with open(path, "rb") as f:
+            return f.read()
+    from pyarrow import fs
+
+    filesystem, inner = fs.FileSystem.from_uri(path)
+    with filesystem.open_input_file(inner) as f:
+        return f.read()
+
+
+def read_path_manifest(path: str) -> list[str]:
+    """The ``path`` column of a CSV manifest (local or remote); relative entries are relative
+    to the manifest's folder, as in a labelled manifest."""
+    import posixpath
+
+    import pyarrow.csv as pcsv
+
+    from medlens.errors import DataError
+
+    table = pcsv.read_csv(io.BytesIO(read_uri(path)))
+    if "path" not in table.column_names:
+        raise DataError(
+            f"{path}: a manifest needs a 'path' column (it has: {', '.join(table.column_names)})"
+        )
+    remote = "://" in path
+    base, join = (posixpath.dirname(path), posixpath.join) if remote else (
+        os.path.dirname(path), os.path.join)  # fmt: skip
+    entries = [str(p) for p in table.column("path").to_pylist()]
+    return [p if "://" in p or os.path.isabs(p) else join(base, p) for p in entries]

@@ -363,6 +363,21 @@ def test_predict_table(capsys, trained_run, predict_inputs):
     assert by_path[str(missing)][1] == "ERROR" and "does not exist" in by_path[str(missing)][2]
 
 
+def test_predict_reads_a_manifest_relative_to_its_folder(capsys, tmp_path, trained_run,
+                                                        predict_inputs):  # fmt: skip
+    import shutil
+
+    _, good, _, _ = predict_inputs
+    folder = tmp_path / "batch"
+    (folder / "img").mkdir(parents=True)
+    shutil.copy(good[0], folder / "img" / "a.png")
+    (folder / "list.csv").write_text(f"path\nimg/a.png\n{good[1]}\n")
+    code, out, _ = _run(capsys, "predict", folder / "list.csv", "--model", trained_run, "--quiet")
+    assert code == 0
+    paths = [line.split("\t")[0] for line in out.strip().splitlines()]
+    assert paths == [str(folder / "img" / "a.png"), str(good[1])]
+
+
 def test_predict_json_lines(capsys, trained_run, predict_inputs):
     files, good, junk, _ = predict_inputs
     code, out, _ = _run(

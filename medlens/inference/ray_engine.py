@@ -1,7 +1,7 @@
 """Batch prediction on Ray Data: ``medlens predict --engine ray``.
 
-The inputs (a list of files, or a CSV manifest with a ``path`` column on any filesystem
-pyarrow reads: local, ``s3://``, ``gs://``, ``hdfs://`` ...) become a Ray dataset of paths;
+The inputs (files, possibly listed by a manifest: :func:`medlens.fileio.read_path_manifest`;
+local, or on any filesystem pyarrow reads: ``s3://``, ``gs://``, ``hdfs://`` ...) become a Ray dataset of paths;
 ``map_batches`` sends batches to a pool of actors, each holding one
 :class:`~medlens.inference.predictor.Predictor` (one ONNX Runtime session with one thread),
 which read and decode their batch's images (so decoding runs in parallel across actors) and
@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 
 from medlens.errors import InstallError
+from medlens.fileio import read_uri
 
-__all__ = ["predict_on_ray", "read_manifest"]
+__all__ = ["predict_on_ray"]
 
 
 def _ray() -> Any:
@@ -32,34 +33,6 @@ def _ray() -> Any:
             "--engine ray needs Ray: pip install 'medlens[ray]' (or pip install 'ray[data]')"
         ) from None
     return ray
-
-
-def _open(path: str) -> bytes:
-    """A file's bytes, from the local disk or any filesystem pyarrow knows (``s3://`` ...)."""
-    if "://" not in path:
-        with open(path, "rb") as f:
-            return f.read()
-    from pyarrow import fs
-
-    filesystem, inner = fs.FileSystem.from_uri(path)
-    with filesystem.open_input_file(inner) as f:
-        return f.read()
-
-
-def read_manifest(path: str) -> list[str]:
-    """The ``path`` column of a CSV manifest (local or remote)."""
-    import io
-
-    import pyarrow.csv as pcsv
-
-    from medlens.errors import DataError
-
-    table = pcsv.read_csv(io.BytesIO(_open(path)))
-    if "path" not in table.column_names:
-        raise DataError(
-            f"{path}: a manifest needs a 'path' column (it has: {', '.join(table.column_names)})"
-        )
-    return [str(p) for p in table.column("path").to_pylist()]
 
 
 class _Predict:
@@ -79,7 +52,7 @@ class _Predict:
             path = str(path)
             rows.append({"index": int(index), "path": path, "error": None})
             try:  # local files as the local engine reads them (the same error texts)
-                source = path if "://" not in path else _open(path)
+                source = path if "://" not in path else read_uri(path)
                 img = read_image(source, name=path, target_size=pred.pre.image_size)
                 prepared.append(pred.pre.prepare(img.pixels))
                 ok.append(len(rows) - 1)
