@@ -216,7 +216,9 @@ def app_from_env() -> FastAPI:
     )
 
 
-def _run_workers(processes: int, settings: dict, uvicorn_kwargs: dict) -> None:
+def _run_workers(
+    processes: int, settings: dict, header_timeout: float, uvicorn_kwargs: dict
+) -> None:
     """Several uvicorn worker processes, each loading the models once; their Prometheus
     counters meet in a temporary folder (numbers only), removed at exit."""
     import json
@@ -230,7 +232,7 @@ def _run_workers(processes: int, settings: dict, uvicorn_kwargs: dict) -> None:
     metrics_dir = tempfile.mkdtemp(prefix="medlens-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     os.environ[SERVE_CONFIG_ENV] = json.dumps(settings)
-    os.environ[HEADER_TIMEOUT_ENV] = str(uvicorn_kwargs.pop("header_timeout"))
+    os.environ[HEADER_TIMEOUT_ENV] = str(header_timeout)
     try:
         uvicorn.run(
             "medlens.serve.app:app_from_env",
@@ -291,7 +293,7 @@ def serve(
             "threads": max(1, usable_cores() // processes),
             "security": {**security.__dict__, "allowed_hosts": list(security.allowed_hosts)},
         }
-        _run_workers(processes, settings, {**uvicorn_kwargs, "header_timeout": header_timeout})
+        _run_workers(processes, settings, header_timeout, uvicorn_kwargs)
         return
     _quiet_torch()
     app = create_app(model_dirs, max_upload_bytes, bundled=bundled, tta=tta, security=security)
