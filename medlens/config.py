@@ -125,6 +125,12 @@ class AugmentSpec:
         0.0, "probability of a Gaussian blur (sigma 0.1 to 1.5 px)", check=in_range(0, 1)
     )
     sharpen: float = setting(0.0, "probability of sharpening", check=in_range(0, 1))
+    downscale: float = setting(
+        0.0,
+        "probability of a resolution change: the image shrunk to 35-90%% of its side (area "
+        "averaging) and enlarged back, as when a scan of another resolution is resized",
+        check=in_range(0, 1),
+    )
     noise: float = setting(
         0.0, "standard deviation of Gaussian noise added to half the images", check=at_least(0)
     )
@@ -265,11 +271,12 @@ class TrainConfig:
         "regex whose first group (or group 'patient') reads a patient id from a file name; "
         "default reads Kermany names (person1234_..., IM-0115-...)",
     )
-    target_sensitivity: float | None = setting(
-        None,
-        "binary: choose the threshold reaching this validation sensitivity (e.g. 0.95 for "
-        "screening) instead of Youden's J",
-        check=in_range(0, 1, lo_open=True),
+    operating_point: str = setting(
+        "balanced",
+        "two-class models: the decision rule, a stated clinical intent: balanced (p >= 0.5 on "
+        "the calibrated probability: equal error costs), cost_ratio=R (a missed case costs R "
+        "false alarms), sensitivity=S (screening), specificity=S (confirmation) or youden; "
+        "chosen on validation with bootstrap intervals",
     )
     skip_bad_images: bool = setting(
         False, "skip unreadable images (they are counted) instead of stopping"
@@ -313,6 +320,8 @@ class TrainConfig:
         """Settings -> config; unknown names are an error that lists the known ones."""
         _refuse_unknown(cls, d, "training")
         d = dict(d)
+        if isinstance(d.get("operating_point"), dict):  # a recipe's {sensitivity: 0.95}
+            d["operating_point"] = ",".join(f"{k}={v}" for k, v in d["operating_point"].items())
         if not isinstance(d.get("augment", AugmentSpec()), AugmentSpec):
             d["augment"] = AugmentSpec.from_dict(d["augment"])
         return cls(**d)

@@ -82,6 +82,22 @@ def write_csv(path: str | Path, rows: list[dict], columns: list[str]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
+def replace_folder(tmp: str | Path, dest: str | Path) -> None:
+    """Move the complete folder ``tmp`` to ``dest`` (an existing ``dest`` is replaced only once
+    the new one is in place, so an interruption leaves one of the two whole)."""
+    import shutil
+    import uuid
+
+    tmp, dest = Path(tmp), Path(dest)
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+        dest.rename(old)
+        tmp.rename(dest)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(dest)
+
+
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

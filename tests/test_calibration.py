@@ -5,7 +5,6 @@ from sklearn.calibration import calibration_curve
 
 from medlens.evaluation.calibration import (
     _nll,
-    choose_threshold,
     fit_temperature,
     logits_to_probs,
     reliability_curve,
@@ -65,48 +64,6 @@ def test_logits_to_probs():
     assert (pk.argmax(1) == zk.argmax(1)).all()
     with pytest.raises(ValueError):
         logits_to_probs(z, 0.0)
-
-
-def test_youden_threshold_on_constructed_case():
-    y = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1])
-    p = np.array([0.1, 0.2, 0.3, 0.45, 0.6, 0.5, 0.7, 0.8, 0.9])
-    # t=0.7: J=0.75+1-1=0.75; t=0.5: J=1+0.8-1=0.8 (best); t=0.45: J=0.6
-    # The threshold sits midway between the best score (0.5) and the next lower one (0.45).
-    r = choose_threshold(y, p)
-    assert r == {
-        "threshold": pytest.approx(0.475),
-        "method": "youden",
-        "sensitivity": 1.0,
-        "specificity": 0.8,
-        "target_sensitivity": None,
-    }
-
-
-def test_target_sensitivity():
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 2, 500)
-    p = expit(rng.normal(size=500) + 1.5 * (2 * y - 1))
-    r = choose_threshold(y, p, target_sensitivity=0.95)
-    assert r["method"] == "target_sensitivity" and r["target_sensitivity"] == 0.95
-    assert (p[y == 1] >= r["threshold"]).mean() == pytest.approx(r["sensitivity"])
-    assert r["sensitivity"] >= 0.95
-    assert r["specificity"] == pytest.approx((p[y == 0] < r["threshold"]).mean())
-    # it is the highest such cut: it lies just below one score (the decisive one), and
-    # cutting at the next higher score misses the target
-    higher = np.unique(p[p > r["threshold"]])
-    lower = p[p < r["threshold"]].max()
-    assert r["threshold"] == pytest.approx((higher[0] + lower) / 2)
-    assert (p[y == 1] >= higher[1]).mean() < 0.95
-    assert 0 < r["threshold"] < 1
-
-
-def test_threshold_errors():
-    with pytest.raises(ValueError, match="both"):
-        choose_threshold(np.ones(5), np.linspace(0, 1, 5))
-    with pytest.raises(ValueError, match="method"):
-        choose_threshold([0, 1], [0.2, 0.8], method="f1")
-    with pytest.raises(ValueError):
-        choose_threshold([0, 1], [0.2, 0.8], method="target_sensitivity")
 
 
 def test_reliability_curve():

@@ -83,7 +83,10 @@ def test_model_card(exported):
     assert card["preprocessing"] == meta.preprocess.to_dict()
     assert card["calibration"]["temperature"] == meta.temperature
     assert card["decision"]["threshold"] == meta.threshold
-    assert card["decision"]["method"] == meta.threshold_method == "youden"
+    assert card["decision"]["method"] == meta.threshold_method == "balanced"
+    op = card["decision"]["operating_point"]
+    assert op == meta.extra["operating_point"] and op["threshold"] == meta.threshold == 0.5
+    assert op["n"] == sum(meta.extra["metrics"]["val"]["support"].values())
     assert card["metrics"] == meta.extra["metrics"]
     assert len(card["metrics"]["val"]["ci"]["auc"]) == 2
     assert card["training"]["split_counts"] == meta.extra["training"]["split_counts"]

@@ -12,6 +12,7 @@ from sklearn.metrics import average_precision_score
 
 from medlens.evaluation.calibration import reliability_curve
 from medlens.evaluation.metrics import compute_metrics
+from medlens.evaluation.operating_point import choose_operating_point
 from medlens.reporting import figures
 from medlens.reporting.report import comparison_table, write_comparison, write_report
 
@@ -220,6 +221,9 @@ def test_write_report(tmp_path, k, history):
         "version": "1.2",
         "dataset": "demo-xray",
         "threshold_method": "youden",
+        "operating_point": choose_operating_point(y, p[:, 1], "youden", n_boot=50)
+        if k == 2
+        else None,
     }
     path = write_report(
         tmp_path / "out",

@@ -128,7 +128,14 @@ def test_model_json_is_calibrated_and_binary(trained_run):
     assert m["labels"] == ["NORMAL", "PNEUMONIA"]
     assert m["name"] == trained_run.name
     assert m["temperature"] > 0
-    assert 0 < m["threshold"] <= 1 and m["threshold_method"] == "youden"
+    # the default operating point: balanced, p >= 0.5, with its record and intervals
+    assert m["threshold"] == 0.5 and m["threshold_method"] == "balanced"
+    op = m["operating_point"]
+    assert op["rule"] == "balanced" and op["threshold_ci"] == [0.5, 0.5]
+    assert op["measured_on"] == "validation" and op["n"] == m["metrics"]["val"]["n"]
+    lo, hi = op["sensitivity_ci"]
+    assert lo <= op["sensitivity"] <= hi
+    assert op["sensitivity"] == pytest.approx(m["metrics"]["val"]["sensitivity"])
     assert (
         m["preprocess"] == yaml.safe_load((trained_run / "config.yaml").read_text())["preprocess"]
     )

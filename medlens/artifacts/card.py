@@ -83,11 +83,17 @@ def model_card(
                 "threshold": meta.threshold,
                 "method": meta.threshold_method,
                 "rule": f"predict {meta.labels[1]!r} when its probability >= threshold",
+                "operating_point": meta.extra.get("operating_point"),
             }
             if meta.binary
             else {"threshold": None, "method": None, "rule": "predict the most probable class"}
         ),
         "metrics": meta.extra.get("metrics") or {},
+        **(
+            {"site_calibration": meta.extra["site_calibration"]}
+            if meta.extra.get("site_calibration")
+            else {}
+        ),
         "training": _shareable(meta.extra.get("training") or {}),
         **{k: card[k] for k in CARD_FIELDS if k not in ("title", "modality")},
         "disclaimer": DISCLAIMER,
@@ -217,26 +223,58 @@ def _md_training(training: dict) -> list[str]:
     return lines + [f"- note: {n}" for n in training.get("notes") or []]
 
 
+def _md_operating_point(card: dict) -> list[str]:
+    decision, positive = card["decision"], card["labels"][1]
+    op = decision.get("operating_point")
+    head = (
+        f"Threshold {_fmt(decision['threshold'], 4)} on the calibrated probability of {positive!r}"
+    )
+    if not op:
+        return [f"{head}, chosen by {decision['method']}."]
+    lo, hi = op["threshold_ci"]
+    lines = [
+        f"{head}: {op['description']}.",
+        "",
+        f"On the {op['n']} {op['measured_on']} images ({op['n_positive']} {positive}): threshold "
+        f"95% interval {_fmt(lo, 4)} – {_fmt(hi, 4)}; sensitivity {_fmt(op['sensitivity'])} "
+        f"({_fmt(op['sensitivity_ci'][0])} – {_fmt(op['sensitivity_ci'][1])}), specificity "
+        f"{_fmt(op['specificity'])} ({_fmt(op['specificity_ci'][0])} – "
+        f"{_fmt(op['specificity_ci'][1])}); bootstrap of those images.",
+    ]
+    if op.get("warning"):
+        lines += ["", f"> Warning: {op['warning']}"]
+    return lines
+
+
+def _md_site(site: dict) -> list[str]:
+    data = site.get("data") or {}
+    lines = [
+        f"Calibrated on {site.get('date')} from base model `{site.get('base_model')}` "
+        f"(version `{site.get('base_version')}`, model.json sha256 "
+        f"`{str(site.get('base_model_json_sha256'))[:12]}...`) with {data.get('images')} "
+        f"labelled site images ({', '.join(f'{c} {n}' for c, n in (data.get('per_class') or {}).items())}) "
+        f"from `{data.get('folder')}`; the network is unchanged.",
+        "",
+        "| metric | base model | site calibration (cross-fitted) |",
+        "|---|---|---|",
+    ]
+    before, after = site.get("before") or {}, site.get("after") or {}
+    for k in ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "auc", "ece"):
+        cells = []
+        for m in (before, after):
+            ci = (m.get("ci") or {}).get(k)
+            cells.append(_fmt(m.get(k)) + (f" ({_fmt(ci[0])} – {_fmt(ci[1])})" if ci else ""))
+        lines.append(f"| {k} | {cells[0]} | {cells[1]} |")
+    return lines
+
+
 def _md_notes(card: dict) -> list[str]:
     """Operating point, OOD guard, export, licence and citation (each only when known)."""
     lines = []
     if card["decision"]["threshold"] is not None:
-        lines += [
-            "",
-            "## Operating point",
-            "",
-            f"Threshold {_fmt(card['decision']['threshold'], 4)} on the calibrated "
-            f"probability of {card['labels'][1]!r}, chosen on the validation split by "
-            f"{card['decision']['method']}"
-            + (
-                " thresholds, each chosen on its own validation fold"
-                if "members" in str(card["decision"]["method"])
-                else ""
-            )
-            + " (Youden's J maximises sensitivity + "
-            "specificity; a target-sensitivity rule picks the highest threshold that "
-            "keeps that sensitivity).",
-        ]
+        lines += ["", "## Operating point", "", *_md_operating_point(card)]
+    if card.get("site_calibration"):
+        lines += ["", "## Site calibration", "", *_md_site(card["site_calibration"])]
     ood = card.get("ood")
     if ood:
         lines += [

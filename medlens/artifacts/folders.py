@@ -229,8 +229,10 @@ def write_predictions(
     pred: np.ndarray,
     probs: np.ndarray,
     labels: Sequence[str],
+    ood: Sequence[dict] | None = None,
 ) -> None:
-    """``path,true,pred,p_<class>...``: one row per evaluated image."""
+    """``path,true,pred,p_<class>...``: one row per evaluated image; with ``ood`` (the guard's
+    verdict per image) also ``ood_score,ood_ratio,ood_flag``."""
     rows = [
         {
             "path": s,
@@ -240,7 +242,16 @@ def write_predictions(
         }
         for s, t, p, pr in zip(sources, y_true, pred, probs)
     ]
-    write_csv(path, rows, ["path", "true", "pred"] + [f"p_{c}" for c in labels])
+    columns = ["path", "true", "pred"] + [f"p_{c}" for c in labels]
+    if ood is not None:
+        for row, o in zip(rows, ood):
+            row.update({f"ood_{k}": o.get(k) for k in OOD_COLUMNS})
+        columns += [f"ood_{k}" for k in OOD_COLUMNS]
+    write_csv(path, rows, columns)
+
+
+OOD_COLUMNS = ("score", "ratio", "flag")
+"""The guard's verdict per image in ``predictions.csv`` (``ood_score``, ...)."""
 
 
 def write_split(
@@ -249,16 +260,20 @@ def write_split(
     sources: Sequence[str] | None = None,
     y_true: np.ndarray | None = None,
     probs: np.ndarray | None = None,
+    *,
+    ood: Sequence[dict] | None = None,
+    thresholds: np.ndarray | None = None,
 ) -> None:
     """One evaluated split: ``metrics.json`` and, given the images, ``predictions.csv`` (the
-    predicted class at ``metrics``' threshold) in ``out_dir``."""
+    predicted class at ``metrics``' threshold, or at each image's own ``thresholds`` when
+    decisions were cross-fitted; the guard's verdicts with ``ood``) in ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / METRICS_JSON, metrics)
     if sources is not None:
-        pred = predict_labels(probs, metrics.get("threshold"))
+        pred = predict_labels(probs, metrics.get("threshold") if thresholds is None else thresholds)
         write_predictions(
-            out_dir / PREDICTIONS_CSV, sources, y_true, pred, probs, metrics["labels"]
+            out_dir / PREDICTIONS_CSV, sources, y_true, pred, probs, metrics["labels"], ood
         )
 
 

@@ -44,6 +44,17 @@ class ModelMeta:
     name: str | None = None
     extra: dict = field(default_factory=dict)  # metrics, data provenance, card fields, ood
 
+    def set_operating_point(self, op: dict | None) -> None:
+        """The threshold, its rule and the record of how it was chosen
+        (:func:`~medlens.evaluation.operating_point.choose_operating_point`); None: the most
+        probable class (multi-class)."""
+        if op is None:
+            self.threshold, self.threshold_method = None, None
+            self.extra.pop("operating_point", None)
+            return
+        self.threshold, self.threshold_method = float(op["threshold"]), str(op["rule"])
+        self.extra["operating_point"] = op
+
     @property
     def binary(self) -> bool:
         return len(self.labels) == 2

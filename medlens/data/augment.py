@@ -65,7 +65,27 @@ def augment(
     out = out.clamp_(0.0, 1.0)
     if any((spec.crop_scale, spec.gamma, spec.clahe, spec.blur, spec.sharpen, spec.noise)):
         out = _acquisition_shift(out, spec, generator)
+    if spec.downscale:
+        out = _resolution_shift(out, spec.downscale, generator)
     return out
+
+
+def _resolution_shift(x: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """A random share ``p`` of the batch shrunk to one drawn fraction (35-90%) of its side by
+    area averaging and enlarged back bilinearly: the loss of detail of an image stored at
+    another resolution and resized, which blur alone does not imitate (aliasing, blockiness)."""
+    chosen = torch.rand(x.shape[0], generator=generator) < p
+    factor = float(torch.rand(1, generator=generator)) * 0.55 + 0.35
+    if not bool(chosen.any()):
+        return x
+    side = tuple(max(8, round(s * factor)) for s in x.shape[-2:])
+    sub = x[chosen.to(x.device)]
+    small = F.interpolate(sub, size=side, mode="area")
+    x = x.clone()
+    x[chosen.to(x.device)] = F.interpolate(
+        small, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False
+    ).clamp_(0.0, 1.0)
+    return x
 
 
 def _shift_transforms(spec: AugmentSpec, size: tuple[int, int]) -> list:

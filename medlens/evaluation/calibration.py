@@ -2,8 +2,8 @@
 
 * :func:`fit_temperature` - temperature scaling (Guo et al., 2017).
 * :func:`logits_to_probs` - logits to ``(N, K)`` probabilities at a temperature.
-* :func:`choose_threshold` - binary operating point from validation data (Youden's J or a
-  target sensitivity).
+* :func:`calibrate` - temperature and, for two classes, the operating point
+  (:mod:`medlens.evaluation.operating_point`) from validation data.
 * :func:`reliability_curve` - data for reliability diagrams.
 
 Binary models output one logit per image, shape ``(N,)`` or ``(N, 1)``:
@@ -17,12 +17,10 @@ from numpy.typing import ArrayLike
 from scipy.optimize import minimize_scalar
 from scipy.special import expit, log_softmax, softmax
 from sklearn.calibration import calibration_curve
-from sklearn.metrics import roc_curve
 
 __all__ = [
     "fit_temperature",
     "logits_to_probs",
-    "choose_threshold",
     "calibrate",
     "reliability_curve",
     "T_MIN",
@@ -105,102 +103,39 @@ def logits_to_probs(logits: ArrayLike, temperature: float = 1.0) -> np.ndarray:
     return softmax(z / temperature, axis=1)
 
 
-def choose_threshold(
-    y_true: ArrayLike,
-    p_pos: ArrayLike,
-    *,
-    method: str = "youden",
-    target_sensitivity: float | None = None,
-) -> dict:
-    """Choose a binary operating threshold on validation data.
-
-    Candidate thresholds are the scores returned by scikit-learn's ``roc_curve`` with the
-    inclusive rule ``positive iff p >= t`` (its initial ``inf`` is mapped to 1.0); the chosen
-    one is moved halfway to the next lower score, which keeps every decision on the data.
-
-    * ``"youden"``: maximise Youden's J = sensitivity + specificity - 1 (Youden, 1950,
-      "Index for rating diagnostic tests", Cancer 3:32-35); ties go to the higher threshold.
-    * ``"target_sensitivity"`` (implied when ``target_sensitivity`` is given): the highest
-      threshold whose sensitivity is >= the target, i.e. the best specificity that meets it.
-
-    Args:
-        y_true: ``(N,)`` binary labels (1 = positive).
-        p_pos: ``(N,)`` predicted probabilities of the positive class.
-        method: ``"youden"`` or ``"target_sensitivity"``.
-        target_sensitivity: Required sensitivity in ``(0, 1]``.
-
-    Returns:
-        ``{"threshold", "method", "sensitivity", "specificity", "target_sensitivity"}`` with
-        sensitivity/specificity measured on the given data at the chosen threshold.
-
-    Raises:
-        ValueError: If ``y_true`` holds only one class, or on an unknown method.
-    """
-    y = np.asarray(y_true).astype(np.int64).ravel()
-    p = np.asarray(p_pos, dtype=np.float64)
-    if p.ndim == 2 and p.shape[1] == 2:
-        p = p[:, 1]
-    p = p.ravel()
-    if len(y) != len(p):
-        raise ValueError(f"y_true has {len(y)} entries but p_pos has {len(p)}")
-    if len(np.unique(y)) != 2:
-        raise ValueError(
-            "choose_threshold needs both positive and negative cases in y_true "
-            f"(found classes {np.unique(y).tolist()}); cannot trade off "
-            "sensitivity and specificity"
-        )
-    if target_sensitivity is not None:
-        method = "target_sensitivity"
-    if method not in ("youden", "target_sensitivity"):
-        raise ValueError(f"unknown method {method!r}; use 'youden' or 'target_sensitivity'")
-    if method == "target_sensitivity" and not (
-        target_sensitivity is not None and 0 < target_sensitivity <= 1
-    ):
-        raise ValueError("method='target_sensitivity' needs target_sensitivity in (0, 1]")
-
-    fpr, tpr, thr = roc_curve(y, p, drop_intermediate=False)  # thresholds decreasing
-    if method == "youden":
-        i = int(np.argmax(tpr - fpr))
-    else:  # first (= highest) threshold reaching the target has the best specificity
-        i = int(np.flatnonzero(tpr >= target_sensitivity - 1e-12)[0])
-    t = float(min(thr[i], 1.0)) if np.isfinite(thr[i]) else 1.0
-    if i + 1 < len(thr):
-        # Midway to the next lower score: the same decisions on this data, but a margin on
-        # both sides instead of a threshold sitting exactly on one validation image's score
-        # (on separable data that score can round to 1.0).
-        t = float((t + thr[i + 1]) / 2)
-    pred = p >= t
-    return {
-        "threshold": t,
-        "method": method,
-        "sensitivity": float(pred[y == 1].mean()),
-        "specificity": float((~pred[y == 0]).mean()),
-        "target_sensitivity": None if target_sensitivity is None else float(target_sensitivity),
-    }
-
-
 def calibrate(
-    logits: ArrayLike, y_true: ArrayLike, binary: bool, *, target_sensitivity: float | None = None
-) -> tuple[float, float | None, str | None]:
-    """Temperature and, for a binary task, the operating threshold, from validation data.
+    logits: ArrayLike, y_true: ArrayLike, binary: bool, operating_point=None
+) -> tuple[float, dict | None]:
+    """Temperature and, for a binary task, the operating point, from validation data.
 
     Args:
         logits: validation logits ``(N,)``, ``(N, 1)`` or ``(N, K)``.
         y_true: their labels.
-        binary: a two-class task (a threshold is chosen on the calibrated probabilities).
-        target_sensitivity: see :func:`choose_threshold` (default: Youden's J).
+        binary: a two-class task (the operating point is chosen on the calibrated
+            probabilities).
+        operating_point: the rule (:class:`~medlens.evaluation.operating_point.OperatingPoint`
+            or its text; default ``balanced``).
 
     Returns:
-        ``(temperature, threshold, method)``; threshold and method are None for multi-class.
+        ``(temperature, operating_point)``: the second is the dict of
+        :func:`~medlens.evaluation.operating_point.choose_operating_point` (threshold with its
+        interval), None for multi-class (the most probable class is predicted).
     """
+    from medlens.evaluation.operating_point import OperatingPoint, choose_operating_point
+
+    op = OperatingPoint.parse(operating_point)
+    if not binary and op.rule != "balanced":
+        from medlens.errors import UsageError
+
+        raise UsageError(
+            f"--operating-point {op}: a model of more than two classes predicts the most "
+            "probable class (balanced); other rules apply to two-class models"
+        )
     temperature = float(fit_temperature(logits, y_true))
     if not binary:
-        return temperature, None, None
+        return temperature, None
     probs = logits_to_probs(logits, temperature)
-    choice = choose_threshold(
-        y_true, probs[:, 1], method="youden", target_sensitivity=target_sensitivity
-    )
-    return temperature, float(choice["threshold"]), choice["method"]
+    return temperature, choose_operating_point(y_true, probs[:, 1], op)
 
 
 def reliability_curve(

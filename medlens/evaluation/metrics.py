@@ -83,14 +83,16 @@ def predict_labels(probs: ArrayLike, threshold: float | None = None) -> np.ndarr
     Args:
         probs: ``(N, K)`` class probabilities (a 1-D array is read as binary p(positive)).
         threshold: Binary decision threshold; positive iff ``probs[:, 1] >= threshold``.
-            ``None`` means 0.5 for binary tasks. Ignored for multi-class (argmax).
+            ``None`` means 0.5 for binary tasks. Ignored for multi-class (argmax). An ``(N,)``
+            array gives each image its own (cross-fitted decisions: each image judged by the
+            threshold fitted without it).
 
     Returns:
         Integer array of shape ``(N,)``.
     """
     p = _as_probs(probs)
     if p.shape[1] == 2:
-        t = 0.5 if threshold is None else float(threshold)
+        t = 0.5 if threshold is None else np.asarray(threshold, dtype=np.float64)
         return (p[:, 1] >= t).astype(np.int64)
     return np.argmax(p, axis=1).astype(np.int64)
 
@@ -398,7 +400,9 @@ def compute_metrics(
         y_true: ``(N,)`` integer labels.
         probs: ``(N, K)`` class probabilities.
         labels: ``K`` class names in model output order.
-        threshold: Binary decision threshold on p(positive); ignored for multi-class.
+        threshold: Binary decision threshold on p(positive); ignored for multi-class. An
+            ``(N,)`` array: each image's own (see :func:`predict_labels`); ``threshold`` in
+            the result is then their median.
         n_bootstrap: Number of bootstrap resamples (0 disables CIs).
         seed: Seed of the resampling RNG.
         ci_level: Confidence level of the intervals.
@@ -415,8 +419,10 @@ def compute_metrics(
     y, p = _validate(y_true, probs, labels)
     n, k = p.shape
     binary = k == 2
-    thr = (0.5 if threshold is None else float(threshold)) if binary else None
+    thr = (0.5 if threshold is None else threshold) if binary else None
     pred = predict_labels(p, thr)
+    if thr is not None:
+        thr = float(np.median(thr))
     point = _threshold_metrics(y, pred, k)
     auc = _auc(y, p)
     with warnings.catch_warnings():

@@ -26,7 +26,7 @@ The fitted statistics are saved as ``ood.npz`` beside the model (plain arrays, l
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +58,11 @@ class FeatureGuard:
         z = proj / self.scales
         d2 = ((z[:, None, :] - self.class_means[None]) ** 2).sum(-1).min(1)
         return d2 / z.shape[1] + resid
+
+    def at_level(self, inputs: np.ndarray):
+        """The same guard with its flag level set on ``inputs`` (a site's own images): the
+        ``quantile`` of their scores, so that share of them passes."""
+        return replace(self, threshold=float(np.quantile(self.score(inputs), self.quantile)))
 
     def __call__(self, feats: np.ndarray) -> list[dict]:
         s = self.score(feats)
@@ -199,6 +204,11 @@ class StageGuard:
             stats, self.widths, [(g.score, r) for g, r in zip(self.blocks, self.refs)]
         )
 
+    def at_level(self, inputs: np.ndarray):
+        """The same guard with its flag level set on ``inputs`` (a site's own images): the
+        ``quantile`` of their scores, so that share of them passes."""
+        return replace(self, threshold=float(np.quantile(self.score(inputs), self.quantile)))
+
     def __call__(self, stats: np.ndarray) -> list[dict]:
         s = self.score(stats)
         return verdicts(s, self.threshold)
@@ -293,6 +303,12 @@ class EnsembleGuard:
 
     def score(self, stats: np.ndarray) -> np.ndarray:
         return _mean_score(stats, self.widths, [(m.score, m.threshold) for m in self.members])
+
+    def at_level(self, stats: np.ndarray) -> EnsembleGuard:
+        """The same guard with its level set on ``stats`` (a site's own images): every member's
+        threshold scaled so that the members' ``quantile`` of these images' scores pass."""
+        level = float(np.quantile(self.score(stats), self.members[0].quantile))
+        return EnsembleGuard([replace(m, threshold=m.threshold * level) for m in self.members])
 
     def __call__(self, stats: np.ndarray) -> list[dict]:
         s = self.score(stats)

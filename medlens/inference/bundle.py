@@ -60,10 +60,11 @@ from medlens.artifacts.onnx import (
 )
 from medlens.data.cache import prepare_samples
 from medlens.errors import ModelLoadError, UsageError
-from medlens.evaluation.calibration import calibrate
+from medlens.evaluation.calibration import fit_temperature
 from medlens.evaluation.metrics import compute_metrics, headline_metrics
 from medlens.evaluation.ood import EnsembleGuard, StageGuard, load_guard
-from medlens.fileio import atomic_write_text, sha256_file, write_json
+from medlens.evaluation.operating_point import OperatingPoint, choose_operating_point
+from medlens.fileio import atomic_write_text, replace_folder, sha256_file, write_json
 from medlens.inference.predictor import Predictor
 
 __all__ = ["make_bundle", "BUNDLE_FILES"]
@@ -217,16 +218,6 @@ def _remeasure(
     return metrics, change
 
 
-def _move_into_place(tmp: Path, dest: Path) -> None:
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
-        dest.rename(old)
-        tmp.rename(dest)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(dest)
-
-
 def _ensemble_meta(runs: list[Path], metas: list[ModelMeta]) -> ModelMeta:
     """The ensemble's metadata: the members must share labels and preprocessing. Its version is
     the sha256 of the members' weight hashes; temperature and threshold start as the members'
@@ -250,7 +241,7 @@ def _ensemble_meta(runs: list[Path], metas: list[ModelMeta]) -> ModelMeta:
         preprocess=first.preprocess,
         temperature=float(np.mean([m.temperature for m in metas])),
         threshold=float(np.mean(thresholds)) if thresholds else None,
-        threshold_method="mean of the members'" if thresholds else None,
+        threshold_method=first.threshold_method if thresholds else None,
         dropout=first.dropout,
         extra={k: v for k, v in first.extra.items() if k in ("card", "training")},
     )
@@ -322,25 +313,48 @@ def _copy_curves(runs: list[Path], dest: Path) -> str | None:
 
 
 def _calibrate_ensemble(folder: Path, runs: list[Path], meta: ModelMeta) -> None:
-    """Temperature (and binary threshold) of the averaged logits, fitted on the validation
-    images every member shares (members trained on the same split with other seeds or
-    backbones). Members of a k-fold cross-validation share none: the members' mean values are
-    kept, and the card says so."""
+    """Temperature of the averaged logits, fitted on the validation images every member shares
+    (members trained on the same split with other seeds or backbones). Members of a k-fold
+    cross-validation share none: the members' mean is kept, and the card says so."""
     held = _held_out(runs, "val", meta.labels)
     if held is None:
         meta.extra["ensemble_calibration"] = (
-            "the members' mean temperature and threshold (they share no validation images)"
+            "the members' mean temperature (they share no validation images)"
         )
         return
     pixels, y = _decoded(held[0], meta, "val")
-    logits = Predictor(folder).logits_prepared(pixels).numpy()
-    temperature, threshold, method = calibrate(logits, y, meta.binary)
-    meta.temperature = temperature
-    if meta.binary:
-        meta.threshold, meta.threshold_method = threshold, method
+    meta.temperature = fit_temperature(Predictor(folder).logits_prepared(pixels).numpy(), y)
     meta.extra["ensemble_calibration"] = (
-        f"fitted on the {len(y)} validation images the members share"
+        f"temperature fitted on the {len(y)} validation images the members share"
     )
+
+
+def _choose_operating_point(folder: Path, runs: list[Path], meta: ModelMeta, rule) -> None:
+    """A two-class model's operating point ``rule`` (default: the run's own rule where it
+    names one, else ``balanced``), chosen on the shipped graph's probabilities of the
+    validation images the runs share, or on k-fold members' pooled out-of-fold ones."""
+    if not meta.binary:
+        return
+    if rule is None:
+        try:
+            rule = OperatingPoint.parse(meta.threshold_method)
+        except UsageError:  # runs of older MedLens ("youden", "mean of the members'")
+            rule = OperatingPoint("youden" if meta.threshold_method == "youden" else "balanced")
+    held = _held_out(runs, "val", meta.labels)
+    if held is not None:
+        pixels, y = _decoded(held[0], meta, "val")
+        p, where = Predictor(folder).probs_prepared(pixels)[:, 1], "validation"
+    else:
+        preds = [ModelFolder(r).read_predictions("val", meta.labels) for r in runs]
+        if any(x is None for x in preds):
+            raise UsageError(
+                "the runs recorded no validation predictions to choose the operating point on; "
+                "train them again with this MedLens"
+            )
+        y = np.concatenate([x.y_true for x in preds])
+        p = np.concatenate([x.probs[:, 1] for x in preds])
+        where = "pooled out-of-fold validation"
+    meta.set_operating_point(choose_operating_point(y, p, rule, split=where))
 
 
 def make_bundle(
@@ -351,9 +365,14 @@ def make_bundle(
     int8: bool = False,
     overwrite: bool = False,
     card: dict | None = None,
+    operating_point=None,
 ) -> dict:
     """Write an inference-only model folder ``dest`` from the training run ``run``, or from
     several runs as one ensemble (see :func:`_ensemble_meta`).
+
+    ``operating_point``: a two-class model's decision rule
+    (:class:`~medlens.evaluation.operating_point.OperatingPoint`), chosen again on the
+    shipped graph's validation probabilities (default: the run's rule).
 
     ``half`` stores the weights as float16, ``int8`` as 8-bit integers (it wins over
     ``half``); either way the metrics are re-measured on the shipped file.
@@ -409,6 +428,7 @@ def make_bundle(
         if len(runs) > 1:
             _calibrate_ensemble(tmp, runs, meta)
             write_json(tmp / MODEL_JSON, meta.to_dict())
+        _choose_operating_point(tmp, runs, meta, operating_point)
         _recalibrate_guard(tmp, runs, meta)
         write_json(tmp / MODEL_JSON, meta.to_dict())
         metrics, change = _remeasure(tmp, runs, meta, full_graph)
@@ -416,7 +436,7 @@ def make_bundle(
         card = model_card(meta, tmp, onnx_sha256=hashlib.sha256(blob).hexdigest())
         write_json(tmp / CARD_JSON, card)
         atomic_write_text(tmp / CARD_MD, model_card_markdown(card))
-        _move_into_place(tmp, dest)
+        replace_folder(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

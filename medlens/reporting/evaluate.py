@@ -25,6 +25,7 @@ def _model_info(meta: ModelMeta) -> dict:
         "temperature": round(meta.temperature, 4),
         "threshold": meta.threshold,
         "threshold_method": meta.threshold_method,
+        "operating_point": meta.extra.get("operating_point"),
         "image_size": meta.preprocess.image_size,
     }
 

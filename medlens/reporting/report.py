@@ -131,15 +131,16 @@ def _threshold_text(metrics: dict, model_info: dict) -> str:
     t = metrics.get("threshold")
     if t is None:
         return "multi-class: predicted class = highest probability (argmax)"
+    op = model_info.get("operating_point") or {}
     method = model_info.get("threshold_method")
-    if method == "youden":
-        how = "chosen on validation data by maximising Youden's J (sensitivity + specificity − 1)"
-    elif method == "target_sensitivity":
-        target = model_info.get("target_sensitivity")
+    if op.get("description"):
+        lo, hi = op["threshold_ci"]
         how = (
-            "chosen on validation data as the highest threshold with sensitivity ≥ "
-            f"{_f(target, 2) if target is not None else 'the target'}"
+            f"operating point {op['description']}; on {op['n']} {op['measured_on']} images the "
+            f"threshold's 95% interval is {_f(lo)}–{_f(hi)}"
         )
+        if op.get("warning"):
+            how += f". Warning: {op['warning']}"
     elif method:
         how = f"chosen by: {method}"
     elif abs(t - 0.5) < 1e-12:
@@ -238,7 +239,9 @@ def _tables(metrics: dict, labels: list[str], model_info: dict) -> dict:
     binary = len(labels) == 2
     return {
         "model_info": [
-            (k.replace("_", " ").capitalize(), v) for k, v in model_info.items() if v is not None
+            (k.replace("_", " ").capitalize(), v)
+            for k, v in model_info.items()
+            if v is not None and not isinstance(v, dict)
         ],
         "n": metrics.get("n"),
         "labels": labels,
@@ -322,8 +325,9 @@ def write_report(
         history: Optional training history rows for the training curves.
         title: Report title.
         model_info: Optional facts shown in the header (model name, version, dataset, date,
-            split, temperature, ...). ``threshold_method`` (``"youden"`` or
-            ``"target_sensitivity"``, with ``target_sensitivity``) explains the threshold.
+            split, temperature, ...). ``operating_point`` (the record of
+            :func:`~medlens.evaluation.operating_point.choose_operating_point`) or
+            ``threshold_method`` explains the threshold.
 
     Returns:
         Path of ``report.html``.

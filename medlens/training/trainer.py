@@ -28,6 +28,7 @@ from medlens.errors import ConfigError, TrainError
 from medlens.evaluation.calibration import calibrate, logits_to_probs
 from medlens.evaluation.metrics import headline_metrics
 from medlens.evaluation.ood import StageGuard
+from medlens.evaluation.operating_point import OperatingPoint
 from medlens.fileio import write_yaml
 from medlens.machine import usable_cores
 from medlens.modeling.registry import IMAGENET_MEAN, IMAGENET_STD, model_info
@@ -154,6 +155,7 @@ class Trainer:
         self.info = model_info(cfg.model)  # unknown model: clear error before anything is written
         # Every declared constraint (config.py), on the settings the run will use.
         self.cfg = (_resumed_config(cfg) if resume else cfg).validate()
+        OperatingPoint.parse(self.cfg.operating_point)  # a bad rule fails before any image
         size, smallest = self.cfg.image_size, self.info.min_image_size
         if size is not None and size < smallest:
             raise ConfigError(f"--image-size {size}: {self.cfg.model} needs at least {smallest} px")
@@ -165,6 +167,15 @@ class Trainer:
         self._set_up()
         # The data is loaded, checked and decoded before the run folder is touched.
         self.data = load_training_data(self.cfg, self.info, self.pretrained)
+        if (
+            not self.data.binary
+            and OperatingPoint.parse(self.cfg.operating_point).rule != "balanced"
+        ):
+            raise ConfigError(
+                f"--operating-point {self.cfg.operating_point}: these data have "
+                f"{len(self.data.classes)} classes, and a model of more than two predicts the "
+                "most probable class (balanced); other rules apply to two-class models"
+            )
         self.pre = _preprocess(self.data, self.cfg, self.pretrained)
         self.to_input = ModelInput(self.pre)
         # Before the folder too: a --weights file that fits nothing stops the run here.
@@ -349,16 +360,11 @@ class Trainer:
                 outputs[split] = float32_outputs(self.net, x, self.to_input, self.device)
         return outputs
 
-    def _calibrate(self, val_logits: torch.Tensor) -> tuple[float, float | None, str | None]:
-        """Temperature, and for binary tasks the threshold and how it was chosen; fitted on
-        the validation split only."""
+    def _calibrate(self, val_logits: torch.Tensor) -> tuple[float, dict | None]:
+        """Temperature, and for binary tasks the operating point (threshold with its
+        intervals); fitted on the validation split only."""
         yva = self.data.prepared["val"][1].numpy()
-        return calibrate(
-            val_logits.numpy(),
-            yva,
-            self.data.binary,
-            target_sensitivity=self.cfg.target_sensitivity,
-        )
+        return calibrate(val_logits.numpy(), yva, self.data.binary, self.cfg.operating_point)
 
     def _fit_guard(self, val_stats: np.ndarray) -> StageGuard:
         """The OOD guard, fitted on clean training images and saved beside the model."""
@@ -375,7 +381,7 @@ class Trainer:
         return guard
 
     def _model_meta(
-        self, temperature: float, threshold: float | None, method: str | None, wall: float
+        self, temperature: float, operating_point: dict | None, wall: float
     ) -> ModelMeta:
         """The model's metadata, with where it came from (``training``) and its card."""
         cfg, ds = self.cfg, self.data.dataset
@@ -384,11 +390,10 @@ class Trainer:
             labels=ds.classes,
             preprocess=self.pre,
             temperature=temperature,
-            threshold=threshold,
-            threshold_method=method,
             dropout=cfg.dropout,
             name=cfg.name or self.folder.name,
         )
+        meta.set_operating_point(operating_point)
         meta.extra["training"] = {
             "command": self.command,
             "data": str(cfg.data),
@@ -429,9 +434,17 @@ class Trainer:
 
 def _log_calibration(meta: ModelMeta) -> None:
     msg = f"calibration: temperature {meta.temperature:.3f}"
-    if meta.binary:
-        msg += f", threshold {meta.threshold:.4f} ({meta.threshold_method})"
+    op = meta.extra.get("operating_point")
+    if op:
+        lo, hi = op["threshold_ci"]
+        msg += (
+            f"; operating point {op['rule']}: threshold {meta.threshold:.4f} "
+            f"[{lo:.4f}, {hi:.4f}], validation sensitivity {op['sensitivity']:.3f}, "
+            f"specificity {op['specificity']:.3f}"
+        )
     log.info(msg)
+    if op and op.get("warning"):
+        log.warning("%s", op["warning"])
 
 
 def _log_saved(out: Path, wall: float, summaries: dict) -> None:
