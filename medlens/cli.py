@@ -207,6 +207,14 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
         f"n={m['n']}  "
         + "  ".join(fmt(k) for k in ("accuracy", "auc", "sensitivity", "specificity"))
     )
+    if m.get("threshold") is not None:
+        print(f"decision: {m['labels'][1]} when p >= {m['threshold']:.6f}")
+    if m.get("ood"):
+        o = m["ood"]
+        print(
+            f"out-of-distribution: {o['flagged']} of {o['n']} images flagged ({o['share']:.1%}); "
+            "they are counted in the figures above"
+        )
     if m.get("subgroups"):
         _print_subgroups(m["subgroups"])
     print(f"wrote {Path(a.out) / 'metrics.json'} and {Path(a.out) / 'report.html'}")
@@ -427,7 +435,7 @@ def _predict_rows(pred: Predictor, files: list[str], batch_size: int, quiet: boo
                 probs = {f"p_{c}": v for c, v in r.probabilities.items()}
                 done[j] = {"path": chunk[j], "label": r.label, **probs, "threshold": r.threshold,
                            "ood_flag": r.ood["flag"], "ood_score": r.ood["score"],
-                           "error": None}  # fmt: skip
+                           "ood_ratio": r.ood.get("ratio"), "error": None}  # fmt: skip
         rows += [done[j] for j in range(len(chunk))]
         bar.update(len(chunk))
     bar.close()
@@ -451,7 +459,10 @@ def _print_rows(pred: Predictor, rows: list[dict], as_json: bool) -> None:
                 if r.get("ood_flag")
                 else ""
             )
-            print(f"{r['path']}\t{r['label']}\t{probs}{warn}")
+            label = r["label"]
+            if r.get("threshold") is not None:  # the decision rule beside its answer
+                label += f" (p({pred.labels[1]}) >= {r['threshold']:.6f})"
+            print(f"{r['path']}\t{label}\t{probs}{warn}")
 
 
 def _predict_documents(a: argparse.Namespace, pred: Predictor, files: list[str]) -> int:

@@ -13,6 +13,7 @@ real images).
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import threading
@@ -357,13 +358,36 @@ def test_pre_test_to_post_test_probability(server, page, tmp_path, image_factory
         page.select_option("#mc-age", "1")
         assert page.input_value("#pretest") == "37"
         assert page.text_content("#mc-result").startswith("Score 3: in a large US study, 37%")
+        positive = label == card["labels"][1]
+        ci = lr["positive_ci"] if positive else lr["negative_ci"]
+        # the log-method interval from the split's counts (Simel et al. 1991), recomputed here
+        n_neg, n_pos = list(card["metrics"]["test"]["support"].values())
+        tp, tn = round(0.9 * n_pos), round(0.8 * n_neg)
+        a, na, b, nb = (
+            (tp, n_pos, n_neg - tn, n_neg) if positive else (n_pos - tp, n_pos, tn, n_neg)
+        )
+        if min(a, b, na - a, nb - b) == 0:
+            a, b, na, nb = a + 0.5, b + 0.5, na + 1, nb + 1
+        se = math.sqrt(1 / a - 1 / na + 1 / b - 1 / nb)
+        point = (a / na) / (b / nb)
+        assert ci == pytest.approx(
+            [point * math.exp(-1.96 * se), point * math.exp(1.96 * se)], rel=1e-4
+        )
+
+        def post(pre, r):
+            odds = pre / (1 - pre) * r
+            return f"{100 * odds / (1 + odds):.1f}%"
+
         for pre in (0.37, 0.05):
             page.fill("#pretest", f"{100 * pre:g}")
-            odds = pre / (1 - pre) * ratio
-            expected = f"{100 * odds / (1 + odds):.1f}%"
             text = page.text_content("#posttest")
-            assert text.startswith(f"Post-test probability of {card['labels'][1]}: {expected}")
+            assert text.startswith(
+                f"Post-test probability of {card['labels'][1]}: {post(pre, ratio)}"
+            )
+            assert f"95% CI {post(pre, ci[0])} to {post(pre, ci[1])} from the likelihood" in text
         basis = page.text_content("#context-basis")
+        assert f"{ratio:.2f}, 95% CI {ci[0]:.2f} to {ci[1]:.2f}" in basis
+        assert "Likelihood ratios move between hospitals" in basis
         assert f"measured on the model's {lr['title'].lower()}, n = {lr['n']}" in basis
         assert "Assumes the likelihood ratio holds in your population" in basis
         assert "group A streptococcus" in basis  # the McIsaac caveat

@@ -39,13 +39,12 @@ def bundled(request):
     return request.param, Predictor(request.param)
 
 
-def test_all_four_are_bundled_within_the_size_budget():
+def test_all_are_bundled_within_the_size_budget():
     found = find_models()
     assert set(BUNDLED) <= set(found)
-    total = sum(
-        f.stat().st_size for name in BUNDLED for f in (bundled_models_dir() / name).iterdir()
-    )
-    assert total <= 40 * 1024 * 1024, f"bundled models take {total / 2**20:.1f} MiB"
+    # every file of every bundled model, evaluation records included: 64 MiB in all
+    total = sum(f.stat().st_size for f in bundled_models_dir().rglob("*") if f.is_file())
+    assert total <= 64 * 1024 * 1024, f"bundled models take {total / 2**20:.1f} MiB"
     for name in BUNDLED:
         assert not (bundled_models_dir() / name / "model.pt").exists()  # ONNX only
         assert (ROOT / "recipes" / f"{name}.yaml").exists()

@@ -19,6 +19,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from medlens.artifacts.model import read_meta
 from medlens.cli import COMMANDS, build_parser, main
 from medlens.data.splits import patient_id
 from medlens.modeling.registry import count_parameters, create_model, list_models
@@ -355,7 +356,10 @@ def test_predict_table(capsys, trained_run, predict_inputs):
             [],
             ["OUT-OF-DISTRIBUTION: unlike this model's training images; do not trust the label"],
         )
-        assert label in ("NORMAL", "PNEUMONIA")
+        # the label with the decision rule beside it
+        thr = read_meta(trained_run).threshold
+        name, rule = label.split(" ", 1)
+        assert name in ("NORMAL", "PNEUMONIA") and rule == f"(p(PNEUMONIA) >= {thr:.6f})"
         values = dict(kv.split("=") for kv in probs.split())
         assert set(values) == {"NORMAL", "PNEUMONIA"}
         assert sum(map(float, values.values())) == pytest.approx(1, abs=2e-4)

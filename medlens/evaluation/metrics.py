@@ -482,6 +482,11 @@ SMALL_CLASS = 30
 """A split whose smallest class has fewer images gets a warning: its intervals say little."""
 
 SPLIT_ROLES = {
+    "site": (
+        "Site images",
+        "this hospital's own labelled images, on which the model was calibrated; each image "
+        "judged by a temperature and threshold fitted without it (cross-fitting)",
+    ),
     "test": (
         "Carved test split",
         "held out from training, from the choice of epoch and from calibration and the "
@@ -552,12 +557,12 @@ def split_views(metrics: dict[str, dict]) -> list[dict]:
         ``[{"split", "title", "role", "warning", "metrics"}]``; a split measured out of fold
         (a fold ensemble's ``measured_on``) says so in its title and role.
     """
-    order = sorted(metrics, key=lambda s: (s != "test", s != "val", s))
+    order = sorted(metrics, key=lambda s: (s != "site", s != "test", s != "val", s))
     out = []
     for split in order:
         m = metrics[split] or {}
         title, role = SPLIT_ROLES.get(split, (f"{split} split", "evaluated after training"))
-        if m.get("measured_on"):
+        if m.get("measured_on") and split != "site":
             title, role = f"{title}, out of fold", m["measured_on"]
         out.append(
             {
@@ -573,26 +578,54 @@ def split_views(metrics: dict[str, dict]) -> list[dict]:
 
 def likelihood_ratios(metrics: dict[str, dict]) -> dict | None:
     """Likelihood ratios of a binary model's positive and negative result at its operating
-    point, from the first of :func:`split_views` (the carved test split where there is one):
-    LR+ = sensitivity / (1 - specificity), LR- = (1 - sensitivity) / specificity.
+    point, from the first of :func:`split_views` (a site calibration's images where there are
+    some, else the carved test split): LR+ = sensitivity / (1 - specificity), LR- = (1 -
+    sensitivity) / specificity, each with a 95% interval by the log method (Simel, Samsa and
+    Matchar 1991, J Clin Epidemiol 44:763) from the split's counts; a count of 0 gets 0.5
+    added to each cell for the interval (the ratio itself is then not finite: None).
 
     Returns:
-        ``{"positive", "negative", "sensitivity", "specificity", "split", "title", "n"}``
-        (a ratio is None where its denominator is 0: no false positives, or no true
-        negatives, among the split's images), or None when no split has both figures.
+        ``{"positive", "positive_ci", "negative", "negative_ci", "sensitivity",
+        "specificity", "split", "title", "n", "note"}``, or None when no split has both
+        figures.
     """
     for view in split_views(metrics):
         m = view["metrics"]
         sens, spec = m.get("sensitivity"), m.get("specificity")
         if sens is None or spec is None:
             continue
+        support = list(class_support(m).values())
+        cis = _lr_intervals(sens, spec, *support) if len(support) == 2 else (None, None)
         return {
             "positive": sens / (1 - spec) if spec < 1 else None,
+            "positive_ci": cis[0],
             "negative": (1 - sens) / spec if spec > 0 else None,
+            "negative_ci": cis[1],
             "sensitivity": sens,
             "specificity": spec,
             "split": view["split"],
             "title": view["title"],
             "n": m.get("n"),
+            "note": "likelihood ratios move between hospitals (other patients, other disease "
+            "spectrum, other machines): a site calibration on your own images gives figures "
+            "that fit your population",
         }
     return None
+
+
+def _lr_intervals(sens: float, spec: float, n_neg: int, n_pos: int):
+    """95% intervals of LR+ and LR- from the rates and class sizes (log method)."""
+    if not n_neg or not n_pos:
+        return None, None
+    tp = round(sens * n_pos)
+    tn = round(spec * n_neg)
+    fn, fp = n_pos - tp, n_neg - tn
+
+    def interval(a: float, na: int, b: float, nb: int) -> list[float]:
+        if min(a, b, na - a, nb - b) == 0:  # Haldane: 0.5 in every cell
+            a, b, na, nb = a + 0.5, b + 0.5, na + 1, nb + 1
+        ratio = (a / na) / (b / nb)
+        se = math.sqrt(1 / a - 1 / na + 1 / b - 1 / nb)
+        return [ratio * math.exp(-1.959964 * se), ratio * math.exp(1.959964 * se)]
+
+    return interval(tp, n_pos, fp, n_neg), interval(fn, n_pos, tn, n_neg)

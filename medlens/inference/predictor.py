@@ -229,8 +229,11 @@ class Predictor:
             self.logits_prepared(x_uint8, batch_size).numpy(), self.meta.temperature
         )
 
-    def predict_prepared(self, x_uint8: ArrayLike, batch_size: int = 64) -> list[Prediction]:
-        """Prepared ``uint8 (N, C, S, S)`` images -> predictions (with the OOD verdict)."""
+    def probs_and_ood_prepared(
+        self, x_uint8: ArrayLike, batch_size: int = 64
+    ) -> tuple[np.ndarray, list[dict]]:
+        """Calibrated ``(N, K)`` probabilities and the OOD guard's verdict per image
+        (:data:`NO_OOD` without a guard) of prepared ``uint8 (N, C, S, S)`` images."""
         from medlens.evaluation.calibration import logits_to_probs
 
         logits, feats = self.forward_prepared(
@@ -238,6 +241,11 @@ class Predictor:
         )
         probs = logits_to_probs(logits.numpy(), self.meta.temperature)
         oods = self.ood_guard(feats) if self.ood_guard is not None else [NO_OOD] * len(probs)
+        return probs, oods
+
+    def predict_prepared(self, x_uint8: ArrayLike, batch_size: int = 64) -> list[Prediction]:
+        """Prepared ``uint8 (N, C, S, S)`` images -> predictions (with the OOD verdict)."""
+        probs, oods = self.probs_and_ood_prepared(x_uint8, batch_size)
         return [self.to_prediction(p, o) for p, o in zip(probs, oods)]
 
     def predict_pixels(self, pixels_list: list[np.ndarray]) -> list[Prediction]:

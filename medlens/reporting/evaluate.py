@@ -11,7 +11,7 @@ from medlens.artifacts.folders import METRICS_JSON, read_history, write_split
 from medlens.artifacts.model import ModelMeta
 from medlens.errors import UsageError
 
-__all__ = ["evaluate", "write_evaluation"]
+__all__ = ["evaluate", "write_evaluation", "ood_counts"]
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +40,12 @@ def write_evaluation(
     title: str = "MedLens evaluation",
     sources: list[str] | None = None,
     attributes: dict[str, list] | None = None,
+    ood: list[dict] | None = None,
 ) -> dict:
     """Metrics at the stored threshold (and 0.5), ``metrics.json``, ``report.html``; with
-    ``attributes`` (``{attribute: value per image}``), each subgroup's metrics too."""
+    ``attributes`` (``{attribute: value per image}``), each subgroup's metrics too; with
+    ``ood`` (the guard's verdict per image), how many it flagged (``ood`` in metrics.json)
+    and its score, ratio and flag per image in predictions.csv."""
     from medlens.evaluation.metrics import compute_metrics
     from medlens.reporting.report import write_report
 
@@ -55,7 +58,9 @@ def write_evaluation(
         metrics["subgroups"] = subgroup_metrics(
             y_true, probs, meta.labels, meta.threshold, attributes
         )
-    write_split(out_dir, metrics, sources, y_true, probs)
+    if ood is not None and any(o.get("flag") is not None for o in ood):
+        metrics["ood"] = ood_counts(ood)
+    write_split(out_dir, metrics, sources, y_true, probs, ood=ood if "ood" in metrics else None)
     write_report(
         out_dir,
         metrics,
@@ -68,6 +73,19 @@ def write_evaluation(
         model_info=_model_info(meta),
     )
     return metrics
+
+
+def ood_counts(ood: list[dict]) -> dict:
+    """How many images the guard flagged, of how many, and the share."""
+    flags = [bool(o["flag"]) for o in ood if o.get("flag") is not None]
+    n = len(flags)
+    return {
+        "flagged": int(sum(flags)),
+        "n": n,
+        "share": round(sum(flags) / n, 4) if n else None,
+        "note": "images the out-of-distribution guard flagged are counted in every metric "
+        "above; a flagged image is one the model should not be trusted on",
+    }
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -116,7 +134,7 @@ def evaluate(
         for note in notes:
             log.warning("%s", note)
     y = np.array([s.label for s in kept])
-    probs = predictor.probs_prepared(res.pixels)
+    probs, ood = predictor.probs_and_ood_prepared(res.pixels)
     history = read_history(predictor.folder) if predictor.folder else None
     metrics = write_evaluation(
         out,
@@ -127,6 +145,7 @@ def evaluate(
         title=f"{meta.name}: evaluation on {data}",
         sources=[s.source for s in kept],
         attributes=attributes,
+        ood=ood,
     )
     if res.errors:
         log.warning("skipped %d unreadable image(s)", len(res.errors))

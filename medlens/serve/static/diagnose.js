@@ -225,7 +225,9 @@
     const positive = r.label === info.labels[1];
     const ratio = positive ? lr.positive : lr.negative;
     const pre = Number($("pretest").value) / 100;
-    const basis = `Likelihood ratio of a ${positive ? "positive" : "negative"} result: ${fmtLr(ratio)} (sensitivity ${lr.sensitivity.toFixed(3)}, specificity ${lr.specificity.toFixed(3)} at the threshold, measured on the model's ${lr.title.toLowerCase()}, n = ${lr.n}).`;
+    const ci = positive ? lr.positive_ci : lr.negative_ci;
+    const ciText = ci ? `, 95% CI ${ci[0].toFixed(2)} to ${ci[1].toFixed(2)}` : "";
+    const basis = `Likelihood ratio of a ${positive ? "positive" : "negative"} result: ${fmtLr(ratio)}${ciText} (sensitivity ${lr.sensitivity.toFixed(3)}, specificity ${lr.specificity.toFixed(3)} at the threshold, measured on the model's ${lr.title.toLowerCase()}, n = ${lr.n}). ${lr.note ? lr.note[0].toUpperCase() + lr.note.slice(1) + "." : ""}`;
     const assumptions = " Assumes the likelihood ratio holds in your population (the same spectrum of disease and images), that the image is of the kind the model was trained on, and that the pre-test probability does not already count what the image shows." + (info.clinical_score === "mcisaac" ? " The McIsaac score estimates group A streptococcus, while this model was trained on photographs labelled pharyngitis or not (any cause), and tonsillar exudate counts in both: the post-test figure is optimistic and for teaching only." : "");
     $("context-basis").textContent = basis + assumptions;
     const empty = $("pretest").value === "";
@@ -242,9 +244,14 @@
       $("posttest").textContent = "No post-test probability: the likelihood ratio is not finite on the split it was measured on.";
       return;
     }
+    const post = postTest(pre, ratio);
+    const range = ci ? `; 95% CI ${pct(postTest(pre, ci[0]))} to ${pct(postTest(pre, ci[1]))} from the likelihood ratio's interval` : "";
+    $("posttest").textContent = `Post-test probability of ${info.labels[1]}: ${pct(post)} (pre-test ${pct(pre)}, ${positive ? "positive" : "negative"} result${range}).`;
+  }
+
+  function postTest(pre, ratio) {
     const odds = (pre / (1 - pre)) * ratio;
-    const post = odds / (1 + odds);
-    $("posttest").textContent = `Post-test probability of ${info.labels[1]}: ${pct(post)} (pre-test ${pct(pre)}, ${positive ? "positive" : "negative"} result).`;
+    return odds / (1 + odds);
   }
 
   // ------------------------------------------------------------------ requests
