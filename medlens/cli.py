@@ -665,12 +665,24 @@ def _add_models(p: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="also list the model folders in DIR (as `medlens serve --models`)",
     )
+    p.add_argument(
+        "--table",
+        action="store_true",
+        help="print a Markdown table of the models' cards instead (stored size, decision rule, "
+        "each split's figures with 95%% intervals): the README's model table",
+    )
 
 
 def _cmd_models(a: argparse.Namespace) -> int:
     from medlens.artifacts.folders import bundled_models_dir, find_models
     from medlens.artifacts.model import read_meta
     from medlens.modeling.registry import count_parameters, create_model, list_models, model_info
+
+    if a.table:
+        from medlens.artifacts.card import models_table
+
+        print(models_table(find_models(a.models)))
+        return 0
 
     print("backbones (medlens train --model NAME):")
     for name in list_models():

@@ -132,3 +132,13 @@ def test_the_dashboard_has_curves_and_results_of_each_bundled_model(bundled):
     card = json.loads((bundled_models_dir() / name / "model_card.json").read_text())
     assert "../" not in json.dumps(card["training"])  # no developer paths
     assert " /" not in (card["training"].get("command") or "")
+
+
+def test_the_readme_model_table_is_the_cards():
+    """The README's model table is generated from the bundled cards (`medlens models --table`):
+    a re-exported model whose README figures were not regenerated fails here."""
+    from medlens.artifacts.card import TABLE_END, TABLE_START, models_table
+
+    readme = (ROOT / "README.md").read_text()
+    start, end = readme.index(TABLE_START) + len(TABLE_START), readme.index(TABLE_END)
+    assert readme[start:end].strip() == models_table(find_models())
