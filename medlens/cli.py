@@ -327,6 +327,78 @@ def _before_after(before: dict | None, after: dict | None, site: bool) -> str:
     return "\n".join(rows)
 
 
+def _add_audit(p: argparse.ArgumentParser) -> None:
+    """shortcut audit: what a model can decide without looking at the anatomy
+
+    On labelled images (at most --max-images, stratified by class): a no-anatomy baseline (a
+    cross-validated gradient-boosted classifier on size, format, intensity, border, corner,
+    solid-box and text-mark features), the model's AUC with the central anatomy masked and with
+    the border masked, and the share of its Grad-CAM mass in the central region, with a verdict
+    in plain words. Writes audit.json and audit.html into --out (default: the model folder;
+    --record also puts the figures on the model card).
+    """
+    p.add_argument("--model", required=True, help="run folder, or a bundled/installed model name")
+    p.add_argument("--data", required=True, help="labelled images (any layout evaluate reads)")
+    p.add_argument("--out", default=None, help="folder for audit.json and audit.html")
+    p.add_argument("--max-images", type=int, default=400, help="images audited (default 400)")
+    p.add_argument(
+        "--cam-images", type=int, default=100, help="images whose Grad-CAM is measured (100)"
+    )
+    p.add_argument(
+        "--record",
+        action="store_true",
+        help="write the audit into the model folder and its figures onto its card (model.json "
+        "shortcut_audit, model_card.json/.md)",
+    )
+    p.add_argument(
+        "--skip-bad-images", action="store_true", help="skip unreadable images instead of stopping"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _cmd_audit(a: argparse.Namespace) -> int:
+    from medlens.reporting.audit import AUDIT_JSON, audit_model, audit_summary
+
+    if a.max_images < 10 or a.cam_images < 1:
+        raise UsageError("--max-images must be >= 10 and --cam-images >= 1")
+    if a.record and a.out:
+        raise UsageError("--record writes into the model folder: leave out --out")
+    if not a.record and not a.out:
+        raise UsageError("give --out DIR for audit.json and audit.html, or --record")
+    record = audit_model(
+        a.model,
+        a.data,
+        a.out,
+        max_images=a.max_images,
+        cam_images=a.cam_images,
+        skip_bad_images=a.skip_bad_images,
+        progress=not a.quiet,
+    )
+    if a.record:
+        from medlens.artifacts.card import write_card
+        from medlens.artifacts.model import read_meta
+        from medlens.inference.predictor import Predictor
+
+        folder = Predictor(a.model).folder
+        meta = read_meta(folder)
+        meta.extra["shortcut_audit"] = audit_summary(record)
+        write_card(folder, meta)
+    occ = record["occlusion"]
+    print(
+        f"n={record['n']}  no-anatomy baseline AUC {record['baseline']['auc']:.3f}  model AUC "
+        f"{occ['auc']:.3f}  centre masked {occ['centre_masked_auc']:.3f}  border masked "
+        f"{occ['border_masked_auc']:.3f}  Grad-CAM in centre "
+        + (
+            "n/a"
+            if record["attention"]["centre_share"] is None
+            else f"{record['attention']['centre_share']:.1%}"
+        )
+    )
+    print(record["verdict"]["text"])
+    print(f"wrote {Path(a.out or Predictor(a.model).folder) / AUDIT_JSON} and audit.html")
+    return 0
+
+
 def _add_predict(p: argparse.ArgumentParser) -> None:
     """predict images or folders
 
@@ -1075,6 +1147,7 @@ COMMANDS = {
     "predict": (_add_predict, _cmd_predict),
     "explain": (_add_explain, _cmd_explain),
     "calibrate": (_add_calibrate, _cmd_calibrate),
+    "audit": (_add_audit, _cmd_audit),
     "compare": (_add_compare, _cmd_compare),
     "pacs": (_add_pacs, _cmd_pacs),
     "models": (_add_models, _cmd_models),

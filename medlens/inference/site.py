@@ -29,10 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medlens.artifacts.card import model_card, model_card_markdown
+from medlens.artifacts.card import write_card
 from medlens.artifacts.folders import (
-    CARD_JSON,
-    CARD_MD,
     CONFIG_YAML,
     HISTORY_CSV,
     MODEL_JSON,
@@ -47,7 +45,7 @@ from medlens.errors import UsageError
 from medlens.evaluation.calibration import fit_temperature, logits_to_probs
 from medlens.evaluation.metrics import compute_metrics, headline_metrics
 from medlens.evaluation.operating_point import OperatingPoint, choose_operating_point
-from medlens.fileio import atomic_write_text, replace_folder, sha256_file, write_json
+from medlens.fileio import replace_folder, sha256_file
 from medlens.inference.predictor import Predictor
 
 __all__ = ["calibrate_model", "MIN_PER_CLASS", "SITE_SPLIT"]
@@ -301,11 +299,7 @@ def _write(base: Path, out: Path, meta: ModelMeta, predictor: Predictor, site: b
                 old = ModelFolder(base).read_metrics(split) or {}
                 write_split(ModelFolder(tmp).eval_dir(split), {**m, **_measured(old)},
                             preds.paths, preds.y_true, preds.probs)  # fmt: skip
-        write_json(tmp / MODEL_JSON, meta.to_dict())
-        onnx = tmp / ONNX_FILE
-        card = model_card(meta, tmp, onnx_sha256=sha256_file(onnx) if onnx.exists() else None)
-        write_json(tmp / CARD_JSON, card)
-        atomic_write_text(tmp / CARD_MD, model_card_markdown(card))
+        write_card(tmp, meta)
         replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
