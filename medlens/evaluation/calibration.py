@@ -18,6 +18,8 @@ from scipy.optimize import minimize_scalar
 from scipy.special import expit, log_softmax, softmax
 from sklearn.calibration import calibration_curve
 
+from medlens.evaluation.operating_point import OperatingPointSpec
+
 __all__ = [
     "fit_temperature",
     "logits_to_probs",
@@ -104,7 +106,7 @@ def logits_to_probs(logits: ArrayLike, temperature: float = 1.0) -> np.ndarray:
 
 
 def calibrate(
-    logits: ArrayLike, y_true: ArrayLike, binary: bool, operating_point=None
+    logits: ArrayLike, y_true: ArrayLike, binary: bool, operating_point: OperatingPointSpec = None
 ) -> tuple[float, dict | None]:
     """Temperature and, for a binary task, the operating point, from validation data.
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 
@@ -59,7 +60,7 @@ class FeatureGuard:
         d2 = ((z[:, None, :] - self.class_means[None]) ** 2).sum(-1).min(1)
         return d2 / z.shape[1] + resid
 
-    def at_level(self, inputs: np.ndarray):
+    def at_level(self, inputs: np.ndarray) -> Self:
         """The same guard with its flag level set on ``inputs`` (a site's own images): the
         ``quantile`` of their scores, so that share of them passes."""
         return replace(self, threshold=float(np.quantile(self.score(inputs), self.quantile)))
@@ -204,7 +205,7 @@ class StageGuard:
             stats, self.widths, [(g.score, r) for g, r in zip(self.blocks, self.refs)]
         )
 
-    def at_level(self, inputs: np.ndarray):
+    def at_level(self, inputs: np.ndarray) -> Self:
         """The same guard with its flag level set on ``inputs`` (a site's own images): the
         ``quantile`` of their scores, so that share of them passes."""
         return replace(self, threshold=float(np.quantile(self.score(inputs), self.quantile)))

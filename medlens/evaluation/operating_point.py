@@ -34,6 +34,7 @@ from medlens.errors import UsageError
 
 __all__ = [
     "OperatingPoint",
+    "OperatingPointSpec",
     "choose_operating_point",
     "rates_at",
     "RULES",
@@ -301,3 +302,8 @@ def _warning(op: dict) -> str | None:
         + "; ".join(problems)
         + " (95% bootstrap intervals); more labelled images of each class would narrow it"
     )
+
+
+OperatingPointSpec = str | dict | OperatingPoint | None
+"""What names an operating point: its text, a one-entry mapping, the object, or None
+(balanced)."""

@@ -19,6 +19,8 @@ recognising the source. Three measurements say how far that happened:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from numpy.typing import ArrayLike
 
@@ -74,7 +76,9 @@ def _solid_cells(g: np.ndarray, cells: int = 16) -> tuple[np.ndarray, np.ndarray
     return bright, dark
 
 
-def image_features(pixels: np.ndarray, source_format: str = "", notes=()) -> np.ndarray:
+def image_features(
+    pixels: np.ndarray, source_format: str = "", notes: Sequence[str] = ()
+) -> np.ndarray:
     """The :data:`FEATURE_NAMES` of one decoded image (``uint8 (H, W)`` or ``(H, W, 3)``).
 
     Nothing here looks at the anatomy: only the file's geometry and format, global intensity

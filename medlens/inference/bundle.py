@@ -63,7 +63,11 @@ from medlens.errors import ModelLoadError, UsageError
 from medlens.evaluation.calibration import fit_temperature
 from medlens.evaluation.metrics import compute_metrics, headline_metrics
 from medlens.evaluation.ood import EnsembleGuard, StageGuard, load_guard
-from medlens.evaluation.operating_point import OperatingPoint, choose_operating_point
+from medlens.evaluation.operating_point import (
+    OperatingPoint,
+    OperatingPointSpec,
+    choose_operating_point,
+)
 from medlens.fileio import atomic_write_text, replace_folder, sha256_file, write_json
 from medlens.inference.predictor import Predictor
 
@@ -357,6 +361,24 @@ def _choose_operating_point(folder: Path, runs: list[Path], meta: ModelMeta, rul
     meta.set_operating_point(choose_operating_point(y, p, rule, split=where))
 
 
+def _export_record(runs: list[Path], half: bool, int8: bool, curves: str | None) -> dict:
+    """What ``model.json`` records about the export: the runs, the weight storage, where the
+    metrics were measured, whose training curves ship."""
+    weights = (
+        "int8 storage (a scale per output channel), float32 compute"
+        if int8
+        else "float16 storage, float32 compute"
+        if half
+        else "float32"
+    )
+    return {
+        "from_run": "+".join(r.name for r in runs),
+        "weights": weights,
+        "metrics_measured_on": ONNX_FILE,
+        **({"curves": curves} if curves else {}),
+    }
+
+
 def make_bundle(
     run: str | os.PathLike | Sequence[str | os.PathLike],
     dest: str | os.PathLike,
@@ -365,7 +387,7 @@ def make_bundle(
     int8: bool = False,
     overwrite: bool = False,
     card: dict | None = None,
-    operating_point=None,
+    operating_point: OperatingPointSpec = None,
 ) -> dict:
     """Write an inference-only model folder ``dest`` from the training run ``run``, or from
     several runs as one ensemble (see :func:`_ensemble_meta`).
@@ -412,18 +434,7 @@ def make_bundle(
         meta.name = dest.name
         if card:
             meta.extra["card"] = {**(meta.extra.get("card") or {}), **card}
-        meta.extra["export"] = {
-            "from_run": "+".join(r.name for r in runs),
-            "weights": (
-                "int8 storage (a scale per output channel), float32 compute"
-                if int8
-                else "float16 storage, float32 compute"
-                if half
-                else "float32"
-            ),
-            "metrics_measured_on": ONNX_FILE,
-            **({"curves": curves} if curves else {}),
-        }
+        meta.extra["export"] = _export_record(runs, half, int8, curves)
         write_json(tmp / MODEL_JSON, meta.to_dict())
         if len(runs) > 1:
             _calibrate_ensemble(tmp, runs, meta)

@@ -44,7 +44,11 @@ from medlens.artifacts.model import ModelMeta
 from medlens.errors import UsageError
 from medlens.evaluation.calibration import fit_temperature, logits_to_probs
 from medlens.evaluation.metrics import compute_metrics, headline_metrics
-from medlens.evaluation.operating_point import OperatingPoint, choose_operating_point
+from medlens.evaluation.operating_point import (
+    OperatingPoint,
+    OperatingPointSpec,
+    choose_operating_point,
+)
 from medlens.fileio import replace_folder, sha256_file
 from medlens.inference.predictor import Predictor
 
@@ -68,7 +72,7 @@ def calibrate_model(
     out: str | Path,
     *,
     data: str | None = None,
-    operating_point=None,
+    operating_point: OperatingPointSpec = None,
     refit_guard: bool = False,
     min_per_class: int = MIN_PER_CLASS,
     folds: int = 5,
