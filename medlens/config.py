@@ -125,6 +125,13 @@ class AugmentSpec:
         0.0, "probability of a Gaussian blur (sigma 0.1 to 1.5 px)", check=in_range(0, 1)
     )
     sharpen: float = setting(0.0, "probability of sharpening", check=in_range(0, 1))
+    stamp: float = setting(
+        0.0,
+        "probability of stamping a solid white rectangle near the top or bottom edge, on images "
+        "of every class: an anonymisation box that one source carries then says nothing about "
+        "the label",
+        check=in_range(0, 1),
+    )
     downscale: float = setting(
         0.0,
         "probability of a resolution change: the image shrunk to 35-90%% of its side (area "

@@ -464,3 +464,34 @@ def test_noise_has_the_asked_standard_deviation():
     noisy = sd > 0.01
     assert 5 < int(noisy.sum()) < 35  # about half the images (p = 0.5)
     assert float(sd[noisy].mean()) == pytest.approx(0.05, rel=0.1)
+
+
+def test_stamp_puts_one_solid_white_box_near_an_edge_on_the_chosen_share():
+    x = torch.full((40, 1, 64, 64), 0.3)
+    out = augment(x, AugmentSpec(**SHIFT_OFF, stamp=0.5), torch.Generator().manual_seed(4))
+    stamped = (out == 1.0).flatten(1).any(1)
+    assert 10 < int(stamped.sum()) < 30  # about half the images
+    assert torch.equal(out[~stamped], x[~stamped])  # the others are untouched
+    for img in out[stamped][:, 0]:
+        rows = torch.nonzero((img == 1.0).any(1)).flatten()
+        cols = torch.nonzero((img == 1.0).any(0)).flatten()
+        box = img[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+        assert bool((box == 1.0).all())  # one solid rectangle
+        assert 16 <= len(cols) <= 36 and 3 <= len(rows) <= 12
+        assert rows.max() >= 64 - 8 or rows.min() <= 7  # touching the bottom or top band
+    again = augment(x, AugmentSpec(**SHIFT_OFF, stamp=0.5), torch.Generator().manual_seed(4))
+    assert torch.equal(out, again)
+
+
+def test_downscale_loses_fine_detail_but_keeps_the_picture():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 1, 64, 64, generator=g)
+    out = augment(x, AugmentSpec(**SHIFT_OFF, downscale=1.0), torch.Generator().manual_seed(1))
+
+    # fine (pixel-to-pixel) variation shrinks; the mean level stays
+    def detail(t):
+        return (t[..., 1:] - t[..., :-1]).abs().mean()
+
+    assert float(detail(out)) < 0.7 * float(detail(x))
+    assert float((out.mean() - x.mean()).abs()) < 0.01
+    assert float(out.min()) >= 0 and float(out.max()) <= 1

@@ -67,7 +67,25 @@ def augment(
         out = _acquisition_shift(out, spec, generator)
     if spec.downscale:
         out = _resolution_shift(out, spec.downscale, generator)
+    if spec.stamp:
+        out = _stamp_boxes(out, spec.stamp, generator)
     return out
+
+
+def _stamp_boxes(x: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """On a random share ``p`` of the batch, a solid white rectangle (25-55% of the width,
+    6-18% of the height) near the bottom edge (three times in four) or the top edge, where
+    anonymisation boxes sit: stamped on every class, the box stops being a cue for one."""
+    b, _, h, w = x.shape
+    u = torch.rand(b, 6, generator=generator)
+    x = x.clone()
+    for i in torch.nonzero(u[:, 0] < p).flatten().tolist():
+        bw, bh = int(w * (0.25 + 0.3 * u[i, 1])), max(2, int(h * (0.06 + 0.12 * u[i, 2])))
+        x0 = int((w - bw) * u[i, 3])
+        gap = int(h * 0.1 * u[i, 4])
+        y0 = h - bh - gap if u[i, 5] < 0.75 else gap
+        x[i, :, y0 : y0 + bh, x0 : x0 + bw] = 1.0
+    return x
 
 
 def _resolution_shift(x: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:

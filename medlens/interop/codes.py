@@ -20,6 +20,8 @@ KNOWN = {
     "pneumonia": ("233604007", "Pneumonia"),
     "covid19": ("840539006", "Disease caused by severe acute respiratory syndrome coronavirus 2"),
     "covid-19": ("840539006", "Disease caused by severe acute respiratory syndrome coronavirus 2"),
+    "covid": ("840539006", "Disease caused by severe acute respiratory syndrome coronavirus 2"),
+    "tuberculosis": ("56717001", "Tuberculosis"),
     "yes_pharyngitis": ("405737000", "Pharyngitis"),
     "pharyngitis": ("405737000", "Pharyngitis"),
     "normal": ("17621005", "Normal"),
