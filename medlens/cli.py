@@ -340,6 +340,13 @@ def _add_audit(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="run folder, or a bundled/installed model name")
     p.add_argument("--data", required=True, help="labelled images (any layout evaluate reads)")
     p.add_argument("--out", default=None, help="folder for audit.json and audit.html")
+    p.add_argument(
+        "--split",
+        choices=("test", "val"),
+        default=None,
+        help="audit only the images the model recorded for this split (its "
+        "eval/SPLIT/predictions.csv, paths relative to --data): the images it held out",
+    )
     p.add_argument("--max-images", type=int, default=400, help="images audited (default 400)")
     p.add_argument(
         "--cam-images", type=int, default=100, help="images whose Grad-CAM is measured (100)"
@@ -373,6 +380,7 @@ def _cmd_audit(a: argparse.Namespace) -> int:
         cam_images=a.cam_images,
         skip_bad_images=a.skip_bad_images,
         progress=not a.quiet,
+        split=a.split,
     )
     if a.record:
         from medlens.artifacts.card import write_card

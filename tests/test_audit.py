@@ -132,25 +132,13 @@ def test_audit_refusals(tmp_path, capsys, trained_run):
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"real data not at {SHARED_DATA}")
 def test_audit_of_the_bundled_pneumonia_model_on_real_images(tmp_path):
-    import csv
-
-    from medlens.artifacts.folders import bundled_models_dir
     from medlens.reporting.audit import audit_model
 
-    rows = list(
-        csv.DictReader(
-            open(bundled_models_dir() / "pneumonia" / "eval" / "test" / "predictions.csv")
-        )
-    )
-    manifest = tmp_path / "test.csv"
-    with open(manifest, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "label"])
-        for r in rows:
-            w.writerow([SHARED_DATA / "chest_xray" / "train" / r["path"], r["true"]])
-    record = audit_model("pneumonia", str(manifest), tmp_path / "out", max_images=60, cam_images=10,
-                         progress=False)  # fmt: skip
+    # --split test: the images the model recorded as its carved test split, under the data folder
+    record = audit_model("pneumonia", str(SHARED_DATA / "chest_xray" / "train"), tmp_path / "out",
+                         max_images=60, cam_images=10, progress=False, split="test")  # fmt: skip
     assert record["n"] == 60 and set(record["per_class"]) == {"NORMAL", "PNEUMONIA"}
+    assert record["data"] == "chest_xray/train (test split)"
     occ = record["occlusion"]
     assert occ["auc"] > 0.95 and 0 <= occ["centre_masked_auc"] <= 1
     assert occ["border_masked_auc"] > 0.9  # the model does not live in the border

@@ -45,6 +45,20 @@ def _sample(samples: list, max_images: int, seed: int) -> list:
     return [samples[i] for i in sorted(keep)]
 
 
+def _recorded(folder: Path, split: str, data: str, labels: list[str]) -> list:
+    """The samples of the model's recorded ``eval/<split>/predictions.csv``, under ``data``."""
+    from medlens.artifacts.folders import ModelFolder
+    from medlens.data.datasets import Sample
+
+    preds = ModelFolder(folder).read_predictions(split, labels)
+    if preds is None:
+        raise UsageError(
+            f"--split {split}: {folder} recorded no eval/{split}/predictions.csv; give --data "
+            "labelled images without --split"
+        )
+    return [Sample(str(Path(data) / p), int(t)) for p, t in zip(preds.paths, preds.y_true)]
+
+
 def _features(samples: list, skip_bad: bool) -> tuple[np.ndarray, list[int], list[str]]:
     """No-anatomy features of each readable sample (decoded at full size)."""
     from medlens.data.imaging import read_image
@@ -100,9 +114,12 @@ def audit_model(
     seed: int = 0,
     skip_bad_images: bool = False,
     progress: bool = True,
+    split: str | None = None,
 ) -> dict:
     """Audit ``model`` on ``data`` (any layout ``evaluate`` reads; every split counts); write
-    ``audit.json``/``audit.html`` into ``out`` (default: the model folder).
+    ``audit.json``/``audit.html`` into ``out`` (default: the model folder). With ``split``
+    (``test``, ``val``), only the images the model recorded for that split
+    (``eval/<split>/predictions.csv``, paths relative to ``data``): the images it held out.
 
     Returns:
         The audit record (what ``audit.json`` holds).
@@ -113,8 +130,11 @@ def audit_model(
 
     predictor = Predictor(model)
     meta = predictor.meta
-    ds = load_dataset(data, mode="all", classes=meta.labels)
-    samples = _sample(ds.splits["all"], max_images, seed)
+    if split:
+        every = _recorded(predictor.folder, split, data, meta.labels)
+    else:
+        every = load_dataset(data, mode="all", classes=meta.labels).splits["all"]
+    samples = _sample(every, max_images, seed)
     if len({s.label for s in samples}) < 2:
         raise UsageError(f"--data {data}: the audit needs images of at least two classes")
     feats, keep, bad = _features(samples, skip_bad_images)
@@ -133,7 +153,7 @@ def audit_model(
     record = {
         "model": meta.name,
         "version": (meta.extra.get("weights_sha256") or "")[:12] or None,
-        "data": "/".join(Path(data).absolute().parts[-2:]),
+        "data": "/".join(Path(data).absolute().parts[-2:]) + (f" ({split} split)" if split else ""),
         "n": int(len(y)),
         "per_class": {c: int((y == i).sum()) for i, c in enumerate(meta.labels)},
         "unreadable_skipped": len(bad),
