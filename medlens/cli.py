@@ -419,7 +419,7 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out",
         default=None,
-        help="write a CSV (path,label,p_<class>...,threshold,ood_flag,ood_score,error); "
+        help="write a CSV (path,label,p_<class>...,threshold,ood_flag,ood_score,ood_ratio,error); "
         "threshold: the binary decision threshold on the last class's probability (empty: "
         "argmax); ood_score: the guard's score (flagged above 1 for ensembles, else above the "
         "threshold in the model card); unreadable files "
@@ -522,6 +522,18 @@ def _predict_rows(pred: Predictor, files: list[str], batch_size: int, quiet: boo
     return rows
 
 
+def ood_text(ratio: float | None, flag: bool | None) -> str:
+    from medlens.evaluation.ood import ood_text as text
+
+    return text(ratio, flag)
+
+
+def printable(text: str) -> str:
+    """``text`` for a terminal table: control characters (a newline or tab in a file name)
+    shown escaped (``\\n``), so no name can forge a row or a column."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 def _print_rows(pred: Predictor, rows: list[dict], as_json: bool) -> None:
     for r in rows:
         if as_json:
@@ -531,18 +543,15 @@ def _print_rows(pred: Predictor, rows: list[dict], as_json: bool) -> None:
                               "ood_flag": r.get("ood_flag"), "ood_score": r.get("ood_score"),
                               "error": r["error"]}))  # fmt: skip
         elif r["error"]:
-            print(f"{r['path']}\tERROR\t{r['error']}")
+            print(f"{printable(r['path'])}\tERROR\t{printable(r['error'])}")
         else:
             probs = "  ".join(f"{c}={r[f'p_{c}']:.4f}" for c in pred.labels)
-            warn = (
-                "\tOUT-OF-DISTRIBUTION: unlike this model's training images; do not trust the label"
-                if r.get("ood_flag")
-                else ""
-            )
+            ood = ood_text(r.get("ood_ratio"), r.get("ood_flag"))
+            warn = f"\t{ood}" if ood else ""
             label = r["label"]
             if r.get("threshold") is not None:  # the decision rule beside its answer
                 label += f" (p({pred.labels[1]}) >= {r['threshold']:.6f})"
-            print(f"{r['path']}\t{label}\t{probs}{warn}")
+            print(f"{printable(r['path'])}\t{label}\t{probs}{warn}")
 
 
 def _predict_documents(a: argparse.Namespace, pred: Predictor, files: list[str]) -> int:
@@ -611,7 +620,7 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     failed = sum(r["error"] is not None for r in rows)
     if a.out:
         cols = ["path", "label"] + [f"p_{c}" for c in pred.labels]
-        cols += ["threshold", "ood_flag", "ood_score", "error"]
+        cols += ["threshold", "ood_flag", "ood_score", "ood_ratio", "error"]
         if a.out.lower().endswith(".parquet"):
             _write_parquet(a.out, rows, cols)
         else:
@@ -664,7 +673,15 @@ def _cmd_explain(a: argparse.Namespace) -> int:
     Image.fromarray(over).save(buf, format="PNG")
     atomic_write_bytes(a.out, buf.getvalue())
     r = pred.predict_pixels([pixels])[0]
-    print(f"{a.image}\t{r.label}\t" + "  ".join(f"{c}={v:.4f}" for c, v in r.probabilities.items()))
+    ood = ood_text(r.ood.get("ratio"), r.ood.get("flag"))
+    print(f"{printable(a.image)}\t{r.label}\t"
+          + "  ".join(f"{c}={v:.4f}" for c, v in r.probabilities.items())
+          + (f"\t{ood}" if ood else ""))  # fmt: skip
+    if r.ood.get("flag"):
+        log.warning(
+            "warning: %s is out of distribution for %s (%.2fx the flag level): the heat map "
+            "explains a label that should not be trusted", a.image, pred.meta.name, r.ood["ratio"],
+        )  # fmt: skip
     print(f"wrote {a.out}")
     return 0
 
@@ -1029,9 +1046,35 @@ def _serve_security(a: argparse.Namespace):
     )
 
 
+def _check_port(host: str, port: int) -> None:
+    """Refuse, in one line, an address the server could not listen on (a port in use, a host
+    this machine does not have), before any model is loaded."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise UsageError(f"--host {host}: not an address of this machine ({e.strerror})") from None
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise UsageError(
+                    f"port {port} on {host} is in use (another medlens serve?); stop that "
+                    "server or choose another --port"
+                ) from None
+            raise UsageError(
+                f"cannot listen on {host}:{port} ({e.strerror}); choose another --host or --port"
+            ) from None
+
+
 def _cmd_serve(a: argparse.Namespace) -> int:
     from medlens.serve import serve
 
+    _check_port(a.host, a.port)
     security = _serve_security(a)
     serve(
         a.host,

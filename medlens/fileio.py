@@ -73,12 +73,41 @@ def write_yaml(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, yaml.safe_dump(obj, sort_keys=False))
 
 
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+"""Text cells starting with one of these are read as formulas by spreadsheets (OWASP, CSV
+injection): :func:`csv_cell` prefixes them with an apostrophe."""
+
+
+def csv_cell(value: Any) -> Any:
+    """A value as a CSV cell: None is empty; text that a spreadsheet would run as a formula
+    (a file named ``=HYPERLINK(...).png``) starts with ``'``; numbers stay numbers."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(FORMULA_START):
+        return "'" + value
+    return value
+
+
+def csv_text(cell: str) -> str:
+    """The text :func:`csv_cell` wrote (its apostrophe before a formula character removed)."""
+    if cell.startswith("'") and cell[1:].startswith(FORMULA_START):
+        return cell[1:]
+    return cell
+
+
 def write_csv(path: str | Path, rows: list[dict], columns: list[str]) -> None:
+    """A CSV file (atomically): one row per dict, ``columns`` in order, every text cell
+    neutralised by :func:`csv_cell`. A row whose text holds a line break (CR or LF, e.g. in a
+    file name) is written with every field quoted, so it reads back as one row."""
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
+    kw = dict(fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    plain = csv.DictWriter(buf, **kw)
+    quoted = csv.DictWriter(buf, quoting=csv.QUOTE_ALL, **kw)
+    plain.writeheader()
     for r in rows:
-        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+        cells = {k: csv_cell(r.get(k)) for k in columns}
+        broken = any(isinstance(v, str) and ("\r" in v or "\n" in v) for v in cells.values())
+        (quoted if broken else plain).writerow(cells)
     atomic_write_text(path, buf.getvalue())
 
 
@@ -155,5 +184,5 @@ def read_path_manifest(path: str) -> list[str]:
     remote = "://" in path
     base, join = (posixpath.dirname(path), posixpath.join) if remote else (
         os.path.dirname(path), os.path.join)  # fmt: skip
-    entries = [str(p) for p in table.column("path").to_pylist()]
+    entries = [csv_text(str(p)) for p in table.column("path").to_pylist()]
     return [p if "://" in p or os.path.isabs(p) else join(base, p) for p in entries]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import subprocess
 import sys
 from collections import defaultdict
@@ -351,11 +352,14 @@ def test_predict_table(capsys, trained_run, predict_inputs):
     assert len(lines) == len(files)
     by_path = {line.split("\t")[0]: line.split("\t") for line in lines}
     for f in good:
-        path, label, probs, *warning = by_path[str(f)]
-        assert warning in (
-            [],
-            ["OUT-OF-DISTRIBUTION: unlike this model's training images; do not trust the label"],
-        )
+        path, label, probs, ood = by_path[str(f)]
+        # the guard's verdict with its ratio to the flag level, in words
+        assert re.fullmatch(
+            r"ood \d\.\d\dx: (typical|near the flag level)|OUT-OF-DISTRIBUTION \((borderline, )?"
+            r"\d+\.\d\dx the flag level\): unlike this model's training images; do not trust "
+            r"the label",
+            ood,
+        ), ood
         # the label with the decision rule beside it
         thr = read_meta(trained_run).threshold
         name, rule = label.split(" ", 1)
@@ -414,7 +418,7 @@ def test_predict_csv_lists_unreadable_files(capsys, tmp_path, trained_run, predi
         reader = csv.DictReader(f)
         cols = reader.fieldnames
         assert cols[:4] == ["path", "label", "p_NORMAL", "p_PNEUMONIA"] and cols[-1] == "error"
-        assert cols[4:-1] == ["threshold", "ood_flag", "ood_score"]
+        assert cols[4:-1] == ["threshold", "ood_flag", "ood_score", "ood_ratio"]
         rows = {r["path"]: r for r in reader}
     assert set(rows) == {str(f) for f in files}
     for f in good:

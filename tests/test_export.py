@@ -243,6 +243,7 @@ def test_batch_predict_csv(exported, tmp_path, image_factory, capsys):
             "threshold",
             "ood_flag",
             "ood_score",
+            "ood_ratio",
             "error",
         ]
     assert set(rows) == {"a.png", "ward/b/c.png", "ward/d.jpg", "ward/broken.png"}

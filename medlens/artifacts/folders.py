@@ -35,7 +35,7 @@ import yaml
 
 from medlens.errors import ModelLoadError
 from medlens.evaluation.metrics import predict_labels
-from medlens.fileio import write_csv, write_json
+from medlens.fileio import csv_text, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +288,7 @@ def read_predictions(path: str | os.PathLike, labels: Sequence[str]) -> Predicti
         return None
     labels = list(labels)
     return Predictions(
-        [r["path"] for r in rows],
+        [csv_text(r["path"]) for r in rows],
         np.array([labels.index(r["true"]) for r in rows]),
         np.array([[float(r[f"p_{c}"]) for c in labels] for r in rows]),
     )

@@ -157,7 +157,9 @@ def list_images(path: str | Path) -> list[str]:
 
     Extensions are matched case-insensitively against :data:`IMAGE_EXTENSIONS`; hidden files
     and folders (``.DS_Store``, ``.ipynb_checkpoints``) and macOS ``__MACOSX`` folders are
-    skipped. Symlinked folders are followed, since datasets are often assembled from links.
+    skipped. Symlinked folders are followed, since datasets are often assembled from links, but
+    each folder and file once, by its resolved path: a link loop ends, and an image reachable
+    through two links is listed once.
 
     Args:
         path: A folder (or a single file, returned if it is an image).
@@ -170,10 +172,23 @@ def list_images(path: str | Path) -> list[str]:
         raise DataError(f"{path} does not exist; check the path")
     if path.is_file():
         return [str(path)] if _is_image(path.name) else []
-    found = []
+    found, seen_dirs, seen_files = [], {os.path.realpath(path)}, set()
     for folder, dirs, files in os.walk(path, followlinks=True):
-        dirs[:] = [d for d in dirs if not _hidden(d)]
-        found += [os.path.join(folder, f) for f in files if not _hidden(f) and _is_image(f)]
+        # Links are followed once: a folder (or file) reached again through another link, or a
+        # link that loops back to a parent, is not walked (listed) twice.
+        keep = []
+        for d in sorted(dirs):
+            real = os.path.realpath(os.path.join(folder, d))
+            if not _hidden(d) and real not in seen_dirs:
+                seen_dirs.add(real)
+                keep.append(d)
+        dirs[:] = keep
+        for f in sorted(files):
+            full = os.path.join(folder, f)
+            real = os.path.realpath(full)
+            if not _hidden(f) and _is_image(f) and real not in seen_files:
+                seen_files.add(real)
+                found.append(full)
     return sorted(found)
 
 

@@ -149,6 +149,27 @@ def fit_guard(
     return guard
 
 
+BORDERLINE = 1.5
+"""A flagged image scoring up to this many times the flag level is *borderline*."""
+
+
+def ood_text(ratio: float | None, flag: bool | None) -> str:
+    """The guard's verdict for a person, with the ratio to the flag level, so that 1.03x and
+    4.4x do not read the same: typical (<= 0.9x), near the flag level (0.9-1x),
+    out-of-distribution borderline (1-1.5x), out-of-distribution (above). Empty without a
+    guard."""
+    if ratio is None or flag is None:
+        return ""
+    if not flag:
+        kind = "typical" if ratio <= 0.9 else "near the flag level"
+        return f"ood {ratio:.2f}x: {kind}"
+    kind = "borderline, " if ratio <= BORDERLINE else ""
+    return (
+        f"OUT-OF-DISTRIBUTION ({kind}{ratio:.2f}x the flag level): unlike this model's training "
+        "images; do not trust the label"
+    )
+
+
 def verdicts(scores: np.ndarray, threshold: float) -> list[dict]:
     """Per image: ``flag`` (score above the threshold), ``score``, and ``ratio``, the score
     over the threshold (a scale a person can read: flagged above 1)."""

@@ -6,7 +6,7 @@ local, or on any filesystem pyarrow reads: ``s3://``, ``gs://``, ``hdfs://`` ...
 :class:`~medlens.inference.predictor.Predictor` (one ONNX Runtime session with one thread),
 which read and decode their batch's images (so decoding runs in parallel across actors) and
 predict them. The rows have the columns of the local engine (``path, label, p_<class>...,
-threshold, ood_flag, ood_score, error``), in input order.
+threshold, ood_flag, ood_score, ood_ratio, error``), in input order.
 
 Ray starts a local runtime by default, or joins a running cluster (``--ray-address``). Only
 paths travel through Ray's object store, never pixels; the actors print nothing.
@@ -62,9 +62,10 @@ class _Predict:
             for i, r in zip(ok, pred.predict_prepared(np.stack(prepared))):
                 rows[i].update({"label": r.label, "threshold": r.threshold,
                                 **{f"p_{c}": v for c, v in r.probabilities.items()},
-                                "ood_flag": r.ood["flag"], "ood_score": r.ood["score"]})  # fmt: skip
+                                "ood_flag": r.ood["flag"], "ood_score": r.ood["score"],
+                                "ood_ratio": r.ood.get("ratio")})  # fmt: skip
         columns = ["index", "path", "label", *(f"p_{c}" for c in pred.labels), "threshold",
-                   "ood_flag", "ood_score", "error"]  # fmt: skip
+                   "ood_flag", "ood_score", "ood_ratio", "error"]  # fmt: skip
         return {c: np.array([r.get(c) for r in rows], dtype=object) for c in columns}
 
 

@@ -29,7 +29,7 @@ from medlens.artifacts.folders import (
     ModelFolder,
 )
 from medlens.config import RECORDED_FACTS, TrainConfig
-from medlens.errors import ConfigError
+from medlens.errors import ConfigError, TrainError
 from medlens.fileio import atomic_write_text, write_csv
 from medlens.modeling.registry import model_info
 from medlens.reporting.report import write_tune_report
@@ -137,24 +137,54 @@ def tune(base: TrainConfig, out: str | Path, *, trials: int, space: dict | None 
     Returns:
         ``{"best_value", "best_params", "best_trial", "trials"}``.
     """
-    import optuna
 
     space = check_space(dict(space or _default_space(base)))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    study = optuna.create_study(
-        study_name="medlens",
-        storage=f"sqlite:///{out / STUDY_DB}",
-        load_if_exists=True,
-        direction="maximize",
-        sampler=optuna.samplers.TPESampler(seed=seed),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2),
-    )
+    study = _open_study(out / STUDY_DB, seed)
     done = sum(t.state.is_finished() for t in study.trials)
     if done < trials:
         study.optimize(_objective(base, space, out), n_trials=trials - done,
                        catch=(ConfigError,))  # fmt: skip
+    else:
+        log.warning(
+            "%s already holds %d finished trial(s), --trials %d: nothing to run (ask for more "
+            "trials to continue the study)", out / STUDY_DB, done, trials,
+        )  # fmt: skip
     return _write_results(study, out, recipe or {})
+
+
+def _open_study(db: Path, seed: int):
+    """The study in ``db`` (created when missing). A file that is not a readable study (damaged,
+    truncated, locked, a folder, another program's database) is a :class:`TrainError` that
+    names it and says what to do, not a database traceback."""
+    import optuna
+    import sqlalchemy.exc
+
+    # Optuna's own INFO lines ("A new study created in RDB ...", one per trial) would repeat on
+    # stderr what MedLens reports itself; its warnings still show.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if db.exists() and not db.is_file():
+        raise TrainError(
+            f"{db} is a folder, not a study database; remove it or choose another --out"
+        )
+    try:
+        return optuna.create_study(
+            study_name="medlens",
+            storage=f"sqlite:///{db}",
+            load_if_exists=True,
+            direction="maximize",
+            sampler=optuna.samplers.TPESampler(seed=seed),
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2),
+        )
+    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, RuntimeError,
+            ValueError, KeyError) as e:  # fmt: skip
+        why = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise TrainError(
+            f"{db} cannot be opened as a MedLens study ({type(e).__name__}: {why}); it is "
+            "damaged, locked by another process, or not a study: move it away to start a new "
+            "study, or wait for the other process"
+        ) from None
 
 
 def _write_results(study, out: Path, recipe: dict) -> dict:
