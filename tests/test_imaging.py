@@ -510,7 +510,22 @@ def test_dicom_without_window_is_min_max(tmp_path):
     arr = np.array([[-500, 0], [250, 1500]], np.int16)
     out = read_image(write_dicom(tmp_path, make_dicom(arr)))
     np.testing.assert_array_equal(out.pixels, [[0, 64], [96, 255]])  # (x + 500) / 2000 * 255
-    assert any("min-max" in n for n in out.notes)
+    assert any("full range of values shown" in n for n in out.notes)
+
+
+def test_an_8bit_dicom_keeps_the_grey_levels_of_the_same_pixels_as_a_png(tmp_path):
+    """One preprocessing for the same pixels: an 8-bit DICOM of an X-ray is not stretched
+    (a stretch made it look unlike the model's training JPEGs and the guard flagged it)."""
+    rng = np.random.default_rng(0)
+    arr = rng.integers(40, 200, (32, 48)).astype(np.uint8)  # no 0 or 255: a stretch would show
+    dcm = read_image(write_dicom(tmp_path, make_dicom(arr)))
+    png = read_image(save(tmp_path, "same.png", Image.fromarray(arr)))
+    np.testing.assert_array_equal(dcm.pixels, png.pixels)
+    assert dcm.notes == ("8-bit grey levels used as stored",)
+    assert not any("min-max" in n for n in dcm.notes)
+    # MONOCHROME1 (white is low) is still inverted
+    inv = read_image(write_dicom(tmp_path, make_dicom(arr, photometric="MONOCHROME1")))
+    np.testing.assert_array_equal(inv.pixels, 255 - arr)
 
 
 def test_dicom_multi_frame_uses_first_frame(tmp_path):

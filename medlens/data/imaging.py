@@ -531,10 +531,13 @@ def _dicom_mono(arr: np.ndarray, ds: Any, notes: list[str]) -> np.ndarray:
             return _window(values, ds, rescale, notes)
     except Exception as exc:  # noqa: BLE001 - e.g. width < 1, unknown VOI function
         notes.append(f"VOI LUT/window in the file is invalid ({_reason(exc)}): ignored")
-    notes.append(
-        f"{int(ds.get('BitsStored') or 8 * arr.itemsize)}-bit DICOM without a window: "
-        "scaled to 8 bits (min-max)"
-    )
+    bits = int(ds.get("BitsStored") or 8 * arr.itemsize)
+    if bits <= 8 and rescale == (1.0, 0.0) and arr.size and 0 <= arr.min() and arr.max() <= 255:
+        # The same grey levels as the same pixels saved as an 8-bit PNG or JPEG: no stretch
+        # (a stretched 8-bit DICOM looked unlike the model's training images).
+        notes.append("8-bit grey levels used as stored")
+        return np.ascontiguousarray(arr, dtype=np.uint8)
+    notes.append(f"{bits}-bit DICOM without a window: its full range of values shown")
     return _minmax_uint8(values)
 
 
