@@ -175,3 +175,52 @@ def test_ood_text_bands(ratio, flag, words):
         assert ood_text(ratio, flag).startswith(words)
     else:
         assert ood_text(ratio, flag) == ""
+
+
+def test_a_collapsed_training_run_warns_in_the_console_and_on_the_card(tmp_path, caplog):
+    """Labels that carry nothing (the same images in both classes): the network cannot learn, so
+    it predicts one class or chance, and says so loudly."""
+    import json
+    import logging
+
+    from conftest import tiny_config
+
+    from medlens.artifacts.card import export_model
+    from medlens.training.trainer import train
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (data / cls).mkdir(parents=True)
+    for i in range(40):  # the same noise image under both labels
+        img = rng.integers(100, 120, (32, 32), dtype=np.uint8)
+        for cls in ("NORMAL", "PNEUMONIA"):
+            Image.fromarray(img).save(data / cls / f"{cls}_{i}.png")
+    run = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="medlens"):
+        train(tiny_config(data, run, epochs=2, patient_regex="(?!)"))
+    meta = json.loads((run / "model.json").read_text())
+    warning = meta["training"]["warning"]
+    assert warning.startswith("training did not produce a usable model")
+    assert "at chance" in warning or "predicts" in warning
+    assert any(
+        "WARNING: training did not produce a usable model" in r.message for r in caplog.records
+    )
+    export_model(str(run))
+    md = (run / "model_card.md").read_text()
+    assert "> **Warning: training did not produce a usable model" in md
+
+
+def test_collapse_warning_rules():
+    from medlens.evaluation.metrics import collapse_warning
+
+    fine = {"labels": ["a", "b"], "confusion_matrix": [[45, 5], [4, 46]], "balanced_accuracy": 0.91}
+    assert collapse_warning(fine, 1.2, 20.0) is None
+    one = {"labels": ["a", "b"], "confusion_matrix": [[50, 0], [48, 2]], "balanced_accuracy": 0.52}
+    w = collapse_warning(one, 1.0, 20.0)
+    assert "predicts a for 98%" in w and "at chance" in w
+    capped = collapse_warning(fine, 20.0, 20.0)
+    assert "temperature reached the cap (20)" in capped
+    # a split that is 97% one class may well be predicted as that class
+    skew = {"labels": ["a", "b"], "confusion_matrix": [[97, 0], [2, 1]], "balanced_accuracy": 0.83}
+    assert collapse_warning(skew, 1.0, 20.0) is None

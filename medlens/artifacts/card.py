@@ -145,11 +145,13 @@ def _md_summary(card: dict) -> list[str]:
     if decision["threshold"] is not None:
         rule += f" (threshold {_fmt(decision['threshold'], 4)}, {decision['method']})"
     pre = card["preprocessing"]
+    warning = (card.get("training") or {}).get("warning")
     return [
         f"# Model card: {card['title']}",
         "",
         f"> {card['disclaimer']}",
         "",
+        *([f"> **Warning: {warning}.**", ""] if warning else []),
         "| | |",
         "|---|---|",
         f"| name | `{card['name']}` |",

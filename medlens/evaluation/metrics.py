@@ -576,6 +576,34 @@ def split_views(metrics: dict[str, dict]) -> list[dict]:
     return out
 
 
+def collapse_warning(metrics: dict, temperature: float, t_max: float) -> str | None:
+    """Plain words when a trained model has collapsed onto one class or learnt nothing, from its
+    validation ``metrics``: one class predicted for >= 95% of images that are not 95% of one
+    class, balanced accuracy within 0.05 of chance, or the temperature at its cap ``t_max``
+    (calibration then flattens every probability). None when none of these holds."""
+    cm = np.asarray(metrics.get("confusion_matrix") or [[0]])
+    labels, n = metrics.get("labels") or [], cm.sum()
+    if n == 0:
+        return None
+    reasons = []
+    predicted, truth = cm.sum(0), cm.sum(1)
+    if predicted.max() >= 0.95 * n and truth.max() < 0.95 * n:
+        top = labels[int(predicted.argmax())] if labels else int(predicted.argmax())
+        reasons.append(f"it predicts {top} for {predicted.max() / n:.0%} of the validation images")
+    chance = 1 / max(len(truth), 2)
+    bacc = metrics.get("balanced_accuracy")
+    if bacc is not None and bacc <= chance + 0.05:
+        reasons.append(f"its balanced accuracy {bacc:.3f} is at chance ({chance:.2f})")
+    if temperature >= 0.99 * t_max:
+        reasons.append(f"its temperature reached the cap ({t_max:g}): probabilities are flattened")
+    if not reasons:
+        return None
+    return (
+        "training did not produce a usable model: " + "; ".join(reasons) + ". Check the labels "
+        "and the data, try another learning rate or more epochs; do not use this model"
+    )
+
+
 def likelihood_ratios(metrics: dict[str, dict]) -> dict | None:
     """Likelihood ratios of a binary model's positive and negative result at its operating
     point, from the first of :func:`split_views` (a site calibration's images where there are

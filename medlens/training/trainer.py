@@ -25,8 +25,8 @@ from medlens.artifacts.model import ModelMeta, build_network, save_model
 from medlens.config import TrainConfig
 from medlens.data.preprocess import Preprocess, compute_mean_std
 from medlens.errors import ConfigError, TrainError
-from medlens.evaluation.calibration import calibrate, logits_to_probs
-from medlens.evaluation.metrics import headline_metrics
+from medlens.evaluation.calibration import T_MAX, calibrate, logits_to_probs
+from medlens.evaluation.metrics import collapse_warning, headline_metrics
 from medlens.evaluation.ood import StageGuard
 from medlens.evaluation.operating_point import OperatingPoint
 from medlens.fileio import write_yaml
@@ -212,6 +212,10 @@ class Trainer:
         meta = self._model_meta(*calibration, wall)
         _log_calibration(meta)
         summaries = self._evaluate(meta, outputs, guard)
+        warning = collapse_warning(summaries["val"], meta.temperature, T_MAX)
+        if warning:
+            meta.extra["training"]["warning"] = warning
+            log.warning("WARNING: %s", warning)
         save_model(self.folder.path, self.net, meta)
         _log_saved(self.folder.path, wall, summaries)
 
