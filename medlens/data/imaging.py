@@ -444,7 +444,7 @@ def _decode_dicom(ds: Any, label: str, hint: str, max_pixels: int) -> DecodedIma
     except (NotImplementedError, RuntimeError) as exc:
         if not tsyntax.is_compressed:
             raise _unreadable_dicom(label, exc, hint) from None
-        raise _codec_error(label, tsyntax, hint) from None
+        raise _codec_error(label, tsyntax, hint, exc) from None
     except Exception as exc:  # noqa: BLE001 - ValueError/AttributeError for inconsistent headers
         raise _unreadable_dicom(label, exc, hint) from None
 
@@ -625,7 +625,9 @@ def _unreadable_dicom(label: str, exc: Exception, hint: str) -> ImageReadError:
     return ImageReadError(f"`{label}` is not a readable DICOM file ({_reason(exc)}); {hint}")
 
 
-def _codec_error(label: str, tsyntax: Any, hint: str) -> ImageReadError:
+def _codec_error(
+    label: str, tsyntax: Any, hint: str, exc: Exception | None = None
+) -> ImageReadError:
     from pydicom.pixels import get_decoder
 
     try:
@@ -633,7 +635,8 @@ def _codec_error(label: str, tsyntax: Any, hint: str) -> ImageReadError:
     except NotImplementedError:  # e.g. MPEG/HEVC video: pydicom has no decoder at all
         plugins = ()
     ts = f"transfer syntax {tsyntax.name} ({tsyntax})"
-    if plugins:  # a decoder is installed but rejected the data
+    refused = _plugins_refuse(exc)
+    if plugins and refused is None:  # a decoder is installed but failed on the data
         return ImageReadError(
             f"`{label}` uses {ts}, but its compressed pixel data could not be "
             "decoded "
@@ -641,10 +644,24 @@ def _codec_error(label: str, tsyntax: Any, hint: str) -> ImageReadError:
         )
     pkgs = next((p for key, p in _CODEC_HINTS if key in tsyntax.name), None)
     install = f"install {pkgs} or " if pkgs else ""
+    why = f" ({refused})" if refused else ""
     return ImageReadError(
-        f"`{label}` uses {ts}, which this installation cannot decode; "
+        f"`{label}` uses {ts}, which this installation cannot decode{why}; "
         f"{install}convert the file to uncompressed DICOM"
     )
+
+
+def _plugins_refuse(exc: Exception | None) -> str | None:
+    """The first reason when every installed decoder refused this kind of data as unsupported
+    (e.g. Pillow and 12-bit JPEG Extended) rather than failing on it; else None.
+
+    pydicom gathers its plugins' failures into one RuntimeError, a ``name: message`` line each.
+    """
+    lines = [ln.strip() for ln in str(exc or "").splitlines()[1:] if ln.strip()]
+    unsupported = re.compile(r"does not support|not supported|unsupported", re.I)
+    if lines and all(unsupported.search(ln) for ln in lines):
+        return lines[0].partition(": ")[2] or lines[0]
+    return None
 
 
 # ------------------------------------------------------------------------------------- helpers
