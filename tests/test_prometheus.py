@@ -127,3 +127,26 @@ def test_metrics_need_the_api_key_when_one_is_set():
         assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
         r = c.get("/metrics", headers={"Authorization": f"Bearer {key}"})
         assert r.status_code == 200 and "medlens_http_requests_total" in r.text
+
+
+def test_made_up_methods_share_one_metrics_label():
+    with TestClient(create_app([], bundled=False)) as c:  # no model needed
+        for i in range(5):
+            assert c.request(f"MADEUP{i}", "/healthz").status_code == 405
+        c.request("OPTIONS", "/healthz")
+        text = c.get("/metrics").text
+    assert "MADEUP" not in text
+    methods = {
+        s.labels["method"]
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if "method" in s.labels
+    }
+    assert methods == {"other", "OPTIONS"}  # GET /metrics is counted after this answer
+    other = [
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "medlens_http_requests_total" and s.labels["method"] == "other"
+    ]
+    assert other == [5.0]

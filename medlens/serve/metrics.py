@@ -4,7 +4,9 @@ Series (``prometheus-client``; nothing in them identifies a patient or an image)
 
 * ``medlens_http_requests_total{method, route, status}`` and
   ``medlens_http_request_duration_seconds{method, route}`` (a histogram): every request, by the
-  route's template (``/api/v1/models/{name}/predict``), so paths never become labels;
+  route's template (``/api/v1/models/{name}/predict``), so paths never become labels, and by
+  method, where a method outside the standard ones (:data:`METHODS`) is ``other``, so a client
+  inventing methods cannot create series;
 * ``medlens_predictions_total{model, label}``: predictions by predicted class;
 * ``medlens_ood_total{model, verdict}``: the out-of-distribution guard's verdicts (``flagged``,
   ``passed``, ``no_guard``), whose ratio is the flag rate;
@@ -34,6 +36,8 @@ __all__ = ["ServeMetrics", "CONTENT_TYPE_LATEST"]
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 RATIO_BUCKETS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
+METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
+"""The methods that are their own ``method`` label; any other is ``other``."""
 
 
 class ServeMetrics:
@@ -93,6 +97,12 @@ def _route(scope: dict) -> str:
     )
 
 
+def _method(scope: dict) -> str:
+    """The request's method as a label: a standard one (:data:`METHODS`), else ``other``."""
+    method = scope["method"]
+    return method if method in METHODS else "other"
+
+
 class MetricsMiddleware:
     """ASGI middleware that counts and times every HTTP request."""
 
@@ -113,6 +123,6 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            route, method = _route(scope), scope["method"]
+            route, method = _route(scope), _method(scope)
             self.metrics.requests.labels(method, route, str(status[0])).inc()
             self.metrics.latency.labels(method, route).observe(time.perf_counter() - t0)
