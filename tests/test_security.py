@@ -1,6 +1,7 @@
 """Access control and hardening of ``medlens serve`` (issue 13): API key and login, Host
 allow-list, Origin check, rate limit, security headers; and, on a real uvicorn server, no
-banner and a header-read timeout."""
+banner and a header-read timeout. Issue #23: no open redirect after login (item 5), a
+malformed Host header is a 400 (item 6)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,13 @@ from serve_fixtures import (
 
 from medlens.cli import main
 from medlens.serve import create_app
-from medlens.serve.security import SESSION_COOKIE, SecurityPolicy, allowed_hosts_for
+from medlens.serve.security import (
+    SESSION_COOKIE,
+    SecurityPolicy,
+    _safe_next,
+    allowed_hosts_for,
+    valid_host_header,
+)
 
 KEY = "k" * 12 + "-secret-key-123"
 PREDICT = f"/api/v1/models/{BINARY}/predict"
@@ -175,3 +182,84 @@ def test_half_sent_request_headers_are_cut_off(live_server):
         assert s.recv(1024) == b""  # closed by the server, no answer
         assert 0.5 < time.perf_counter() - t0 < 5
     assert httpx2.get(url + "/healthz").status_code == 200  # and it keeps serving
+
+
+# ------------------------------------------------------- issue #23 item 5: redirect after login
+
+
+@pytest.fixture(scope="module")
+def loopback():
+    """The loopback policy of `medlens serve` with a key (TestClient's own name added)."""
+    policy = SecurityPolicy(
+        api_key=KEY, allowed_hosts=allowed_hosts_for("127.0.0.1", ["testserver"]), rate_limit=None
+    )
+    with TestClient(create_app([], bundled=False, security=policy)) as c:
+        yield c
+
+
+OFF_SITE = [
+    "/%5Cevil.example",  # /\evil.example: browsers read the backslash as a slash
+    "/%09/evil.example",  # a tab, dropped by browsers: //evil.example
+    "/%0A/evil.example",
+    "/%0D%0ASet-Cookie:%20medlens_session=x",  # header splitting
+    "%2F%2Fevil.example",
+    "/%252F%252Fevil.example",  # encoded twice
+    "/%255Cevil.example",
+    "https://evil.example/",
+    "/%20/evil.example",
+    "/%E3%80%80evil",  # a non-ASCII (ideographic) space
+]
+
+
+@pytest.mark.parametrize("query", OFF_SITE)
+def test_login_never_redirects_off_site(loopback, query):
+    r = loopback.post(f"/login?next={query}", data={"key": KEY}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/"
+    page = loopback.get(f"/login?next={query}")
+    assert page.status_code == 200 and "evil" not in page.text and "Set-Cookie" not in page.text
+
+
+@pytest.mark.parametrize(
+    "target", ["/dashboard", "/?model=chest", "/dashboard#top", "/?model=a%2Fb"]
+)
+def test_login_keeps_a_plain_local_destination(loopback, target):
+    from urllib.parse import quote
+
+    r = loopback.post(f"/login?next={quote(target)}", data={"key": KEY}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == target
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["/\\evil.example", "/\t/evil.example", "/%09/evil.example", "//evil.example", "/a\r\nX: y",
+     "/%2f%2fevil", "", "evil.example", "/\x7f", "/é"],
+)  # fmt: skip
+def test_safe_next_accepts_only_plain_paths(target):
+    assert _safe_next(target) == "/"
+
+
+# ------------------------------------------------------- issue #23 item 6: Host syntax
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["127.0.0.1:80@evil.example", "localhost:80@evil.example", "localhost:8o", "[::1",
+     "[nope]:80", "127.0.0.1:80:81", "local host", "localhost/x", "evil.example\\@localhost"],
+)  # fmt: skip
+def test_an_invalid_host_header_is_a_400(loopback, host):
+    assert not valid_host_header(host)
+    r = loopback.get("/healthz", headers={"Host": host})
+    assert r.status_code == 400 and "not a valid host[:port]" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("host", ["localhost", "localhost:8000", "127.0.0.1:8000", "[::1]:8000"])
+def test_a_valid_allowed_host_is_served(loopback, host):
+    assert valid_host_header(host)
+    assert loopback.get("/healthz", headers={"Host": host}).status_code == 200
+
+
+def test_an_invalid_host_is_a_400_even_when_any_host_is_allowed():
+    policy = SecurityPolicy(allowed_hosts=("*",), rate_limit=None)
+    with TestClient(create_app([], bundled=False, security=policy)) as c:
+        assert c.get("/healthz", headers={"Host": "a:1@b"}).status_code == 400
+        assert c.get("/healthz", headers={"Host": "ml.hospital.example"}).status_code == 200

@@ -2,9 +2,10 @@
 
 Who can reach the server decides what it must do:
 
-* **Host allow-list** - a request whose ``Host`` header is not allowed gets a 400. On a
-  loopback address only ``localhost``/``127.0.0.1``/``[::1]`` are allowed, which stops DNS
-  rebinding (a web page whose domain resolves to 127.0.0.1 reaching a local server).
+* **Host allow-list** - a request whose ``Host`` header is not a valid ``host[:port]`` (RFC
+  9112), or not allowed, gets a 400. On a loopback address only ``localhost``/``127.0.0.1``/
+  ``[::1]`` are allowed, which stops DNS rebinding (a web page whose domain resolves to
+  127.0.0.1 reaching a local server).
 * **API key** - with a key (``--api-key-file`` or ``MEDLENS_API_KEY``; required when binding to
   a non-loopback address unless ``--insecure-no-auth``) the API needs ``Authorization: Bearer
   KEY`` and the pages a session: ``/login`` takes the key once and sets an HttpOnly,
@@ -26,11 +27,12 @@ import hmac
 import ipaddress
 import json
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qs, quote
+from urllib.parse import parse_qs, quote, unquote
 
 from medlens.errors import UsageError
 
@@ -39,6 +41,7 @@ __all__ = [
     "Guard",
     "read_api_key",
     "is_loopback",
+    "valid_host_header",
     "allowed_hosts_for",
     "parse_rate_limit",
     "header_timeout_protocol",
@@ -246,7 +249,15 @@ class Guard:
 
     def _refusal(self, scope, headers, path: str, method: str) -> tuple | None:
         """(status, detail, extra headers) for a request refused before the app, else None."""
-        host = _host_name(headers.get(b"host", b"").decode("latin-1"))
+        raw_host = headers.get(b"host", b"").decode("latin-1")
+        if not valid_host_header(raw_host):
+            return (
+                400,
+                f"the Host header {raw_host[:100]!r} is not a valid host[:port] (RFC 9112); "
+                "send this server's name or address, e.g. Host: localhost:8000",
+                [],
+            )
+        host = _host_name(raw_host)
         allowed = self.policy.allowed_hosts
         if "*" not in allowed and host not in allowed:
             return 400, f"Host {host!r} is not served here (allowed: {', '.join(allowed)})", []
@@ -337,8 +348,52 @@ class Guard:
 
 
 def _safe_next(target: str) -> str:
-    """Only a local path (not ``//evil.example`` or a URL) may be a login's destination."""
-    return target if target.startswith("/") and not target.startswith("//") else "/"
+    """A login's destination: ``target`` when it is a plain path on this server, else ``/``.
+
+    Browsers forgive a lot in a ``Location``: they read a backslash as a slash and drop tabs
+    and newlines, so ``/\\evil.example`` and ``/<TAB>/evil.example`` lead to ``//evil.example``,
+    another site; a CR or LF would split the header. Accepted: printable ASCII starting with
+    one ``/`` (not ``//``), with no backslash, whitespace or control character, and still so
+    once percent-decoded (as often as it decodes, up to three times).
+    """
+    text = target
+    for _ in range(4):
+        if not _plain_path(text):
+            return "/"
+        decoded = unquote(text)
+        if decoded == text:
+            return target
+        text = decoded
+    return "/"  # still decoding after three rounds: nothing a page of ours links to
+
+
+def _plain_path(text: str) -> bool:
+    return (
+        text.startswith("/")
+        and not text.startswith("//")
+        and "\\" not in text
+        and all("\x21" <= c <= "\x7e" for c in text)
+    )
+
+
+# RFC 3986 host: IP-literal / IPv4address / reg-name, then an optional port of digits.
+_REG_NAME = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*")
+_PORT = re.compile(r"[0-9]*")
+
+
+def valid_host_header(value: str) -> bool:
+    """Whether ``value`` is a syntactically valid ``Host`` header (``host[:port]``; RFC 9110
+    7.2, RFC 3986 3.2.2): a registered name, an IPv4 address or a bracketed IPv6 address,
+    and a port of digits. ``127.0.0.1:80@evil.example`` is not (RFC 9112 3.2: answer 400)."""
+    if value.startswith("["):
+        literal, sep, rest = value[1:].partition("]")
+        try:
+            ipaddress.IPv6Address(literal)
+        except ValueError:
+            return False
+        return bool(sep) and (rest == "" or (rest[:1] == ":" and bool(_PORT.fullmatch(rest[1:]))))
+    host, _, port = value.partition(":")
+    return bool(_REG_NAME.fullmatch(host)) and (":" not in value or bool(_PORT.fullmatch(port)))
 
 
 async def _body(receive, limit: int) -> bytes:
