@@ -1,10 +1,12 @@
 """Access control and hardening of ``medlens serve`` (issue 13): API key and login, Host
 allow-list, Origin check, rate limit, security headers; and, on a real uvicorn server, no
-banner and a header-read timeout. Issue #23: no open redirect after login (item 5), a
-malformed Host header is a 400 (item 6)."""
+banner and a header-read timeout. Issue #23: half-sent connections lock no one out (item 4),
+no open redirect after login (item 5), a malformed Host header is a 400 (item 6)."""
 
 from __future__ import annotations
 
+import asyncio
+import io
 import socket
 import time
 
@@ -15,7 +17,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from serve_fixtures import (
     BINARY,
+    MULTI,
     encode,
+    save_untrained_multiclass,
     served_models,  # noqa: F401 - fixture
 )
 
@@ -23,6 +27,7 @@ from medlens.cli import main
 from medlens.serve import create_app
 from medlens.serve.security import (
     SESSION_COOKIE,
+    InFlightLimit,
     SecurityPolicy,
     _safe_next,
     allowed_hosts_for,
@@ -182,6 +187,98 @@ def test_half_sent_request_headers_are_cut_off(live_server):
         assert s.recv(1024) == b""  # closed by the server, no answer
         assert 0.5 < time.perf_counter() - t0 < 5
     assert httpx2.get(url + "/healthz").status_code == 200  # and it keeps serving
+
+
+# ------------------------------------------------------- issue #23 item 4: half-sent connections
+
+
+def _asgi_status(app, method: str, path: str) -> asyncio.Future:
+    async def call() -> int:
+        status = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+
+        scope = {"type": "http", "method": method, "path": path, "headers": []}
+        await app(scope, receive, send)
+        return status[0]
+
+    return call()
+
+
+def test_the_in_flight_limit_refuses_only_predictions_over_it():
+    async def main():
+        release = asyncio.Event()
+
+        async def app(scope, receive, send):
+            if scope["path"].endswith("/predict"):
+                await release.wait()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"{}"})
+
+        limited = InFlightLimit(app, limit=2)
+        predict = "/api/v1/models/x/predict"
+        held = [asyncio.create_task(_asgi_status(limited, "POST", predict)) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        assert limited.in_flight == 2
+        assert await _asgi_status(limited, "POST", predict) == 503  # over the limit
+        assert await _asgi_status(limited, "GET", "/healthz") == 200  # never counted
+        assert await _asgi_status(limited, "GET", "/api/v1/models") == 200
+        release.set()
+        assert [await t for t in held] == [200, 200]
+        assert limited.in_flight == 0
+        assert await _asgi_status(limited, "POST", predict) == 200
+
+    asyncio.run(main())
+
+
+@pytest.fixture(scope="module")
+def untrained(tmp_path_factory):
+    """A folder holding one untrained three-class model (nothing to train: the server's
+    behaviour is under test, not its predictions)."""
+    root = tmp_path_factory.mktemp("untrained") / "models"
+    save_untrained_multiclass(root / MULTI)
+    return root
+
+
+def test_half_sent_connections_do_not_lock_clients_out(untrained):
+    """70 sockets that never finish their request line, on a real `medlens serve` with the
+    default limit of 64 and a 30 s header timeout: /healthz and a prediction are answered."""
+    from medlens.bench import running_server
+
+    png = io.BytesIO()
+    Image.fromarray(np.full((32, 32), 90, np.uint8)).save(png, format="PNG")
+    extra = ("--header-timeout", "30", "--log-level", "warning")
+    with running_server(untrained, *extra, start_timeout=180) as srv:
+        url = f"http://127.0.0.1:{srv.port}"
+        slow = []
+        try:
+            for _ in range(70):
+                s = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+                s.sendall(b"GET /healthz HTT")
+                slow.append(s)
+            time.sleep(0.5)  # the server has accepted them all
+            t0 = time.perf_counter()
+            with httpx2.Client(timeout=20) as c:
+                assert c.get(url + "/healthz").status_code == 200
+                r = c.post(
+                    f"{url}/api/v1/models/{MULTI}/predict",
+                    files={"file": ("x.png", png.getvalue())},
+                )
+                assert r.status_code == 200, r.text
+                r = c.get(url + "/healthz", headers={"Host": "127.0.0.1:80@evil.example"})
+                assert r.status_code == 400  # item 6, on the real server
+            assert time.perf_counter() - t0 < 15
+            slow[0].setblocking(False)
+            with pytest.raises(BlockingIOError):  # still open, waiting: nothing was answered
+                slow[0].recv(1)
+        finally:
+            for s in slow:
+                s.close()
 
 
 # ------------------------------------------------------- issue #23 item 5: redirect after login

@@ -38,6 +38,7 @@ from medlens.serve.pages import router as pages_router
 from medlens.serve.security import (
     HEADER_TIMEOUT_S,
     Guard,
+    InFlightLimit,
     SecurityPolicy,
     allowed_hosts_for,
     header_timeout_protocol,
@@ -48,6 +49,7 @@ __all__ = ["create_app", "ServedModel", "DEFAULT_MAX_UPLOAD_BYTES"]
 
 log = logging.getLogger("medlens.serve")
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+DEFAULT_MAX_IN_FLIGHT = 64
 
 
 def _validation_detail(exc: RequestValidationError) -> str:
@@ -114,6 +116,7 @@ def create_app(
     bundled: bool = True,
     tta: bool = False,
     security: SecurityPolicy | None = None,
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
 ) -> FastAPI:
     """Build the web app and load its models.
 
@@ -133,6 +136,9 @@ def create_app(
             workers already keep the cores busy; None: every core, for one request at a time).
         security: host allow-list, API key, origin check, rate limit and security headers
             (:mod:`medlens.serve.security`); None: none (``medlens serve`` always sets one).
+        max_in_flight: prediction requests in the app at once (reading, decoding or
+            predicting their upload); more get a 503 with ``Retry-After`` at once
+            (:class:`~medlens.serve.security.InFlightLimit`). Other requests are not counted.
     """
     app = FastAPI(
         title="MedLens",
@@ -172,6 +178,8 @@ def create_app(
     app.include_router(api_router)
     app.include_router(pages_router)
     app.state.metrics = ServeMetrics()
+    # Innermost: a prediction counts once it is past the guard (host, rate, key).
+    app.add_middleware(InFlightLimit, limit=max_in_flight)
     # Added last, so it runs first: refused requests (host, rate, key) are counted too.
     if security is not None:
         app.add_middleware(Guard, policy=security)
@@ -213,6 +221,7 @@ def app_from_env() -> FastAPI:
         tta=cfg["tta"],
         security=security,
         workers=cfg["threads"],
+        max_in_flight=cfg.get("max_in_flight", DEFAULT_MAX_IN_FLIGHT),
     )
 
 
@@ -255,15 +264,18 @@ def serve(
     tta: bool = False,
     security: SecurityPolicy | None = None,
     header_timeout: float = HEADER_TIMEOUT_S,
-    max_connections: int = 64,
+    max_connections: int = DEFAULT_MAX_IN_FLIGHT,
     processes: int = 1,
 ) -> None:
     """``medlens serve``: run the app with uvicorn (blocks).
 
     ``security`` defaults to the loopback policy (this machine's host names, no key, the
     default rate limit); uvicorn runs without its server banner and closes connections whose
-    request headers take longer than ``header_timeout`` seconds; past ``max_connections``
-    connections and requests at once (per process) it answers 503. ``processes`` > 1 runs
+    request headers take longer than ``header_timeout`` seconds. Past ``max_connections``
+    prediction requests at once (per process) a further prediction gets a 503; health checks,
+    pages and other requests are always answered, and connections are not counted (uvicorn's
+    ``limit_concurrency`` counted half-sent ones: 64 sockets that never finished their headers
+    turned every request into a 503). ``processes`` > 1 runs
     that many worker processes on one port (``--workers``), each with the models loaded once
     and a share of the cores for its predictions.
     """
@@ -282,7 +294,7 @@ def serve(
         f" per process ({processes} processes)" if processes > 1 and security.rate_limit else "",
     )
     uvicorn_kwargs = dict(host=host, port=port, log_level=log_level, server_header=False,
-                          timeout_keep_alive=5, limit_concurrency=max_connections)  # fmt: skip
+                          timeout_keep_alive=5)  # fmt: skip
     if processes > 1:
         settings = {
             "model_dirs": [str(d) for d in model_dirs],
@@ -291,12 +303,14 @@ def serve(
             "tta": tta,
             "log_level": log_level,
             "threads": max(1, usable_cores() // processes),
+            "max_in_flight": max_connections,
             "security": {**security.__dict__, "allowed_hosts": list(security.allowed_hosts)},
         }
         _run_workers(processes, settings, header_timeout, uvicorn_kwargs)
         return
     _quiet_torch()
-    app = create_app(model_dirs, max_upload_bytes, bundled=bundled, tta=tta, security=security)
+    app = create_app(model_dirs, max_upload_bytes, bundled=bundled, tta=tta, security=security,
+                     max_in_flight=max_connections)  # fmt: skip
     if not app.state.models:
         log.warning(
             "no models loaded: pass --models DIR (a run folder of `medlens train` or a "

@@ -15,6 +15,11 @@ Who can reach the server decides what it must do:
   than the server's own is refused (403): no web page the user visits can post to it (CSRF).
 * **Rate limit** - per client address, a moving window from the ``limits`` library; past it:
   429 with ``Retry-After``.
+* **Predictions in flight** - at most ``--max-connections`` prediction requests (uploads being
+  read, decoded or predicted) at once per process; past it a prediction gets a 503 with
+  ``Retry-After`` at once (:class:`InFlightLimit`). Connections themselves are not counted:
+  a client that never finishes its request headers holds nothing the others need and is cut
+  off by the header timeout, so health checks and other clients keep being answered.
 * **Headers** - every response gets a Content-Security-Policy, ``X-Content-Type-Options:
   nosniff``, ``X-Frame-Options: DENY``, ``Referrer-Policy: no-referrer``; API answers and pages
   ``Cache-Control: no-store`` (they hold patient-derived data).
@@ -39,6 +44,7 @@ from medlens.errors import UsageError
 __all__ = [
     "SecurityPolicy",
     "Guard",
+    "InFlightLimit",
     "read_api_key",
     "is_loopback",
     "valid_host_header",
@@ -345,6 +351,49 @@ class Guard:
             await send(message)
 
         return wrapped
+
+
+class InFlightLimit:
+    """ASGI middleware: at most ``limit`` prediction requests in the app at once; more get a
+    503 with ``Retry-After: 1`` before their upload is read.
+
+    This bounds the memory held by uploads in flight (``limit`` times the upload limit). It
+    replaces uvicorn's ``limit_concurrency``, which counts open connections too: sockets that
+    never finish their headers used to turn every request, ``/healthz`` included, into a 503
+    until the header timeout. The count needs no lock: the event loop runs one coroutine at a
+    time.
+    """
+
+    def __init__(self, app: Callable, limit: int) -> None:
+        self.app, self.limit, self.in_flight = app, max(1, int(limit)), 0
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or not _is_prediction(scope):
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit:
+            await _respond(
+                send,
+                503,
+                f"the server is busy: {self.limit} predictions are in progress (its "
+                "--max-connections limit); retry in a moment",
+                [(b"retry-after", b"1")],
+            )
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
+def _is_prediction(scope) -> bool:
+    """A request that carries an upload to predict on (``POST /api/v1/models/NAME/predict``)."""
+    return (
+        scope["method"] == "POST"
+        and scope["path"].startswith("/api/")
+        and (scope["path"].rstrip("/").endswith("/predict"))
+    )
 
 
 def _safe_next(target: str) -> str:
