@@ -168,9 +168,11 @@ def _print_subgroups(subgroups: dict) -> None:
     for attr, res in subgroups.items():
         for value, g in res["groups"].items():
             auc = "n/a" if g.get("auc") is None else f"{g['auc']:.3f}"
+            note = f"  ({g['note']})" if g.get("note") else ""
             print(
-                f"  {attr}={value}: n={g['n']}  accuracy {g['accuracy']:.3f}  auc {auc}"
-                + ("  (too small to trust)" if g["warning"] else "")
+                f"  {printable(attr)}={printable(value)}: n={g['n']}  accuracy "
+                f"{g['accuracy']:.3f}  auc {auc}"
+                + ("  (too small to trust)" if g["warning"] else note)
             )
         gap = res["largest_gap"].get("accuracy")
         if gap:
@@ -787,13 +789,16 @@ def _cmd_models(a: argparse.Namespace) -> int:
         n = count_parameters(create_model(name, 1, 3, pretrained=False))
         print(f"  {name:<20} {n / 1e6:6.2f}M params  {info.description}")
     found = find_models(a.models)
-    print("trained models (medlens predict --model NAME):")
+    print("trained models (what to pass as `medlens predict --model`; `serve --models DIR` "
+          "serves a folder's models by name):")  # fmt: skip
     if not found:
         print("  none bundled; train one with `medlens train --out RUN` and pass the run folder")
     for name, folder in found.items():
         meta = read_meta(folder)
-        where = "bundled" if folder.parent == bundled_models_dir() else str(folder)
-        print(f"  {name:<20} {meta.arch}  labels: {', '.join(meta.labels)}  ({where})")
+        bundled = folder.parent == bundled_models_dir()
+        ref = name if bundled else str(folder)  # predict finds bundled models by name only
+        print(f"  {ref:<20} {meta.arch}  labels: {', '.join(meta.labels)}"
+              + ("  (bundled)" if bundled else ""))  # fmt: skip
     print(
         "another disease (e.g. tuberculosis): `medlens train --data YOUR_FOLDER --out "
         "runs/NAME`, `medlens export --model runs/NAME --bundle models/NAME --half`, then "

@@ -224,3 +224,20 @@ def test_collapse_warning_rules():
     # a split that is 97% one class may well be predicted as that class
     skew = {"labels": ["a", "b"], "confusion_matrix": [[97, 0], [2, 1]], "balanced_accuracy": 0.83}
     assert collapse_warning(skew, 1.0, 20.0) is None
+
+
+def test_models_lists_what_predict_accepts(capsys, tmp_path, trained_run, image_factory):
+    """Each model line starts with exactly what `medlens predict --model` takes: a bundled
+    model's name, any other model's folder."""
+    import shutil as sh
+
+    runs = tmp_path / "runs"
+    sh.copytree(trained_run, runs / "cnn")
+    code, out, _ = _run(capsys, "models", "--models", runs)
+    assert code == 0
+    listed = out.split("trained models", 1)[1].splitlines()[1:]
+    refs = [line.split()[0] for line in listed if line.startswith("  ")]
+    assert str(runs / "cnn") in refs and "cnn" not in refs
+    img = _png(tmp_path / "x.png", image_factory)
+    for ref in refs:
+        assert _run(capsys, "predict", "--model", ref, img, "--quiet")[0] == 0, ref

@@ -143,3 +143,26 @@ def test_evaluate_groups_on_the_bundled_models_held_out_images(tmp_path, capsys)
     assert "Largest gaps" in html
     printed = capsys.readouterr().out
     assert "exposure=darker: n=" in printed and "largest accuracy gap" in printed
+
+
+def test_a_group_of_one_class_reports_what_can_be_computed():
+    """A group holding only NORMAL images: AUC and sensitivity cannot be computed, accuracy
+    and specificity can; it is not called "too small" for having no PNEUMONIA images."""
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(242), np.ones(100)].astype(int)
+    p1 = np.clip(np.where(y == 1, 0.8, 0.2) + rng.normal(0, 0.15, len(y)), 0, 1)
+    probs = np.column_stack([1 - p1, p1])
+    site = np.where(np.arange(len(y)) < 242, "normals-only", "mixed")
+    site[200:242] = "mixed"
+    res = subgroup_metrics(y, probs, ["NORMAL", "PNEUMONIA"], 0.5, {"site": list(site)},
+                           n_bootstrap=50)  # fmt: skip
+    g = res["site"]["groups"]["normals-only"]
+    assert g["n"] == 200 and g["warning"] is None
+    assert g["missing_classes"] == ["PNEUMONIA"]
+    assert set(g["undefined"]) == {"auc", "sensitivity", "balanced_accuracy"} or set(
+        g["undefined"]
+    ) >= {"auc", "sensitivity"}
+    assert g["accuracy"] is not None and g["specificity"] == g["accuracy"]
+    assert "holds no PNEUMONIA image" in g["note"] and "reported: accuracy" in g["note"]
+    assert "Only 0" not in str(g)
+    assert "missing_classes" not in res["site"]["groups"]["mixed"]

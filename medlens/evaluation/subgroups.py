@@ -13,7 +13,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from medlens.evaluation.metrics import compute_metrics, headline_metrics, small_split_warning
+from medlens.evaluation.metrics import (
+    class_support,
+    compute_metrics,
+    headline_metrics,
+    small_split_warning,
+)
 
 __all__ = ["subgroup_metrics", "GAP_METRICS"]
 
@@ -34,6 +39,28 @@ def _largest_gaps(groups: dict[str, dict]) -> dict[str, dict]:
         hi, lo = max(vals, key=vals.get), min(vals, key=vals.get)
         out[key] = {"gap": vals[hi] - vals[lo], "highest": hi, "lowest": lo}
     return out
+
+
+def _group_notes(m: dict, labels: Sequence[str]) -> dict:
+    """``warning`` (too few images of a class for its intervals to mean much) and, for a group
+    that holds some classes only, ``missing_classes`` and ``undefined`` (the metrics that need
+    the missing classes: AUC, sensitivity without positives, ...), with a ``note`` that says
+    which figures are reported instead."""
+    present = [c for c, n in class_support(m).items() if n > 0]
+    missing = [c for c in labels if c not in present]
+    if not missing:
+        return {"warning": small_split_warning(m)}
+    undefined = [k for k in GAP_METRICS if m.get(k) is None]
+    defined = [k for k in GAP_METRICS if m.get(k) is not None]
+    return {
+        "warning": None,
+        "missing_classes": missing,
+        "undefined": undefined,
+        "note": (
+            f"holds no {', '.join(missing)} image: {', '.join(undefined) or 'no metric'} cannot "
+            f"be computed; reported: {', '.join(defined) or 'none'}"
+        ),
+    }
 
 
 def subgroup_metrics(
@@ -69,10 +96,7 @@ def subgroup_metrics(
             m = compute_metrics(
                 y_true[idx], probs[idx], labels, threshold, n_bootstrap=n_bootstrap, seed=seed
             )
-            groups[value] = {
-                **headline_metrics(m),
-                "warning": small_split_warning(m),
-            }
+            groups[value] = {**headline_metrics(m), **_group_notes(m, labels)}
         out[attr] = {
             "groups": groups,
             "largest_gap": _largest_gaps(groups),

@@ -282,6 +282,7 @@ def _subgroup_tables(subgroups: dict) -> list[dict]:
                 "n": g["n"],
                 "cells": [(_f(g.get(k)), _ci(g, k)) for k in _SUBGROUP_COLUMNS],
                 "warning": g["warning"],
+                "note": g.get("note"),
             }
             for value, g in res["groups"].items()
         ]
