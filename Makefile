@@ -12,10 +12,19 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-# torch is installed first and pinned so pip takes the CPU wheel already on disk.
-install: $(BIN)/python
+# torch is installed first and pinned so pip takes the CPU wheel already on disk. The editable
+# install is redone only when pyproject.toml changes (a stamp file), so `make run` and
+# `make test` start at once on an installed tree; `make install FORCE=1` reinstalls.
+STAMP := $(VENV)/.medlens-installed
+ifdef FORCE
+.PHONY: $(STAMP)
+endif
+$(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[test,ray]'
+	touch $(STAMP)
+
+install: $(STAMP)
 
 browser:
 	@if [ ! -x $(CHROMIUM) ]; then \
