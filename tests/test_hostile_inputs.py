@@ -1,5 +1,8 @@
-"""Realistic and hostile DICOM uploads to ``medlens serve`` (issue #23): a 12-bit JPEG
-Extended DICOM that is not corrupt (item 3)."""
+"""Realistic and hostile DICOM uploads to ``medlens serve`` (issue #23, items 1 and 3): images
+a structured report used to fail on with a 500 (anonymised, malformed, retired SOP class, other
+character sets), and a 12-bit JPEG Extended DICOM that is not corrupt. Hardening of the server
+itself (connections, redirects, Host, metrics) is tested in ``test_security.py`` and
+``test_prometheus.py``."""
 
 from __future__ import annotations
 
@@ -7,20 +10,24 @@ import importlib.util
 import io
 import warnings
 
+import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from dicom_fixtures import dicom_bytes
+from dicom_fixtures import PATIENT_ID, PATIENT_NAME, dicom_bytes, dicom_xray
 from fastapi.testclient import TestClient
 from pydicom.data import get_testdata_file
 from serve_fixtures import MULTI, save_untrained_multiclass
 
 from medlens.data.imaging import read_image
 from medlens.errors import ImageReadError
+from medlens.interop.sr import TYPE2
 from medlens.serve import create_app
+from medlens.serve.api import NOTES_HEADER
 
 URL = f"/api/v1/models/{MULTI}/predict"
 JPEG_EXTENDED_12BIT = get_testdata_file("JPGExtended.dcm")  # ships inside pydicom
+US_RETIRED = "1.2.840.10008.5.1.4.1.1.6"  # Ultrasound Image Storage (Retired)
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +45,20 @@ def client(models):
         yield c
 
 
+def _xray(**changes) -> pydicom.Dataset:
+    """The fixture X-ray with ``changes`` (None deletes the attribute); pydicom's warnings
+    about the malformed values the tests set on purpose are not shown."""
+    ds = dicom_xray(np.full((64, 64), 100, np.uint8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for key, value in changes.items():
+            if value is None:
+                delattr(ds, key)
+            else:
+                setattr(ds, key, value)
+    return ds
+
+
 def to_bytes(ds: pydicom.Dataset) -> bytes:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -47,6 +68,106 @@ def to_bytes(ds: pydicom.Dataset) -> bytes:
 def _post(client, data: bytes, fmt: str | None = "dicom-sr"):
     params = {"format": fmt} if fmt else {}
     return client.post(URL, params=params, files={"file": ("x.dcm", data)})
+
+
+def _sr(r) -> pydicom.Dataset:
+    """The SR of a 200 answer, checked readable by pydicom and highdicom."""
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/dicom"
+    hd.sr.srread(io.BytesIO(r.content))
+    return pydicom.dcmread(io.BytesIO(r.content))
+
+
+# ------------------------------------------------------------------ 1. realistic DICOMs, SR
+
+
+@pytest.mark.parametrize("key", list(TYPE2))
+def test_an_anonymised_image_without_a_type_2_attribute_gets_a_valid_sr(client, key):
+    ds = _xray(**{key: None})
+    sr = _sr(_post(client, to_bytes(ds)))
+    assert key in sr and str(sr[key].value or "") == ""  # present and empty, as type 2 allows
+    assert sr.StudyInstanceUID == ds.StudyInstanceUID
+    if key != "PatientID":
+        assert sr.PatientID == PATIENT_ID
+    r = _post(client, to_bytes(ds))
+    assert key in r.headers[NOTES_HEADER] and "absent" in r.headers[NOTES_HEADER]
+    assert _post(client, to_bytes(ds), "fhir").status_code == 200
+
+
+def test_an_image_without_modality_gets_a_valid_sr(client):
+    sr = _sr(_post(client, to_bytes(_xray(Modality=None))))
+    assert sr.Modality == "SR"
+
+
+@pytest.mark.parametrize(
+    "changes, emptied, why",
+    [
+        ({"StudyDate": "2024-13-45"}, "StudyDate", "not a DICOM date"),
+        ({"StudyDate": "20241345"}, "StudyDate", "not a DICOM date"),
+        ({"PatientBirthDate": "1970-01-01"}, "PatientBirthDate", "not a DICOM date"),
+        ({"StudyTime": "99:99"}, "StudyTime", "not a DICOM time"),
+        ({"PatientSex": "female"}, "PatientSex", "not M, F or O"),
+        ({"PatientName": ["Doe^Jane", "Roe^Jim"]}, "PatientName", "2 values"),
+        ({"AccessionNumber": ["A1", "A2"]}, "AccessionNumber", "2 values"),
+    ],
+)
+def test_a_malformed_type_2_value_is_left_empty_and_named(client, changes, emptied, why):
+    r = _post(client, to_bytes(_xray(**changes)))
+    sr = _sr(r)
+    assert str(sr[emptied].value or "") == ""
+    assert emptied in r.headers[NOTES_HEADER] and why in r.headers[NOTES_HEADER]
+    for other in ("PatientID", "StudyID"):  # the rest is copied as it was
+        assert sr[other].value == _xray()[other].value
+    assert _post(client, to_bytes(_xray(**changes)), "fhir").status_code == 200
+
+
+def test_a_retired_sop_class_is_referenced_as_it_is(client):
+    ds = _xray()
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = US_RETIRED
+    sr = _sr(_post(client, to_bytes(ds)))
+    ref = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+    assert ref.ReferencedSOPSequence[0].ReferencedSOPClassUID == US_RETIRED
+    assert sr.PatientID == PATIENT_ID and sr.PatientName == PATIENT_NAME
+    assert sr.StudyDate == ds.StudyDate
+
+
+def test_a_japanese_iso_2022_image_keeps_its_names(client):
+    name = "Yamada^Tarou=山田^太郎=やまだ^たろう"
+    ds = _xray(SpecificCharacterSet=["", "ISO 2022 IR 87"], PatientName=name)
+    data = to_bytes(ds)
+    assert b"\x1b$B" in data  # really ISO 2022 escape sequences (JIS X 0208)
+    sr = _sr(_post(client, data))
+    assert str(sr.PatientName) == name and sr.SpecificCharacterSet == "ISO_IR 192"
+    assert NOTES_HEADER not in _post(client, data).headers
+
+
+def test_an_unknown_character_set(client):
+    ascii_only = _xray(SpecificCharacterSet="ISO_IR 999")
+    sr = _sr(_post(client, to_bytes(ascii_only)))  # plain ASCII reads the same in any
+    assert sr.PatientName == PATIENT_NAME
+    latin = _xray(SpecificCharacterSet="ISO_IR 999", PatientName="Müller^Jürgen")
+    r = _post(client, to_bytes(latin))
+    assert r.status_code == 422
+    detail = r.json()["detail"]
+    assert "ISO_IR 999" in detail and "Specific Character Set" in detail
+    assert "ISO_IR 192" in detail  # what to do
+    assert _post(client, to_bytes(latin), "fhir").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        ({"SeriesInstanceUID": None}, "lacks SeriesInstanceUID"),
+        ({"StudyInstanceUID": ""}, "lacks StudyInstanceUID"),
+        ({"SOPInstanceUID": "not-a-uid"}, "SOPInstanceUID that is not a DICOM UID"),
+    ],
+)
+def test_missing_or_malformed_uids_are_a_422_that_names_them(client, changes, expected):
+    ds = _xray(**changes)
+    r = _post(client, to_bytes(ds))
+    assert r.status_code == 422 and expected in r.json()["detail"]
+    assert "format=json or fhir" in r.json()["detail"]
+    assert _post(client, to_bytes(ds), "fhir").status_code == 200
 
 
 # ------------------------------------------------------------------ 3. 12-bit JPEG Extended

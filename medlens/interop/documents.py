@@ -24,6 +24,7 @@ class Document:
     media_type: str
     filename: str
     sop_instance_uid: str | None = None  # an SR's own UID
+    notes: tuple[str, ...] = ()  # what the document leaves out of the image's header, and why
 
 
 def render(fmt: str, prediction: Any, model: dict, card: dict, dicom: Any) -> Document:
@@ -38,22 +39,42 @@ def render(fmt: str, prediction: Any, model: dict, card: dict, dicom: Any) -> Do
 
     Raises:
         UsageError: ``dicom-sr`` for an image that is not DICOM, or one without the UIDs a
-            report references; an unknown ``fmt``.
+            report references; a DICOM header the document cannot be made from (the message
+            says what to fix); an unknown ``fmt``.
     """
     from medlens.errors import UsageError
 
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    try:
+        return _render(fmt, prediction, model, card, dicom)
+    except UsageError:
+        raise
+    except (ValueError, TypeError, LookupError, AttributeError) as e:
+        # A header value no check above foresaw (pydicom and highdicom validate as they
+        # build): the upload's fault, so a clear refusal rather than a server error.
+        if dicom is None:
+            raise
+        reason = (str(e).splitlines() or [""])[0][:200]
+        raise UsageError(
+            f"a {fmt} document could not be made from this DICOM image's header "
+            f"({type(e).__name__}: {reason}); export the image again from the PACS, or ask for "
+            "format=json"
+        ) from None
+
+
+def _render(fmt: str, prediction: Any, model: dict, card: dict, dicom: Any) -> Document:
     if fmt == "fhir":
         from medlens.interop.fhir import fhir_report
 
         report = fhir_report(prediction, model, card, dicom)
         content = json.dumps(report, indent=1).encode()
         return Document(content, "application/fhir+json", f"{report['id']}.fhir.json")
-    if fmt == "dicom-sr":
-        from medlens.interop.sr import dicom_sr
+    from medlens.interop.sr import dicom_sr
 
-        sr = dicom_sr(prediction, model, card, dicom)
-        buf = io.BytesIO()
-        sr.save_as(buf, enforce_file_format=True)
-        uid = str(sr.SOPInstanceUID)
-        return Document(buf.getvalue(), "application/dicom", f"{uid}.dcm", uid)
-    raise UsageError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    sr = dicom_sr(prediction, model, card, dicom)
+    buf = io.BytesIO()
+    sr.save_as(buf, enforce_file_format=True)
+    uid = str(sr.SOPInstanceUID)
+    notes = tuple(getattr(sr, "notes", ()))
+    return Document(buf.getvalue(), "application/dicom", f"{uid}.dcm", uid, notes)

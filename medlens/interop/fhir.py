@@ -15,6 +15,7 @@ The dict is validated by the ``fhir.resources`` package (its R4B models) before 
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import datetime, timezone
 from typing import Any
@@ -96,15 +97,23 @@ def _device(model: dict) -> dict:
 
 
 def _subject(dicom: Any) -> dict:
-    """Patient and study references by DICOM identifiers (no other patient data)."""
+    """Patient and study references by DICOM identifiers (no other patient data).
+
+    Only a usable identifier is referenced: a PatientID with one value (several values are a
+    malformed header: the report would name the wrong patient) and a StudyInstanceUID that is
+    a DICOM UID; otherwise the report names no patient or study rather than a wrong one.
+    """
+    from pydicom.multival import MultiValue
+
     out = {}
     if dicom is None:
         return out
-    patient = str(dicom.get("PatientID") or "").strip()
-    if patient:
+    patient, study = dicom.get("PatientID"), dicom.get("StudyInstanceUID")
+    patient = "" if isinstance(patient, MultiValue) else str(patient or "").strip()
+    if patient and patient.isprintable():
         out["subject"] = {"identifier": {"value": patient}, "display": "patient of the study"}
-    study = str(dicom.get("StudyInstanceUID") or "").strip()
-    if study:
+    study = "" if isinstance(study, MultiValue) else str(study or "").strip()
+    if re.fullmatch(r"[0-9][0-9.]{0,63}", study):
         out["imagingStudy"] = [
             {
                 "identifier": {"system": DICOM_UID, "value": f"urn:oid:{study}"},

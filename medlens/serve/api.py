@@ -29,6 +29,7 @@ from medlens.serve.models import ServedModel
 from medlens.serve.upload import UploadError, read_file_field
 
 API = "/api/v1"
+NOTES_HEADER = "X-MedLens-Notes"
 router = APIRouter()
 log = logging.getLogger("medlens.serve")
 
@@ -135,7 +136,23 @@ def _png_base64(pixels: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _decode(model: ServedModel, data: bytes, max_pixels: int, digest: str, t0: float) -> Any:
+def _rejected(model: ServedModel, digest: str, t0: float, fmt: str = "json") -> None:
+    """The one log line of a refused upload: by its hash only, never its contents."""
+    log.info(
+        "rejected time=%s model=%s version=%s upload_sha256=%s status=422 format=%s "
+        "elapsed_ms=%.1f",
+        _now(),
+        model.name,
+        model.info["version"],
+        digest,
+        fmt,
+        (time.perf_counter() - t0) * 1e3,
+    )
+
+
+def _decode(
+    model: ServedModel, data: bytes, max_pixels: int, digest: str, t0: float, fmt: str = "json"
+) -> Any:
     """The upload decoded; 422 (logged by its hash only) when it is not a usable image."""
     try:
         # target_size: a large JPEG decodes straight to >= the network's input size.
@@ -143,14 +160,7 @@ def _decode(model: ServedModel, data: bytes, max_pixels: int, digest: str, t0: f
             data, name="upload", max_pixels=max_pixels, target_size=model.predictor.pre.image_size
         )
     except ImageReadError as e:
-        log.info(
-            "rejected time=%s model=%s version=%s upload_sha256=%s status=422 elapsed_ms=%.1f",
-            _now(),
-            model.name,
-            model.info["version"],
-            digest,
-            (time.perf_counter() - t0) * 1e3,
-        )
+        _rejected(model, digest, t0, fmt)
         raise UploadError(422, str(e)) from None
 
 
@@ -167,8 +177,9 @@ def _predict(
     t0 = time.perf_counter()
     digest = hashlib.sha256(data).hexdigest()
     version = model.info["version"]
-    img = _decode(model, data, max_pixels, digest, t0)
+    img = _decode(model, data, max_pixels, digest, t0, fmt)
     if fmt == "dicom-sr" and img.dicom is None:
+        _rejected(model, digest, t0, fmt)
         raise UploadError(
             422,
             "format=dicom-sr needs a DICOM upload (the report references the image's study "
@@ -198,7 +209,8 @@ def _predict(
     if fmt != "json":
         try:
             document = _document(model, result, img, fmt)
-        except UsageError as e:  # a DICOM without the UIDs a report references
+        except UsageError as e:  # a DICOM header a report cannot be made from: says why
+            _rejected(model, digest, t0, fmt)
             raise UploadError(422, str(e)) from None
         log.info(
             "prediction time=%s model=%s version=%s upload_sha256=%s label=%s format=%s "
@@ -241,11 +253,10 @@ def _document(model: ServedModel, result: Any, img: Any, fmt: str) -> Response:
 
     about = {"name": model.name, "version": model.info["version"], "title": model.info["title"]}
     doc = render(fmt, result, about, model.card, img.dicom)
-    return Response(
-        doc.content,
-        media_type=doc.media_type,
-        headers={"Content-Disposition": f'attachment; filename="{doc.filename}"'},
-    )
+    headers = {"Content-Disposition": f'attachment; filename="{doc.filename}"'}
+    if doc.notes:  # e.g. which malformed patient/study attributes an SR leaves empty
+        headers[NOTES_HEADER] = "; ".join(doc.notes)
+    return Response(doc.content, media_type=doc.media_type, headers=headers)
 
 
 def _now() -> str:
@@ -322,7 +333,9 @@ async def predict(
         "json",
         description="json (this schema); fhir: an HL7 FHIR R4 DiagnosticReport with contained "
         "Observations (application/fhir+json); dicom-sr: a DICOM Structured Report about a "
-        "DICOM upload (application/dicom; 422 for other images)",
+        "DICOM upload (application/dicom; 422 for other images, or a DICOM whose UIDs are "
+        "missing; patient/study attributes that are absent or malformed are left empty, as "
+        "the standard allows, and named in the X-MedLens-Notes header)",
     ),
 ) -> Response:
     """Diagnose one image sent as multipart field `file` (PNG, JPEG or DICOM).
