@@ -1,13 +1,14 @@
-"""Realistic and hostile DICOM uploads to ``medlens serve`` (issue #23, items 1 and 3): images
-a structured report used to fail on with a 500 (anonymised, malformed, retired SOP class, other
-character sets), and a 12-bit JPEG Extended DICOM that is not corrupt. Hardening of the server
-itself (connections, redirects, Host, metrics) is tested in ``test_security.py`` and
-``test_prometheus.py``."""
+"""Realistic and hostile DICOM uploads to ``medlens serve`` (issue #23, items 1-3): images a
+structured report used to fail on with a 500 (anonymised, malformed, retired SOP class, other
+character sets), logs that must name an upload by its hash only, and a 12-bit JPEG Extended
+DICOM that is not corrupt. Hardening of the server itself (connections, redirects, Host,
+metrics) is tested in ``test_security.py`` and ``test_prometheus.py``."""
 
 from __future__ import annotations
 
 import importlib.util
 import io
+import logging
 import warnings
 
 import highdicom as hd
@@ -168,6 +169,50 @@ def test_missing_or_malformed_uids_are_a_422_that_names_them(client, changes, ex
     assert r.status_code == 422 and expected in r.json()["detail"]
     assert "format=json or fhir" in r.json()["detail"]
     assert _post(client, to_bytes(ds), "fhir").status_code == 200
+
+
+# ------------------------------------------------------------------ 2. logs name uploads by hash
+
+
+def _leaks(text: str, ds: pydicom.Dataset) -> list[str]:
+    secrets = [ds.SOPInstanceUID, ds.StudyInstanceUID, ds.get("SeriesInstanceUID", "-"),
+               str(ds.PatientID), str(ds.PatientName).split("^")[0]]  # fmt: skip
+    return [s for s in secrets if s and s in text]
+
+
+def test_logs_and_warnings_carry_no_uid_or_patient_field(client, caplog):
+    """An SR of a clean image and of a malformed one, and a DICOM the decoder rejects: one log
+    line each, by the upload's hash; nothing from pydicom or highdicom (highdicom's "copy ...
+    from dataset <SOPInstanceUID>", pydicom's decoder tracebacks, values quoted in warnings)."""
+    clean = _xray()
+    malformed = _xray(StudyDate="2024-13-45", PatientName="A" * 80)  # the libraries talk
+    rejected = open(JPEG_EXTENDED_12BIT, "rb").read()
+    jpeg = pydicom.dcmread(JPEG_EXTENDED_12BIT, stop_before_pixels=True)
+    decodes_12_bit = importlib.util.find_spec("libjpeg") is not None
+    cases = [
+        (to_bytes(clean), clean, 200),
+        (to_bytes(malformed), malformed, 200),
+        (rejected, jpeg, 200 if decodes_12_bit else 422),
+    ]
+    caplog.set_level(logging.DEBUG)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for data, ds, status in cases:
+            caplog.clear()
+            r = _post(client, data)
+            assert r.status_code == status, r.text
+            records = [rec for rec in caplog.records if not rec.name.startswith("httpx")]
+            assert [rec.name for rec in records] == ["medlens.serve"], [
+                (rec.name, rec.getMessage()[:80]) for rec in records
+            ]
+            assert records[0].levelno == logging.INFO and records[0].exc_info is None
+            text = caplog.text
+            assert not _leaks(text, ds), text[:500]
+            assert "Traceback" not in text and "upload_sha256=" in text
+    messages = "\n".join(str(w.message) for w in caught)
+    for _, ds, _ in cases:
+        assert not _leaks(messages, ds), messages[:500]
+    assert not [w for w in caught if "pydicom" in w.filename or "highdicom" in w.filename]
 
 
 # ------------------------------------------------------------------ 3. 12-bit JPEG Extended

@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from medlens.data.imaging import read_image
 from medlens.errors import ImageReadError, ModelOutputError, UsageError
 from medlens.inference.cam import overlay_cam
+from medlens.serve.logs import quiet_third_party
 from medlens.serve.models import ServedModel
 from medlens.serve.upload import UploadError, read_file_field
 
@@ -175,6 +176,7 @@ def _predict(
     """Decode, predict and (optionally) explain one upload; runs in a worker thread. With
     ``fmt`` ``fhir`` or ``dicom-sr`` the answer is that document instead of the JSON dict."""
     t0 = time.perf_counter()
+    quiet_third_party()  # pydicom and highdicom would log the upload's UIDs and values
     digest = hashlib.sha256(data).hexdigest()
     version = model.info["version"]
     img = _decode(model, data, max_pixels, digest, t0, fmt)

@@ -31,6 +31,7 @@ from medlens.errors import ModelLoadError
 from medlens.machine import usable_cores
 from medlens.serve.api import API
 from medlens.serve.api import router as api_router
+from medlens.serve.logs import quiet_third_party
 from medlens.serve.metrics import MetricsMiddleware, ServeMetrics
 from medlens.serve.models import ServedModel
 from medlens.serve.pages import HERE, vendor_files
@@ -139,7 +140,11 @@ def create_app(
         max_in_flight: prediction requests in the app at once (reading, decoding or
             predicting their upload); more get a 503 with ``Retry-After`` at once
             (:class:`~medlens.serve.security.InFlightLimit`). Other requests are not counted.
+
+    pydicom's and highdicom's logs and warnings are silenced in this process: they quote the
+    uploads' UIDs and values (:mod:`medlens.serve.logs`).
     """
+    quiet_third_party()
     app = FastAPI(
         title="MedLens",
         version=__version__,
