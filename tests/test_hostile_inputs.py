@@ -215,6 +215,42 @@ def test_logs_and_warnings_carry_no_uid_or_patient_field(client, caplog):
     assert not [w for w in caught if "pydicom" in w.filename or "highdicom" in w.filename]
 
 
+_FRESH_SERVER = """
+import logging, sys
+logging.basicConfig(level=logging.DEBUG, format="LOG %(name)s: %(message)s")
+from fastapi.testclient import TestClient
+from medlens.serve import create_app
+fresh = "pydicom" not in sys.modules
+with TestClient(create_app([sys.argv[1]], bundled=False)) as c:
+    data = open(sys.argv[2], "rb").read()
+    r = c.post(sys.argv[3], params={"format": "dicom-sr"}, files={"file": ("x.dcm", data)})
+print("status", r.status_code, "pydicom imported by the request:", fresh)
+"""
+
+
+def test_a_fresh_server_process_logs_nothing_from_pydicom(models, tmp_path):
+    """In a server process pydicom is first imported by the first DICOM upload, and its import
+    sets its logger to WARNING: the silencing must hold all the same."""
+    import subprocess
+    import sys
+
+    ds = _xray(StudyDate="2024-13-45", PatientName="Zzyzx" * 20)
+    dcm = tmp_path / "x.dcm"
+    dcm.write_bytes(to_bytes(ds))
+    out = subprocess.run(
+        [sys.executable, "-c", _FRESH_SERVER, str(models), str(dcm), URL],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    text = out.stdout + out.stderr
+    assert "status 200" in text, text[-2000:]
+    lines = [ln for ln in text.splitlines() if ln.startswith("LOG ")]
+    assert not [ln for ln in lines if ln.startswith(("LOG pydicom", "LOG highdicom"))], lines
+    assert len([ln for ln in lines if ln.startswith("LOG medlens.serve: prediction ")]) == 1
+    assert not _leaks(text, ds) and "Zzyzx" not in text and "2024-13-45" not in text
+
+
 # ------------------------------------------------------------------ 3. 12-bit JPEG Extended
 
 

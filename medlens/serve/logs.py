@@ -39,6 +39,8 @@ def quiet_third_party() -> None:
     (a test framework, ``warnings.catch_warnings``, ``warnings.simplefilter``) may have reset
     the warning filters or put one before ours since.
     """
+    import pydicom  # noqa: F401 - its first import sets its logger to WARNING: before ours
+
     for name in THIRD_PARTY:
         logger = logging.getLogger(name)
         if logger.level != _SILENT:
