@@ -711,7 +711,24 @@ def _add_pacs(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-store", action="store_true", help="predict only; store no reports")
     p.add_argument("--limit", type=int, default=None, help="at most this many images per study")
-    p.add_argument("--timeout", type=float, default=30, help="seconds per request; default 30")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=30,
+        help="seconds each request may take in all (a server that answers a byte at a time "
+        "is stopped too); default 30",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="predict and say which reports would be stored or skipped; store nothing",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="store a report even where this model version stored one before (by default such "
+        "instances are skipped, so running twice stores no duplicates)",
+    )
 
 
 def _cmd_pacs(a: argparse.Namespace) -> int:
@@ -723,12 +740,18 @@ def _cmd_pacs(a: argparse.Namespace) -> int:
     card = model_card(pred.meta, pred.folder)
     about = {"name": pred.meta.name, "version": model_version(pred.meta, pred.folder),
              "title": card["title"]}  # fmt: skip
-    res = round_trip(a.url, a.study, pred, about, card, store=not a.no_store, limit=a.limit,
-                     timeout=a.timeout)  # fmt: skip
+    if a.timeout <= 0:
+        raise UsageError("--timeout must be > 0 seconds")
+    res = round_trip(a.url, a.study, pred, about, card, store=not (a.no_store or a.dry_run),
+                     limit=a.limit, timeout=a.timeout, force=a.force,
+                     dry_run=a.dry_run)  # fmt: skip
     for line in res.lines:
-        print(line)
-    print(f"{len(res.stored)} report(s) stored, {res.failed} image(s) could not be used")
-    return 1 if res.failed and not res.stored else 0
+        print(printable(line))
+    print(
+        f"{len(res.stored)} report(s) stored, {res.skipped} already there, {res.failed} "
+        "image(s) could not be used" + (" (dry run: nothing stored)" if a.dry_run else "")
+    )
+    return 1 if res.failed and not (res.stored or res.skipped) and not a.dry_run else 0
 
 
 def _add_compare(p: argparse.ArgumentParser) -> None:

@@ -141,7 +141,7 @@ def test_pacs_round_trip_stores_an_sr_in_the_same_study(orthanc, capsys, tmp_pat
     monkeypatch.chdir(tmp_path)  # MedLens writes nothing: the folder must stay empty
     assert _pacs(orthanc, source.StudyInstanceUID) == 0
     out, err = capsys.readouterr()
-    assert "1 report(s) stored, 0 image(s) could not be used" in out
+    assert "1 report(s) stored, 0 already there, 0 image(s) could not be used" in out
     assert "series 1, instance 1:" in out and "report stored" in out
     for secret in (PATIENT_ID, "Testpatient", source.StudyInstanceUID, source.SOPInstanceUID):
         assert secret not in out + err  # names instances by number only
@@ -201,7 +201,144 @@ def test_an_unusable_instance_is_reported_and_the_others_go_on(orthanc, capsys):
     _upload(orthanc, broken)
     assert _pacs(orthanc, study.StudyInstanceUID) == 0
     out = capsys.readouterr().out
-    assert "1 report(s) stored, 1 image(s) could not be used" in out
+    assert "1 report(s) stored, 0 already there, 1 image(s) could not be used" in out
     assert "series 1, instance 2" in out and PATIENT_ID not in out
     kinds = sorted(d.Modality for d in _study_instances(orthanc, study.StudyInstanceUID))
     assert kinds == ["DX", "DX", "SR"]  # a report for the usable image only
+
+
+def test_running_twice_stores_no_duplicate_and_force_and_dry_run(orthanc, capsys):
+    source = dicom_xray(_xray_pixels())
+    _upload(orthanc, source)
+    study = source.StudyInstanceUID
+    assert _pacs(orthanc, study) == 0
+    capsys.readouterr()
+    # again: this model version already reported on the image
+    assert _pacs(orthanc, study) == 0
+    out = capsys.readouterr().out
+    assert "0 report(s) stored, 1 already there" in out and "is stored already" in out
+    assert [d.Modality for d in _study_instances(orthanc, study)].count("SR") == 1
+    # a dry run stores nothing and says what it would do
+    args = ["pacs", "--url", f"{orthanc}/dicom-web", "--model", "pneumonia", "--study", study]
+    assert main([*args, "--dry-run", "--force"]) == 0
+    out = capsys.readouterr().out
+    assert "a report would be stored (dry run)" in out and "(dry run: nothing stored)" in out
+    assert [d.Modality for d in _study_instances(orthanc, study)].count("SR") == 1
+    # --force stores another report (a new UID)
+    assert main([*args, "--force"]) == 0
+    assert "1 report(s) stored" in capsys.readouterr().out
+    assert [d.Modality for d in _study_instances(orthanc, study)].count("SR") == 2
+
+
+class _Hostile:
+    """A server on 127.0.0.1 that answers every request the way ``mode`` says: an HTML page,
+    garbage, a redirect to itself, one byte every 2 s, or DICOM JSON of an instance without
+    UIDs. It is the attacker (or the misconfigured proxy), not a PACS."""
+
+    def __init__(self, mode: str):
+        import http.server
+        import threading
+
+        hostile = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):  # quiet
+                pass
+
+            def do_GET(self):
+                hostile.answer(self)
+
+            do_POST = do_GET
+
+        self.mode = mode
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/dicom-web"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def answer(self, h) -> None:
+        if self.mode == "redirect":
+            h.send_response(302)
+            h.send_header("Location", h.path)
+            h.end_headers()
+            return
+        if self.mode == "drip":
+            h.send_response(200)
+            h.send_header("Content-Type", "application/dicom+json")
+            h.send_header("Content-Length", "1000")
+            h.end_headers()
+            for _ in range(30):
+                try:
+                    h.wfile.write(b" ")
+                    h.wfile.flush()
+                except OSError:
+                    return
+                time.sleep(2)
+            return
+        if self.mode == "no-uids":
+            body = json.dumps([{"00080060": {"vr": "CS", "Value": ["DX"]},
+                                "00200011": {"vr": "IS", "Value": [1]},
+                                "00200013": {"vr": "IS", "Value": [1]}}]).encode()  # fmt: skip
+            kind = "application/dicom+json"
+        elif self.mode == "html":
+            body, kind = b"<html><body><h1>Login</h1></body></html>", "text/html"
+        else:
+            body, kind = bytes(range(256)) * 4, "application/dicom+json"
+        h.send_response(200)
+        h.send_header("Content-Type", kind)
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize(
+    "mode, words",
+    [
+        ("html", "did not answer the QIDO-RS search as a DICOMweb server would"),
+        ("garbage", "did not answer the QIDO-RS search as a DICOMweb server would"),
+        ("redirect", "redirects in a loop"),
+    ],
+)
+def test_a_hostile_server_is_a_one_line_error_not_a_crash(capsys, mode, words):
+    server = _Hostile(mode)
+    try:
+        code = main(["pacs", "--url", server.url, "--model", "pneumonia", "--study", "1.2.3",
+                     "--timeout", "20"])  # fmt: skip
+    finally:
+        server.close()
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert words in err and len(err.strip().splitlines()) == 1
+    assert "internal error" not in err
+
+
+def test_the_timeout_is_a_deadline_for_the_whole_request():
+    """A server that drips a byte every 2 s resets a per-read timeout for ever: the request is
+    stopped after --timeout seconds in all."""
+    from medlens.interop.pacs import PacsError, round_trip
+
+    server = _Hostile("drip")
+    try:
+        t0 = time.time()
+        with pytest.raises(PacsError, match="did not finish the QIDO-RS search within 3 s"):
+            round_trip(server.url, ["1.2.3"], None, {}, {}, timeout=3)
+        assert time.time() - t0 < 6
+    finally:
+        server.close()
+
+
+def test_instances_listed_without_uids_are_reported_not_a_crash(capsys):
+    server = _Hostile("no-uids")
+    try:
+        code = main(["pacs", "--url", server.url, "--model", "pneumonia", "--study", "1.2.3",
+                     "--timeout", "5"])  # fmt: skip
+    finally:
+        server.close()
+    out, err = capsys.readouterr()
+    assert code == 1 and "internal error" not in err
+    assert "series 1, instance 1: the server listed it without its UIDs; skipped" in out
+    assert "0 report(s) stored, 0 already there, 1 image(s) could not be used" in out
