@@ -1028,8 +1028,9 @@ def _add_serve_access(p: argparse.ArgumentParser) -> None:
         "--max-connections",
         type=int,
         default=64,
-        help="connections and requests served at once; more get a 503 (bounds the memory "
-        "held by uploads in flight); default %(default)s",
+        help="prediction requests in flight per server process; more get a 503 with "
+        "Retry-After (bounds the memory held by uploads); health checks and pages are never "
+        "refused by it, and half-sent connections do not count; default %(default)s",
     )
     p.add_argument(
         "--header-timeout",
