@@ -419,6 +419,19 @@ def test_phone_width_layout_and_one_page_print(server, page, tmp_path, image_fac
             "getComputedStyle(e).overflowX !== 'auto').map(e => e.tagName + '.' + e.className)",
         )
         assert overflow == []  # the card's text stays inside its border
+        # numbers in the card's tables are never broken inside a figure
+        broken = page.eval_on_selector_all(
+            ".model-card:not([hidden]) table.metrics td",
+            "es => es.filter(e => getComputedStyle(e).overflowWrap === 'anywhere').length",
+        )
+        assert broken == 0
+        # several files at once: the batch table says how to reach its off-screen columns
+        files = [str(_png(tmp_path, image_factory, "bright", 43 + i)) for i in range(2)]
+        page.set_input_files("#file", files)
+        page.wait_for_selector("#batch-table tbody tr:nth-child(2)", timeout=60_000)
+        assert page.is_visible("#batch .scroll-hint")
+        assert "scroll it sideways" in page.text_content("#batch .scroll-hint")
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
     finally:
         page.set_viewport_size({"width": 1280, "height": 900})
     # Printing a result: one A4 page holding the image, the map, the result and the card.
@@ -428,6 +441,11 @@ def test_phone_width_layout_and_one_page_print(server, page, tmp_path, image_fac
     page.emulate_media(media="print")
     try:
         assert not page.is_visible("#diagnose-form") and page.is_visible("#cam")
+        nowrap = page.eval_on_selector_all(
+            f'.model-card[data-model="{BINARY}"] table.metrics td',
+            "es => es.every(e => getComputedStyle(e).whiteSpace === 'nowrap')",
+        )
+        assert nowrap  # printed figures do not wrap mid-number
         assert page.is_visible(f'.model-card[data-model="{BINARY}"]')
         assert page.is_visible(".disclaimer") and page.text_content("#when") != ""
         pdf = page.pdf(format="A4", print_background=True)

@@ -72,7 +72,7 @@ _DIGITS = 5  # significant digits kept in the JSON
 METRIC_LABELS = {
     "accuracy": "Accuracy",
     "balanced_accuracy": "Balanced accuracy",
-    "auc": "AUC (ROC)",
+    "auc": "AUC (ROC; macro over classes if more than two)",
     "sensitivity": "Sensitivity (recall)",
     "specificity": "Specificity",
     "precision": "Precision (PPV)",

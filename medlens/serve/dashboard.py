@@ -58,6 +58,20 @@ def _headline(m: dict) -> dict:
     }
 
 
+def _curves_source(text: str | None) -> str | None:
+    """Whose training curves a bundle ships, without the trainer's own run names."""
+    import re
+
+    if not text:
+        return None
+    if text.startswith("run "):
+        return "the model's own training run"
+    members = re.search(r"the first of (\d+)", text)
+    if members:
+        return f"the first of its {members.group(1)} fold members (the others trained alike)"
+    return text
+
+
 def _evaluations(folder: Path) -> dict[str, dict]:
     out = {}
     for split in SPLITS:
@@ -89,7 +103,7 @@ def run_results(name: str, folder: Path) -> dict:
         curves = figures.training_figures(history)
         out["figures"] += [{"id": f"curve-{key}", **fig} for key, fig in curves.items()]
         out["history"] = history
-        out["curves"] = (read_meta(folder).extra.get("export") or {}).get("curves")
+        out["curves"] = _curves_source((read_meta(folder).extra.get("export") or {}).get("curves"))
     else:
         out["missing"].append("training curves (no training_metrics.csv)")
     if not evs:

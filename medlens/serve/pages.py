@@ -110,15 +110,24 @@ def dashboard_page(request: Request) -> HTMLResponse:
     )
 
 
+DOCS_NAV = (
+    '<nav class="medlens-nav" aria-label="MedLens"><a href="/">&larr; MedLens: diagnose</a> '
+    '&middot; <a href="/dashboard">training results</a></nav>'
+)
+"""The way back from the API docs to the app (Swagger UI has none of its own)."""
+
+
 @router.get("/docs")
 def swagger_ui(request: Request) -> HTMLResponse:
-    return get_swagger_ui_html(
+    page = get_swagger_ui_html(
         openapi_url=request.app.openapi_url,
         title="MedLens API",
         swagger_js_url="/vendor/swagger-ui-bundle.js",
         swagger_css_url="/vendor/swagger-ui.css",
         swagger_favicon_url="/vendor/favicon.png",
     )
+    html = bytes(page.body).decode().replace("<body>", f"<body>\n{DOCS_NAV}", 1)
+    return HTMLResponse(html)
 
 
 @router.get("/vendor/{asset}")
