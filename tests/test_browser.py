@@ -332,6 +332,27 @@ def test_batch_upload_gives_a_table_and_a_csv(server, page, tmp_path, image_fact
     assert page.errors == [] and page.external == []
 
 
+def test_the_browser_csv_neutralises_formula_file_names(server, page, tmp_path, image_factory):
+    import csv
+    import shutil as sh
+
+    base, _ = server
+    _pick(page, base)
+    files = []
+    for i, name in enumerate(("=1+1.png", "-minus.png")):
+        src = _png(tmp_path, image_factory, "bright", 60 + i)
+        files.append(tmp_path / name)
+        sh.copyfile(src, files[-1])
+    page.set_input_files("#file", [str(f) for f in files])
+    page.wait_for_selector("#batch-table tbody tr:nth-child(2)", timeout=60_000)
+    page.wait_for_selector("text=2 images analysed.")
+    with page.expect_download() as dl:
+        page.click("#batch-csv")
+    with open(dl.value.path(), newline="") as f:
+        got = [r["path"] for r in csv.DictReader(f)]
+    assert got == ["'=1+1.png", "'-minus.png"]
+
+
 def test_pre_test_to_post_test_probability(server, page, tmp_path, image_factory):
     from medlens.evaluation.metrics import likelihood_ratios
 

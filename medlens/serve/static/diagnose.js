@@ -332,7 +332,10 @@
   }
 
   function csvQuote(v) {
-    const s = v === null || v === undefined ? "" : String(v);
+    // Text a spreadsheet would run as a formula (a file named "=HYPERLINK(...).png") starts
+    // with an apostrophe (OWASP CSV injection); numbers stay numbers; as the server's CSVs.
+    let s = v === null || v === undefined ? "" : String(v);
+    if (typeof v === "string" && /^[=+\-@\t\r]/.test(s)) s = "'" + s;
     return /[",\n\r]/.test(s) ? `"${s.replace(/"/g, '""')}"` : s;
   }
 
