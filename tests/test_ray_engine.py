@@ -4,6 +4,7 @@ the rows of ``--engine local`` for every image (issue #16)."""
 from __future__ import annotations
 
 import csv
+import re
 import sys
 
 import pytest
@@ -40,11 +41,15 @@ def images(tmp_path, image_factory):
     return folder
 
 
-def test_ray_engine_gives_the_local_engines_rows(tmp_path, images, capsys):
+def test_ray_engine_gives_the_local_engines_rows(tmp_path, images, capfd):
     local, ray_csv, ray_pq = tmp_path / "local.csv", tmp_path / "ray.csv", tmp_path / "m.parquet"
     base = ["predict", "--model", "pneumonia", str(images), "--quiet"]
     assert main([*base, "--out", str(local)]) == 0
+    capfd.readouterr()
     assert main([*base, "--out", str(ray_csv), "--engine", "ray", "--ray-workers", "2"]) == 0
+    err = capfd.readouterr().err  # Ray's own processes write to the file descriptor
+    errors = [line for line in err.splitlines() if re.search(r"\[[^]]* E \d+ \d+\]", line)]
+    assert errors == [], errors  # no error-level line from Ray on a normal run
     a, b = _rows(local), _rows(ray_csv)
     assert [r["path"] for r in a] == [r["path"] for r in b] and len(a) >= 9
     for x, y in zip(a, b):

@@ -108,6 +108,10 @@ def predict_on_ray(
             batch_size=batch_size,
             concurrency=workers,
             num_cpus=1,
+            # Restartable actors whose constructor arguments sit in the object store make Ray
+            # log an error-level core_worker line on every normal run; a failed actor fails
+            # the batch job instead (its error is reported), as the local engine would.
+            max_restarts=0,
         )
         rows = [{k: _plain(v) for k, v in row.items()} for row in out.iter_rows()]
     finally:
