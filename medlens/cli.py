@@ -1289,6 +1289,9 @@ def _run(args: argparse.Namespace) -> int:
             "medlens: interrupted; a training run can be continued with --resume", file=sys.stderr
         )
         return 130
+    except BrokenPipeError:  # `medlens models --table | head`: the reader left; not a bug
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             return _bug(args, e)

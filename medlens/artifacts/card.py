@@ -389,8 +389,9 @@ def models_table(folders: dict[str, Path]) -> str:
     intervals, carved test first. The README's model table is this text, so the two cannot
     disagree."""
     rows = [
-        "| model | stored | decision | split (n) | accuracy | AUC | sensitivity | specificity |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | stored | decision | shortcut audit | split (n) | accuracy | AUC | sensitivity "
+        "| specificity |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, folder in folders.items():
         card = json.loads((Path(folder) / CARD_JSON).read_text())
@@ -420,12 +421,23 @@ def models_table(folders: dict[str, Path]) -> str:
             cells = [_with_ci(m, k) for k in ("accuracy", "auc", "sensitivity", "specificity")]
             if decision["threshold"] is None:  # macro averages mean little in this table
                 cells[2:] = ["", ""]
-            head = [f"`{name}`", stored, rule] if first else ["", "", ""]
+            head = [f"`{name}`", stored, rule, _audit_cell(card)] if first else [""] * 4
             rows.append(
                 "| " + " | ".join([*head, f"{view['title']} ({m.get('n')})", *cells]) + " |"
             )
             first = False
     return "\n".join(rows)
+
+
+def _audit_cell(card: dict) -> str:
+    """The shortcut audit's level and figures, or "not audited"."""
+    a = card.get("shortcut_audit")
+    if not a:
+        return "not audited"
+    return (
+        f"{a['level']}: no-anatomy AUC {a['baseline_auc']:.2f}, border masked "
+        f"{a['border_masked_auc']:.2f}, centre masked {a['centre_masked_auc']:.2f}"
+    )
 
 
 def _with_ci(m: dict, key: str) -> str:
