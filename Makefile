@@ -72,8 +72,8 @@ models: install
 	$(call bundle,brain-tumor,brain_mri/train,--half,test)
 	$(call bundle,covid,covid_xray/train,--int8,val)
 	$(call bundle,pharyngitis,pharyngitis,--int8,val)
-	$(call bundle,tuberculosis,tb_xray/train,--int8,test)
-	$(call bundle,covid-ct,covid_ct/train,--int8,test)
+	$(call bundle,tuberculosis,tb_xray/train,--half,test)
+	$(call bundle,covid-ct,covid_ct/train,--half,test)
 
 # The diagnosis web app with the bundled models.
 run: install

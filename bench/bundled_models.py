@@ -27,6 +27,8 @@ DATA = {
     "brain-tumor": "brain_mri/train",
     "covid": "covid_xray/train",
     "pharyngitis": "pharyngitis",
+    "tuberculosis": "tb_xray/train",
+    "covid-ct": "covid_ct/train",
 }
 KEYS = ("auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "ece")
 

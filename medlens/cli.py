@@ -823,7 +823,7 @@ def _cmd_models(a: argparse.Namespace) -> int:
         print(f"  {ref:<20} {meta.arch}  labels: {', '.join(meta.labels)}"
               + ("  (bundled)" if bundled else ""))  # fmt: skip
     print(
-        "another disease (e.g. tuberculosis): `medlens train --data YOUR_FOLDER --out "
+        "another disease: `medlens train --data YOUR_FOLDER --out "
         "runs/NAME`, `medlens export --model runs/NAME --bundle models/NAME --half`, then "
         "`medlens serve --models models/` (README: Adding your own model)"
     )

@@ -321,6 +321,12 @@ class TrainConfig:
     card: dict | None = setting(
         None, "model-card text (title, intended use, citation, ...)", cli=False
     )
+    classes: list | None = setting(
+        None,
+        "class names in output order (a recipe's `classes: [non_covid, covid]`); the last is "
+        "the positive class of a two-class model; default: the folder names sorted",
+        cli=False,
+    )
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -365,7 +371,6 @@ RECORDED_FACTS = (
     "precision_resolved",
     "device_resolved",
     "preprocess",
-    "classes",
     "split_counts",
     "data_notes",
     "torch_threads",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import socket
 import threading
 import time
@@ -318,7 +319,7 @@ def test_batch_upload_gives_a_table_and_a_csv(server, page, tmp_path, image_fact
         got = list(csv.DictReader(f))
     labels = app.state.models[BINARY].predictor.labels
     assert list(got[0]) == ["path", "label", *[f"p_{c}" for c in labels], "threshold",
-                            "ood_flag", "ood_score", "error"]  # fmt: skip
+                            "ood_flag", "ood_score", "ood_ratio", "error"]  # fmt: skip
     pred = app.state.models[BINARY].predictor
     for row, f in zip(got, files):  # the same numbers as the model gives directly
         from medlens.data.imaging import read_image
@@ -328,6 +329,10 @@ def test_batch_upload_gives_a_table_and_a_csv(server, page, tmp_path, image_fact
         for c in labels:
             assert float(row[f"p_{c}"]) == pytest.approx(ref.probabilities[c], abs=1e-5)
         assert float(row["threshold"]) == pytest.approx(ref.threshold)
+        assert float(row["ood_ratio"]) == pytest.approx(ref.ood["ratio"], abs=0.011)
+    # the table shows the guard's ratio and band, as the command line does
+    assert all(re.match(r"\d+\.\d\dx: (typical|near the flag level|borderline, flagged|out of "
+                        r"distribution)$", r[3]) for r in rows[:2]), rows  # fmt: skip
     assert got[2]["label"] == "" and "is not an image" in got[2]["error"]
     assert page.errors == [] and page.external == []
 

@@ -241,3 +241,23 @@ def test_models_lists_what_predict_accepts(capsys, tmp_path, trained_run, image_
     img = _png(tmp_path / "x.png", image_factory)
     for ref in refs:
         assert _run(capsys, "predict", "--model", ref, img, "--quiet")[0] == 0, ref
+
+
+def test_tune_on_a_study_that_already_holds_the_trials_says_so(capsys, tmp_path, synthetic_data):
+    """--trials 1 on a study with 2 finished trials runs nothing, and now says so."""
+    import optuna
+
+    from medlens.training.tune import STUDY_DB, _open_study
+
+    out = tmp_path / "tune"
+    out.mkdir()
+    study = _open_study(out / STUDY_DB, 0)
+    dist = {"lr": optuna.distributions.FloatDistribution(1e-5, 1e-2, log=True)}
+    for value, lr in ((0.81, 1e-3), (0.84, 3e-4)):
+        study.add_trial(optuna.trial.create_trial(params={"lr": lr}, distributions=dist,
+                                                  value=value))  # fmt: skip
+    code, out_text, err = _run(capsys, "tune", "--data", synthetic_data, "--out", out,
+                               "--model", "cnn", "--trials", "1", "--image-size", "32")  # fmt: skip
+    assert code == 0
+    assert "already holds 2 finished trial(s), --trials 1: nothing to run" in err
+    assert "best: trial 1, validation AUC 0.8400" in out_text

@@ -629,3 +629,18 @@ def test_a_resumed_run_repeats_an_uninterrupted_one_exactly(
     b = torch.load(cut / "model.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert _json(cut / "model.json")["threshold"] == _json(whole / "model.json")["threshold"]
+
+
+def test_a_recipe_can_state_the_class_order(tmp_path, synthetic_data, train_config):
+    """`classes: [PNEUMONIA, NORMAL]`: the last is the positive class of a two-class model (the
+    threshold, sensitivity and FHIR's positive refer to it), whatever the folders sort to."""
+    from medlens.training.trainer import train
+
+    out = tmp_path / "reversed"
+    train(train_config(synthetic_data, out, epochs=1, classes=["PNEUMONIA", "NORMAL"]))
+    m = _json(out / "model.json")
+    assert m["labels"] == ["PNEUMONIA", "NORMAL"]
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["classes"] == ["PNEUMONIA", "NORMAL"]
+    preds = (out / "eval" / "val" / "predictions.csv").read_text().splitlines()
+    assert preds[0].startswith("path,true,pred,p_PNEUMONIA,p_NORMAL")

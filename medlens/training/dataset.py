@@ -83,7 +83,7 @@ def load_splits(cfg: TrainConfig, classes: list[str] | None = None) -> Dataset:
         test_fraction=cfg.test_fraction,
         seed=cfg.seed,
         patient_regex=cfg.patient_regex,
-        classes=classes,
+        classes=classes or cfg.classes,
     )
     return _fold(ds, cfg) if cfg.fold is not None else ds
 

@@ -90,10 +90,20 @@
       : `Decision threshold: ${classes[1]} is predicted when its calibrated probability is at least ${pct(r.threshold)}.`;
   }
 
+  // The guard's verdict as a band, as the command line words it (medlens.evaluation.ood):
+  // typical (<= 0.9x the flag level), near the level, borderline (1-1.5x), out of distribution.
+  function oodBand(ood) {
+    if (!ood || ood.flag === null || ood.flag === undefined) return "no check";
+    if (ood.ratio === null || ood.ratio === undefined) return ood.flag ? "flagged" : "no";
+    const x = `${Number(ood.ratio).toFixed(2)}x`;
+    if (!ood.flag) return ood.ratio <= 0.9 ? `${x}: typical` : `${x}: near the flag level`;
+    return ood.ratio <= 1.5 ? `${x}: borderline, flagged` : `${x}: out of distribution`;
+  }
+
   function oodText(ood) {
     const level = ood.ratio === null || ood.ratio === undefined
       ? Number(ood.score).toFixed(2)
-      : Number(ood.ratio).toFixed(1) + " times the level at which images are flagged (1 = the level; the model's own validation images stay below it 97.5% of the time)";
+      : Number(ood.ratio).toFixed(2) + " times the level at which images are flagged (1 = the level; the model's own validation images stay below it 97.5% of the time)" + (ood.ratio <= 1.5 ? ": borderline" : "");
     return `Out-of-distribution score ${level}. Check the image and the model: is this the right kind of image for it?`;
   }
 
@@ -322,7 +332,7 @@
         const flagged = r.ood && r.ood.flag === true;
         cell(tr, flagged ? `not assessed (would be ${r.label})` : r.label, flagged ? "ood" : "");
         cell(tr, Object.entries(r.probabilities).map(([c, p]) => `${c} ${pct(p)}`).join(", "));
-        cell(tr, r.ood && r.ood.flag !== null ? (flagged ? "flagged" : "no") : "no check");
+        cell(tr, oodBand(r.ood), flagged ? "ood" : "");
         batchRows.push({ file: file.name, r });
       }
       body.appendChild(tr);
@@ -342,14 +352,14 @@
   function downloadCsv() {
     const model = chosen();
     const labels = INFO[model] ? INFO[model].labels : [];
-    const head = ["path", "label", ...labels.map((c) => `p_${c}`), "threshold", "ood_flag", "ood_score", "error"];
+    const head = ["path", "label", ...labels.map((c) => `p_${c}`), "threshold", "ood_flag", "ood_score", "ood_ratio", "error"];
     const lines = [head.join(",")];
     for (const row of batchRows) {
       const r = row.r;
       const values = r
         ? [row.file, r.label, ...labels.map((c) => r.probabilities[c]), r.threshold,
-           r.ood ? r.ood.flag : null, r.ood ? r.ood.score : null, null]
-        : [row.file, null, ...labels.map(() => null), null, null, null, row.error];
+           r.ood ? r.ood.flag : null, r.ood ? r.ood.score : null, r.ood ? r.ood.ratio : null, null]
+        : [row.file, null, ...labels.map(() => null), null, null, null, null, row.error];
       lines.push(values.map(csvQuote).join(","));
     }
     const blob = new Blob([lines.join("\n") + "\n"], { type: "text/csv" });
