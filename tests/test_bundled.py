@@ -28,7 +28,7 @@ BUNDLED = {
     "covid": ("covid_xray/train", ["covid19", "no_finding", "pneumonia"]),
     "pharyngitis": ("pharyngitis", ["no_pharyngitis", "yes_pharyngitis"]),
     "tuberculosis": ("tb_xray/train", ["normal", "tuberculosis"]),
-    "covid-ct": ("covid_ct/train", ["covid", "non_covid"]),
+    "covid-ct": ("covid_ct/train", ["non_covid", "covid"]),
 }
 # Tasks on the same kind of image: adult frontal chest X-rays are in scope for both the covid and
 # the tuberculosis model (their normals even share NIH/RSNA sources), so neither guard is

@@ -180,13 +180,7 @@ def _predict(
     digest = hashlib.sha256(data).hexdigest()
     version = model.info["version"]
     img = _decode(model, data, max_pixels, digest, t0, fmt)
-    if fmt == "dicom-sr" and img.dicom is None:
-        _rejected(model, digest, t0, fmt)
-        raise UploadError(
-            422,
-            "format=dicom-sr needs a DICOM upload (the report references the image's study "
-            "and SOP instance); this upload is not DICOM: ask for format=json or fhir",
-        )
+    _check_sr_upload(model, img, digest, t0, fmt)
     pred = model.predictor
     try:
         result = pred.predict_pixels([img.pixels])[0]
@@ -227,11 +221,7 @@ def _predict(
         )
         return document
     if explain:
-        idx = None if pred.meta.binary else pred.labels.index(result.label)
-        cam, _ = pred.explain(img.pixels, idx)
-        side = max(pred.pre.image_size, 224)
-        out["cam_png_base64"] = _png_base64(overlay_cam(img.pixels, cam, size=side))
-        out["image_png_base64"] = _png_base64(overlay_cam(img.pixels, cam, size=side, alpha=0.0))
+        out.update(_cam_images(pred, img.pixels, result.label))
     out["elapsed_ms"] = round((time.perf_counter() - t0) * 1e3, 1)
     log.info(
         "prediction time=%s model=%s version=%s upload_sha256=%s label=%s p=%s ood=%s "
@@ -247,6 +237,29 @@ def _predict(
         out["elapsed_ms"],
     )
     return out
+
+
+def _check_sr_upload(model: ServedModel, img: Any, digest: str, t0: float, fmt: str) -> None:
+    """A DICOM SR is made only of a DICOM upload (it references the image's study and SOP
+    instance): anything else is a 422 that says which formats fit."""
+    if fmt == "dicom-sr" and img.dicom is None:
+        _rejected(model, digest, t0, fmt)
+        raise UploadError(
+            422,
+            "format=dicom-sr needs a DICOM upload (the report references the image's study "
+            "and SOP instance); this upload is not DICOM: ask for format=json or fhir",
+        )
+
+
+def _cam_images(pred: Any, pixels: Any, label: str) -> dict:
+    """The Grad-CAM overlay of the predicted class and the image itself, as PNG base64."""
+    idx = None if pred.meta.binary else pred.labels.index(label)
+    cam, _ = pred.explain(pixels, idx)
+    side = max(pred.pre.image_size, 224)
+    return {
+        "cam_png_base64": _png_base64(overlay_cam(pixels, cam, size=side)),
+        "image_png_base64": _png_base64(overlay_cam(pixels, cam, size=side, alpha=0.0)),
+    }
 
 
 def _document(model: ServedModel, result: Any, img: Any, fmt: str) -> Response:

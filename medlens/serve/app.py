@@ -152,23 +152,7 @@ def create_app(
         redoc_url=None,
         description="Calibrated, explainable medical image classifiers. " + DISCLAIMER,
     )
-    models, refused = {}, {}
-    for name, folder in find_models(model_dirs, bundled=bundled).items():
-        try:
-            models[name] = ServedModel.load(name, folder, backend, inference_threads, tta)
-        except ModelLoadError as e:  # a damaged model is refused; the others are served
-            refused[name] = str(e)
-            log.error("model %s refused: %s", name, e)
-    if refused and not models:
-        raise ModelLoadError("no model could be loaded: " + "; ".join(refused.values()))
-    for m in models.values():
-        log.info(
-            "loaded model %s version %s (%s) from %s",
-            m.name,
-            m.info["version"],
-            m.predictor.backend,
-            m.folder,
-        )
+    models, refused = _load_models(model_dirs, bundled, backend, inference_threads, tta)
     app.state.models = models
     app.state.refused_models = refused
     app.state.max_upload_bytes = max_upload_bytes
@@ -190,6 +174,30 @@ def create_app(
         app.add_middleware(Guard, policy=security)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app
+
+
+def _load_models(
+    model_dirs: Iterable[str | os.PathLike],
+    bundled: bool,
+    backend: str,
+    inference_threads: int | None,
+    tta: bool,
+) -> tuple[dict, dict]:
+    """Every model found, loaded once: ``(served, refused)``; a damaged model is refused (its
+    error kept for /readyz) and the others are served; none loadable is an error."""
+    models, refused = {}, {}
+    for name, folder in find_models(model_dirs, bundled=bundled).items():
+        try:
+            models[name] = ServedModel.load(name, folder, backend, inference_threads, tta)
+        except ModelLoadError as e:
+            refused[name] = str(e)
+            log.error("model %s refused: %s", name, e)
+    if refused and not models:
+        raise ModelLoadError("no model could be loaded: " + "; ".join(refused.values()))
+    for m in models.values():
+        log.info("loaded model %s version %s (%s) from %s", m.name, m.info["version"],
+                 m.predictor.backend, m.folder)  # fmt: skip
+    return models, refused
 
 
 SERVE_CONFIG_ENV = "MEDLENS_SERVE_CONFIG"
