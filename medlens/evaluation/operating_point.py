@@ -148,23 +148,18 @@ class OperatingPoint:
         y, p = _binary(y_true, p_pos)
         t = _candidates(p, grid=self.rule == "youden")
         sens, spec = rates_at(y, p, t)
-        if self.rule == "sensitivity":
-            ok = np.flatnonzero(sens >= self.value - 1e-12)
-            i = int(ok[-1])  # t increases: the last that meets it has the best specificity
-            if spec[i] == 0:
+        if self.rule in ("sensitivity", "specificity"):
+            screening = self.rule == "sensitivity"
+            kept, other = (sens, spec) if screening else (spec, sens)
+            ok = np.flatnonzero(kept >= self.value - 1e-12)
+            # t increases: the highest cut keeping sensitivity, the lowest keeping specificity,
+            # has the best of the other rate
+            i = int(ok[-1] if screening else ok[0])
+            if other[i] == 0:
                 raise UsageError(
-                    f"the operating point sensitivity={self.value:g} cannot be met on these "
-                    f"{len(y)} validation images except by calling every image positive; "
-                    "choose a lower target or another rule"
-                )
-            return float(t[i])
-        if self.rule == "specificity":
-            i = int(np.flatnonzero(spec >= self.value - 1e-12)[0])
-            if sens[i] == 0:
-                raise UsageError(
-                    f"the operating point specificity={self.value:g} cannot be met on these "
-                    f"{len(y)} validation images except by calling every image negative; "
-                    "choose a lower target or another rule"
+                    f"the operating point {self} cannot be met on these {len(y)} validation "
+                    f"images except by calling every image {'positive' if screening else 'negative'}"
+                    "; choose a lower target or another rule"
                 )
             return float(t[i])
         j = sens + spec - 1.0
