@@ -20,6 +20,15 @@ from PIL import Image
 # avoids OpenMP oversubscription, which makes tiny-network steps 10-30x slower.
 torch.set_num_threads(1)
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_record_folder(tmp_path_factory):
+    """Servers started by the tests keep their prediction record in a temporary folder, never
+    in the user's ``~/.local/share/medlens``."""
+    import os
+
+    os.environ["MEDLENS_DATA_DIR"] = str(tmp_path_factory.mktemp("medlens-data"))
+
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 IMAGE_SIZE = 32  # network input side of every training test
 

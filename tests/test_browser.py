@@ -50,9 +50,10 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(served_models):  # noqa: F811
+def server(served_models, tmp_path_factory):  # noqa: F811
     import uvicorn
 
+    from medlens.monitoring.store import open_store
     from medlens.serve import create_app
     from medlens.serve.security import SecurityPolicy, allowed_hosts_for
 
@@ -60,8 +61,12 @@ def server(served_models):  # noqa: F811
     # The policy `medlens serve` applies on 127.0.0.1 (Host allow-list, Origin check, the
     # Content-Security-Policy and other headers), so the pages are tested under it.
     policy = SecurityPolicy(allowed_hosts=allowed_hosts_for("127.0.0.1"), rate_limit=None)
+    record = open_store(f"sqlite:///{tmp_path_factory.mktemp('record') / 'records.db'}")
     app = create_app(
-        [models], bundled=bool(os.environ.get("MEDLENS_BROWSER_MODELS")), security=policy
+        [models],
+        bundled=bool(os.environ.get("MEDLENS_BROWSER_MODELS")),
+        security=policy,
+        record=record,
     )
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -223,6 +228,38 @@ def test_an_out_of_distribution_image_gets_no_verdict(server, page, tmp_path):
     )
     assert grey == "rgb(196, 196, 196)"
     assert page.errors == []
+
+
+def test_was_this_right_sends_feedback_that_monitoring_counts(
+    server, page, tmp_path, image_factory
+):
+    """The result's "Was this right?" control: a clinician's other label goes to the record
+    (through the same Origin check as uploads), and the Monitoring page counts it."""
+    base, app = server
+    page.goto(base + "/")
+    page.check(f'input[name=model][value="{BINARY}"]')
+    upload = tmp_path / "dark.png"
+    upload.write_bytes(encode(Image.fromarray(image_factory("dark", seed=4, size=96))))
+    page.set_input_files("#file", str(upload))
+    page.wait_for_selector("#result:not([hidden])", timeout=60_000)
+    assert page.is_visible("#feedback")
+    labels = app.state.models[BINARY].predictor.labels
+    options = page.eval_on_selector_all("#fb-label option", "os => os.map(o => o.value)")
+    assert len(options) == len(labels) - 1 and set(options) < set(labels)
+    before = app.state.recorder.store.feedback_rows(BINARY)
+    page.select_option("#fb-label", options[0])
+    page.fill("#fb-comment", "second reader disagrees")
+    page.click("#fb-no")
+    page.wait_for_selector("#fb-status:has-text('Thank you')", timeout=30_000)
+    assert f"recorded as {options[0]} (disagrees" in page.text_content("#fb-status")
+    assert page.is_disabled("#fb-yes") and page.is_disabled("#fb-no")
+    rows = app.state.recorder.store.feedback_rows(BINARY)
+    assert len(rows) == len(before) + 1 and rows[-1]["label"] == options[0]
+    assert rows[-1]["comment"] == "second reader disagrees" and rows[-1]["agrees"] is False
+    page.goto(base + "/monitoring")
+    section = page.locator(f"#monitor-{BINARY}")
+    assert int(section.locator('[data-count="feedback"]').text_content()) == len(rows)
+    assert page.errors == [] and page.external == []
 
 
 def test_a_fresh_page_shows_no_image_boxes(server, page):

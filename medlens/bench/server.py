@@ -136,8 +136,12 @@ def running_server(
             lines.
     """
     port = free_port()
-    # Its log goes to an anonymous temporary file, for the error message should it not start.
-    with tempfile.TemporaryFile() as errlog:
+    # Its log goes to an anonymous temporary file, for the error message should it not start;
+    # its prediction record to a temporary SQLite file (measured like a deployment's, never
+    # mixed into the user's own record), unless ``extra`` says otherwise.
+    with tempfile.TemporaryFile() as errlog, tempfile.TemporaryDirectory() as records:
+        if "--db" not in extra and "--no-record" not in extra:
+            extra = (*extra, "--db", f"sqlite:///{Path(records) / 'records.db'}")
         proc = subprocess.Popen(
             serve_command(folder, port, *extra),
             stdout=subprocess.DEVNULL,

@@ -53,7 +53,9 @@ def _diagnosis() -> Any:
     return _code(*DIAGNOSIS_CODE)
 
 
-def _group(prediction: Any, card: dict, source: Any, algorithm: Any) -> Any:
+def _group(
+    prediction: Any, card: dict, source: Any, algorithm: Any, prediction_id: str | None = None
+) -> Any:
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -91,7 +93,11 @@ def _group(prediction: Any, card: dict, source: Any, algorithm: Any) -> Any:
         )
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=hd.UID(), identifier="MedLens image classification"
+            uid=hd.UID(),
+            # the prediction record's id, so feedback can name this report's prediction
+            identifier=f"MedLens prediction {prediction_id}"
+            if prediction_id
+            else "MedLens image classification",
         ),
         algorithm_id=algorithm,
         measurements=measurements,
@@ -130,7 +136,8 @@ def dicom_sr(prediction: Any, model: dict, card: dict, source: Any) -> Any:
 
     Args:
         prediction: A :class:`medlens.inference.predictor.Prediction`.
-        model: ``{"name", "version", "title"}`` of the model.
+        model: ``{"name", "version", "title"[, "prediction_id"]}`` of the model (and the
+            prediction record's id of this prediction, when it is recorded).
         card: The model card (its ``codes`` section, if any, codes the classes).
         source: The DICOM image's header (:attr:`medlens.data.imaging.DecodedImage.dicom`).
 
@@ -160,7 +167,9 @@ def dicom_sr(prediction: Any, model: dict, card: dict, source: Any) -> Any:
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=_code("363679005", "SCT", "Imaging"),
-        imaging_measurements=[_group(prediction, card, evidence, algorithm)],
+        imaging_measurements=[
+            _group(prediction, card, evidence, algorithm, model.get("prediction_id"))
+        ],
     )
     sr = _comprehensive_sr(
         evidence=[evidence],

@@ -65,6 +65,11 @@ class OODOut(BaseModel):
 
 
 class PredictOut(BaseModel):
+    prediction_id: str | None = Field(
+        None,
+        description="the prediction record's random id (send it with feedback to "
+        f"POST {API}/feedback); null when the server keeps no record",
+    )
     model: str
     version: str
     label: str
@@ -172,6 +177,7 @@ def _predict(
     max_pixels: int,
     fmt: str = "json",
     metrics: Any = None,
+    recorder: Any = None,
 ) -> dict | Response:
     """Decode, predict and (optionally) explain one upload; runs in a worker thread. With
     ``fmt`` ``fhir`` or ``dicom-sr`` the answer is that document instead of the JSON dict."""
@@ -191,7 +197,11 @@ def _predict(
         raise UploadError(503, str(e)) from None
     if metrics is not None:
         metrics.observe_prediction(model.name, result.label, result.ood)
+    pid = None
+    if recorder is not None:  # the prediction record: numbers and the hash, never the image
+        pid = recorder.record(model, result, digest, (time.perf_counter() - t0) * 1e3, img.pixels)
     out = {
+        "prediction_id": pid,
         "model": model.name,
         "version": version,
         "label": result.label,
@@ -204,7 +214,7 @@ def _predict(
     }
     if fmt != "json":
         try:
-            document = _document(model, result, img, fmt)
+            document = _document(model, result, img, fmt, pid)
         except UsageError as e:  # a DICOM header a report cannot be made from: says why
             _rejected(model, digest, t0, fmt)
             raise UploadError(422, str(e)) from None
@@ -262,11 +272,15 @@ def _cam_images(pred: Any, pixels: Any, label: str) -> dict:
     }
 
 
-def _document(model: ServedModel, result: Any, img: Any, fmt: str) -> Response:
+def _document(
+    model: ServedModel, result: Any, img: Any, fmt: str, prediction_id: str | None = None
+) -> Response:
     """The prediction as a FHIR R4 DiagnosticReport or a DICOM SR (Part 10 bytes)."""
     from medlens.interop.documents import render
 
     about = {"name": model.name, "version": model.info["version"], "title": model.info["title"]}
+    if prediction_id:
+        about["prediction_id"] = prediction_id
     doc = render(fmt, result, about, model.card, img.dicom)
     headers = {"Content-Disposition": f'attachment; filename="{doc.filename}"'}
     if doc.notes:  # e.g. which malformed patient/study attributes an SR leaves empty
@@ -368,6 +382,7 @@ async def predict(
         state.max_pixels,
         format,
         getattr(state, "metrics", None),
+        getattr(state, "recorder", None),
         limiter=state.workers,
     )
     return result if isinstance(result, Response) else JSONResponse(result)

@@ -29,13 +29,16 @@ from medlens.artifacts.folders import find_models
 from medlens.data.imaging import MAX_PIXELS
 from medlens.errors import ModelLoadError
 from medlens.machine import usable_cores
+from medlens.monitoring.store import RecordStore, open_store
 from medlens.serve.api import API
 from medlens.serve.api import router as api_router
 from medlens.serve.logs import quiet_third_party
 from medlens.serve.metrics import MetricsMiddleware, ServeMetrics
 from medlens.serve.models import ServedModel
+from medlens.serve.monitoring_api import router as monitoring_router
 from medlens.serve.pages import HERE, vendor_files
 from medlens.serve.pages import router as pages_router
+from medlens.serve.record import Recorder
 from medlens.serve.security import (
     HEADER_TIMEOUT_S,
     Guard,
@@ -118,6 +121,8 @@ def create_app(
     tta: bool = False,
     security: SecurityPolicy | None = None,
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    record: RecordStore | None = None,
+    feedback_images: str | os.PathLike | None = None,
 ) -> FastAPI:
     """Build the web app and load its models.
 
@@ -140,6 +145,11 @@ def create_app(
         max_in_flight: prediction requests in the app at once (reading, decoding or
             predicting their upload); more get a 503 with ``Retry-After`` at once
             (:class:`~medlens.serve.security.InFlightLimit`). Other requests are not counted.
+        record: the prediction record (:mod:`medlens.monitoring.store`): every prediction is
+            stored there (numbers and the upload's hash, never the image) and feedback and
+            monitoring are answered from it; None: no record (feedback and monitoring 409).
+        feedback_images: keep the decoded images that receive feedback in this folder
+            (:mod:`medlens.serve.record`); needs ``record``.
 
     pydicom's and highdicom's logs and warnings are silenced in this process: they quote the
     uploads' UIDs and values (:mod:`medlens.serve.logs`).
@@ -164,7 +174,9 @@ def create_app(
     app.state.vendor = vendor_files()
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     _add_error_handlers(app)
+    app.state.recorder = Recorder(record, feedback_images) if record is not None else None
     app.include_router(api_router)
+    app.include_router(monitoring_router)
     app.include_router(pages_router)
     app.state.metrics = ServeMetrics()
     # Innermost: a prediction counts once it is past the guard (host, rate, key).
@@ -227,6 +239,7 @@ def app_from_env() -> FastAPI:
     security = SecurityPolicy(
         **{**cfg["security"], "allowed_hosts": tuple(cfg["security"]["allowed_hosts"])}
     )
+    rec = cfg.get("record")
     return create_app(
         cfg["model_dirs"],
         cfg["max_upload_bytes"],
@@ -235,7 +248,24 @@ def app_from_env() -> FastAPI:
         security=security,
         workers=cfg["threads"],
         max_in_flight=cfg.get("max_in_flight", DEFAULT_MAX_IN_FLIGHT),
+        # the parent process created or migrated the record before starting the workers
+        record=open_store(rec[0], rec[1], migrate_schema=False) if rec else None,
+        feedback_images=rec[2] if rec else None,
     )
+
+
+def _open_record(record: tuple | None) -> RecordStore | None:
+    """Open (create or migrate) the prediction record once, in the serving process."""
+    if record is None:
+        return None
+    store = open_store(record[0], record[1])
+    log.info(
+        "prediction record: %s (keeps %g days)%s",
+        store.url,
+        record[1],
+        f"; PRIVACY: images that receive feedback are kept in {record[2]}" if record[2] else "",
+    )
+    return store
 
 
 def _run_workers(
@@ -279,6 +309,7 @@ def serve(
     header_timeout: float = HEADER_TIMEOUT_S,
     max_connections: int = DEFAULT_MAX_IN_FLIGHT,
     processes: int = 1,
+    record: tuple[str | None, float | None, str | None] | None = None,
 ) -> None:
     """``medlens serve``: run the app with uvicorn (blocks).
 
@@ -290,7 +321,9 @@ def serve(
     ``limit_concurrency`` counted half-sent ones: 64 sockets that never finished their headers
     turned every request into a 503). ``processes`` > 1 runs
     that many worker processes on one port (``--workers``), each with the models loaded once
-    and a share of the cores for its predictions.
+    and a share of the cores for its predictions. ``record``: ``(url, keep_days,
+    feedback_images)`` of the prediction record (url None: the default SQLite file), created or
+    migrated here, once, before any worker opens it; None: no record.
     """
     import uvicorn
 
@@ -308,6 +341,7 @@ def serve(
     )
     uvicorn_kwargs = dict(host=host, port=port, log_level=log_level, server_header=False,
                           timeout_keep_alive=5)  # fmt: skip
+    store = _open_record(record)
     if processes > 1:
         settings = {
             "model_dirs": [str(d) for d in model_dirs],
@@ -318,12 +352,14 @@ def serve(
             "threads": max(1, usable_cores() // processes),
             "max_in_flight": max_connections,
             "security": {**security.__dict__, "allowed_hosts": list(security.allowed_hosts)},
+            "record": None if store is None else [store.url_with_password, *record[1:]],
         }
         _run_workers(processes, settings, header_timeout, uvicorn_kwargs)
         return
     _quiet_torch()
     app = create_app(model_dirs, max_upload_bytes, bundled=bundled, tta=tta, security=security,
-                     max_in_flight=max_connections)  # fmt: skip
+                     max_in_flight=max_connections, record=store,
+                     feedback_images=record[2] if record else None)  # fmt: skip
     if not app.state.models:
         log.warning(
             "no models loaded: pass --models DIR (a run folder of `medlens train` or a "

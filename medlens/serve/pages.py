@@ -78,6 +78,8 @@ def diagnose_page(request: Request, model: str | None = None) -> HTMLResponse:
             "model_info": {name: _model_info(m.card) for name, m in models.items()},
             "preselect": model if model in models else None,
             "max_upload_mb": round(request.app.state.max_upload_bytes / 2**20, 1),
+            "keeps_images": getattr(getattr(request.app.state, "recorder", None), "images", None)
+            is not None,
             "page": "diagnose",
         },
     )
@@ -107,6 +109,25 @@ def dashboard_page(request: Request) -> HTMLResponse:
             "columns": HEADLINE_LABELS,
             "page": "dashboard",
         },
+    )
+
+
+@router.get("/monitoring", response_class=HTMLResponse)
+def monitoring_page(request: Request, days: int = 7) -> HTMLResponse:
+    """Every served model's last ``days`` days from the prediction record, alerts first."""
+    from medlens.monitoring.report import monitoring_report
+
+    recorder = getattr(request.app.state, "recorder", None)
+    days = min(max(int(days), 1), 3650)
+    reports = []
+    if recorder is not None:
+        reports = [monitoring_report(recorder.store, m.name, m.folder, days)
+                   for m in request.app.state.models.values()]  # fmt: skip
+    return TEMPLATES.TemplateResponse(
+        request,
+        "monitoring.html",
+        {"reports": reports, "recording": recorder is not None, "days": days,
+         "page": "monitoring"},  # fmt: skip
     )
 
 

@@ -139,10 +139,62 @@
     $("elapsed").textContent = r.elapsed_ms;
     $("when").textContent = new Date().toLocaleString();
     setupContext(r, model, flagged);
+    setupFeedback(r, model);
     $("status").textContent = "";
     $("error").hidden = true;
     $("result").hidden = false;
   }
+
+  // ------------------------------------------------------------------ feedback
+  // "Was this right?": the clinician's label goes to the prediction record by the
+  // prediction's random id (no image, no file name). Hidden when the server keeps no record.
+  let feedbackFor = null;
+
+  function setupFeedback(r, model) {
+    feedbackFor = r.prediction_id ? { id: r.prediction_id, label: r.label } : null;
+    $("feedback").hidden = !feedbackFor;
+    $("fb-status").textContent = "";
+    $("fb-comment").value = "";
+    const select = $("fb-label");
+    select.replaceChildren();
+    for (const label of Object.keys(r.probabilities || {})) {
+      if (label === r.label) continue;
+      const o = document.createElement("option");
+      o.value = label;
+      o.textContent = label;
+      select.appendChild(o);
+    }
+    for (const b of ["fb-yes", "fb-no"]) $(b).disabled = !feedbackFor;
+  }
+
+  async function sendFeedback(label) {
+    if (!feedbackFor) return;
+    const body = { prediction_id: feedbackFor.id, label };
+    const comment = $("fb-comment").value.trim();
+    if (comment) body.comment = comment;
+    $("fb-status").textContent = "Sending…";
+    let res, payload = null;
+    try {
+      res = await fetch("/api/v1/feedback", {
+        method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+      });
+      payload = await res.json();
+    } catch (err) {
+      $("fb-status").textContent = `Not sent: the server could not be reached (${err.message}).`;
+      return;
+    }
+    if (!res.ok) {
+      $("fb-status").textContent = `Not sent: ${payload && payload.detail ? payload.detail : res.status}`;
+      return;
+    }
+    for (const b of ["fb-yes", "fb-no"]) $(b).disabled = true;
+    $("fb-status").textContent = `Thank you: recorded as ${payload.label}` +
+      (payload.agrees ? " (agrees with the model)." : " (disagrees with the model).") +
+      (payload.image_kept ? " The image was kept for retraining." : "");
+  }
+
+  $("fb-yes").addEventListener("click", () => feedbackFor && sendFeedback(feedbackFor.label));
+  $("fb-no").addEventListener("click", () => sendFeedback($("fb-label").value));
 
   // ------------------------------------------------------------------ DICOM and documents
   const FACT_NAMES = {

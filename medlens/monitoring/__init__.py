@@ -1,0 +1,1 @@
+"""Life after deployment: the prediction record, clinicians' feedback and drift monitoring."""

@@ -1,0 +1,1 @@
+"""Alembic migrations of the prediction record (``alembic upgrade head`` runs at open)."""

@@ -1,0 +1,1 @@
+"""The prediction record's schema revisions, oldest first."""

@@ -1,0 +1,79 @@
+"""The REST API's after-deployment part: ``POST /api/v1/feedback`` and
+``GET /api/v1/monitoring/{model}`` (both behind the same key as the rest of the API)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from medlens.monitoring.report import monitoring_report
+from medlens.monitoring.store import MAX_COMMENT
+from medlens.serve.api import API, get_model
+from medlens.serve.record import Recorder
+
+router = APIRouter()
+
+
+class FeedbackIn(BaseModel):
+    prediction_id: str = Field(
+        min_length=1, max_length=64, description="the id a predict answer returned"
+    )
+    label: str = Field(min_length=1, max_length=200, description="the clinician's label")
+    comment: str | None = Field(
+        None,
+        max_length=MAX_COMMENT,
+        description="optional free text; it is stored as written, so write no patient "
+        "identifiers in it",
+    )
+
+
+class FeedbackOut(BaseModel):
+    feedback_id: int
+    prediction_id: str
+    label: str
+    predicted: str = Field(description="the model's label for that prediction")
+    agrees: bool
+    image_kept: bool = Field(
+        description="the image was kept for retraining (only when the server was started "
+        "with --keep-feedback-images)"
+    )
+
+
+def recorder_of(request: Request) -> Recorder:
+    """The app's recorder; 409 when the server keeps no prediction record."""
+    recorder = getattr(request.app.state, "recorder", None)
+    if recorder is None:
+        raise StarletteHTTPException(
+            409,
+            "this server keeps no prediction record (it was started with --no-record); "
+            "start it with --db URL (or the default record) for feedback and monitoring",
+        )
+    return recorder
+
+
+@router.post(f"{API}/feedback", response_model=FeedbackOut, tags=["feedback"])
+def post_feedback(request: Request, body: FeedbackIn) -> dict:
+    """Tell the record what the right label was for a prediction ("was this right?").
+
+    404: no prediction with that id; 422: a label the prediction's model does not have.
+    """
+    recorder = recorder_of(request)
+    return recorder.feedback(request.app.state.models, body.prediction_id, body.label,
+                             body.comment)  # fmt: skip
+
+
+@router.get(f"{API}/monitoring/{{name}}", tags=["monitoring"])
+def get_monitoring(
+    request: Request,
+    name: str,
+    days: int = Query(7, ge=1, le=3650, description="how many days back, today included"),
+) -> dict[str, Any]:
+    """A served model's last days from the prediction record: predictions, OOD flags,
+    feedback and agreement, the predicted-label mix against the training prevalence, the
+    prevalence estimated by EM, PSI and Kolmogorov-Smirnov drift of each class probability
+    against the validation split, per day and for the window, with the alerts raised."""
+    model = get_model(request, name)
+    return monitoring_report(recorder_of(request).store, model.name, model.folder, days)
