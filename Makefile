@@ -2,7 +2,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install browser orthanc lint test test-slow models run clean
+.PHONY: install browser orthanc postgres lint test test-slow models run clean
 
 # The browser test drives Debian's chromium (Playwright never downloads a browser here).
 CHROMIUM ?= /usr/bin/chromium
@@ -21,7 +21,7 @@ ifdef FORCE
 endif
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test,ray]'
+	$(BIN)/pip install --quiet -e '.[test,ray,postgres,tracking]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -41,11 +41,19 @@ orthanc:
 			orthanc orthanc-dicomweb; \
 	fi
 
+# The prediction-record tests start Debian's PostgreSQL on a temporary folder and port.
+postgres:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			postgresql; \
+	fi
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: install browser orthanc lint
+test: install browser orthanc postgres lint
 	$(BIN)/python -m pytest -q
 
 test-slow: install

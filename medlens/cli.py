@@ -48,6 +48,34 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         help="continue an interrupted run in --out from its last checkpoint",
     )
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    _add_tracking(p)
+
+
+def _add_tracking(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        metavar="URI",
+        help="log this command to MLflow: parameters, per-epoch and final metrics, reports "
+        "(file:./mlruns needs no server; default $MLFLOW_TRACKING_URI; none: no tracking)",
+    )
+    p.add_argument(
+        "--experiment",
+        default=None,
+        help="MLflow experiment of the run (default $MLFLOW_EXPERIMENT_NAME, else medlens)",
+    )
+
+
+def _tracking(a: argparse.Namespace, run_name: str, **tags):
+    """The MLflow run of this command (:func:`medlens.tracking.start_tracking`): none without
+    --tracking-uri or $MLFLOW_TRACKING_URI, and none but rank 0's under torchrun."""
+    from medlens.tracking import start_tracking, tracking_uri
+
+    uri = tracking_uri(a.tracking_uri)
+    if os.environ.get("RANK", "0") != "0":
+        uri = None
+    tags = {"medlens.command": a.command, **{f"medlens.{k}": v for k, v in tags.items()}}
+    return start_tracking(uri, a.experiment, run_name=run_name, tags=tags)
 
 
 def _under_torchrun() -> bool:
@@ -58,13 +86,16 @@ def _under_torchrun() -> bool:
 
 def _cmd_train(a: argparse.Namespace) -> int:
     from medlens.training.cv import train_folds
+    from medlens.training.init_from import layered_recipe
     from medlens.training.trainer import train
 
     recipe, source = {}, "the command line"
     if a.config:
         source = a.config
         recipe = read_yaml(a.config, "--config")
-    cfg = merge_settings(recipe, given_settings(a), source=source)
+    given = given_settings(a)
+    # --init-from: the base model's recipe beneath --config and the flags
+    cfg = merge_settings(layered_recipe(recipe, given), given, source=source)
     argv = getattr(a, "_argv", None)
     run = train_folds if cfg.folds and cfg.fold is None else train
     if run is train_folds and _under_torchrun():
@@ -72,12 +103,14 @@ def _cmd_train(a: argparse.Namespace) -> int:
             "--folds K trains K runs one after another: under torchrun, train one fold per "
             "command with --fold I (each fold then uses every process)"
         )
-    run(
-        cfg,
-        resume=a.resume,
-        overwrite=a.overwrite,
-        command="medlens " + shlex.join(argv) if argv else None,
-    )
+    with _tracking(a, Path(cfg.out).name, run_folder=cfg.out) as tracker:
+        run(
+            cfg,
+            resume=a.resume,
+            overwrite=a.overwrite,
+            command="medlens " + shlex.join(argv) if argv else None,
+            tracker=tracker,
+        )
     return 0
 
 
@@ -105,6 +138,7 @@ def _add_tune(p: argparse.ArgumentParser) -> None:
         help="search space: setting: {low, high[, log]} or {choices: [...]}; default lr, "
         "weight_decay, dropout, label_smoothing, unfreeze, finetune_lr_scale",
     )
+    _add_tracking(p)
 
 
 def _cmd_tune(a: argparse.Namespace) -> int:
@@ -116,14 +150,19 @@ def _cmd_tune(a: argparse.Namespace) -> int:
             "medlens tune runs its trials in one process; start it without torchrun (or "
             "tune on one machine, then train the best recipe under torchrun)"
         )
+    from medlens.training.init_from import layered_recipe
+
     recipe = read_yaml(a.config, "--config") if a.config else {}
     given = given_settings(a)
+    recipe = layered_recipe(recipe, given)
     cfg = merge_settings(recipe, given, source=a.config or "the command line")
     space = read_yaml(a.space, "--space") if a.space else None
     if a.trials < 1:
         raise UsageError("--trials must be >= 1")
     kept = {**recipe, **{k: v for k, v in given.items() if k != "out"}}
-    res = tune(cfg, cfg.out, trials=a.trials, space=space, seed=cfg.seed, recipe=kept)
+    with _tracking(a, Path(cfg.out).name, study_folder=cfg.out) as tracker:
+        res = tune(cfg, cfg.out, trials=a.trials, space=space, seed=cfg.seed, recipe=kept,
+                   tracker=tracker)  # fmt: skip
     if res["best_trial"] is None:
         print("no trial finished with a validation AUC; see trials.csv")
         return 1
@@ -162,6 +201,28 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
         "--skip-bad-images", action="store_true", help="skip unreadable images instead of stopping"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_tracking(p)
+
+
+def _model_params(ref: str) -> dict:
+    """A model's name, version (its weights' sha256, 12 digits) and model.json sha256, for
+    tracking; the errors are the command's own, raised later."""
+    from medlens.artifacts.folders import MODEL_JSON, resolve_model
+    from medlens.artifacts.model import read_meta
+    from medlens.errors import ModelLoadError
+    from medlens.fileio import sha256_file
+
+    try:
+        folder = resolve_model(ref)
+        meta = read_meta(folder)
+    except ModelLoadError:
+        return {}
+    return {
+        "model_name": meta.name or folder.name,
+        "model_version": (meta.extra.get("weights_sha256") or "")[:12] or None,
+        "model_json_sha256": sha256_file(folder / MODEL_JSON),
+        "labels": list(meta.labels),
+    }
 
 
 def _print_subgroups(subgroups: dict) -> None:
@@ -184,16 +245,24 @@ def _print_subgroups(subgroups: dict) -> None:
 
 def _cmd_evaluate(a: argparse.Namespace) -> int:
     from medlens.reporting.evaluate import evaluate
+    from medlens.tracking import summary_metrics
 
-    m = evaluate(
-        a.model,
-        a.data,
-        a.out,
-        skip_bad_images=a.skip_bad_images,
-        progress=not a.quiet,
-        groups=a.groups,
-        overwrite=a.overwrite,
-    )
+    with _tracking(a, Path(a.out).name, out=a.out) as tracker:
+        tracker.log_params(
+            {"model": a.model, **_model_params(a.model), "data": a.data, "groups": a.groups,
+             "skip_bad_images": a.skip_bad_images}
+        )  # fmt: skip
+        m = evaluate(
+            a.model,
+            a.data,
+            a.out,
+            skip_bad_images=a.skip_bad_images,
+            progress=not a.quiet,
+            groups=a.groups,
+            overwrite=a.overwrite,
+        )
+        tracker.log_metrics(summary_metrics(m))
+        tracker.log_artifacts(a.out, ["metrics.json", "report.html"])
     ci = m.get("ci", {})
 
     def fmt(k):
@@ -261,6 +330,7 @@ def _add_calibrate(p: argparse.ArgumentParser) -> None:
         "--skip-bad-images", action="store_true", help="skip unreadable images instead of stopping"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_tracking(p)
 
 
 def _add_operating_point(p: argparse.ArgumentParser, default: str) -> None:
@@ -279,18 +349,24 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
 
     if a.min_per_class < 1 or a.folds < 2:
         raise UsageError("--min-per-class must be >= 1 and --folds >= 2")
-    res = calibrate_model(
-        a.model,
-        a.out,
-        data=a.data,
-        operating_point=a.operating_point,
-        refit_guard=a.refit_guard,
-        min_per_class=a.min_per_class,
-        folds=a.folds,
-        overwrite=a.overwrite,
-        skip_bad_images=a.skip_bad_images,
-        progress=not a.quiet,
-    )
+    settings = {"model": a.model, "data": a.data, "operating_point": a.operating_point,
+                "refit_guard": a.refit_guard, "min_per_class": a.min_per_class,
+                "folds": a.folds, "skip_bad_images": a.skip_bad_images}  # fmt: skip
+    with _tracking(a, Path(a.out).name, out=a.out) as tracker:
+        tracker.log_params({**settings, **_model_params(a.model)})
+        res = calibrate_model(
+            a.model,
+            a.out,
+            data=a.data,
+            operating_point=a.operating_point,
+            refit_guard=a.refit_guard,
+            min_per_class=a.min_per_class,
+            folds=a.folds,
+            overwrite=a.overwrite,
+            skip_bad_images=a.skip_bad_images,
+            progress=not a.quiet,
+        )
+        _track_calibration(tracker, res)
     meta = res["meta"]
     print(_before_after(res["before"], res["after"], bool(a.data)))
     op = meta.extra.get("operating_point")
@@ -307,6 +383,23 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
         print(f"temperature {meta.temperature:.4f}; the most probable class is predicted")
     print(f"wrote {res['folder']}")
     return 0
+
+
+def _track_calibration(tracker, res: dict) -> None:
+    """The before/after metrics with their intervals, the new temperature and threshold, and
+    the new model folder's card, model.json and reports."""
+    from medlens.tracking import summary_metrics
+
+    if not tracker.active:
+        return
+    meta, folder = res["meta"], Path(res["folder"])
+    for side in ("before", "after"):
+        if res[side]:
+            tracker.log_metrics(summary_metrics(res[side], prefix=f"{side}_"))
+    tracker.log_metrics({"temperature": meta.temperature, "threshold": meta.threshold})
+    reports = sorted(str(p.relative_to(folder)) for p in folder.glob("eval/*/*")
+                     if p.name in ("metrics.json", "report.html"))  # fmt: skip
+    tracker.log_artifacts(folder, ["model.json", "model_card.json", "model_card.md", *reports])
 
 
 def _before_after(before: dict | None, after: dict | None, site: bool) -> str:
@@ -755,22 +848,183 @@ def _cmd_pacs(a: argparse.Namespace) -> int:
 
 
 def _add_compare(p: argparse.ArgumentParser) -> None:
-    """compare runs side by side
+    """compare runs side by side, or models on the same images with paired tests
 
-    Print a table and write plots comparing run folders (their validation evaluation unless
-    --split says otherwise).
+    Without --data: print a table and write plots comparing run folders (their validation
+    evaluation unless --split says otherwise). With --data FOLDER: score every model (bundled
+    names, model or run folders; the first is the reference, the current model) on the same
+    images and test each other model against it: McNemar for accuracy, DeLong for AUC, with
+    the difference and its 95% interval. --promote-if-not-worse MARGIN exits 0 only when the
+    candidate is non-inferior at that margin (1 otherwise), to gate a retrained model.
     """
-    p.add_argument("runs", nargs="+", help="run folders")
-    p.add_argument("--split", default="val", help="which evaluation of each run: val or test")
-    p.add_argument("--out", default="compare", help="folder for compare.html and compare.csv")
+    p.add_argument(
+        "models",
+        nargs="+",
+        help="run folders; with --data also bundled model names or model folders (the first "
+        "is the reference)",
+    )
+    p.add_argument(
+        "--split", default=None, help="which evaluation of each run: val (default) or test"
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="folder for compare.html and compare.csv (default: compare); with --data, "
+        "where compare.json is written (default: nothing written)",
+    )
+    p.add_argument(
+        "--data",
+        metavar="FOLDER",
+        help="score every model on this labelled folder (<root>/<class>/<image>) and add "
+        "paired tests",
+    )
+    p.add_argument("--json", action="store_true", help="with --data: print one JSON object")
+    p.add_argument(
+        "--promote-if-not-worse",
+        type=float,
+        metavar="MARGIN",
+        help="with --data and two models (current, candidate): exit 0 when the lower 95%% "
+        "bound of (candidate - current) is >= -MARGIN for accuracy and AUC, else 1",
+    )
+    p.add_argument(
+        "--skip-bad-images", action="store_true", help="skip unreadable images instead of stopping"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _cmd_compare(a: argparse.Namespace) -> int:
-    from medlens.reporting.compare import compare_runs
+    from medlens.reporting.compare import compare_on_data, compare_runs, paired_table
 
-    table, html = compare_runs(a.runs, a.out, split=a.split)
-    print(table)
-    print(f"wrote {html}")
+    if a.data is None:
+        if a.json or a.promote_if_not_worse is not None:
+            raise UsageError(
+                "--json and --promote-if-not-worse need --data FOLDER (the images every "
+                "model is scored on)"
+            )
+        table, html = compare_runs(a.models, a.out or "compare", split=a.split or "val")
+        print(table)
+        print(f"wrote {html}")
+        return 0
+    if a.split is not None:
+        raise UsageError("--split reads the runs' own evaluations; it cannot go with --data")
+    res = compare_on_data(
+        a.models,
+        a.data,
+        margin=a.promote_if_not_worse,
+        skip_bad_images=a.skip_bad_images,
+        progress=not a.quiet and not a.json,
+    )
+    if a.out:
+        from medlens.fileio import write_json
+
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        write_json(Path(a.out) / "compare.json", res)
+    if a.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print(paired_table(res))
+    if a.out:
+        log.info("wrote %s", Path(a.out) / "compare.json")
+    verdict = res["promotion"]
+    if verdict is not None and not verdict["promote"]:
+        if a.json:  # the JSON carries the verdict; say it on stderr too
+            from medlens.reporting.compare import promotion_line
+
+            print(promotion_line(verdict), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_monitor(p: argparse.ArgumentParser) -> None:
+    """served models' drift, OOD flags and feedback, from the prediction record
+
+    Per model and per day from the record `medlens serve` keeps (--db): predictions, images
+    the OOD guard flagged, feedback and agreement, the predicted-label mix against the
+    training prevalence, the prevalence estimated by EM (Saerens et al. 2002), and the drift
+    of each class probability against the validation split (PSI, Kolmogorov-Smirnov), with
+    the alerts raised.
+    """
+    p.add_argument("--db", default=None, metavar="URL",
+                   help="the record (default: the one `medlens serve` uses)")  # fmt: skip
+    p.add_argument("--model", action="append", default=[], metavar="NAME",
+                   help="only these models (repeatable); default every model in the record")  # fmt: skip
+    p.add_argument("--models", action="append", default=[], metavar="DIR",
+                   help="model folders the served models came from, as given to serve")  # fmt: skip
+    p.add_argument("--days", type=int, default=7, help="days back, today included; default 7")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of tables")
+    p.add_argument("--fail-on-alert", action="store_true",
+                   help="exit 1 when any alert is raised (for a scheduled check)")  # fmt: skip
+
+
+def _monitor_text(rep: dict) -> str:
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{x:.0%}"
+
+    lines = [f"{rep['model']}: {rep['predictions']} predictions since {rep['since'][:10]}, "
+             f"{rep['ood_flagged']} flagged out-of-distribution ({pct(rep['ood_rate'])}), "
+             f"{rep['feedback']} feedback (agreement {pct(rep['feedback_agreement'])})",
+             f"  {'day':<10} {'n':>5} {'ood':>5} {'fb':>4} {'agree':>6} {'max PSI':>8} "
+             f"{'min KS p':>9}  EM prevalence"]  # fmt: skip
+    for d in rep["per_day"]:
+        psi = max((d["psi"] or {}).values(), default=None)
+        ks_p = min((v["p_value"] for v in (d["ks"] or {}).values()), default=None)
+        em = d["em_prevalence"] or {}
+        lines.append(
+            f"  {d['day']:<10} {d['predictions']:>5} {pct(d['ood_rate']):>5} {d['feedback']:>4} "
+            f"{pct(d['feedback_agreement']):>6} {'-' if psi is None else f'{psi:.2f}':>8} "
+            f"{'-' if ks_p is None else f'{ks_p:.1e}':>9}  "
+            + ", ".join(f"{k} {v:.0%}" for k, v in em.items())
+        )
+    lines += [f"  ALERT {a['signal']}: {a['message']}" for a in rep["alerts"]] or ["  no alert"]
+    return "\n".join(lines)
+
+
+def _cmd_monitor(a: argparse.Namespace) -> int:
+    from medlens.artifacts.folders import find_models
+    from medlens.monitoring.report import monitoring_report
+    from medlens.monitoring.store import open_store
+
+    if a.days < 1:
+        raise UsageError("--days must be >= 1")
+    store = open_store(a.db, migrate_schema=False)
+    folders = find_models(a.models)
+    names = a.model or store.models()
+    missing = [n for n in names if n not in folders]
+    if missing:
+        raise UsageError(
+            f"no model folder for {', '.join(missing)}: pass the folders they were served "
+            "from with --models DIR"
+        )
+    reports = [monitoring_report(store, n, folders[n], a.days) for n in names]
+    if a.json:
+        print(json.dumps({"db": store.url, "models": reports}, indent=1, default=str))
+    else:
+        print("\n\n".join(_monitor_text(r) for r in reports) or f"no predictions in {store.url}")
+    return 1 if a.fail_on_alert and any(r["alerts"] for r in reports) else 0
+
+
+def _add_feedback(p: argparse.ArgumentParser) -> None:
+    """export clinicians' feedback as a data set to retrain on
+
+    `medlens feedback export --db URL --out DIR [--images DIR]` writes DIR/feedback.csv (every
+    feedback answer, with the model's and the clinician's label) and, with --images (the folder
+    `medlens serve --keep-feedback-images` kept), the labelled images as an image folder per
+    model, DIR/<model>/<label>/<prediction_id>.png, ready for `medlens train --init-from`.
+    """
+    p.add_argument("action", choices=["export"], metavar="action", help="what to do: export")
+    p.add_argument("--db", default=None, metavar="URL",
+                   help="the record (default: the one `medlens serve` uses)")  # fmt: skip
+    p.add_argument("--out", required=True, help="folder for feedback.csv and the images")
+    p.add_argument("--images", default=None, metavar="DIR",
+                   help="the --keep-feedback-images folder of the server")  # fmt: skip
+
+
+def _cmd_feedback(a: argparse.Namespace) -> int:
+    from medlens.monitoring.export import export_feedback
+    from medlens.monitoring.store import open_store
+
+    res = export_feedback(open_store(a.db, migrate_schema=False), a.out, a.images)
+    print(f"wrote {res['csv']}: {res['feedback']} feedback answers, {res['images']} images")
     return 0
 
 
@@ -1000,6 +1254,44 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
         "image's (about twice the compute; calibration was fitted without it)",
     )
     _add_serve_access(p)
+    _add_serve_record(p)
+
+
+def _add_serve_record(p: argparse.ArgumentParser) -> None:
+    from medlens.monitoring.store import DATA_DIR_ENV
+
+    g = p.add_argument_group("prediction record, feedback and monitoring")
+    g.add_argument(
+        "--db",
+        default=None,
+        metavar="URL",
+        help="the prediction record (SQLAlchemy URL): each prediction's id, time, model, "
+        "version, the upload's sha256, label, probabilities, threshold, OOD verdict and latency "
+        "(never the image, a file name or a DICOM field). Default: the SQLite file "
+        f"records.db in ${DATA_DIR_ENV} (default ~/.local/share/medlens, which must be "
+        "writable); postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB when several workers or "
+        "machines share one record",
+    )
+    g.add_argument(
+        "--no-record", action="store_true", help="keep no record (no feedback, no monitoring)"
+    )
+    g.add_argument(
+        "--keep-days",
+        type=float,
+        default=365.0,
+        help="delete recorded predictions (and their feedback) older than this; default "
+        "%(default)s",
+    )
+    g.add_argument(
+        "--keep-feedback-images",
+        default=None,
+        metavar="DIR",
+        help="PRIVACY: keep patient images on disk. Every recorded upload's decoded pixels wait "
+        "in DIR/pending/ (PNG named by the random prediction id; no DICOM header, but text "
+        "burnt into the pixels stays) for 24 hours, and those that receive feedback are kept "
+        "in DIR/kept/ until you delete them, for `medlens feedback export`. Off by default: "
+        "no image is ever written",
+    )
 
 
 def _add_serve_access(p: argparse.ArgumentParser) -> None:
@@ -1105,6 +1397,10 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 
     _check_port(a.host, a.port)
     security = _serve_security(a)
+    if a.keep_days <= 0:
+        raise UsageError("--keep-days must be > 0 (days of predictions the record keeps)")
+    if a.no_record and (a.db or a.keep_feedback_images):
+        raise UsageError("--no-record keeps no record: leave out --db and --keep-feedback-images")
     serve(
         a.host,
         a.port,
@@ -1117,6 +1413,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
         header_timeout=a.header_timeout,
         max_connections=a.max_connections,
         processes=a.workers,
+        record=None if a.no_record else (a.db, a.keep_days, a.keep_feedback_images),
     )
     return 0
 
@@ -1229,6 +1526,8 @@ COMMANDS = {
     "calibrate": (_add_calibrate, _cmd_calibrate),
     "audit": (_add_audit, _cmd_audit),
     "compare": (_add_compare, _cmd_compare),
+    "monitor": (_add_monitor, _cmd_monitor),
+    "feedback": (_add_feedback, _cmd_feedback),
     "pacs": (_add_pacs, _cmd_pacs),
     "models": (_add_models, _cmd_models),
     "export": (_add_export, _cmd_export),

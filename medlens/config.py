@@ -316,6 +316,13 @@ class TrainConfig:
         "weights downloaded elsewhere); tensors are matched by name (else by order when every "
         "shape agrees) and what was loaded, missing or unexpected is reported",
     )
+    init_from: str | None = setting(
+        None,
+        "continue training MODEL (a run folder or a bundled model's name) on new data: its "
+        "weights, labels and preprocessing, its recipe as the starting point (--config and "
+        "flags override it; image size, channels, resize and grayscale stay its own)",
+        flag="--init-from",
+    )
     name: str | None = setting(None, "model name (default: the run folder's name)")
     progress: bool = setting(True, "show progress bars", flag="--quiet")
     card: dict | None = setting(

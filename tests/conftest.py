@@ -20,6 +20,7 @@ from PIL import Image
 # avoids OpenMP oversubscription, which makes tiny-network steps 10-30x slower.
 torch.set_num_threads(1)
 
+
 @pytest.fixture(scope="session", autouse=True)
 def _private_record_folder(tmp_path_factory):
     """Servers started by the tests keep their prediction record in a temporary folder, never

@@ -16,10 +16,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "medlens"
 # Lower layers never import higher ones; a module may import its own package's modules.
 LAYERS = [
     {"medlens", "medlens.errors"},
-    {"medlens.fileio", "medlens.config", "medlens.machine"},
+    # medlens.tracking: MLflow logging (imported lazily) that training and the CLI share
+    {"medlens.fileio", "medlens.config", "medlens.machine", "medlens.tracking"},
     {"medlens.data", "medlens.modeling", "medlens.evaluation"},
     {"medlens.artifacts"},
     {"medlens.inference"},
+    {"medlens.monitoring"},
     {"medlens.interop"},
     {"medlens.reporting"},
     {"medlens.training"},

@@ -6,13 +6,24 @@ import csv
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from medlens.errors import ModelLoadError
-from medlens.reporting.compare import compare_runs, load_run_evaluation
+from medlens.artifacts.folders import bundled_models_dir
+from medlens.cli import main
+from medlens.errors import ModelLoadError, UsageError
+from medlens.reporting.compare import (
+    compare_on_data,
+    compare_runs,
+    load_run_evaluation,
+    paired_table,
+    promotion_verdict,
+)
 from medlens.reporting.figures import HEADLINE
+
+CHEST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "chest_xray" / "train"
 
 
 @pytest.fixture()
@@ -117,3 +128,129 @@ def test_compare_runs_missing_run_names_it(tmp_path, trained_run):
         compare_runs([str(trained_run), str(tmp_path / "ghost")], tmp_path / "cmp")
     assert "ghost" in str(e.value)
     assert not (tmp_path / "cmp").exists()  # nothing written when a run is missing
+
+
+# --------------------------------------------------------------------------- --data: paired tests
+
+
+def _cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def kermany(tmp_path_factory) -> Path:
+    """20 NORMAL and 20 PNEUMONIA Kermany images (symlinks; the data holds no test split)."""
+    if not CHEST.is_dir():
+        pytest.skip(f"real data not available: {CHEST} is absent (a clone outside the workspace)")
+    root = tmp_path_factory.mktemp("kermany")
+    for label in ("NORMAL", "PNEUMONIA"):
+        (root / label).mkdir()
+        for f in sorted((CHEST / label).iterdir())[:20]:
+            (root / label / f.name).symlink_to(f)
+    return root
+
+
+@pytest.fixture(scope="module")
+def pneumonia_copy(tmp_path_factory) -> Path:
+    """A second copy of the bundled pneumonia model: the same network under another name."""
+    dst = tmp_path_factory.mktemp("models") / "pneumonia-v2"
+    shutil.copytree(bundled_models_dir() / "pneumonia", dst)
+    return dst
+
+
+def test_compare_data_identical_models_json(capsys, tmp_path, kermany, pneumonia_copy):
+    out = tmp_path / "cmp"
+    code, stdout, _ = _cli(
+        capsys, "compare", "pneumonia", pneumonia_copy, "--data", kermany, "--json",
+        "--promote-if-not-worse", "0.1", "--out", out,
+    )  # fmt: skip
+    assert code == 0
+    res = json.loads(stdout)
+    assert res == json.loads((out / "compare.json").read_text())
+    assert res["n"] == 40 and res["class_counts"] == {"NORMAL": 20, "PNEUMONIA": 20}
+    assert res["labels"] == ["NORMAL", "PNEUMONIA"] and res["reference"] == "pneumonia"
+    assert [m["name"] for m in res["models"]] == ["pneumonia", "pneumonia-v2"]
+    first, second = res["models"]
+    for key in ("accuracy", "accuracy_ci", "auc", "auc_ci", "threshold"):
+        assert first[key] == second[key], key
+    assert first["accuracy_ci"][0] <= first["accuracy"] <= first["accuracy_ci"][1]
+    (cmp,) = res["comparisons"]
+    assert (cmp["reference"], cmp["model"]) == ("pneumonia", "pneumonia-v2")
+    mc, dl = cmp["mcnemar"], cmp["delong"]
+    assert (mc["b"], mc["c"], mc["p"], mc["difference"]) == (0, 0, 1.0, 0.0)
+    assert mc["method"] == "exact binomial" and mc["ci"][0] < 0 < mc["ci"][1]
+    assert (dl["difference"], dl["p"], dl["ci"]) == (0.0, 1.0, [0.0, 0.0])
+    assert dl["auc_a"] == dl["auc_b"] == first["auc"] and "DeLong" in dl["method"]
+    v = res["promotion"]
+    assert v["promote"] and v["margin"] == 0.1 and v["failed"] == []
+    # 40 images cannot show non-inferiority at 2 points, even for the same network: with no
+    # discordant pair the accuracy difference's interval is still about +-0.09 wide.
+    strict = promotion_verdict(cmp, 0.02)
+    assert not strict["promote"] and [f["figure"] for f in strict["failed"]] == ["accuracy"]
+    table = paired_table(res)
+    assert "pneumonia-v2 vs pneumonia" in table and "McNemar b=0 c=0" in table
+    assert "promote: not worse at margin 0.1" in table
+
+
+def test_compare_data_worse_candidate_is_not_promoted(capsys, tmp_path, kermany):
+    worse = tmp_path / "pneumonia-strict"
+    shutil.copytree(bundled_models_dir() / "pneumonia", worse)
+    meta = json.loads((worse / "model.json").read_text())
+    meta["threshold"] = 0.999999  # an absurd operating point: almost nothing is PNEUMONIA
+    (worse / "model.json").write_text(json.dumps(meta))
+    code, stdout, err = _cli(
+        capsys, "compare", "pneumonia", worse, "--data", kermany, "--promote-if-not-worse",
+        "0.1", "--quiet",
+    )  # fmt: skip
+    assert code == 1
+    assert "pneumonia-strict vs pneumonia" in stdout
+    assert "do not promote: accuracy lower 95% bound" in stdout
+    assert "auc" not in stdout.splitlines()[-1]  # the same network: its AUC is not worse
+    b = int(re.search(r"McNemar b=(\d+) c=0", stdout)[1])
+    assert b >= 10  # the PNEUMONIA images the reference gets right and the strict copy misses
+
+
+def test_compare_data_refuses_models_with_other_labels(capsys, kermany):
+    code, _, err = _cli(capsys, "compare", "pneumonia", "brain-tumor", "--data", kermany)
+    assert code == 2
+    assert "same labels" in err and "pneumonia: NORMAL, PNEUMONIA" in err
+    assert "brain-tumor: glioma, meningioma, notumor, pituitary" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["pneumonia", "ghost"], "no model 'ghost'"),
+        (["pneumonia"], "at least two models"),
+        (["pneumonia", "pneumonia", "--promote-if-not-worse", "1"], "must be in [0, 1)"),
+        (["pneumonia", "pneumonia", "--promote-if-not-worse", "-0.1"], "must be in [0, 1)"),
+        (["pneumonia", "pneumonia", "covid", "--promote-if-not-worse", "0.02"], "exactly two"),
+    ],
+)
+def test_compare_data_bad_input_is_a_usage_error(capsys, tmp_path, args, message):
+    data = tmp_path / "images"
+    data.mkdir()
+    code, _, err = _cli(capsys, "compare", *args, "--data", data)
+    assert code == 2 and message in err and "Traceback" not in err
+    with pytest.raises(UsageError, match=re.escape(message)):
+        compare_on_data(
+            [a for a in args if not a.startswith("--") and a not in ("1", "-0.1", "0.02")],
+            data,
+            margin=float(args[-1]) if "--promote-if-not-worse" in args else None,
+        )
+
+
+def test_compare_data_missing_folder_and_options_without_data(capsys, tmp_path):
+    code, _, err = _cli(capsys, "compare", "pneumonia", "pneumonia", "--data", tmp_path / "no")
+    assert code == 2 and f"--data {tmp_path / 'no'} does not exist" in err
+    code, _, err = _cli(capsys, "compare", tmp_path, tmp_path, "--promote-if-not-worse", "0")
+    assert code == 2 and "need --data" in err
+    code, _, err = _cli(capsys, "compare", tmp_path, tmp_path, "--json")
+    assert code == 2 and "need --data" in err
+    code, _, err = _cli(
+        capsys, "compare", "pneumonia", "pneumonia", "--data", tmp_path, "--split", "test"
+    )
+    assert code == 2 and "--split" in err

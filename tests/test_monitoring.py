@@ -299,3 +299,19 @@ def test_two_worker_processes_write_to_one_postgresql_record(postgres_url, tmp_p
     assert len(ids) == 8 and mon["predictions"] == 8
     with engine.connect() as conn:
         assert conn.execute(sa.text("select count(*) from predictions")).scalar() == 8
+
+
+def test_the_prometheus_alert_rules_name_metrics_the_server_exports():
+    """docs/prometheus-alerts.yml (shown in the README) parses, and every metric its rules
+    read is one that GET /metrics exports."""
+    import re
+
+    import yaml
+
+    rules = yaml.safe_load((Path(__file__).parents[1] / "docs" / "prometheus-alerts.yml").open())
+    exprs = [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    with TestClient(create_app([PNEUMONIA], bundled=False)) as c:
+        c.post("/api/v1/models/pneumonia/predict", files={"file": ("x.png", _png_bytes())})
+        exported = set(re.findall(r"^(medlens_\w+?)(?:\{| )", c.get("/metrics").text, re.M))
+    used = {m for e in exprs for m in re.findall(r"\b(medlens_\w+)", e)}
+    assert len(exprs) == 4 and used and used <= exported, used - exported

@@ -126,8 +126,12 @@ def monitoring_page(request: Request, days: int = 7) -> HTMLResponse:
     return TEMPLATES.TemplateResponse(
         request,
         "monitoring.html",
-        {"reports": reports, "recording": recorder is not None, "days": days,
-         "page": "monitoring"},  # fmt: skip
+        {
+            "reports": reports,
+            "recording": recorder is not None,
+            "days": days,
+            "page": "monitoring",
+        },  # fmt: skip
     )
 
 

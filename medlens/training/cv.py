@@ -20,6 +20,7 @@ from medlens.artifacts.model import read_meta
 from medlens.config import TrainConfig
 from medlens.evaluation.metrics import compute_metrics
 from medlens.fileio import write_csv, write_json
+from medlens.tracking import NO_TRACKING, Tracker
 from medlens.training.trainer import train
 
 __all__ = ["train_folds", "summarise_folds", "CV_METRICS"]
@@ -30,12 +31,19 @@ CV_METRICS = ("accuracy", "balanced_accuracy", "auc", "sensitivity", "specificit
 
 
 def train_folds(
-    cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, command: str | None = None
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    command: str | None = None,
+    tracker: Tracker = NO_TRACKING,
 ) -> Path:
     """Train every fold of ``cfg.folds`` (each a run folder under ``cfg.out``) and summarise.
 
     A fold whose run is complete is kept with ``resume`` (an interrupted cross-validation goes
-    on where it stopped).
+    on where it stopped). With a ``tracker``, each fold trained is a nested MLflow run
+    (``fold-i``) and the parent run gets the summary (``cv_mean_auc``, ``cv_sd_auc``...,
+    ``cv.json``, ``cv.csv``).
 
     Returns:
         ``cfg.out``, holding ``fold-0`` ... ``fold-K-1``, ``cv.json`` and ``cv.csv``.
@@ -49,9 +57,18 @@ def train_folds(
         log.info("fold %d of %d", fold, cfg.folds)
         fold_cfg = dataclasses.replace(cfg, fold=fold, out=str(folder))
         fold_resume = resume and ModelFolder(folder).checkpoint.exists()
-        train(fold_cfg, resume=fold_resume, overwrite=overwrite, command=command)
+        with tracker.child(f"fold-{fold}") as fold_tracker:
+            train(fold_cfg, resume=fold_resume, overwrite=overwrite, command=command,
+                  tracker=fold_tracker)  # fmt: skip
     summary = summarise_folds(out, cfg.folds)
     log.info(_table(summary))
+    if tracker.active:
+        tracker.log_params(cfg.to_dict())
+        for name in ("mean", "sd", "min", "max"):
+            tracker.log_metrics({f"cv_{name}_{k}": v for k, v in summary[name].items()})
+        pooled = summary["pooled_out_of_fold"] or {}
+        tracker.log_metrics({"cv_pooled_out_of_fold_auc": pooled.get("auc")})
+        tracker.log_artifacts(out, [CV_JSON, CV_CSV])
     return out
 
 

@@ -20,7 +20,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medlens.artifacts.folders import CHECKPOINT, ModelFolder
+from medlens.artifacts.folders import (
+    CARD_JSON,
+    CARD_MD,
+    CHECKPOINT,
+    CONFIG_YAML,
+    EVAL_DIR,
+    HISTORY_CSV,
+    METRICS_JSON,
+    MODEL_JSON,
+    REPORT_HTML,
+    ModelFolder,
+)
 from medlens.artifacts.model import ModelMeta, build_network, save_model
 from medlens.config import TrainConfig
 from medlens.data.preprocess import Preprocess, compute_mean_std
@@ -33,10 +44,12 @@ from medlens.fileio import write_yaml
 from medlens.machine import usable_cores
 from medlens.modeling.registry import IMAGENET_MEAN, IMAGENET_STD, model_info
 from medlens.reporting.evaluate import write_evaluation
+from medlens.tracking import NO_TRACKING, Tracker, summary_metrics
 from medlens.training.batches import ModelInput
 from medlens.training.dataset import TrainingData, load_training_data
 from medlens.training.device import resolve_device, resolve_precision, set_bn_momentum, set_seed
 from medlens.training.distributed import barrier, launched, start, stop
+from medlens.training.init_from import check_labels, check_settings, load_base_weights, open_base
 from medlens.training.loop import Checkpointer, Progress, fit
 from medlens.training.ood import fit_ood_guard, float32_outputs, guard_summary
 from medlens.training.stages import build_stage, stage_context, stage_names
@@ -54,6 +67,7 @@ def train(
     overwrite: bool = False,
     command: str | None = None,
     on_epoch: Callable[[dict], None] | None = None,
+    tracker: Tracker = NO_TRACKING,
 ) -> Path:
     """Train, calibrate, save and evaluate.
 
@@ -65,6 +79,8 @@ def train(
         command: the command line, recorded in ``model.json``.
         on_epoch: called with every epoch's history row (a tuner prunes a trial from it by
             raising).
+        tracker: the MLflow run that gets the resolved settings, every epoch's row, the final
+            metrics and the run's reports (:mod:`medlens.tracking`; by rank 0 alone).
 
     Returns:
         The run folder.
@@ -74,8 +90,9 @@ def train(
         DataError: data that cannot be used (unreadable images, missing classes, ...).
     """
     return Trainer(
-        cfg, resume=resume, overwrite=overwrite, command=command, on_epoch=on_epoch
-    ).run()
+        cfg, resume=resume, overwrite=overwrite, command=command, on_epoch=on_epoch,
+        tracker=tracker,
+    ).run()  # fmt: skip
 
 
 def _resumed_config(cfg: TrainConfig) -> TrainConfig:
@@ -141,6 +158,7 @@ class Trainer:
         overwrite: replace a run already in ``cfg.out``.
         command: the command line, recorded in ``model.json``.
         on_epoch: called with every epoch's history row.
+        tracker: the MLflow run logged to (:func:`train`).
     """
 
     def __init__(
@@ -151,10 +169,17 @@ class Trainer:
         overwrite: bool,
         command: str | None,
         on_epoch: Callable[[dict], None] | None = None,
+        tracker: Tracker = NO_TRACKING,
     ):
         self.info = model_info(cfg.model)  # unknown model: clear error before anything is written
         # Every declared constraint (config.py), on the settings the run will use.
         self.cfg = (_resumed_config(cfg) if resume else cfg).validate()
+        # --init-from: the base's network, input and labels, checked before any image is read.
+        self.base = open_base(self.cfg.init_from) if self.cfg.init_from else None
+        if self.base is not None:
+            self.cfg = check_settings(self.cfg, self.base)
+        self.init_report: dict | None = None
+        self.tracker = tracker
         OperatingPoint.parse(self.cfg.operating_point)  # a bad rule fails before any image
         size, smallest = self.cfg.image_size, self.info.min_image_size
         if size is not None and size < smallest:
@@ -165,6 +190,8 @@ class Trainer:
     def run(self) -> Path:
         """All the steps; returns the run folder."""
         self._set_up()
+        if self.base is not None:  # the new data's classes are the base's labels
+            check_labels(self.cfg, self.base)
         # The data is loaded, checked and decoded before the run folder is touched.
         self.data = load_training_data(self.cfg, self.info, self.pretrained)
         if (
@@ -176,7 +203,11 @@ class Trainer:
                 f"{len(self.data.classes)} classes, and a model of more than two predicts the "
                 "most probable class (balanced); other rules apply to two-class models"
             )
-        self.pre = _preprocess(self.data, self.cfg, self.pretrained)
+        self.pre = (
+            self.base.meta.preprocess
+            if self.base is not None
+            else _preprocess(self.data, self.cfg, self.pretrained)
+        )
         self.to_input = ModelInput(self.pre)
         # Before the folder too: a --weights file that fits nothing stops the run here.
         self._build_network()
@@ -218,6 +249,7 @@ class Trainer:
             log.warning("WARNING: %s", warning)
         save_model(self.folder.path, self.net, meta)
         _log_saved(self.folder.path, wall, summaries)
+        _track_results(self.tracker, self.folder, summaries)
 
     def _set_up(self) -> None:
         """Threads, device, seeds and precision."""
@@ -274,6 +306,7 @@ class Trainer:
             }
         )
         write_yaml(self.folder.config, resolved)
+        self.tracker.log_params(resolved)
 
     def _build_network(self) -> None:
         """The network on its device, and the class weights of the loss."""
@@ -282,9 +315,11 @@ class Trainer:
             ModelMeta(
                 arch=cfg.model, labels=self.data.classes, preprocess=self.pre, dropout=cfg.dropout
             ),
-            pretrained=self.pretrained,
+            pretrained=self.pretrained and self.base is None,
             weights=cfg.weights,
         )
+        if self.base is not None:
+            self.init_report = load_base_weights(net, self.base, self._sample_inputs)
         self.weights_report = net.weights_report
         if cfg.bn_momentum is not None:
             set_bn_momentum(net, cfg.bn_momentum)
@@ -297,11 +332,24 @@ class Trainer:
             weights = weights.to(self.device)
         self.weights = weights
 
+    def _sample_inputs(self, n: int):
+        """Network inputs of up to ``n`` training images spread over the split, in batches."""
+        x = self.data.prepared["train"][0]
+        idx = np.unique(np.linspace(0, len(x) - 1, min(n, len(x))).astype(int))
+        for i in range(0, len(idx), 32):
+            yield self.to_input(torch.as_tensor(x[idx[i : i + 32]]))
+
+    def _epoch_done(self, row: dict) -> None:
+        if self.world.main:
+            self.tracker.log_epoch(row)
+        if self.on_epoch is not None:
+            self.on_epoch(row)
+
     def _start_progress(self) -> dict | None:
         """The history and finished stages so far; the checkpoint to resume, if any."""
         ckpt = Checkpointer(self.folder)
         resume_state = ckpt.load() if self.resume else None
-        self.progress = Progress(self.folder, ckpt, on_epoch=self.on_epoch)
+        self.progress = Progress(self.folder, ckpt, on_epoch=self._epoch_done)
         if resume_state:
             self.progress.history = list(resume_state["history"])
             self.progress.stages_done = list(resume_state["stages_done"])
@@ -413,6 +461,8 @@ class Trainer:
         }
         if self.weights_report is not None:
             meta.extra["training"]["init_weights"] = self.weights_report.to_dict()
+        if self.init_report is not None:
+            meta.extra["training"]["init_from"] = self.init_report
         if cfg.card:
             meta.extra["card"] = dict(cfg.card)
         return meta
@@ -460,3 +510,22 @@ def _log_saved(out: Path, wall: float, summaries: dict) -> None:
             for s, m in summaries.items()
         )
     )
+
+
+TRACKED_FILES = [CONFIG_YAML, MODEL_JSON, HISTORY_CSV, CARD_JSON, CARD_MD] + [
+    f"{EVAL_DIR}/{split}/{name}"
+    for split in ("val", "test")
+    for name in (METRICS_JSON, REPORT_HTML)
+]
+"""A run folder's files a tracked run logs as artifacts (not the weights, not the per-image
+predictions)."""
+
+
+def _track_results(tracker: Tracker, folder: ModelFolder, summaries: dict) -> None:
+    """The final metrics of each evaluated split with their intervals (``final_val_auc``,
+    ``final_val_auc_ci_low``...) and the run's reports."""
+    if not tracker.active:
+        return
+    for split, m in summaries.items():
+        tracker.log_metrics(summary_metrics(m, prefix=f"final_{split}_"))
+    tracker.log_artifacts(folder.path, TRACKED_FILES)

@@ -33,6 +33,7 @@ from medlens.errors import ConfigError, TrainError
 from medlens.fileio import atomic_write_text, write_csv
 from medlens.modeling.registry import model_info
 from medlens.reporting.report import write_tune_report
+from medlens.tracking import NO_TRACKING, Tracker
 from medlens.training.cv import train_folds
 from medlens.training.trainer import train
 
@@ -95,35 +96,44 @@ def _suggest(trial, space: dict) -> dict:
     return params
 
 
-def _objective(base: TrainConfig, space: dict, out: Path):
+def _objective(base: TrainConfig, space: dict, out: Path, tracker: Tracker = NO_TRACKING):
     import optuna
 
     def run(trial: optuna.Trial) -> float:
-        params = _suggest(trial, space)
-        cfg = dataclasses.replace(base, out=str(out / f"trial-{trial.number}"), **params)
-        cfg.validate()
-        if cfg.folds:
-            folder = train_folds(cfg, overwrite=True)  # it writes cv.json
-            value = json.loads((folder / CV_JSON).read_text())["mean"].get("auc")
-        else:
-
-            def report(row: dict) -> None:
-                if row.get("val_auc") is not None:
-                    trial.report(row["val_auc"], int(row["epoch"]))  # epochs of every stage
-                    if trial.should_prune():
-                        raise optuna.TrialPruned()
-
-            folder = ModelFolder(train(cfg, overwrite=True, on_epoch=report))
-            value = (folder.read_metrics("val") or {}).get("auc")
-        if value is None or math.isnan(value):
-            raise optuna.TrialPruned("no validation AUC (one class in the validation split)")
-        return float(value)
+        # With tracking, each trial is a nested MLflow run (trial-N) of the study's run.
+        with tracker.child(f"trial-{trial.number}") as trial_tracker:
+            return _trial(trial, base, space, out, trial_tracker)
 
     return run
 
 
+def _trial(trial, base: TrainConfig, space: dict, out: Path, tracker: Tracker) -> float:
+    import optuna
+
+    params = _suggest(trial, space)
+    cfg = dataclasses.replace(base, out=str(out / f"trial-{trial.number}"), **params)
+    cfg.validate()
+    if cfg.folds:
+        folder = train_folds(cfg, overwrite=True, tracker=tracker)  # it writes cv.json
+        value = json.loads((folder / CV_JSON).read_text())["mean"].get("auc")
+    else:
+
+        def report(row: dict) -> None:
+            if row.get("val_auc") is not None:
+                trial.report(row["val_auc"], int(row["epoch"]))  # epochs of every stage
+                if trial.should_prune():
+                    tracker.set_tags({"medlens.pruned": "true"})
+                    raise optuna.TrialPruned()
+
+        folder = ModelFolder(train(cfg, overwrite=True, on_epoch=report, tracker=tracker))
+        value = (folder.read_metrics("val") or {}).get("auc")
+    if value is None or math.isnan(value):
+        raise optuna.TrialPruned("no validation AUC (one class in the validation split)")
+    return float(value)
+
+
 def tune(base: TrainConfig, out: str | Path, *, trials: int, space: dict | None = None,
-         seed: int = 0, recipe: dict | None = None) -> dict:  # fmt: skip
+         seed: int = 0, recipe: dict | None = None, tracker: Tracker = NO_TRACKING) -> dict:  # fmt: skip
     """Run (or continue) the study in ``out`` until it holds ``trials`` finished trials.
 
     Args:
@@ -133,6 +143,8 @@ def tune(base: TrainConfig, out: str | Path, *, trials: int, space: dict | None 
         space: the search space (default :data:`DEFAULT_SPACE`).
         seed: the sampler's seed.
         recipe: the settings given in a recipe or on the command line, kept in ``best.yaml``.
+        tracker: the MLflow run of the study: the base settings, the best value and trial,
+            ``best.yaml``, ``trials.csv`` and ``tune.html``; each trial a nested run.
 
     Returns:
         ``{"best_value", "best_params", "best_trial", "trials"}``.
@@ -144,14 +156,21 @@ def tune(base: TrainConfig, out: str | Path, *, trials: int, space: dict | None 
     study = _open_study(out / STUDY_DB, seed)
     done = sum(t.state.is_finished() for t in study.trials)
     if done < trials:
-        study.optimize(_objective(base, space, out), n_trials=trials - done,
+        study.optimize(_objective(base, space, out, tracker), n_trials=trials - done,
                        catch=(ConfigError,))  # fmt: skip
     else:
         log.warning(
             "%s already holds %d finished trial(s), --trials %d: nothing to run (ask for more "
             "trials to continue the study)", out / STUDY_DB, done, trials,
         )  # fmt: skip
-    return _write_results(study, out, recipe or {})
+    result = _write_results(study, out, recipe or {})
+    if tracker.active:
+        tracker.log_params({**base.to_dict(), "trials": trials, "search_space": space})
+        tracker.log_metrics(
+            {"best_value": result["best_value"], "best_trial": result["best_trial"]}
+        )
+        tracker.log_artifacts(out, [BEST_YAML, TRIALS_CSV, TUNE_HTML])
+    return result
 
 
 def _open_study(db: Path, seed: int):
