@@ -2,7 +2,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install browser orthanc postgres lint test test-slow models run clean
+.PHONY: install browser orthanc postgres lint test test-slow docs models run clean
 
 # The browser test drives Debian's chromium (Playwright never downloads a browser here).
 CHROMIUM ?= /usr/bin/chromium
@@ -19,9 +19,10 @@ STAMP := $(VENV)/.medlens-installed
 ifdef FORCE
 .PHONY: $(STAMP)
 endif
-$(STAMP): pyproject.toml | $(BIN)/python
+# Everything (every extra, the test and docs tools) at the versions of constraints.txt.
+$(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test,ray,postgres,tracking]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -52,12 +53,17 @@ postgres:
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 test: install browser orthanc postgres lint
 	$(BIN)/python -m pytest -q
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
+
+# The documentation (docs/, pages listed in mkdocs.yml) as a website in site/; no network needed.
+docs: install
+	$(BIN)/mkdocs build --strict --site-dir site
 
 # The six bundled models, retrained from ../shared/data with the recipes' exact settings,
 # exported as inference-only folders into the package (64 MiB together), each then audited for

@@ -23,6 +23,19 @@ if TYPE_CHECKING:
 log = logging.getLogger("medlens")
 
 EXIT_USAGE = 2  # a user error: one line saying what to do
+
+# The optional parts of MedLens and the packages only they bring (pyproject.toml's extras):
+# a command that needs one that is not installed says which extra to install.
+EXTRA_OF_MODULE = {
+    **dict.fromkeys(
+        ["fastapi", "starlette", "uvicorn", "multipart", "python_multipart", "fastapi_offline",
+         "limits", "prometheus_client", "sqlalchemy", "alembic", "httpx2"], "serve"),
+    **dict.fromkeys(["fhir", "highdicom", "dicomweb_client"], "interop"),
+    "optuna": "tune",
+    "ray": "ray",
+    "mlflow": "tracking",
+    "psycopg": "postgres",
+}  # fmt: skip
 EXIT_BUG = 1  # a bug: a short hint; the traceback with --debug
 
 
@@ -219,7 +232,7 @@ def _model_params(ref: str) -> dict:
         return {}
     return {
         "model_name": meta.name or folder.name,
-        "model_version": (meta.extra.get("weights_sha256") or "")[:12] or None,
+        "model_version": meta.version,
         "model_json_sha256": sha256_file(folder / MODEL_JSON),
         "labels": list(meta.labels),
     }
@@ -369,16 +382,16 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
         _track_calibration(tracker, res)
     meta = res["meta"]
     print(_before_after(res["before"], res["after"], bool(a.data)))
-    op = meta.extra.get("operating_point")
+    op = meta.operating_point
     if op:
-        lo, hi = op["threshold_ci"]
+        lo, hi = op.threshold_ci or (None, None)
         print(
-            f"operating point {op['rule']}: threshold {op['threshold']:.6f} "
-            f"[{lo:.4f}, {hi:.4f}] ({op['measured_on']}, {op['n']} images); temperature "
+            f"operating point {op.rule}: threshold {op.threshold:.6f} "
+            f"[{lo:.4f}, {hi:.4f}] ({op.measured_on}, {op.n} images); temperature "
             f"{meta.temperature:.4f}"
         )
-        if op.get("warning"):
-            log.warning("%s", op["warning"])
+        if op.warning:
+            log.warning("%s", op.warning)
     else:
         print(f"temperature {meta.temperature:.4f}; the most probable class is predicted")
     print(f"wrote {res['folder']}")
@@ -597,7 +610,9 @@ def _predict_rows(pred: Predictor, files: list[str], batch_size: int, quiet: boo
                disable=quiet or len(files) < 2)  # fmt: skip
     for i in range(0, len(files), batch_size):
         chunk = files[i : i + batch_size]
-        done, ok, prepared = {}, [], []  # rows by position: the output keeps input order
+        done: dict[int, dict] = {}  # rows by position: the output keeps input order
+        ok: list[int] = []
+        prepared: list[np.ndarray] = []
         for j, f in enumerate(chunk):
             try:
                 pixels = read_image(f, target_size=pred.pre.image_size).pixels
@@ -640,13 +655,13 @@ def _print_rows(pred: Predictor, rows: list[dict], as_json: bool) -> None:
         elif r["error"]:
             print(f"{printable(r['path'])}\tERROR\t{printable(r['error'])}")
         else:
-            probs = "  ".join(f"{c}={r[f'p_{c}']:.4f}" for c in pred.labels)
+            cells = "  ".join(f"{c}={r[f'p_{c}']:.4f}" for c in pred.labels)
             ood = ood_text(r.get("ood_ratio"), r.get("ood_flag"))
             warn = f"\t{ood}" if ood else ""
             label = r["label"]
             if r.get("threshold") is not None:  # the decision rule beside its answer
                 label += f" (p({pred.labels[1]}) >= {r['threshold']:.6f})"
-            print(f"{printable(r['path'])}\t{label}\t{probs}{warn}")
+            print(f"{printable(r['path'])}\t{label}\t{cells}{warn}")
 
 
 def _predict_documents(a: argparse.Namespace, pred: Predictor, files: list[str]) -> int:
@@ -1045,8 +1060,37 @@ def _add_models(p: argparse.ArgumentParser) -> None:
         "--table",
         action="store_true",
         help="print a Markdown table of the models' cards instead (stored size, decision rule, "
-        "each split's figures with 95%% intervals): the README's model table",
+        "each split's figures with 95%% intervals): the model table of the README and "
+        "docs/models.md",
     )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="check each model folder's model.json against its schema (format version, every "
+        "section's fields) instead: one line per problem, exit 2 when any model fails",
+    )
+
+
+def _check_models(model_dirs: list[str]) -> int:
+    """``medlens models --check``: each listed model's ``model.json`` validated (see
+    :mod:`medlens.artifacts.schema`); problems on stderr, one line each."""
+    from medlens.artifacts.folders import find_models
+    from medlens.artifacts.model import read_meta
+    from medlens.errors import ModelLoadError
+
+    found, failed = find_models(model_dirs), 0
+    for name, folder in found.items():
+        try:
+            read_meta(folder)
+        except ModelLoadError as e:
+            failed += 1
+            print(f"medlens models: error: {e}", file=sys.stderr)
+        else:
+            print(f"ok      {name:<20} {folder}")
+    if failed:
+        print(f"{failed} of {len(found)} model(s) failed the check")
+        return EXIT_USAGE
+    return 0
 
 
 def _cmd_models(a: argparse.Namespace) -> int:
@@ -1054,6 +1098,8 @@ def _cmd_models(a: argparse.Namespace) -> int:
     from medlens.artifacts.model import read_meta
     from medlens.modeling.registry import count_parameters, create_model, list_models, model_info
 
+    if a.check:
+        return _check_models(a.models)
     if a.table:
         from medlens.artifacts.card import models_table
 
@@ -1079,7 +1125,7 @@ def _cmd_models(a: argparse.Namespace) -> int:
     print(
         "another disease: `medlens train --data YOUR_FOLDER --out "
         "runs/NAME`, `medlens export --model runs/NAME --bundle models/NAME --half`, then "
-        "`medlens serve --models models/` (README: Adding your own model)"
+        "`medlens serve --models models/` (docs/development.md: Adding your own model)"
     )
     return 0
 
@@ -1258,7 +1304,7 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
 
 
 def _add_serve_record(p: argparse.ArgumentParser) -> None:
-    from medlens.monitoring.store import DATA_DIR_ENV
+    from medlens.monitoring import DATA_DIR_ENV
 
     g = p.add_argument_group("prediction record, feedback and monitoring")
     g.add_argument(
@@ -1393,28 +1439,26 @@ def _check_port(host: str, port: int) -> None:
 
 
 def _cmd_serve(a: argparse.Namespace) -> int:
+    from medlens.monitoring.store import default_db_url
     from medlens.serve import serve
+    from medlens.serve.settings import ServeSettings
 
     _check_port(a.host, a.port)
-    security = _serve_security(a)
-    if a.keep_days <= 0:
-        raise UsageError("--keep-days must be > 0 (days of predictions the record keeps)")
     if a.no_record and (a.db or a.keep_feedback_images):
         raise UsageError("--no-record keeps no record: leave out --db and --keep-feedback-images")
-    serve(
-        a.host,
-        a.port,
-        a.models,
-        int(a.max_upload_mb * 1024 * 1024),
-        a.log_level,
+    settings = ServeSettings(
+        model_dirs=tuple(a.models),
+        max_upload_bytes=int(a.max_upload_mb * 1024 * 1024),
         bundled=not a.no_bundled,
         tta=a.tta,
-        security=security,
-        header_timeout=a.header_timeout,
-        max_connections=a.max_connections,
-        processes=a.workers,
-        record=None if a.no_record else (a.db, a.keep_days, a.keep_feedback_images),
+        log_level=a.log_level,
+        max_in_flight=a.max_connections,
+        security=_serve_security(a),
+        record_url=None if a.no_record else (a.db or default_db_url()),
+        keep_days=a.keep_days,
+        feedback_images=a.keep_feedback_images,
     )
+    serve(a.host, a.port, settings, header_timeout=a.header_timeout, processes=a.workers)
     return 0
 
 
@@ -1548,7 +1592,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (add, _) in COMMANDS.items():
         # Each command's one-line help and description are its options function's docstring.
-        summary, _, description = add.__doc__.partition("\n\n")
+        summary, _, description = (add.__doc__ or "").partition("\n\n")
         add(sub.add_parser(name, help=summary, description=" ".join(description.split())))
     for p in sub.choices.values():  # `medlens train ... --debug` works too
         p.add_argument(
@@ -1588,6 +1632,13 @@ def _run(args: argparse.Namespace) -> int:
             "medlens: interrupted; a training run can be continued with --resume", file=sys.stderr
         )
         return 130
+    except ModuleNotFoundError as e:
+        extra = EXTRA_OF_MODULE.get((e.name or "").split(".")[0])
+        if extra is None:
+            return _bug(args, e)
+        print(f"{name}: error: this needs MedLens's `{extra}` extra (the package {e.name!r} is "
+              f"not installed): pip install 'medlens[{extra}]'", file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
     except BrokenPipeError:  # `medlens models --table | head`: the reader left; not a bug
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -20,7 +20,7 @@ import yaml
 from medlens.errors import UsageError
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` so that ``path`` is either the old file or the complete new one.
 
     A crash mid-write leaves a stray temporary file, never a truncated ``path``.
@@ -53,7 +53,7 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
@@ -95,14 +95,15 @@ def csv_text(cell: str) -> str:
     return cell
 
 
-def write_csv(path: str | Path, rows: list[dict], columns: list[str]) -> None:
+def write_csv(path: str | os.PathLike, rows: list[dict], columns: list[str]) -> None:
     """A CSV file (atomically): one row per dict, ``columns`` in order, every text cell
     neutralised by :func:`csv_cell`. A row whose text holds a line break (CR or LF, e.g. in a
     file name) is written with every field quoted, so it reads back as one row."""
     buf = io.StringIO()
-    kw = dict(fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    plain = csv.DictWriter(buf, **kw)
-    quoted = csv.DictWriter(buf, quoting=csv.QUOTE_ALL, **kw)
+    plain = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    quoted = csv.DictWriter(
+        buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n", quoting=csv.QUOTE_ALL
+    )
     plain.writeheader()
     for r in rows:
         cells = {k: csv_cell(r.get(k)) for k in columns}

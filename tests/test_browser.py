@@ -7,8 +7,8 @@ must run.
 
 ``MEDLENS_SCREENSHOTS=1`` saves ``docs/screenshots/{diagnose,dashboard}.png``;
 ``MEDLENS_BROWSER_MODELS=DIR``, ``MEDLENS_BROWSER_MODEL=NAME`` and ``MEDLENS_BROWSER_IMAGE=FILE``
-replace the tiny test model and image (the README's screenshots use the bundled models and
-real images).
+replace the tiny test model and image (the screenshots in docs/web-app.md use the bundled
+models and real images).
 """
 
 from __future__ import annotations

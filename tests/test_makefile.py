@@ -21,4 +21,4 @@ def test_make_run_on_an_installed_tree_does_not_reinstall():
     assert "pip install" not in plan and "medlens serve" in plan
     forced = subprocess.run(["make", "-n", "install", "FORCE=1"], cwd=ROOT, capture_output=True,
                             text=True, check=True).stdout  # fmt: skip
-    assert "pip install --quiet -e" in forced
+    assert "pip install --quiet -c constraints.txt -e" in forced

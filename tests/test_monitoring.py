@@ -7,7 +7,7 @@ import csv
 import io
 import json
 import random
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -108,7 +108,7 @@ def test_retention_removes_old_predictions_and_their_feedback(tmp_path):
     store.add_feedback(old, "PNEUMONIA", False, None, False)
     with store.engine.begin() as conn:
         conn.execute(predictions.update().where(predictions.c.id == old).values(
-            created_at=datetime.now(timezone.utc) - timedelta(days=40)))  # fmt: skip
+            created_at=datetime.now(UTC) - timedelta(days=40)))  # fmt: skip
     assert store.prune(keep_days=30) == 1
     assert store.prediction(old) is None and store.prediction(new) is not None
     assert store.feedback_rows() == []
@@ -302,7 +302,7 @@ def test_two_worker_processes_write_to_one_postgresql_record(postgres_url, tmp_p
 
 
 def test_the_prometheus_alert_rules_name_metrics_the_server_exports():
-    """docs/prometheus-alerts.yml (shown in the README) parses, and every metric its rules
+    """docs/prometheus-alerts.yml (linked from docs/deployment.md) parses, and every metric its rules
     read is one that GET /metrics exports."""
     import re
 

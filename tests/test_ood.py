@@ -46,3 +46,23 @@ def test_scores_are_finite_and_round_trip(tmp_path):
 def test_too_little_data_is_a_clear_error():
     with pytest.raises(ValueError, match="at least 4 training"):
         fit_guard(np.zeros((2, 8)), np.array([0, 1]), np.zeros((5, 8)))
+
+
+def test_every_guard_kind_is_a_guard():
+    """The predictor and site calibration use guards only through the Guard protocol: the
+    bundled models' guards (per-stage and ensemble) and the older feature guard all meet it."""
+    from medlens.artifacts.folders import bundled_models_dir
+    from medlens.evaluation.ood import EnsembleGuard, FeatureGuard, Guard, StageGuard, load_guard
+
+    kinds = set()
+    for folder in sorted(bundled_models_dir().iterdir()):
+        guard = load_guard(folder / "ood.npz")
+        assert isinstance(guard, Guard) and guard.input in ("stats", "features")
+        kinds.add(type(guard))
+    assert {StageGuard, EnsembleGuard} <= kinds
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(60, 8))
+    fg = fit_guard(feats, np.arange(60) % 2, feats, dim=4)
+    assert isinstance(fg, FeatureGuard) and isinstance(fg, Guard)
+    verdict = fg(feats[:3])
+    assert set(verdict[0]) == {"flag", "score", "ratio"}

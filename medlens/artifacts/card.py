@@ -6,8 +6,8 @@ import json
 import os
 from pathlib import Path
 
-from medlens.artifacts.folders import CARD_JSON, CARD_MD, MODEL_JSON, MODEL_WEIGHTS, ONNX_FILE
-from medlens.artifacts.model import ModelMeta, load_network
+from medlens.artifacts.folders import CARD_JSON, CARD_MD, MODEL_WEIGHTS, ONNX_FILE
+from medlens.artifacts.model import ModelMeta, load_network, write_meta
 from medlens.artifacts.onnx import OPSET, check_onnx, onnx_bytes
 from medlens.evaluation.metrics import CI_METRICS, split_views
 from medlens.fileio import atomic_write_bytes, atomic_write_text, sha256_file, write_json
@@ -36,7 +36,7 @@ DISCLAIMER = (
 
 def weights_sha256(meta: ModelMeta, folder: str | Path | None = None) -> str | None:
     """sha256 of ``model.pt``: recorded in ``model.json``, else hashed from the file."""
-    digest = meta.extra.get("weights_sha256")
+    digest = meta.weights_sha256
     if not digest and folder is not None and (Path(folder) / MODEL_WEIGHTS).exists():
         digest = sha256_file(Path(folder) / MODEL_WEIGHTS)
     return digest
@@ -371,7 +371,7 @@ def write_card(folder: str | Path, meta: ModelMeta) -> dict:
     """``model.json``, ``model_card.json`` and ``model_card.md`` of a model folder from ``meta``
     (the card records the sha256 of the folder's ``model.onnx``, where it has one)."""
     folder = Path(folder)
-    write_json(folder / MODEL_JSON, meta.to_dict())
+    write_meta(folder, meta)
     onnx = folder / ONNX_FILE
     card = model_card(meta, folder, onnx_sha256=sha256_file(onnx) if onnx.exists() else None)
     write_json(folder / CARD_JSON, card)
@@ -386,8 +386,8 @@ TABLE_END = "<!-- model-table:end -->"
 def models_table(folders: dict[str, Path]) -> str:
     """A Markdown table of models from their cards: what is stored, the operating point, and
     each evaluated split's accuracy, AUC and (two classes) sensitivity and specificity with 95%
-    intervals, carved test first. The README's model table is this text, so the two cannot
-    disagree."""
+    intervals, carved test first. The model table of the README (and of docs/models.md) is
+    this text, so they cannot disagree."""
     rows = [
         "| model | stored | decision | shortcut audit | split (n) | accuracy | AUC | sensitivity "
         "| specificity |",

@@ -29,6 +29,7 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import yaml
@@ -36,6 +37,9 @@ import yaml
 from medlens.errors import ModelLoadError
 from medlens.evaluation.metrics import predict_labels
 from medlens.fileio import csv_text, write_csv, write_json
+
+if TYPE_CHECKING:
+    from medlens.evaluation.ood import OODVerdict
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +204,7 @@ def read_history(folder: str | os.PathLike) -> list[dict] | None:
     rows = []
     with open(path, newline="") as f:
         for r in csv.DictReader(f):
-            row = {}
+            row: dict[str, float | str | None] = {}
             for k, v in r.items():
                 try:
                     row[k] = float(v) if v not in ("", None) else None
@@ -229,7 +233,7 @@ def write_predictions(
     pred: np.ndarray,
     probs: np.ndarray,
     labels: Sequence[str],
-    ood: Sequence[dict] | None = None,
+    ood: Sequence[OODVerdict] | None = None,
 ) -> None:
     """``path,true,pred,p_<class>...``: one row per evaluated image; with ``ood`` (the guard's
     verdict per image) also ``ood_score,ood_ratio,ood_flag``."""
@@ -261,7 +265,7 @@ def write_split(
     y_true: np.ndarray | None = None,
     probs: np.ndarray | None = None,
     *,
-    ood: Sequence[dict] | None = None,
+    ood: Sequence[OODVerdict] | None = None,
     thresholds: np.ndarray | None = None,
 ) -> None:
     """One evaluated split: ``metrics.json`` and, given the images, ``predictions.csv`` (the
@@ -271,6 +275,7 @@ def write_split(
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / METRICS_JSON, metrics)
     if sources is not None:
+        assert y_true is not None and probs is not None  # given with the images
         pred = predict_labels(probs, metrics.get("threshold") if thresholds is None else thresholds)
         write_predictions(
             out_dir / PREDICTIONS_CSV, sources, y_true, pred, probs, metrics["labels"], ood

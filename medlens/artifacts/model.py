@@ -17,22 +17,51 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
+from pydantic import BaseModel, ValidationError
 
 from medlens.artifacts.folders import CARD_JSON, MODEL_JSON, MODEL_WEIGHTS, ONNX_FILE
+from medlens.artifacts.schema import (
+    CardSection,
+    EnsembleMember,
+    ExportSection,
+    ModelJson,
+    OODSection,
+    OperatingPointSection,
+    SplitMetrics,
+    TrainingSection,
+    first_problem,
+)
 from medlens.data.preprocess import Preprocess
 from medlens.errors import ModelLoadError
 from medlens.fileio import atomic_torch_save, sha256_file, write_json
 from medlens.modeling.classifier import Classifier
 from medlens.modeling.registry import create_model
 
+if TYPE_CHECKING:
+    from medlens.evaluation.operating_point import OperatingPointChoice
+
+_S = TypeVar("_S", bound=BaseModel)
+
 FORMAT_VERSION = 1
+"""The ``format_version`` this MedLens writes and the newest it reads (a file without one is
+format 1)."""
+
+
+def _view(cls: type[_S], value: object) -> _S | None:
+    return None if value is None else cls.model_validate(value, strict=False)
 
 
 @dataclass
 class ModelMeta:
-    """Contents of ``model.json``."""
+    """Contents of ``model.json``.
+
+    ``extra`` stores the sections (:mod:`medlens.artifacts.schema`) as they are written, in
+    their order; read them through the typed properties (``meta.training``, ``meta.ood``,
+    ``meta.metrics``...), which return validated copies.
+    """
 
     arch: str
     labels: list[str]
@@ -44,7 +73,7 @@ class ModelMeta:
     name: str | None = None
     extra: dict = field(default_factory=dict)  # metrics, data provenance, card fields, ood
 
-    def set_operating_point(self, op: dict | None) -> None:
+    def set_operating_point(self, op: OperatingPointChoice | None) -> None:
         """The threshold, its rule and the record of how it was chosen
         (:func:`~medlens.evaluation.operating_point.choose_operating_point`); None: the most
         probable class (multi-class)."""
@@ -54,6 +83,49 @@ class ModelMeta:
             return
         self.threshold, self.threshold_method = float(op["threshold"]), str(op["rule"])
         self.extra["operating_point"] = op
+
+    @property
+    def weights_sha256(self) -> str | None:
+        """sha256 of the weights (``model.pt``; an ensemble: of its members' hashes)."""
+        return self.extra.get("weights_sha256") or None
+
+    @property
+    def version(self) -> str | None:
+        """The short version id: the first 12 hex digits of :attr:`weights_sha256`."""
+        return (self.weights_sha256 or "")[:12] or None
+
+    @property
+    def training(self) -> TrainingSection | None:
+        return _view(TrainingSection, self.extra.get("training"))
+
+    @property
+    def card(self) -> CardSection | None:
+        return _view(CardSection, self.extra.get("card"))
+
+    @property
+    def metrics(self) -> dict[str, SplitMetrics]:
+        """Headline metrics by split (``{}`` when none were recorded)."""
+        return {k: SplitMetrics.model_validate(v, strict=False)
+                for k, v in (self.extra.get("metrics") or {}).items()}  # fmt: skip
+
+    @property
+    def ood(self) -> OODSection | None:
+        return _view(OODSection, self.extra.get("ood"))
+
+    @property
+    def export(self) -> ExportSection | None:
+        return _view(ExportSection, self.extra.get("export"))
+
+    @property
+    def operating_point(self) -> OperatingPointSection | None:
+        """How the threshold was chosen (two-class models); see :meth:`set_operating_point`."""
+        return _view(OperatingPointSection, self.extra.get("operating_point"))
+
+    @property
+    def ensemble(self) -> list[EnsembleMember]:
+        """The members of an ensemble bundle (``[]`` for a single model)."""
+        return [EnsembleMember.model_validate(m, strict=False)
+                for m in self.extra.get("ensemble") or []]  # fmt: skip
 
     @property
     def binary(self) -> bool:
@@ -80,7 +152,10 @@ class ModelMeta:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> ModelMeta:
+    def from_dict(cls, d: dict, source: str | Path = MODEL_JSON) -> ModelMeta:
+        """The meta of a parsed ``model.json``, validated (:func:`validate_model_json`);
+        ``source``: the file, named in errors."""
+        validate_model_json(d, source)
         core = {
             "format_version",
             "name",
@@ -107,14 +182,42 @@ class ModelMeta:
             )
         except KeyError as e:
             raise ModelLoadError(
-                f"model.json lacks the field {e.args[0]!r}; re-export the model "
+                f"{source} lacks the field {e.args[0]!r}; re-export the model "
                 "with `medlens train` or `medlens export`"
             ) from None
         except (TypeError, ValueError) as e:
             raise ModelLoadError(
-                f"model.json has an invalid value ({e}); the file is damaged: copy the model "
+                f"{source} has an invalid value ({e}); the file is damaged: copy the model "
                 "folder again or retrain it"
             ) from None
+
+
+def validate_model_json(d: object, source: str | Path = MODEL_JSON) -> None:
+    """Check a parsed ``model.json`` against its schema (:class:`~medlens.artifacts.schema.
+    ModelJson`): a ``format_version`` this MedLens reads, and every known section's fields.
+
+    Raises:
+        ModelLoadError: one line naming ``source``, the field and what to do.
+    """
+    version = d.get("format_version", 1) if isinstance(d, dict) else 1
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        raise ModelLoadError(
+            f"{source} was written by a newer MedLens (format {version}; this one reads up to "
+            f"{FORMAT_VERSION}): upgrade MedLens (pip install -U medlens)"
+        )
+    try:
+        ModelJson.model_validate(d)
+    except ValidationError as e:
+        where, what = first_problem(e)
+        if e.errors()[0]["type"] == "missing":
+            raise ModelLoadError(
+                f"{source} lacks the field {where!r}; re-export the model "
+                "with `medlens train` or `medlens export`"
+            ) from None
+        raise ModelLoadError(
+            f"{source}: field {where!r} is invalid ({what}); the file is damaged or was "
+            "edited: copy the model folder again, or re-export or retrain the model"
+        ) from None
 
 
 def build_network(
@@ -131,21 +234,40 @@ def build_network(
     )
 
 
+def write_meta(folder: str | Path, meta: ModelMeta) -> None:
+    """Write ``model.json`` of ``meta`` into ``folder`` (atomically): the one writer of the
+    file. It is validated first (:func:`validate_model_json`), so what is written loads.
+
+    Raises:
+        ModelLoadError: ``meta`` would not make a valid file (naming the field).
+    """
+    path = Path(folder) / MODEL_JSON
+    d = meta.to_dict()
+    validate_model_json(json.loads(json.dumps(d, allow_nan=False)), f"{path} (being written)")
+    write_json(path, d)
+
+
 def save_model(folder: str | Path, net: Classifier, meta: ModelMeta) -> None:
     """Write ``model.pt`` then ``model.json`` (the json last: it marks a complete model)."""
     folder = Path(folder)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     atomic_torch_save(state, folder / MODEL_WEIGHTS)
-    d = meta.to_dict()
-    d["weights_sha256"] = sha256_file(folder / MODEL_WEIGHTS)
-    write_json(folder / MODEL_JSON, d)
-    meta.extra["weights_sha256"] = d["weights_sha256"]
+    had, old = "weights_sha256" in meta.extra, meta.extra.get("weights_sha256")
+    meta.extra["weights_sha256"] = sha256_file(folder / MODEL_WEIGHTS)  # keeps its place
+    try:
+        write_meta(folder, meta)
+    except BaseException:  # meta as it was: the file was not written
+        if had:
+            meta.extra["weights_sha256"] = old
+        else:
+            del meta.extra["weights_sha256"]
+        raise
 
 
-def read_meta(folder: str | Path) -> ModelMeta:
+def read_meta(folder: str | os.PathLike) -> ModelMeta:
     path = Path(folder) / MODEL_JSON
     try:
-        return ModelMeta.from_dict(json.loads(path.read_text()))
+        return ModelMeta.from_dict(json.loads(path.read_text()), source=path)
     except FileNotFoundError:
         raise ModelLoadError(
             f"{folder} is not a trained model: {MODEL_JSON} is missing "
@@ -198,7 +320,7 @@ def load_network(folder: str | Path, meta: ModelMeta | None = None) -> tuple[Cla
     wpath = folder / MODEL_WEIGHTS
     if not wpath.exists():
         raise ModelLoadError(f"{wpath} is missing; the model folder is incomplete")
-    check_file(wpath, meta.extra.get("weights_sha256"), folder / MODEL_JSON)
+    check_file(wpath, meta.weights_sha256, folder / MODEL_JSON)
     try:
         state = torch.load(wpath, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated zip, pickled code, not a torch file

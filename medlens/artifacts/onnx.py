@@ -64,6 +64,8 @@ class _InferenceGraph(nn.Module):
     MONAI's ``GradCAM`` computes with autograd (tested), at the cost of a 1x1 convolution.
     """
 
+    cam_weights: torch.Tensor  # a buffer: (outputs, features, 1, 1)
+
     def __init__(self, net):
         super().__init__()
         self.net = net
@@ -135,7 +137,8 @@ def onnx_bytes(net: Classifier | EnsembleGraph, meta: ModelMeta, opset: int = OP
     """
     import onnx
 
-    net = net.float().to(memory_format=torch.contiguous_format).eval()
+    # torch's stubs omit Module.to's memory_format (a documented keyword)
+    net = net.float().to(memory_format=torch.contiguous_format).eval()  # type: ignore[call-overload]
     graph = net if isinstance(net, EnsembleGraph) else _InferenceGraph(net)
     pre = meta.preprocess
     dummy = torch.zeros(1, pre.channels, pre.image_size, pre.image_size)
@@ -145,7 +148,7 @@ def onnx_bytes(net: Classifier | EnsembleGraph, meta: ModelMeta, opset: int = OP
         torch.onnx.export(
             graph.eval(),
             (dummy,),
-            buf,
+            buf,  # type: ignore[arg-type]  # a file object is documented; the stubs omit it
             dynamo=False,
             opset_version=opset,
             input_names=[INPUT],
@@ -157,7 +160,7 @@ def onnx_bytes(net: Classifier | EnsembleGraph, meta: ModelMeta, opset: int = OP
     # Provenance inside the graph: a stale model.onnx (exported before retraining) is
     # detected by comparing this hash with model.json's at load time.
     props = {
-        "medlens.weights_sha256": meta.extra.get("weights_sha256") or "",
+        "medlens.weights_sha256": meta.weights_sha256 or "",
         "medlens.labels": json.dumps(meta.labels),
         "medlens.preprocess": json.dumps(meta.preprocess.to_dict()),
         "medlens.temperature": repr(meta.temperature),
@@ -293,7 +296,8 @@ def check_onnx(
         pre.image_size,
         generator=torch.Generator().manual_seed(seed),
     )
-    net = net.float().to(memory_format=torch.contiguous_format).eval()
+    # torch's stubs omit Module.to's memory_format (a documented keyword)
+    net = net.float().to(memory_format=torch.contiguous_format).eval()  # type: ignore[call-overload]
     with torch.no_grad():
         ref = net(x)
         ref = (ref[0] if isinstance(net, EnsembleGraph) else ref).numpy()
@@ -318,7 +322,7 @@ def check_onnx_matches(
 ) -> None:
     """Refuse a ``model.onnx`` exported from other weights than ``model.pt``."""
     recorded = onnx_weights_sha256(session)
-    expected = meta.extra.get("weights_sha256")
+    expected = meta.weights_sha256
     if recorded and expected and recorded != expected:
         raise ModelLoadError(
             f"{folder / ONNX_FILE} was exported from other weights than "

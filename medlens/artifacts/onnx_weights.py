@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from medlens.errors import ModelLoadError
 
@@ -45,7 +46,7 @@ class OnnxWeights:
     """
 
     tensors: int
-    folded: list[nn.Module] = field(default_factory=list)
+    folded: list[_BatchNorm] = field(default_factory=list)
     storage: str = "float32"
 
 
@@ -67,12 +68,14 @@ def load_onnx_weights(net: nn.Module, path: str | os.PathLike, image_size: int) 
             "was it exported from another architecture, or is it an ensemble?"
         )
     assigned: dict[str, torch.Tensor] = {}
-    folded = []
+    folded: list[_BatchNorm] = []
     for (op, values), (kind, names, mods) in zip(graph_ops, torch_ops):
         if (op, kind) not in _COMPATIBLE:
             raise ModelLoadError(f"{where}: graph node {op} stands where the network has {kind}")
         if _assign(kind, names, mods, values, assigned):
-            folded.append(mods[1])
+            bn = mods[1]
+            assert isinstance(bn, _BN)  # a conv_bn's second module
+            folded.append(bn)
     _check_complete(net, assigned, where)
     with torch.no_grad():
         net.load_state_dict(assigned, strict=False)
@@ -161,7 +164,8 @@ def _torch_ops(net: nn.Module, image_size: int) -> list[tuple[str, list[str], li
         for h in handles:
             h.remove()
         net.train(was)
-    ops, i = [], 0
+    ops: list[tuple[str, list[str], list[nn.Module]]] = []
+    i = 0
     while i < len(calls):
         mod, _, out = calls[i]
         if isinstance(mod, _CONV):
@@ -203,6 +207,7 @@ def _assign(kind: str, names: list[str], mods: list[nn.Module], values: list,
             put(names[0], "bias", conv_bias)
         return False
     bn = mods[1]
+    assert isinstance(bn, _BN)  # a conv_bn's second module
     width = bn.num_features
     ones, zeros = np.ones(width, np.float32), np.zeros(width, np.float32)
     put(names[1], "weight", ones)
@@ -223,7 +228,7 @@ def _check_complete(net: nn.Module, assigned: dict, where: str) -> None:
 
 
 def reestimate_batch_norm(
-    net: nn.Module, folded: list[nn.Module], batches: Iterable[torch.Tensor]
+    net: nn.Module, folded: list[_BatchNorm], batches: Iterable[torch.Tensor]
 ) -> int:
     """Give each folded batch norm (the identity plus a bias, see :func:`load_onnx_weights`)
     the mean and variance of its input over ``batches`` (network inputs), keeping its eval
@@ -234,7 +239,7 @@ def reestimate_batch_norm(
     Returns:
         The images measured.
     """
-    sums: dict[nn.Module, list] = {bn: [0.0, 0.0, 0] for bn in folded}
+    sums: dict[_BatchNorm, list] = {bn: [0.0, 0.0, 0] for bn in folded}
 
     def hook(mod, inputs, _output):
         x = inputs[0].detach().float()
@@ -262,8 +267,10 @@ def reestimate_batch_norm(
                 continue
             mean = s / n
             var = (ss / n - mean * mean).clamp_min(0)
-            bn.running_mean.copy_(mean.float())
-            bn.running_var.copy_(var.float())
+            running_mean, running_var = bn.running_mean, bn.running_var
+            assert running_mean is not None and running_var is not None  # eval-mode statistics
+            running_mean.copy_(mean.float())
+            running_var.copy_(var.float())
             bn.weight.copy_(torch.sqrt(var + bn.eps).float())
             bn.bias.add_(mean.float())
     return seen

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -22,6 +23,9 @@ from medlens.artifacts.model import read_meta
 from medlens.bench.load import percentiles
 from medlens.bench.machine import CpuMeter
 from medlens.errors import UsageError
+
+if TYPE_CHECKING:
+    from medlens.data.preprocess import Preprocess
 
 __all__ = ["INT8_FILE", "bench_inference"]
 
@@ -36,7 +40,7 @@ class _Engines:
     run: dict[str, Engine] = field(default_factory=dict)  # name -> engine, in timing order
     about: dict[str, dict] = field(default_factory=dict)  # name -> engine, threads
     notes: list[str] = field(default_factory=list)
-    pre: object = None  # the model's Preprocess
+    pre: Preprocess | None = None  # the model's, set by _add_onnx
 
 
 def _torch_folder(folder: Path, torch_ref, notes: list[str]) -> Path | None:
@@ -63,7 +67,7 @@ def _torch_folder(folder: Path, torch_ref, notes: list[str]) -> Path | None:
             f"{theirs.preprocess.image_size} px, the model a {mine.arch} at "
             f"{mine.preprocess.image_size} px: not the same network"
         )
-    a, b = mine.extra.get("weights_sha256"), theirs.extra.get("weights_sha256")
+    a, b = mine.weights_sha256, theirs.weights_sha256
     same = "the weights the ONNX graph was exported from" if a and a == b else None
     notes.append(
         f"torch: timed with {run}/{MODEL_WEIGHTS} ("
@@ -82,7 +86,9 @@ def _add_torch(eng: _Engines, folder: Path, torch_ref) -> None:
     if torch_folder is None:
         return
     try:
-        net = Predictor(torch_folder, backend="torch").net.float().eval()
+        loaded = Predictor(torch_folder, backend="torch").net
+        assert loaded is not None  # the torch backend loads model.pt
+        net = loaded.float().eval()
     except Exception as e:  # noqa: BLE001 - report why, measure the rest
         eng.notes.append(f"torch: not measured ({type(e).__name__}: {e})")
         return
@@ -108,8 +114,13 @@ def _add_onnx(eng: _Engines, folder: Path, threads: int | None) -> None:
     sess = op.session
     if threads:  # the same thread count as torch: re-open (or re-export) the graph
         onnx = ModelFolder(folder).onnx
-        sess = ort_session(onnx if onnx.exists() else onnx_bytes(op.net, op.meta), threads=threads)
-    eng.run["onnx"] = lambda x, sess=sess: sess.run(["logits"], {"input": x})[0]
+        if onnx.exists():
+            sess = ort_session(onnx, threads=threads)
+        else:
+            assert op.net is not None  # no model.onnx: the predictor loaded model.pt
+            sess = ort_session(onnx_bytes(op.net, op.meta), threads=threads)
+    assert sess is not None  # backend="onnx" always opens a session
+    eng.run["onnx"] = lambda x: sess.run(["logits"], {"input": x})[0]
     eng.about["onnx"] = {
         "engine": f"ONNX Runtime fp32 ({op.backend})",
         "threads": sess.get_session_options().intra_op_num_threads,
@@ -121,7 +132,7 @@ def _add_onnx(eng: _Engines, folder: Path, threads: int | None) -> None:
         )
         return
     s8 = ort_session(int8, threads=threads)
-    eng.run["onnx_int8"] = lambda x, s8=s8: s8.run(["logits"], {"input": x})[0]
+    eng.run["onnx_int8"] = lambda x: s8.run(["logits"], {"input": x})[0]
     eng.about["onnx_int8"] = {
         "engine": f"ONNX Runtime int8 ({INT8_FILE})",
         "threads": s8.get_session_options().intra_op_num_threads,
@@ -208,10 +219,12 @@ def bench_inference(
     import torch
 
     eng = _engines(resolve_model(ref), threads, torch_model)
+    pre = eng.pre
+    assert pre is not None  # _engines always adds ONNX Runtime, which sets it
     meter = CpuMeter()
-    shape = (eng.pre.channels, eng.pre.image_size, eng.pre.image_size)
+    shape = (pre.channels, pre.image_size, pre.image_size)
     pixels = np.random.default_rng(0).integers(0, 256, (batch, *shape), dtype=np.uint8)
-    xb = eng.pre.normalize(torch.from_numpy(pixels)).numpy()
+    xb = pre.normalize(torch.from_numpy(pixels)).numpy()
     x1 = np.ascontiguousarray(xb[:1])
     outs = {name: np.asarray(fn(x1)) for name, fn in eng.run.items()}  # also a first warm-up
     diff = float(np.abs(outs["onnx"] - outs["torch"]).max()) if "torch" in outs else None
@@ -233,7 +246,7 @@ def bench_inference(
     return {
         "rows": rows,
         "notes": eng.notes,
-        "input_size": eng.pre.image_size,
+        "input_size": pre.image_size,
         "batch": batch,
         "max_abs_logit_diff_onnx_vs_torch": diff,
         "other_processes_cpu_share": usage.other_share,

@@ -52,7 +52,9 @@ def synthetic_jpeg(side: int = 1024, seed: int = 0, quality: int = 90, grain: fl
     yy, xx = np.mgrid[:side, :side] / side
     coarse = rng.normal(0, 1, (max(2, side // 32),) * 2)
     coarse_img = Image.fromarray(np.clip(coarse * 40 + 128, 0, 255).astype(np.uint8))
-    texture = np.asarray(coarse_img.resize((side, side), Image.BICUBIC), np.float32) - 128
+    texture = (
+        np.asarray(coarse_img.resize((side, side), Image.Resampling.BICUBIC), np.float32) - 128
+    )
     img = 40 + 30 * yy + 0.5 * texture
     for cx in (0.32, 0.68):
         r2 = ((xx - cx) / 0.16) ** 2 + ((yy - 0.5) / 0.32) ** 2
@@ -162,7 +164,7 @@ async def _worker(
         measured = t0 >= w.measure_from
         try:
             r = await asyncio.wait_for(client.post(url, content=body, headers=headers), w.timeout)
-        except (httpx2.HTTPError, OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, httpx2.HTTPError, OSError) as e:
             if measured:
                 res.add_failure(f"{type(e).__name__}: {e}")
                 w.last_done = max(w.last_done, time.perf_counter())

@@ -8,7 +8,7 @@ import io
 import json
 import logging
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from medlens.artifacts.folders import resolve_model
@@ -151,7 +151,7 @@ def run_bench(
         ``serve`` and ``training`` parts, ``notes`` and ``targets``.
     """
     folder = resolve_model(model)
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     meta = read_meta(folder)
     res: dict = {
         "timestamp": started.isoformat(timespec="seconds"),
@@ -184,7 +184,7 @@ def run_bench(
         "(EfficientNet-Lite0, 224 px) on the CPU it runs on"
     )
     res["machine"]["load_average_end"] = load_average()
-    res["wall_seconds"] = round((datetime.now(timezone.utc) - started).total_seconds(), 1)
+    res["wall_seconds"] = round((datetime.now(UTC) - started).total_seconds(), 1)
     return res
 
 

@@ -11,11 +11,15 @@ standardisation; only training batches are augmented.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from medlens.config import AugmentSpec
+
+if TYPE_CHECKING:
+    import kornia.augmentation as K
 
 
 def augment(
@@ -106,12 +110,12 @@ def _resolution_shift(x: torch.Tensor, p: float, generator: torch.Generator | No
     return x
 
 
-def _shift_transforms(spec: AugmentSpec, size: tuple[int, int]) -> list:
+def _shift_transforms(spec: AugmentSpec, size: tuple[int, int]) -> list[K.AugmentationBase2D]:
     """The kornia transforms the spec turns on, in the order they are applied (the crop
     resizes back to the batch's ``size``)."""
     import kornia.augmentation as K
 
-    out = []
+    out: list[K.AugmentationBase2D] = []
     if spec.crop_scale:
         out.append(K.RandomResizedCrop(size, scale=(1 - spec.crop_scale, 1.0),
                                        ratio=(3 / 4, 4 / 3), p=1.0))  # fmt: skip
@@ -136,7 +140,7 @@ def _acquisition_shift(
     import kornia.augmentation as K
 
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    pipeline = K.AugmentationSequential(*_shift_transforms(spec, tuple(x.shape[-2:])))
+    pipeline = K.AugmentationSequential(*_shift_transforms(spec, (x.shape[-2], x.shape[-1])))
     devices = [x.device] if x.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)

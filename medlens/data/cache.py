@@ -117,7 +117,8 @@ def prepare_samples(
                 np.load(npy, mmap_mode="c"), info["keep"], [tuple(e) for e in info["errors"]]
             )
     out = np.empty((len(samples),) + shape, dtype=np.uint8)
-    keep, errors = [], []
+    keep: list[int] = []
+    errors: list[tuple[str, str]] = []
     workers = workers or usable_cores()
     jobs = [(s, pre) for s in samples]
     bar = None

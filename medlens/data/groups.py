@@ -43,7 +43,8 @@ def _rows(path: Path) -> tuple[list[str], list[dict]]:
 
 def _keys(sources: Sequence[str], root: Path) -> tuple[dict[str, int], dict[str, list[int]]]:
     """Each image's path relative to ``root`` (posix) and, per file name, its images."""
-    rel, names = {}, {}
+    rel: dict[str, int] = {}
+    names: dict[str, list[int]] = {}
     for i, s in enumerate(sources):
         rel[Path(os.path.relpath(s, root)).as_posix()] = i
         names.setdefault(Path(s).name, []).append(i)
@@ -71,8 +72,9 @@ def read_groups(
     path = Path(path)
     attrs, rows = _rows(path)
     rel, names = _keys(sources, Path(root))
-    values = {a: [None] * len(sources) for a in attrs}
-    seen, unmatched = {}, []
+    values: dict[str, list[str | None]] = {a: [None] * len(sources) for a in attrs}
+    seen: dict[int, int] = {}
+    unmatched: list[str] = []
     for line, row in enumerate(rows, start=2):
         key = (row.get("path") or "").replace("\\", "/").removeprefix("./")
         i = rel.get(key)

@@ -19,12 +19,15 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from medlens.errors import ImageReadError
+
+if TYPE_CHECKING:
+    from pydicom import Dataset
 
 __all__ = ["MAX_PIXELS", "DecodedImage", "ImageReadError", "is_dicom", "read_image"]
 
@@ -69,7 +72,7 @@ class DecodedImage:
     source_format: str
     notes: tuple[str, ...] = ()
     modality: str | None = None
-    dicom: Any = field(default=None, repr=False, compare=False)
+    dicom: Dataset | None = field(default=None, repr=False, compare=False)
 
     def header_facts(self) -> dict[str, str | int]:
         """The non-identifying header facts a reader checks (modality, view, body part,
@@ -176,7 +179,7 @@ def _sniff_dicom(fh: IO[bytes]) -> bool:
     return fh.read(132)[128:132] == b"DICM" or _read_bare_dicom(fh) is not None
 
 
-def _read_bare_dicom(fh: IO[bytes]) -> Any:
+def _read_bare_dicom(fh: IO[bytes]) -> Dataset | None:
     """Parse a preamble-less DICOM with force=True; None unless it parses and has pixel data."""
     fh.seek(0)
     # force=True parses almost anything; a bare dataset starts with a group 0002 or 0008 tag
@@ -226,7 +229,7 @@ def _read_raster(
         # limit (checked right below) decides; its hard error still fires for >2x its limit.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(fh)
+            im: Image.Image = Image.open(fh)
     except UnidentifiedImageError:
         return None
     except Image.DecompressionBombError as exc:
@@ -240,8 +243,9 @@ def _read_raster(
             raise _too_big(label, im.size, max_pixels)
         fmt = {"MPO": "JPEG"}.get(im.format or "", im.format or "image")
         notes = []
-        if getattr(im, "is_animated", False) or getattr(im, "n_frames", 1) > 1:
-            notes.append(f"multi-frame {fmt} ({im.n_frames} frames): used the first frame")
+        frames = getattr(im, "n_frames", 1)  # multi-frame formats only
+        if getattr(im, "is_animated", False) or frames > 1:
+            notes.append(f"multi-frame {fmt} ({frames} frames): used the first frame")
         if target_size and fmt == "JPEG" and min(im.size) >= 2 * target_size:
             # DCT-domain downscaling by 2/4/8 while decoding; both sides stay >= target_size.
             im.draft(None, (int(target_size), int(target_size)))
@@ -389,7 +393,7 @@ def _refuse_deflate_bomb(fh: IO[bytes], label: str, max_pixels: int) -> None:
 
 
 def _read_dicom(
-    fh: IO[bytes], label: str, hint: str, max_pixels: int, ds: Any = None
+    fh: IO[bytes], label: str, hint: str, max_pixels: int, ds: Dataset | None = None
 ) -> DecodedImage:
     import pydicom
 
@@ -408,7 +412,7 @@ def _read_dicom(
         raise _unreadable_dicom(label, exc, hint) from None
 
 
-def _decode_dicom(ds: Any, label: str, hint: str, max_pixels: int) -> DecodedImage:
+def _decode_dicom(ds: Dataset, label: str, hint: str, max_pixels: int) -> DecodedImage:
     """The first frame of a parsed DICOM dataset, as 8-bit grey or RGB."""
     from pydicom import pixels as dpx
     from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -470,7 +474,7 @@ def _decode_dicom(ds: Any, label: str, hint: str, max_pixels: int) -> DecodedIma
     return DecodedImage(_owned(pixels), "DICOM", tuple(notes), modality, _header(ds))
 
 
-def _header(ds: Any) -> Any:
+def _header(ds: Dataset) -> Dataset:
     """The dataset's elements but its pixel data (a structured report references them)."""
     from pydicom.dataset import Dataset, FileMetaDataset
 
@@ -482,7 +486,7 @@ def _header(ds: Any) -> Any:
     return header
 
 
-def _linear_rescale(ds: Any) -> tuple[float, float] | None:
+def _linear_rescale(ds: Dataset) -> tuple[float, float] | None:
     """(slope, intercept) when the modality LUT is a plain rescale with a positive slope (the
     usual case), else None (a LUT sequence, a negative or unreadable slope: pydicom decides)."""
     if "ModalityLUTSequence" in ds:
@@ -497,7 +501,7 @@ def _linear_rescale(ds: Any) -> tuple[float, float] | None:
     )
 
 
-def _dicom_mono(arr: np.ndarray, ds: Any, notes: list[str]) -> np.ndarray:
+def _dicom_mono(arr: np.ndarray, ds: Dataset, notes: list[str]) -> np.ndarray:
     """Modality LUT (rescale), then VOI LUT/window, then uint8 over the window's output range.
 
     A plain rescale (positive slope) and a linear window are applied in the stored values'
@@ -542,7 +546,7 @@ def _dicom_mono(arr: np.ndarray, ds: Any, notes: list[str]) -> np.ndarray:
 
 
 def _window(
-    values: np.ndarray, ds: Any, rescale: tuple[float, float] | None, notes: list[str]
+    values: np.ndarray, ds: Dataset, rescale: tuple[float, float] | None, notes: list[str]
 ) -> np.ndarray:
     """The file's window (centre/width) to uint8; ``values`` are stored values when
     ``rescale`` is given (the window's edges are then mapped back into their units)."""
@@ -570,7 +574,7 @@ def _window(
     return _scale_uint8(out, float(lo_out), float(hi_out))
 
 
-def _check_frame_size(ds: Any, label: str, header: tuple[int, int], max_pixels: int) -> None:
+def _check_frame_size(ds: Dataset, label: str, header: tuple[int, int], max_pixels: int) -> None:
     """The first compressed frame's own size, read from its codestream header, must be the
     one Rows/Columns declare: a decoder allocates what the codestream says (a 64x64 header
     over a 12500x12500 JPEG frame would otherwise decode in full)."""

@@ -94,12 +94,14 @@ class Preprocess:
             scale = s / max(img.size)
             w, h = max(1, round(img.width * scale)), max(1, round(img.height * scale))
             canvas = Image.new(img.mode, (s, s))
-            canvas.paste(img.resize((w, h), Image.BILINEAR), ((s - w) // 2, (s - h) // 2))
+            canvas.paste(
+                img.resize((w, h), Image.Resampling.BILINEAR), ((s - w) // 2, (s - h) // 2)
+            )
             img = canvas
         elif img.size != (s, s):
             # PIL's bilinear filter widens its support when shrinking, so large uploads are
             # antialiased rather than aliased.
-            img = img.resize((s, s), Image.BILINEAR)
+            img = img.resize((s, s), Image.Resampling.BILINEAR)
         # np.array, not np.asarray: PIL's buffer is read-only and torch.from_numpy warns on it.
         arr = np.array(img, dtype=np.uint8)
         return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))

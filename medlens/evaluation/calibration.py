@@ -18,7 +18,7 @@ from scipy.optimize import minimize_scalar
 from scipy.special import expit, log_softmax, softmax
 from sklearn.calibration import calibration_curve
 
-from medlens.evaluation.operating_point import OperatingPointSpec
+from medlens.evaluation.operating_point import OperatingPointChoice, OperatingPointSpec
 
 __all__ = [
     "fit_temperature",
@@ -107,7 +107,7 @@ def logits_to_probs(logits: ArrayLike, temperature: float = 1.0) -> np.ndarray:
 
 def calibrate(
     logits: ArrayLike, y_true: ArrayLike, binary: bool, operating_point: OperatingPointSpec = None
-) -> tuple[float, dict | None]:
+) -> tuple[float, OperatingPointChoice | None]:
     """Temperature and, for a binary task, the operating point, from validation data.
 
     Args:

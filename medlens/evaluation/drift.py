@@ -35,10 +35,10 @@ def psi(reference: np.ndarray, current: np.ndarray, bins: int = 10) -> float:
     if ref.size == 0 or cur.size == 0:
         raise ValueError("psi needs a non-empty reference and current sample")
     edges = np.unique(np.quantile(ref, np.linspace(0, 1, bins + 1)[1:-1]))
-    r = np.bincount(np.searchsorted(edges, ref, side="right"), minlength=edges.size + 1)
-    c = np.bincount(np.searchsorted(edges, cur, side="right"), minlength=edges.size + 1)
-    r = (r + 0.5) / (ref.size + 0.5 * r.size)
-    c = (c + 0.5) / (cur.size + 0.5 * c.size)
+    r_n = np.bincount(np.searchsorted(edges, ref, side="right"), minlength=edges.size + 1)
+    c_n = np.bincount(np.searchsorted(edges, cur, side="right"), minlength=edges.size + 1)
+    r = (r_n + 0.5) / (ref.size + 0.5 * r_n.size)
+    c = (c_n + 0.5) / (cur.size + 0.5 * c_n.size)
     return float(np.sum((c - r) * np.log(c / r)))
 
 

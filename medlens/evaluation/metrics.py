@@ -77,7 +77,7 @@ def _validate(y_true, probs, labels: Sequence[str] | None = None) -> tuple[np.nd
     return yi, p
 
 
-def predict_labels(probs: ArrayLike, threshold: float | None = None) -> np.ndarray:
+def predict_labels(probs: ArrayLike, threshold: float | np.ndarray | None = None) -> np.ndarray:
     """Turn probabilities into predicted class indices.
 
     Args:

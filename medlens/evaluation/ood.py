@@ -28,13 +28,60 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Self
+from typing import Any, Protocol, Self, TypedDict, runtime_checkable
 
 import numpy as np
 
 from medlens.errors import DataError
 
-__all__ = ["FeatureGuard", "StageGuard", "fit_guard", "fit_stage_guard", "load_guard"]
+__all__ = [
+    "Guard",
+    "OODVerdict",
+    "FeatureGuard",
+    "StageGuard",
+    "EnsembleGuard",
+    "fit_guard",
+    "fit_stage_guard",
+    "load_guard",
+]
+
+
+class OODVerdict(TypedDict):
+    """A guard's verdict on one image."""
+
+    flag: bool | None  # above the flag level; None: the model has no guard
+    score: float | None
+    ratio: float | None  # the score over the flag level: flagged above 1
+
+
+@runtime_checkable
+class Guard(Protocol):
+    """What every out-of-distribution guard offers (:class:`StageGuard`,
+    :class:`EnsembleGuard` and the older :class:`FeatureGuard`): the predictor and site
+    calibration use guards only through this."""
+
+    input: str  # what the predictor feeds it: "stats" (per-stage statistics) or "features"
+    threshold: float  # the flag level of :meth:`score`
+
+    def score(self, inputs: np.ndarray, /) -> np.ndarray:
+        """``(N, ...)`` inputs -> ``(N,)`` scores (larger: less like the validation images)."""
+        ...
+
+    def at_level(self, inputs: np.ndarray, /) -> Guard:
+        """The same guard with its flag level set on a site's own images."""
+        ...
+
+    def __call__(self, inputs: np.ndarray, /) -> list[OODVerdict]:
+        """One verdict per image."""
+        ...
+
+    def save(self, path: str | Path) -> None:
+        """Write the guard (``ood.npz``) atomically."""
+        ...
+
+    def summary(self, file: str = "") -> dict:
+        """What ``model.json`` records about the guard."""
+        ...
 
 
 @dataclass
@@ -65,7 +112,7 @@ class FeatureGuard:
         ``quantile`` of their scores, so that share of them passes."""
         return replace(self, threshold=float(np.quantile(self.score(inputs), self.quantile)))
 
-    def __call__(self, feats: np.ndarray) -> list[dict]:
+    def __call__(self, feats: np.ndarray) -> list[OODVerdict]:
         s = self.score(feats)
         return verdicts(s, self.threshold)
 
@@ -170,7 +217,7 @@ def ood_text(ratio: float | None, flag: bool | None) -> str:
     )
 
 
-def verdicts(scores: np.ndarray, threshold: float) -> list[dict]:
+def verdicts(scores: np.ndarray, threshold: float) -> list[OODVerdict]:
     """Per image: ``flag`` (score above the threshold), ``score``, and ``ratio``, the score
     over the threshold (a scale a person can read: flagged above 1)."""
     return [
@@ -231,7 +278,7 @@ class StageGuard:
         ``quantile`` of their scores, so that share of them passes."""
         return replace(self, threshold=float(np.quantile(self.score(inputs), self.quantile)))
 
-    def __call__(self, stats: np.ndarray) -> list[dict]:
+    def __call__(self, stats: np.ndarray) -> list[OODVerdict]:
         s = self.score(stats)
         return verdicts(s, self.threshold)
 
@@ -249,9 +296,9 @@ class StageGuard:
         guard.threshold = float(np.quantile(guard.score(val_stats), self.quantile))
         return guard
 
-    def to_arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
+    def to_arrays(self, prefix: str = "") -> dict[str, np.ndarray | np.generic]:
         """The guard as named arrays (``ood.npz``'s content), names prefixed by ``prefix``."""
-        arrays = {
+        arrays: dict[str, np.ndarray | np.generic] = {
             "kind": np.array("stages"),
             "widths": np.asarray(self.widths, np.int64),
             "refs": self.refs.astype(np.float64),
@@ -332,12 +379,15 @@ class EnsembleGuard:
         level = float(np.quantile(self.score(stats), self.members[0].quantile))
         return EnsembleGuard([replace(m, threshold=m.threshold * level) for m in self.members])
 
-    def __call__(self, stats: np.ndarray) -> list[dict]:
+    def __call__(self, stats: np.ndarray) -> list[OODVerdict]:
         s = self.score(stats)
         return verdicts(s, self.threshold)
 
     def save(self, path: str | Path) -> None:
-        arrays = {"kind": np.array("ensemble"), "members": np.int64(len(self.members))}
+        arrays: dict[str, np.ndarray | np.generic] = {
+            "kind": np.array("ensemble"),
+            "members": np.int64(len(self.members)),
+        }
         for i, m in enumerate(self.members):
             arrays.update(m.to_arrays(prefix=f"m{i}_"))
         _save_arrays(path, arrays)
@@ -355,17 +405,18 @@ class EnsembleGuard:
         }
 
 
-def _save_arrays(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
+def _save_arrays(path: str | Path, arrays: Mapping[str, np.ndarray | np.generic]) -> None:
     import io
 
     from medlens.fileio import atomic_write_bytes
 
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    named: dict[str, Any] = dict(arrays)  # savez(**kwds) also names its allow_pickle flag
+    np.savez(buf, **named)
     atomic_write_bytes(path, buf.getvalue())
 
 
-def load_guard(path: str | Path) -> StageGuard | FeatureGuard | EnsembleGuard:
+def load_guard(path: str | Path) -> Guard:
     """:class:`StageGuard`, :class:`EnsembleGuard` or (older runs) :class:`FeatureGuard` from
     ``ood.npz``."""
     with np.load(path, allow_pickle=False) as z:

@@ -26,6 +26,7 @@ met: :class:`~medlens.errors.UsageError` says so.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypedDict
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -133,6 +134,7 @@ class OperatingPoint:
         if self.rule == "balanced":
             return 0.5
         if self.rule == "cost_ratio":
+            assert self.value is not None  # parse() requires a number for cost_ratio
             return 1.0 / (1.0 + float(self.value))
         return None
 
@@ -150,6 +152,7 @@ class OperatingPoint:
         sens, spec = rates_at(y, p, t)
         if self.rule in ("sensitivity", "specificity"):
             screening = self.rule == "sensitivity"
+            assert self.value is not None  # parse() requires a number for these rules
             kept, other = (sens, spec) if screening else (spec, sens)
             ok = np.flatnonzero(kept >= self.value - 1e-12)
             # t increases: the highest cut keeping sensitivity, the lowest keeping specificity,
@@ -200,7 +203,7 @@ def _candidates(p: np.ndarray, grid: bool) -> np.ndarray:
     near-optimal range is measured in probability, not in images)."""
     s = np.unique(p)
     mids = (s[1:] + s[:-1]) / 2.0
-    extra = _GRID if grid else []
+    extra: ArrayLike = _GRID if grid else []
     return np.unique(np.concatenate([[0.0], extra, mids, [np.nextafter(1.0, 2.0)]]))
 
 
@@ -217,6 +220,24 @@ def _interval(values: np.ndarray) -> list[float]:
     return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
 
 
+class OperatingPointChoice(TypedDict):
+    """:func:`choose_operating_point`'s answer (``model.json``'s ``operating_point``)."""
+
+    rule: str
+    description: str
+    threshold: float
+    threshold_ci: list[float]
+    sensitivity: float
+    sensitivity_ci: list[float]
+    specificity: float
+    specificity_ci: list[float]
+    n: int
+    n_positive: int
+    n_negative: int
+    measured_on: str
+    warning: str | None
+
+
 def choose_operating_point(
     y_true: ArrayLike,
     p_pos: ArrayLike,
@@ -225,7 +246,7 @@ def choose_operating_point(
     n_boot: int = 1000,
     seed: int = 0,
     split: str = "validation",
-) -> dict:
+) -> OperatingPointChoice:
     """The threshold ``spec`` picks on these images, with 95% bootstrap intervals.
 
     The images are resampled ``n_boot`` times within each class; each resample gives the
@@ -260,7 +281,7 @@ def choose_operating_point(
         s, c = rates_at(yb, pb, [t])
         boot_sens.append(s[0])
         boot_spec.append(c[0])
-    out = {
+    out: OperatingPointChoice = {
         "rule": str(op),
         "description": op.describe(),
         "threshold": t,
@@ -279,14 +300,16 @@ def choose_operating_point(
     return out
 
 
-def _warning(op: dict) -> str | None:
+def _warning(op: OperatingPointChoice) -> str | None:
     """Plain words when the operating point rests on too little: a wide interval."""
     problems = []
     lo, hi = op["threshold_ci"]
     if hi - lo > WIDE_THRESHOLD:
         problems.append(f"the threshold could lie anywhere from {lo:.3f} to {hi:.3f}")
-    for name in ("sensitivity", "specificity"):
-        lo, hi = op[f"{name}_ci"]
+    for name, (lo, hi) in (
+        ("sensitivity", op["sensitivity_ci"]),
+        ("specificity", op["specificity_ci"]),
+    ):
         if hi - lo > WIDE_RATE:
             problems.append(f"{name} at it lies between {lo:.3f} and {hi:.3f}")
     if not problems:

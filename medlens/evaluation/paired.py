@@ -19,6 +19,7 @@ Every difference is ``B - A``: positive when model B (the candidate) is better.
 from __future__ import annotations
 
 import math
+from typing import TypedDict
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -76,7 +77,40 @@ def _newcombe_paired(both: int, only_a: int, only_b: int, neither: int, z: float
     return [max(-1.0, lower), min(1.0, upper)]
 
 
-def mcnemar(correct_a: ArrayLike, correct_b: ArrayLike, *, ci_level: float = 0.95) -> dict:
+class McNemarResult(TypedDict):
+    """:func:`mcnemar`'s answer."""
+
+    n: int
+    b: int  # images A got right and B wrong
+    c: int  # images A got wrong and B right
+    accuracy_a: float
+    accuracy_b: float
+    difference: float  # accuracy_b - accuracy_a
+    ci: list[float]
+    ci_level: float
+    ci_method: str
+    statistic: float
+    p: float
+    method: str
+
+
+class DeLongResult(TypedDict):
+    """:func:`delong`'s answer."""
+
+    auc_a: float
+    auc_b: float
+    se_a: float
+    se_b: float
+    difference: float  # auc_b - auc_a
+    se: float
+    z: float | None  # None: a degenerate variance estimate
+    p: float
+    ci: list[float]
+    ci_level: float
+    method: str
+
+
+def mcnemar(correct_a: ArrayLike, correct_b: ArrayLike, *, ci_level: float = 0.95) -> McNemarResult:
     """McNemar's test of two models' accuracy on the same images, and the difference.
 
     ``b`` counts the images A got right and B wrong, ``c`` those A got wrong and B right.
@@ -157,7 +191,7 @@ def _auc_covariance(positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarra
 
 def delong(
     y_true: ArrayLike, score_a: ArrayLike, score_b: ArrayLike, *, ci_level: float = 0.95
-) -> dict:
+) -> DeLongResult:
     """DeLong's test of two correlated ROC AUCs on the same images.
 
     The AUCs are Mann-Whitney statistics (ties count 1/2); their covariance is DeLong et
@@ -248,7 +282,7 @@ def paired_auc(
     ci_level: float = 0.95,
     n_bootstrap: int = 2000,
     seed: int = 0,
-) -> dict:
+) -> DeLongResult | dict:
     """The paired AUC comparison of two models' ``(N, K)`` probabilities on the same images.
 
     Binary (``K == 2``): :func:`delong` on ``p(labels[1])``. Multiclass: :func:`delong` per

@@ -166,12 +166,12 @@ def baseline_auc(
         idx = rng.integers(0, len(y), len(y))
         if len(np.unique(y[idx])) == n_classes:
             boot.append(_auc(y[idx], scores[idx] if n_classes > 2 else scores[idx, 1]))
-    single = []
+    single: list[dict[str, str | float]] = []
     if n_classes == 2:
         for i, name in enumerate(FEATURE_NAMES[: x.shape[1]]):
             a = _auc(y, x[:, i]) if np.ptp(x[:, i]) > 0 else 0.5
             single.append({"feature": name, "auc": round(max(a, 1 - a), 4)})
-        single.sort(key=lambda d: -d["auc"])
+        single.sort(key=lambda d: -float(d["auc"]))
     return {
         "auc": auc,
         "auc_ci": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],

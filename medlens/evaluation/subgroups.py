@@ -9,7 +9,7 @@ is too small for its figures to mean much.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -36,7 +36,7 @@ def _largest_gaps(groups: dict[str, dict]) -> dict[str, dict]:
         vals = {v: m[key] for v, m in pool.items() if m.get(key) is not None}
         if len(vals) < 2:
             continue
-        hi, lo = max(vals, key=vals.get), min(vals, key=vals.get)
+        hi, lo = max(vals, key=lambda v: vals[v]), min(vals, key=lambda v: vals[v])
         out[key] = {"gap": vals[hi] - vals[lo], "highest": hi, "lowest": lo}
     return out
 
@@ -68,7 +68,7 @@ def subgroup_metrics(
     probs: np.ndarray,
     labels: Sequence[str],
     threshold: float | None,
-    attributes: dict[str, Sequence[str | None]],
+    attributes: Mapping[str, Sequence[str | None]],
     *,
     n_bootstrap: int = 1000,
     seed: int = 0,
@@ -88,10 +88,10 @@ def subgroup_metrics(
     """
     y_true, probs = np.asarray(y_true), np.asarray(probs)
     out = {}
-    for attr, values in attributes.items():
-        values = np.array(["" if v is None else str(v) for v in values], dtype=object)
-        groups = {}
-        for value in sorted({v for v in values if v != ""}):
+    for attr, raw in attributes.items():
+        values = np.array(["" if v is None else str(v) for v in raw], dtype=object)
+        groups: dict[str, dict] = {}
+        for value in sorted({str(v) for v in values if v != ""}):
             idx = np.flatnonzero(values == value)
             m = compute_metrics(
                 y_true[idx], probs[idx], labels, threshold, n_bootstrap=n_bootstrap, seed=seed

@@ -28,6 +28,7 @@ export never leaves a half-written bundle.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -50,7 +51,7 @@ from medlens.artifacts.folders import (
     resolve_model,
     write_split,
 )
-from medlens.artifacts.model import ModelMeta, load_network
+from medlens.artifacts.model import ModelMeta, load_network, write_meta
 from medlens.artifacts.onnx import (
     EnsembleGraph,
     check_onnx,
@@ -85,8 +86,9 @@ def _held_out(runs: list[Path], split: str, labels: list[str]):
     probabilities for them (None for an ensemble), or None when there are none."""
     from medlens.data.datasets import Sample
 
-    preds = [ModelFolder(r).read_predictions(split, labels) for r in runs]
-    if any(p is None for p in preds):
+    read = [ModelFolder(r).read_predictions(split, labels) for r in runs]
+    preds = [p for p in read if p is not None]
+    if len(preds) < len(read):
         return None
     shared = set(preds[0].paths).intersection(*(p.paths for p in preds[1:]))
     keep = [i for i, path in enumerate(preds[0].paths) if path in shared]
@@ -94,6 +96,13 @@ def _held_out(runs: list[Path], split: str, labels: list[str]):
         return None
     samples = [Sample(preds[0].paths[i], int(preds[0].y_true[i])) for i in keep]
     return samples, (preds[0].probs[keep] if len(runs) == 1 else None)
+
+
+def _shipped(folder: Path, meta: ModelMeta) -> Predictor:
+    """The bundle being assembled in ``folder`` as it stands, with ``meta`` as its
+    ``model.json`` would load (written once, at the end of :func:`make_bundle`)."""
+    snapshot = ModelMeta.from_dict(json.loads(json.dumps(meta.to_dict(), allow_nan=False)))
+    return Predictor(folder, meta=snapshot)
 
 
 _PIXELS: dict[str, np.ndarray] = {}
@@ -130,7 +139,11 @@ def _measure_split(
     preds = pred.predict_prepared(pixels)
     probs = np.array([[p.probabilities[c] for c in meta.labels] for p in preds])
     flagged = [p.ood["flag"] for p in preds if p.ood["flag"] is not None]
-    before = ref.probs_prepared(pixels) if run_probs is None else run_probs
+    if run_probs is None:
+        assert ref is not None  # an ensemble (no run probabilities) has its float32 graph
+        before = ref.probs_prepared(pixels)
+    else:
+        before = run_probs
     change = float(np.abs(probs - before).max())
     m = compute_metrics(y, probs, meta.labels, meta.threshold)
     log.info(
@@ -164,16 +177,18 @@ OUT_OF_FOLD = (
 
 
 def _out_of_fold(
-    pred: Predictor, ref: Predictor, runs: list[Path], meta: ModelMeta
+    pred: Predictor, ref: Predictor | None, runs: list[Path], meta: ModelMeta
 ) -> tuple[dict, float] | None:
     """Pooled validation metrics of k-fold members whose validation images are disjoint (the
     cross-validation estimate), and the largest probability change of the shipped graph
     against its float32 one on those images; None when they overlap or were not evaluated."""
     from medlens.data.datasets import Sample
 
-    preds = [ModelFolder(r).read_predictions("val", meta.labels) for r in runs]
-    if len(runs) < 2 or any(p is None for p in preds):
+    read = [ModelFolder(r).read_predictions("val", meta.labels) for r in runs]
+    preds = [p for p in read if p is not None]
+    if len(runs) < 2 or len(preds) < len(read):
         return None
+    assert ref is not None  # an ensemble's float32 graph
     paths = [path for p in preds for path in p.paths]
     if len(set(paths)) != len(paths):
         return None
@@ -197,7 +212,7 @@ def _remeasure(
 
     from medlens.artifacts.onnx import ort_session
 
-    pred = Predictor(folder)
+    pred = _shipped(folder, meta)
     ref = None  # a single run is compared with its own probabilities, an ensemble with this
     if len(runs) > 1:
         ref = copy.copy(pred)  # the same model and guard, through the float32 graph
@@ -237,7 +252,7 @@ def _ensemble_meta(runs: list[Path], metas: list[ModelMeta]) -> ModelMeta:
                 f"{geometry[1]})"
             )
     archs = sorted({m.arch for m in metas})
-    shas = [m.extra.get("weights_sha256") or "" for m in metas]
+    shas = [m.weights_sha256 or "" for m in metas]
     thresholds = [m.threshold for m in metas if m.threshold is not None]
     meta = ModelMeta(
         arch=archs[0] if len(archs) == 1 else "+".join(archs),
@@ -267,8 +282,8 @@ def _copy_guard(runs: list[Path], dest: Path, meta: ModelMeta) -> None:
             if meta.extra.get("ood"):  # runs trained before the hash was recorded get it here
                 meta.extra["ood"] = {**meta.extra["ood"], "sha256": sha256_file(dest)}
         return
-    guards = [load_guard(p) for p in paths if p.exists()]
-    if len(guards) == len(runs) and all(isinstance(g, StageGuard) for g in guards):
+    guards = [g for p in paths if p.exists() and isinstance(g := load_guard(p), StageGuard)]
+    if len(guards) == len(runs):
         guard = EnsembleGuard(guards)
         guard.save(dest)
         meta.extra["ood"] = {**guard.summary(OOD_FILE), "sha256": sha256_file(dest)}
@@ -284,11 +299,13 @@ def _recalibrate_guard(folder: Path, runs: list[Path], meta: ModelMeta) -> None:
         return
     guard = load_guard(path)
     members = guard.members if isinstance(guard, EnsembleGuard) else [guard]
-    if not all(isinstance(m, StageGuard) for m in members):
+    stage_guards = [m for m in members if isinstance(m, StageGuard)]
+    if len(stage_guards) < len(members):
         return
-    pred = Predictor(folder)
-    fresh, start = [], 0
-    for run, member in zip(runs, members):
+    pred = _shipped(folder, meta)
+    fresh: list[StageGuard] = []
+    start = 0
+    for run, member in zip(runs, stage_guards):
         held = _held_out([run], "val", meta.labels)
         width = sum(member.widths)
         if held is None:  # no validation images to set it on: kept as trained
@@ -327,7 +344,7 @@ def _calibrate_ensemble(folder: Path, runs: list[Path], meta: ModelMeta) -> None
         )
         return
     pixels, y = _decoded(held[0], meta, "val")
-    meta.temperature = fit_temperature(Predictor(folder).logits_prepared(pixels).numpy(), y)
+    meta.temperature = fit_temperature(_shipped(folder, meta).logits_prepared(pixels).numpy(), y)
     meta.extra["ensemble_calibration"] = (
         f"temperature fitted on the {len(y)} validation images the members share"
     )
@@ -347,10 +364,11 @@ def _choose_operating_point(folder: Path, runs: list[Path], meta: ModelMeta, rul
     held = _held_out(runs, "val", meta.labels)
     if held is not None:
         pixels, y = _decoded(held[0], meta, "val")
-        p, where = Predictor(folder).probs_prepared(pixels)[:, 1], "validation"
+        p, where = _shipped(folder, meta).probs_prepared(pixels)[:, 1], "validation"
     else:
-        preds = [ModelFolder(r).read_predictions("val", meta.labels) for r in runs]
-        if any(x is None for x in preds):
+        read = [ModelFolder(r).read_predictions("val", meta.labels) for r in runs]
+        preds = [x for x in read if x is not None]
+        if len(preds) < len(read):
             raise UsageError(
                 "the runs recorded no validation predictions to choose the operating point on; "
                 "train them again with this MedLens"
@@ -435,15 +453,12 @@ def make_bundle(
         if card:
             meta.extra["card"] = {**(meta.extra.get("card") or {}), **card}
         meta.extra["export"] = _export_record(runs, half, int8, curves)
-        write_json(tmp / MODEL_JSON, meta.to_dict())
         if len(runs) > 1:
             _calibrate_ensemble(tmp, runs, meta)
-            write_json(tmp / MODEL_JSON, meta.to_dict())
         _choose_operating_point(tmp, runs, meta, operating_point)
         _recalibrate_guard(tmp, runs, meta)
-        write_json(tmp / MODEL_JSON, meta.to_dict())
         metrics, change = _remeasure(tmp, runs, meta, full_graph)
-        write_json(tmp / MODEL_JSON, meta.to_dict())
+        write_meta(tmp, meta)  # once, complete: every step above predicted through `meta`
         card = model_card(meta, tmp, onnx_sha256=hashlib.sha256(blob).hexdigest())
         write_json(tmp / CARD_JSON, card)
         atomic_write_text(tmp / CARD_MD, model_card_markdown(card))

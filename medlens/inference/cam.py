@@ -45,9 +45,9 @@ def overlay_cam(
 
     img = Image.fromarray(pixels).convert("RGB")
     if size:
-        img = img.resize((size, size), Image.BILINEAR)
+        img = img.resize((size, size), Image.Resampling.BILINEAR)
     heat = Image.fromarray((np.clip(cam, 0, 1) * 255).astype(np.uint8)).resize(
-        img.size, Image.BILINEAR
+        img.size, Image.Resampling.BILINEAR
     )
     colour = jet(np.asarray(heat, dtype=np.float32) / 255.0)
     base = np.asarray(img, dtype=np.float32) / 255.0

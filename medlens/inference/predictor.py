@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -33,18 +34,18 @@ from medlens.artifacts.model import (
     read_meta,
 )
 from medlens.errors import ModelLoadError, ModelOutputError
+from medlens.evaluation.ood import Guard, OODVerdict
 from medlens.inference.cam import cam_to_heat
 
-NO_OOD = {"flag": None, "score": None, "ratio": None}
+NO_OOD: OODVerdict = {"flag": None, "score": None, "ratio": None}
 """What :attr:`Prediction.ood` holds for a model without an out-of-distribution guard."""
 
 
-OODGuard = Callable[[np.ndarray], list[dict]]
 """``features float32 (N, F)`` (penultimate, see :meth:`Classifier.features`) ->
 ``[{"flag": bool, "score": float}, ...]``, one per image."""
 
 
-def load_ood_guard(folder: Path | None, meta: ModelMeta) -> OODGuard | None:
+def load_ood_guard(folder: Path | None, meta: ModelMeta) -> Guard | None:
     """The model's out-of-distribution guard (``ood.npz``, see :mod:`medlens.evaluation.ood`), or None.
 
     The :class:`Predictor` passes every batch's activation statistics (or, for guards of
@@ -56,7 +57,8 @@ def load_ood_guard(folder: Path | None, meta: ModelMeta) -> OODGuard | None:
     if folder is None or not (Path(folder) / OOD_FILE).exists():
         return None
     path = Path(folder) / OOD_FILE
-    check_file(path, (meta.extra.get("ood") or {}).get("sha256"), Path(folder) / MODEL_JSON)
+    ood = meta.ood
+    check_file(path, ood.sha256 if ood else None, Path(folder) / MODEL_JSON)
     try:
         return load_guard(path)
     except Exception as e:  # noqa: BLE001 - a damaged zip (CRC), missing arrays, not an npz
@@ -67,14 +69,22 @@ def load_ood_guard(folder: Path | None, meta: ModelMeta) -> OODGuard | None:
         ) from None
 
 
+class PredictionDict(TypedDict):
+    """:meth:`Prediction.to_dict`: the prediction as JSON."""
+
+    label: str
+    probabilities: dict[str, float]
+    threshold: float | None
+
+
 @dataclass
 class Prediction:
     label: str
     probabilities: dict[str, float]
     threshold: float | None
-    ood: dict = field(default_factory=lambda: dict(NO_OOD))  # {"flag", "score"}
+    ood: OODVerdict = field(default_factory=lambda: OODVerdict(**NO_OOD))
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> PredictionDict:
         return {
             "label": self.label,
             "probabilities": self.probabilities,
@@ -97,6 +107,9 @@ class Predictor:
             missing (nothing is written); ``"torch"``: torch only.
         threads: ONNX Runtime intra-op threads of the session (None: every core); a server
             or a Ray actor running several predictions at once gives each one thread.
+        meta: the model's metadata, instead of the folder's ``model.json`` (``ref`` is then
+            the folder as it is: an export assembling a bundle predicts through it before
+            writing its ``model.json``).
     """
 
     def __init__(
@@ -107,20 +120,22 @@ class Predictor:
         backend: str = "auto",
         tta: bool = False,
         threads: int | None = None,
+        meta: ModelMeta | None = None,
     ) -> None:
         from medlens.artifacts.folders import ONNX_FILE
         from medlens.artifacts.onnx import check_onnx_matches, onnx_bytes, ort_session
 
         if backend not in ("auto", "onnx", "torch"):
             raise ValueError(f"backend must be auto, onnx or torch, got {backend!r}")
-        self.folder = resolve_model(ref, model_dirs)
+        self.folder = Path(ref) if meta is not None else resolve_model(ref, model_dirs)
         onnx_path = self.folder / ONNX_FILE
         self.session, self.backend, self.net = None, "torch", None
         if (self.folder / MODEL_WEIGHTS).exists() or not onnx_path.exists():
-            self.net, self.meta = load_network(self.folder)
-            self.net = self.net.to(memory_format=torch.channels_last)
+            self.net, self.meta = load_network(self.folder, meta)
+            # torch's stubs omit Module.to's memory_format (a documented keyword)
+            self.net = self.net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         else:  # an inference-only folder (a bundled model): model.json + model.onnx
-            self.meta = read_meta(self.folder)
+            self.meta = meta or read_meta(self.folder)
             if backend == "torch":
                 raise ModelLoadError(
                     f"{self.folder} holds only {ONNX_FILE} (no "
@@ -133,6 +148,7 @@ class Predictor:
             self.session, self.backend = ort_session(onnx_path, threads=threads), "onnx"
             check_onnx_matches(self.session, self.meta, self.folder)
         elif backend == "onnx":
+            assert self.net is not None  # no model.onnx: the network was loaded above
             self.session = ort_session(onnx_bytes(self.net, self.meta), threads=threads)
             self.backend = "onnx (exported in memory)"
         self.ood_guard = load_ood_guard(self.folder, self.meta)
@@ -163,6 +179,8 @@ class Predictor:
         extra = "features" if features is True else features or None
         if extra not in (None, "features", "stats"):
             raise ValueError(f"features must be a bool, 'features' or 'stats', got {features!r}")
+        if not isinstance(x_uint8, torch.Tensor):
+            x_uint8 = np.asarray(x_uint8)
         logits, more = self._forward(x_uint8, batch_size, extra)
         if self.tta:
             mirrored = torch.as_tensor(np.asarray(x_uint8)).flip(-1)
@@ -176,7 +194,7 @@ class Predictor:
         return logits, more
 
     def _forward(
-        self, x_uint8: ArrayLike, batch_size: int, extra: str | None
+        self, x_uint8: np.ndarray | torch.Tensor, batch_size: int, extra: str | None
     ) -> tuple[torch.Tensor, np.ndarray | None]:
         if self.session is not None:
             names = ["logits", extra] if extra else ["logits"]
@@ -196,18 +214,21 @@ class Predictor:
         from medlens.inference.runtime import compute_logits
         from medlens.inference.runtime import logits_and_stats as logits_and_stats
 
-        self.net.eval()
+        net = self.net
+        assert net is not None  # without an ONNX Runtime session the network is loaded
+        net.eval()
         n_out = self.meta.num_outputs
+        fn: Callable[[torch.Tensor], torch.Tensor]
         if extra == "features":
 
-            def fn(b):
-                return torch.cat(self.net.forward_with_features(b), 1)
+            def fn(b: torch.Tensor) -> torch.Tensor:
+                return torch.cat(net.forward_with_features(b), 1)
         elif extra == "stats":
 
-            def fn(b):
-                return logits_and_stats(self.net, b)
+            def fn(b: torch.Tensor) -> torch.Tensor:
+                return logits_and_stats(net, b)
         else:
-            fn = self.net
+            fn = net
         out = compute_logits(
             fn,
             x_uint8,
@@ -231,7 +252,7 @@ class Predictor:
 
     def probs_and_ood_prepared(
         self, x_uint8: ArrayLike, batch_size: int = 64
-    ) -> tuple[np.ndarray, list[dict]]:
+    ) -> tuple[np.ndarray, list[OODVerdict]]:
         """Calibrated ``(N, K)`` probabilities and the OOD guard's verdict per image
         (:data:`NO_OOD` without a guard) of prepared ``uint8 (N, C, S, S)`` images."""
         from medlens.evaluation.calibration import logits_to_probs
@@ -240,8 +261,10 @@ class Predictor:
             x_uint8, batch_size, features=self.ood_guard.input if self.ood_guard else False
         )
         probs = logits_to_probs(logits.numpy(), self.meta.temperature)
-        oods = self.ood_guard(feats) if self.ood_guard is not None else [NO_OOD] * len(probs)
-        return probs, oods
+        if self.ood_guard is None:
+            return probs, [NO_OOD] * len(probs)
+        assert feats is not None  # asked for with features=self.ood_guard.input
+        return probs, self.ood_guard(feats)
 
     def predict_prepared(self, x_uint8: ArrayLike, batch_size: int = 64) -> list[Prediction]:
         """Prepared ``uint8 (N, C, S, S)`` images -> predictions (with the OOD verdict)."""
@@ -252,7 +275,7 @@ class Predictor:
         """Decoded images (``uint8 (H,W)`` or ``(H,W,3)``) -> predictions."""
         return self.predict_prepared(np.stack([self.pre.prepare(p) for p in pixels_list]))
 
-    def to_prediction(self, probs: np.ndarray, ood: dict | None = None) -> Prediction:
+    def to_prediction(self, probs: np.ndarray, ood: OODVerdict | None = None) -> Prediction:
         from medlens.evaluation.metrics import predict_labels
 
         idx = int(predict_labels(probs[None], self.meta.threshold)[0])
@@ -260,7 +283,7 @@ class Predictor:
             self.labels[idx],
             {c: round(float(v), 6) for c, v in zip(self.labels, probs)},
             None if self.meta.threshold is None else round(self.meta.threshold, 6),
-            dict(ood or NO_OOD),
+            OODVerdict(**(ood or NO_OOD)),
         )
 
     @property
@@ -280,7 +303,7 @@ class Predictor:
             map explains the positive-class logit.
         """
         x = self.pre(pixels)[None].contiguous()
-        if self._onnx_cam:
+        if self.session is not None and self._onnx_cam:
             logits, maps = self.session.run(["logits", "cam"], {"input": x.numpy()})
             if self.meta.binary:
                 channel, idx = 0, 1
@@ -299,7 +322,9 @@ class Predictor:
     def _explain(self, x: torch.Tensor, class_index: int | None) -> tuple[np.ndarray, int]:
         from monai.visualize import GradCAM
 
-        net = self.net.float().to(memory_format=torch.contiguous_format)
+        assert self.net is not None  # the torch backend (no graph cam output) has the network
+        # torch's stubs omit Module.to's memory_format (a documented keyword)
+        net = self.net.float().to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
         net.eval()
         # MONAI's default post-processing maps (min, max) to (1, 0), i.e. it inverts the map;
         # the raw map is taken and scaled by cam_to_heat instead.

@@ -11,8 +11,8 @@ if TYPE_CHECKING:
 import contextlib
 from collections.abc import Callable
 
+import numpy as np
 import torch
-from numpy.typing import ArrayLike
 
 
 def autocast(
@@ -35,7 +35,7 @@ def exact_float32(
 
 def compute_logits(
     fn: Callable[[torch.Tensor], torch.Tensor],
-    x: ArrayLike | torch.Tensor,
+    x: np.ndarray | torch.Tensor,
     batch_size: int = 64,
     dtype: torch.dtype | None = None,
     transform: Callable | None = None,

@@ -119,10 +119,10 @@ def calibrate_model(
     meta.name = out.name
     meta.extra["site_calibration" if data else "operating_point_restated"] = {
         "base_model": predictor.meta.name or base.name,
-        "base_version": (predictor.meta.extra.get("weights_sha256") or "")[:12] or None,
+        "base_version": predictor.meta.version,
         "base_model_json_sha256": sha256_file(base / MODEL_JSON),
         "date": dt.date.today().isoformat(),
-        "operating_point": None if meta.extra.get("operating_point") is None else rule_text(meta),
+        "operating_point": None if meta.operating_point is None else rule_text(meta),
         **(site or {}),
         "before": headline_metrics(before) if before else None,
         "after": headline_metrics(after) if after else None,
@@ -132,7 +132,10 @@ def calibrate_model(
 
 
 def rule_text(meta: ModelMeta) -> str:
-    return str(meta.extra["operating_point"]["rule"])
+    op = meta.operating_point
+    if op is None:
+        raise ValueError(f"{meta.name} has no operating point")
+    return op.rule
 
 
 def _rule(meta: ModelMeta, operating_point) -> OperatingPoint:
@@ -273,7 +276,7 @@ def _cross_fit(logits, y, binary, rule, groups, folds, seed):
     for train, test in splitter.split(np.zeros(len(y)), y, groups):
         t = fit_temperature(logits[train], y[train])
         probs[test] = logits_to_probs(logits[test], t)
-        if binary:
+        if thresholds is not None:  # binary
             p_train = logits_to_probs(logits[train], t)[:, 1]
             thresholds[test] = rule.threshold(y[train], p_train)
     return probs, thresholds

@@ -9,7 +9,12 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydicom import Dataset
+
+    from medlens.inference.predictor import Prediction
 
 __all__ = ["FORMATS", "Document", "render"]
 
@@ -27,7 +32,9 @@ class Document:
     notes: tuple[str, ...] = ()  # what the document leaves out of the image's header, and why
 
 
-def render(fmt: str, prediction: Any, model: dict, card: dict, dicom: Any) -> Document:
+def render(
+    fmt: str, prediction: Prediction, model: dict, card: dict, dicom: Dataset | None
+) -> Document:
     """Render one prediction.
 
     Args:
@@ -63,7 +70,9 @@ def render(fmt: str, prediction: Any, model: dict, card: dict, dicom: Any) -> Do
         ) from None
 
 
-def _render(fmt: str, prediction: Any, model: dict, card: dict, dicom: Any) -> Document:
+def _render(
+    fmt: str, prediction: Prediction, model: dict, card: dict, dicom: Dataset | None
+) -> Document:
     if fmt == "fhir":
         from medlens.interop.fhir import fhir_report
 

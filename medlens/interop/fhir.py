@@ -17,10 +17,15 @@ from __future__ import annotations
 
 import re
 import uuid
-from datetime import datetime, timezone
-from typing import Any
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from medlens.interop.codes import concept
+
+if TYPE_CHECKING:
+    from pydicom import Dataset
+
+    from medlens.inference.predictor import Prediction
 
 __all__ = ["fhir_report", "validate"]
 
@@ -47,8 +52,8 @@ def _quantity(value: float) -> dict:
     return {"value": round(float(value), 6), "unit": "probability", "system": UCUM, "code": "1"}
 
 
-def _components(prediction: Any) -> list[dict]:
-    out = []
+def _components(prediction: Prediction) -> list[dict]:
+    out: list[dict] = []
     if prediction.threshold is not None:
         out.append(
             {
@@ -67,7 +72,9 @@ def _components(prediction: Any) -> list[dict]:
     return out
 
 
-def _observation(i: int, label: str, p: float, prediction: Any, card: dict, when: str) -> dict:
+def _observation(
+    i: int, label: str, p: float, prediction: Prediction, card: dict, when: str
+) -> dict:
     predicted = label == prediction.label
     return {
         "resourceType": "Observation",
@@ -97,7 +104,7 @@ def _device(model: dict) -> dict:
     }
 
 
-def _subject(dicom: Any) -> dict:
+def _subject(dicom: Dataset | None) -> dict:
     """Patient and study references by DICOM identifiers (no other patient data).
 
     Only a usable identifier is referenced: a PatientID with one value (several values are a
@@ -106,7 +113,7 @@ def _subject(dicom: Any) -> dict:
     """
     from pydicom.multival import MultiValue
 
-    out = {}
+    out: dict[str, object] = {}
     if dicom is None:
         return out
     patient, study = dicom.get("PatientID"), dicom.get("StudyInstanceUID")
@@ -124,7 +131,9 @@ def _subject(dicom: Any) -> dict:
     return out
 
 
-def fhir_report(prediction: Any, model: dict, card: dict, dicom: Any = None) -> dict:
+def fhir_report(
+    prediction: Prediction, model: dict, card: dict, dicom: Dataset | None = None
+) -> dict:
     """A validated FHIR R4 DiagnosticReport (a dict) for one prediction.
 
     Args:
@@ -137,7 +146,7 @@ def fhir_report(prediction: Any, model: dict, card: dict, dicom: Any = None) -> 
     Returns:
         The DiagnosticReport as a JSON-ready dict.
     """
-    when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    when = datetime.now(UTC).isoformat(timespec="seconds")
     obs = [
         _observation(i, label, p, prediction, card, when)
         for i, (label, p) in enumerate(prediction.probabilities.items(), start=1)

@@ -16,7 +16,7 @@ from torch import nn
 __all__ = ["VGG16", "InceptionV3"]
 
 # Configuration D: channels per convolution, "M" a 2x2 max-pool closing each of the 5 blocks.
-_VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+_VGG16: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]  # fmt: skip
 
 
 class VGG16(nn.Module):
@@ -27,7 +27,7 @@ class VGG16(nn.Module):
         layers: list[nn.Module] = []
         cin = in_channels
         for v in _VGG16:
-            if v == "M":
+            if isinstance(v, str):  # "M"
                 layers.append(nn.MaxPool2d(2, 2))
             else:
                 layers += [nn.Conv2d(cin, v, 3, padding=1), nn.ReLU(inplace=True)]
@@ -52,9 +52,16 @@ class VGG16(nn.Module):
 class _Conv(nn.Module):
     """Convolution (no bias), batch norm (eps 0.001), ReLU."""
 
-    def __init__(self, cin: int, cout: int, kernel: int | tuple, **kw: object):
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        kernel: int | tuple[int, int],
+        stride: int = 1,
+        padding: int | tuple[int, int] = 0,
+    ):
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout, kernel, bias=False, **kw)
+        self.conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, bias=False)
         self.bn = nn.BatchNorm2d(cout, eps=0.001)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,16 +116,16 @@ class _BlockC(nn.Module):
 
     def __init__(self, cin: int, c7: int):
         super().__init__()
-        row, col = {"padding": (0, 3)}, {"padding": (3, 0)}
+        row, col = (0, 3), (3, 0)  # the padding of 1x7 and 7x1 kernels
         self.branch1x1 = _Conv(cin, 192, 1)
         self.branch7x7_1 = _Conv(cin, c7, 1)
-        self.branch7x7_2 = _Conv(c7, c7, (1, 7), **row)
-        self.branch7x7_3 = _Conv(c7, 192, (7, 1), **col)
+        self.branch7x7_2 = _Conv(c7, c7, (1, 7), padding=row)
+        self.branch7x7_3 = _Conv(c7, 192, (7, 1), padding=col)
         self.branch7x7dbl_1 = _Conv(cin, c7, 1)
-        self.branch7x7dbl_2 = _Conv(c7, c7, (7, 1), **col)
-        self.branch7x7dbl_3 = _Conv(c7, c7, (1, 7), **row)
-        self.branch7x7dbl_4 = _Conv(c7, c7, (7, 1), **col)
-        self.branch7x7dbl_5 = _Conv(c7, 192, (1, 7), **row)
+        self.branch7x7dbl_2 = _Conv(c7, c7, (7, 1), padding=col)
+        self.branch7x7dbl_3 = _Conv(c7, c7, (1, 7), padding=row)
+        self.branch7x7dbl_4 = _Conv(c7, c7, (7, 1), padding=col)
+        self.branch7x7dbl_5 = _Conv(c7, 192, (1, 7), padding=row)
         self.branch_pool = _Conv(cin, 192, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -154,15 +161,15 @@ class _BlockE(nn.Module):
 
     def __init__(self, cin: int):
         super().__init__()
-        row, col = {"padding": (0, 1)}, {"padding": (1, 0)}
+        row, col = (0, 1), (1, 0)  # the padding of 1x3 and 3x1 kernels
         self.branch1x1 = _Conv(cin, 320, 1)
         self.branch3x3_1 = _Conv(cin, 384, 1)
-        self.branch3x3_2a = _Conv(384, 384, (1, 3), **row)
-        self.branch3x3_2b = _Conv(384, 384, (3, 1), **col)
+        self.branch3x3_2a = _Conv(384, 384, (1, 3), padding=row)
+        self.branch3x3_2b = _Conv(384, 384, (3, 1), padding=col)
         self.branch3x3dbl_1 = _Conv(cin, 448, 1)
         self.branch3x3dbl_2 = _Conv(448, 384, 3, padding=1)
-        self.branch3x3dbl_3a = _Conv(384, 384, (1, 3), **row)
-        self.branch3x3dbl_3b = _Conv(384, 384, (3, 1), **col)
+        self.branch3x3dbl_3a = _Conv(384, 384, (1, 3), padding=row)
+        self.branch3x3dbl_3b = _Conv(384, 384, (3, 1), padding=col)
         self.branch_pool = _Conv(cin, 192, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -211,7 +218,7 @@ class InceptionV3(nn.Module):
         names = list(self._modules)
         groups = [[n for n in names if not n.startswith("Mixed")]]
         groups += [[n for n in names if n.startswith(f"Mixed_{g}")] for g in "567"]
-        return nn.Sequential(*(nn.Sequential(*(self._modules[n] for n in g)) for g in groups))
+        return nn.Sequential(*(nn.Sequential(*(self.get_submodule(n) for n in g)) for g in groups))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages()(x)

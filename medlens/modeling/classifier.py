@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from medlens.modeling.weights import WeightsReport
+
 
 class Head(nn.Module):
     """Global average pooling -> BatchNorm1d -> Dropout -> Linear."""
@@ -47,6 +49,8 @@ class Classifier(nn.Module):
         self.head = Head(num_features, num_outputs, dropout)
         self.num_features = num_features
         self.num_outputs = num_outputs
+        # what loading a weights file into the backbone matched (set by create_model)
+        self.weights_report: WeightsReport | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))

@@ -22,6 +22,7 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -30,6 +31,9 @@ from medlens.errors import ConfigError, InstallError
 from medlens.modeling.classic import VGG16, InceptionV3
 from medlens.modeling.classifier import Classifier
 from medlens.modeling.weights import load_matching, read_state_dict
+
+if TYPE_CHECKING:
+    from monai.networks.nets.efficientnet import EfficientNet
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +192,9 @@ def _densenet121(in_channels: int, pretrained: bool = False):
         elif n.startswith("transition"):
             stages[-1].append(f._modules[n])
     stages.append(nn.Sequential(f._modules["norm5"], nn.ReLU(inplace=True)))
-    return nn.Sequential(*stages), net.class_layers.out.in_features, net
+    out = net.class_layers.out
+    assert isinstance(out, nn.Linear)  # MONAI DenseNet's classification layer
+    return nn.Sequential(*stages), out.in_features, net
 
 
 def _monai_resnet(depth: int, in_channels: int):
@@ -307,7 +313,9 @@ def lite_weights_path(variant: int) -> str:
     return getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
 
 
-def map_lite0_state_dict(state: dict[str, torch.Tensor], net: nn.Module) -> dict[str, torch.Tensor]:
+def map_lite0_state_dict(
+    state: dict[str, torch.Tensor], net: EfficientNet
+) -> dict[str, torch.Tensor]:
     """Rename lukemelas-style keys (flat ``_blocks.N``) to MONAI's ``_blocks.<stage>.N``.
 
     MONAI names each block by its global index inside its stage's ``nn.Sequential``, so the
@@ -323,9 +331,7 @@ def map_lite0_state_dict(state: dict[str, torch.Tensor], net: nn.Module) -> dict
     return out
 
 
-def _efficientnet_lite(
-    variant: int, in_channels: int, pretrained: bool
-) -> tuple[nn.Sequential, int]:
+def _efficientnet_lite(variant: int, in_channels: int, pretrained: bool) -> Built:
     from monai.networks.nets.efficientnet import EfficientNet
 
     net = EfficientNet(

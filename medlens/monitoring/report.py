@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 
@@ -65,14 +65,15 @@ class Reference:
     def from_folder(cls, folder: str | os.PathLike) -> Reference:
         meta = read_meta(folder)
         labels = list(meta.labels)
-        counts = ((meta.extra.get("training") or {}).get("split_counts") or {}).get("train")
+        training = meta.training
+        counts = ((training.split_counts if training else None) or {}).get("train")
         prior = None
         if counts and all(counts.get(c) for c in labels):
             prior = np.array([counts[c] for c in labels], float)
             prior /= prior.sum()
         val = ModelFolder(folder).read_predictions("val", labels)
-        ood = meta.extra.get("ood") or {}
-        expected = 1.0 - float(ood["quantile"]) if "quantile" in ood else None
+        ood = meta.ood
+        expected = 1.0 - ood.quantile if ood and ood.quantile is not None else None
         return cls(labels, prior, None if val is None else val.probs, expected)
 
 
@@ -183,11 +184,11 @@ def monitoring_report(
     the same per day (``per_day``, oldest first, days without predictions left out)."""
     lv = levels or AlertLevels()
     ref = Reference.from_folder(folder)
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     since = (now - timedelta(days=days)).replace(hour=0, minute=0, second=0, microsecond=0)
     rows = store.predictions_since(model, since)
     fb = store.feedback_rows(model, since)
-    day = lambda r: r["created_at"].astimezone(timezone.utc).date().isoformat()  # noqa: E731
+    day = lambda r: r["created_at"].astimezone(UTC).date().isoformat()  # noqa: E731
     per_day = [
         {
             "day": d,

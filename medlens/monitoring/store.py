@@ -17,13 +17,14 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 
 from medlens.errors import UsageError
+from medlens.monitoring import DATA_DIR_ENV
 
 __all__ = [
     "PredictionRecord",
@@ -35,7 +36,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("medlens.monitoring")
-DATA_DIR_ENV = "MEDLENS_DATA_DIR"
 MAX_COMMENT = 2000
 PRUNE_EVERY_S = 3600.0
 
@@ -99,7 +99,7 @@ class PredictionRecord:
 
 
 def _utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _row(r: Any) -> dict:
@@ -107,7 +107,7 @@ def _row(r: Any) -> dict:
     out = dict(r._mapping)
     t = out.get("created_at")
     if isinstance(t, datetime) and t.tzinfo is None:
-        out["created_at"] = t.replace(tzinfo=timezone.utc)
+        out["created_at"] = t.replace(tzinfo=UTC)
     return out
 
 
@@ -174,11 +174,6 @@ class RecordStore:
         """The record's URL for messages and logs (password hidden)."""
         return self.engine.url.render_as_string(hide_password=True)
 
-    @property
-    def url_with_password(self) -> str:
-        """The URL worker processes open the same record with."""
-        return self.engine.url.render_as_string(hide_password=False)
-
     def add_prediction(self, rec: PredictionRecord) -> str:
         """Store one prediction; its new random ``prediction_id``."""
         pid = secrets.token_hex(16)
@@ -224,7 +219,9 @@ class RecordStore:
                     image_kept=image_kept,
                 )
             )
-            return int(res.inserted_primary_key[0])
+            key = res.inserted_primary_key
+            assert key is not None  # an INSERT of one row has its key
+            return int(key[0])
 
     def predictions_since(self, model: str | None, since: datetime) -> list[dict]:
         """Predictions (of ``model``, or all) since ``since``, oldest first."""

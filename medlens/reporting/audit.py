@@ -94,11 +94,11 @@ def _attention(predictor, samples: list, n: int) -> tuple[float | None, float | 
 
     if predictor.meta.binary:
         samples = [s for s in samples if s.label == 1]
-    shares = []
+    measured = []
     for s in samples[:n]:
         cam, _ = predictor.explain(read_image(s.source).pixels)
-        shares.append(shortcuts.centre_share(cam))
-    shares = np.array([v for v in shares if np.isfinite(v)])
+        measured.append(shortcuts.centre_share(cam))
+    shares = np.array([v for v in measured if np.isfinite(v)])
     if not len(shares):
         return None, None
     return float(shares.mean()), float((shares < 0.5).mean())
@@ -152,7 +152,7 @@ def audit_model(
     level, words = shortcuts.verdict(baseline["auc"], auc, centre, border, attention)
     record = {
         "model": meta.name,
-        "version": (meta.extra.get("weights_sha256") or "")[:12] or None,
+        "version": meta.version,
         "data": "/".join(Path(data).absolute().parts[-2:]) + (f" ({split} split)" if split else ""),
         "n": int(len(y)),
         "per_class": {c: int((y == i).sum()) for i, c in enumerate(meta.labels)},

@@ -108,9 +108,9 @@ def _model_names(models: list[str], predictors: list) -> list[str]:
 def _score_all(predictors: list, samples: list, skip_bad: bool, progress: bool) -> tuple:
     """Every model's probabilities on the images all of them could read (each model with its
     own preprocessing; images decoded once per distinct geometry)."""
-    from medlens.data.cache import prepare_samples, refuse_unreadable
+    from medlens.data.cache import PreparedImages, prepare_samples, refuse_unreadable
 
-    prepared: dict[str, object] = {}
+    prepared: dict[str, PreparedImages] = {}
     for p in predictors:
         key = p.pre.geometry_key()
         if key not in prepared:

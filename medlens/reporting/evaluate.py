@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 
 from medlens.artifacts.folders import METRICS_JSON, read_history, write_split
 from medlens.artifacts.model import ModelMeta
 from medlens.errors import UsageError
+from medlens.evaluation.ood import OODVerdict
 
 __all__ = ["evaluate", "write_evaluation", "ood_counts"]
 
@@ -20,7 +23,7 @@ def _model_info(meta: ModelMeta) -> dict:
     return {
         "model": meta.name,
         "architecture": meta.arch,
-        "version": (meta.extra.get("weights_sha256") or "")[:12] or None,
+        "version": meta.version,
         "labels": ", ".join(meta.labels),
         "temperature": round(meta.temperature, 4),
         "threshold": meta.threshold,
@@ -39,8 +42,8 @@ def write_evaluation(
     history: list[dict] | None = None,
     title: str = "MedLens evaluation",
     sources: list[str] | None = None,
-    attributes: dict[str, list] | None = None,
-    ood: list[dict] | None = None,
+    attributes: dict[str, list[str | None]] | None = None,
+    ood: list[OODVerdict] | None = None,
 ) -> dict:
     """Metrics at the stored threshold (and 0.5), ``metrics.json``, ``report.html``; with
     ``attributes`` (``{attribute: value per image}``), each subgroup's metrics too; with
@@ -75,7 +78,16 @@ def write_evaluation(
     return metrics
 
 
-def ood_counts(ood: list[dict]) -> dict:
+class OODCounts(TypedDict):
+    """``metrics.json``'s ``ood``: how many images the guard flagged."""
+
+    flagged: int
+    n: int
+    share: float | None
+    note: str
+
+
+def ood_counts(ood: Sequence[OODVerdict]) -> OODCounts:
     """How many images the guard flagged, of how many, and the share."""
     flags = [bool(o["flag"]) for o in ood if o.get("flag") is not None]
     n = len(flags)

@@ -439,11 +439,12 @@ def density_figure(
     data: list[dict] = []
     fig_layout = layout(title, barmode="overlay", bargap=0)
     for c, (xref, yref, axes) in zip(classes, panels):
+        classes_of: list[tuple[np.ndarray, str | None, str]]
         if k == 2:
-            groups = [(y == 0, labels[0], COLORS[0]), (y == 1, labels[1], COLORS[3])]
+            classes_of = [(y == 0, labels[0], COLORS[0]), (y == 1, labels[1], COLORS[3])]
         else:
-            groups = [(y != c, None, _GREY), (y == c, labels[c], COLORS[c % 10])]
-        groups = [(m, f"true {n}" if n else "other classes", col) for m, n, col in groups]
+            classes_of = [(y != c, None, _GREY), (y == c, labels[c], COLORS[c % 10])]
+        groups = [(m, f"true {n}" if n else "other classes", col) for m, n, col in classes_of]
         data += [_histogram(p[m, c], n, col, xref, yref) for m, n, col in groups if m.any()]
         axes[f"xaxis{xref[1:]}"].update(title={"text": f"predicted p({labels[c]})"}, range=[0, 1])
         axes[f"yaxis{yref[1:]}"].update(title={"text": "density"})
@@ -684,9 +685,12 @@ def compare_metrics_figure(runs: Sequence[dict], *, title: str = "Headline metri
         lo, hi = [], []
         for k, v in zip(HEADLINE, vals):
             interval = ci.get(k) if v is not None else None
-            ok = bool(interval) and None not in interval
-            lo.append(max(v - interval[0], 0) if ok else 0)
-            hi.append(max(interval[1] - v, 0) if ok else 0)
+            if interval and None not in interval:
+                lo.append(max(v - interval[0], 0))
+                hi.append(max(interval[1] - v, 0))
+            else:
+                lo.append(0)
+                hi.append(0)
         data.append(
             {
                 "type": "bar",

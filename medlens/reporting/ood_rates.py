@@ -1,5 +1,5 @@
 """How often a model's out-of-distribution guard flags images: its own task's against other
-tasks' (the figures behind the README's guard table and ``tests/test_bundled.py``)."""
+tasks' (the figures behind the guard table of docs/models.md and ``tests/test_bundled.py``)."""
 
 from __future__ import annotations
 
@@ -37,5 +37,6 @@ def flag_rate(pred: Predictor, samples: list[Sample], workers: int = 2) -> float
     res = prepare_samples(samples, pred.pre, progress=False, workers=workers)
     if res.errors:
         raise DataError(f"cannot read {res.errors[0][0]}: {res.errors[0][1]}")
-    flags = [p.ood["flag"] for p in pred.predict_prepared(res.pixels, batch_size=32)]
+    # with a guard every verdict has a flag (never None)
+    flags = [bool(p.ood["flag"]) for p in pred.predict_prepared(res.pixels, batch_size=32)]
     return float(np.mean(flags))

@@ -176,7 +176,8 @@ def _render(template: str, path: Path, blocks: list[dict], **context: Any) -> Pa
             is drawn into a ``<div id="fig-<name>[-<key>]">``.
         **context: The template's other variables.
     """
-    plots, figures = [], {}
+    plots: list[dict] = []
+    figures: dict[str, dict] = {}
     for block in blocks:
         figs = block["figures"]
         ids = [f"fig-{block['name']}" + ("" if k == block["name"] else f"-{k}") for k in figs]
@@ -462,7 +463,7 @@ def write_comparison(runs: list[dict], out_dir: str | Path, split: str | None = 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _write_compare_csv(runs, out / COMPARE_CSV)
-    figures = {
+    figures: dict[str, dict] = {
         "metrics": {"metrics": compare_metrics_figure(runs)},
         "training": compare_curve_figures(runs),
         "roc": {"roc": compare_roc_figure(runs)},

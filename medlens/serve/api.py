@@ -12,13 +12,13 @@ import hashlib
 import io
 import logging
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import numpy as np
 from anyio.to_thread import run_sync
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -100,7 +100,7 @@ class ErrorOut(BaseModel):
     detail: str = Field(description="what was wrong and what to do")
 
 
-_ERRORS = {
+_ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorOut, "description": text}
     for code, text in (
         (400, "malformed multipart body"),
@@ -289,7 +289,7 @@ def _document(
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def get_model(request: Request, name: str) -> ServedModel:
@@ -304,7 +304,17 @@ def get_model(request: Request, name: str) -> ServedModel:
         ) from None
 
 
-@router.get("/healthz", tags=["service"])
+class HealthOut(BaseModel):
+    status: str = Field(description="ok")
+
+
+class ReadyOut(BaseModel):
+    status: str = Field(description="ready, or not ready (then the status code is 503)")
+    models: dict[str, str] = Field(description="per loaded model: ok, or what failed")
+    refused: dict[str, str] = Field(description="models refused at start-up, and why")
+
+
+@router.get("/healthz", tags=["service"], response_model=HealthOut)
 def healthz() -> dict:
     """Liveness: the process serves requests."""
     return {"status": "ok"}
@@ -320,8 +330,13 @@ def _ready(model: ServedModel) -> str:
     return "ok"
 
 
-@router.get("/readyz", tags=["service"])
-def readyz(request: Request) -> JSONResponse:
+@router.get(
+    "/readyz",
+    tags=["service"],
+    response_model=ReadyOut,
+    responses={503: {"model": ReadyOut, "description": "a model fails or was refused"}},
+)
+def readyz(request: Request, response: Response) -> dict:
     """Readiness: one inference per loaded model; 503 naming the models that fail (and those
     refused at start-up because a file was damaged)."""
     state = request.app.state
@@ -329,7 +344,8 @@ def readyz(request: Request) -> JSONResponse:
     refused = dict(getattr(state, "refused_models", {}))
     ok = all(v == "ok" for v in models.values()) and not refused
     body = {"status": "ready" if ok else "not ready", "models": models, "refused": refused}
-    return JSONResponse(body, status_code=200 if ok else 503)
+    response.status_code = 200 if ok else 503
+    return body
 
 
 @router.get("/metrics", tags=["service"], response_class=Response)
@@ -352,7 +368,18 @@ def list_models(request: Request) -> list[dict]:
     f"{API}/models/{{name}}/predict",
     tags=["models"],
     openapi_extra=_UPLOAD_BODY,
-    responses={200: {"model": PredictOut}, **_ERRORS},
+    # The JSON answer goes through PredictOut (validated and serialised by FastAPI), so the
+    # schema in /docs is the answer; fhir and dicom-sr answers are documents (a Response).
+    response_model=PredictOut,
+    responses={
+        200: {
+            "description": "format=json: the prediction (this schema); format=fhir: a FHIR R4 "
+            "DiagnosticReport (application/fhir+json); format=dicom-sr: a DICOM SR "
+            "(application/dicom)",
+            "content": {"application/fhir+json": {}, "application/dicom": {}},
+        },
+        **_ERRORS,
+    },
 )
 async def predict(
     request: Request,
@@ -366,7 +393,7 @@ async def predict(
         "missing; patient/study attributes that are absent or malformed are left empty, as "
         "the standard allows, and named in the X-MedLens-Notes header)",
     ),
-) -> Response:
+) -> dict | Response:  # the dict is validated and serialised as PredictOut (response_model)
     """Diagnose one image sent as multipart field `file` (PNG, JPEG or DICOM).
 
     The upload is processed in memory and never stored.
@@ -385,4 +412,4 @@ async def predict(
         getattr(state, "recorder", None),
         limiter=state.workers,
     )
-    return result if isinstance(result, Response) else JSONResponse(result)
+    return result

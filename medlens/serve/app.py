@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable
+from typing import Any
 
 from anyio import CapacityLimiter
 from fastapi import FastAPI, Request
@@ -47,6 +48,7 @@ from medlens.serve.security import (
     allowed_hosts_for,
     header_timeout_protocol,
 )
+from medlens.serve.settings import SETTINGS_FILE_ENV, ServeSettings
 from medlens.serve.upload import UploadError
 
 __all__ = ["create_app", "ServedModel", "DEFAULT_MAX_UPLOAD_BYTES"]
@@ -212,9 +214,6 @@ def _load_models(
     return models, refused
 
 
-SERVE_CONFIG_ENV = "MEDLENS_SERVE_CONFIG"
-
-
 def _quiet_torch() -> None:
     import torch
 
@@ -225,55 +224,59 @@ def _quiet_torch() -> None:
     torch.set_num_threads(1)
 
 
+def app_from_settings(settings: ServeSettings, store: RecordStore | None = None) -> FastAPI:
+    """The app these settings describe; ``store``: the record already opened (and migrated),
+    else it is opened here without migrating (the serving process migrated it once)."""
+    if store is None and settings.record_url is not None:
+        store = open_store(settings.record_url, settings.keep_days, migrate_schema=False)
+    return create_app(
+        settings.model_dirs,
+        settings.max_upload_bytes,
+        bundled=settings.bundled,
+        tta=settings.tta,
+        security=settings.security,
+        workers=settings.threads,
+        max_in_flight=settings.max_in_flight,
+        record=store,
+        feedback_images=settings.feedback_images,
+    )
+
+
 def app_from_env() -> FastAPI:
     """The app of one worker process of ``medlens serve --workers N`` (a uvicorn factory):
-    its settings come from ``MEDLENS_SERVE_CONFIG`` (JSON), which :func:`serve` sets."""
-    import json
-
-    cfg = json.loads(os.environ[SERVE_CONFIG_ENV])
+    its settings come from the private file that :func:`serve` wrote
+    (:meth:`ServeSettings.from_env`)."""
+    settings = ServeSettings.from_env()
     logging.basicConfig(
-        level=getattr(logging, cfg["log_level"].upper(), logging.INFO),
+        level=getattr(logging, settings.log_level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
     )
     _quiet_torch()
-    security = SecurityPolicy(
-        **{**cfg["security"], "allowed_hosts": tuple(cfg["security"]["allowed_hosts"])}
-    )
-    rec = cfg.get("record")
-    return create_app(
-        cfg["model_dirs"],
-        cfg["max_upload_bytes"],
-        bundled=cfg["bundled"],
-        tta=cfg["tta"],
-        security=security,
-        workers=cfg["threads"],
-        max_in_flight=cfg.get("max_in_flight", DEFAULT_MAX_IN_FLIGHT),
-        # the parent process created or migrated the record before starting the workers
-        record=open_store(rec[0], rec[1], migrate_schema=False) if rec else None,
-        feedback_images=rec[2] if rec else None,
-    )
+    return app_from_settings(settings)
 
 
-def _open_record(record: tuple | None) -> RecordStore | None:
+def _open_record(settings: ServeSettings) -> RecordStore | None:
     """Open (create or migrate) the prediction record once, in the serving process."""
-    if record is None:
+    if settings.record_url is None:
         return None
-    store = open_store(record[0], record[1])
+    store = open_store(settings.record_url, settings.keep_days)
     log.info(
         "prediction record: %s (keeps %g days)%s",
         store.url,
-        record[1],
-        f"; PRIVACY: images that receive feedback are kept in {record[2]}" if record[2] else "",
+        settings.keep_days,
+        f"; PRIVACY: images that receive feedback are kept in {settings.feedback_images}"
+        if settings.feedback_images
+        else "",
     )
     return store
 
 
 def _run_workers(
-    processes: int, settings: dict, header_timeout: float, uvicorn_kwargs: dict
+    processes: int, settings: ServeSettings, header_timeout: float, uvicorn_kwargs: dict
 ) -> None:
-    """Several uvicorn worker processes, each loading the models once; their Prometheus
-    counters meet in a temporary folder (numbers only), removed at exit."""
-    import json
+    """Several uvicorn worker processes, each loading the models once; their settings reach
+    them in a private file (never the environment), their Prometheus counters meet in a
+    temporary folder (numbers only); both are removed at exit."""
     import shutil
     import tempfile
 
@@ -282,8 +285,10 @@ def _run_workers(
     from medlens.serve.security import HEADER_TIMEOUT_ENV
 
     metrics_dir = tempfile.mkdtemp(prefix="medlens-metrics-")
+    settings_file = settings.write_private()
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-    os.environ[SERVE_CONFIG_ENV] = json.dumps(settings)
+    os.environ[SETTINGS_FILE_ENV] = str(settings_file)
+    os.environ.pop("MEDLENS_API_KEY", None)  # read already; the workers get it from the file
     os.environ[HEADER_TIMEOUT_ENV] = str(header_timeout)
     try:
         uvicorn.run(
@@ -295,43 +300,43 @@ def _run_workers(
         )
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
+        shutil.rmtree(settings_file.parent, ignore_errors=True)
 
 
 def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
-    model_dirs: Iterable[str | os.PathLike] = (),
-    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-    log_level: str = "info",
-    bundled: bool = True,
-    tta: bool = False,
-    security: SecurityPolicy | None = None,
+    settings: ServeSettings | None = None,
     header_timeout: float = HEADER_TIMEOUT_S,
-    max_connections: int = DEFAULT_MAX_IN_FLIGHT,
     processes: int = 1,
-    record: tuple[str | None, float | None, str | None] | None = None,
 ) -> None:
     """``medlens serve``: run the app with uvicorn (blocks).
 
-    ``security`` defaults to the loopback policy (this machine's host names, no key, the
-    default rate limit); uvicorn runs without its server banner and closes connections whose
-    request headers take longer than ``header_timeout`` seconds. Past ``max_connections``
-    prediction requests at once (per process) a further prediction gets a 503; health checks,
-    pages and other requests are always answered, and connections are not counted (uvicorn's
-    ``limit_concurrency`` counted half-sent ones: 64 sockets that never finished their headers
-    turned every request into a 503). ``processes`` > 1 runs
-    that many worker processes on one port (``--workers``), each with the models loaded once
-    and a share of the cores for its predictions. ``record``: ``(url, keep_days,
-    feedback_images)`` of the prediction record (url None: the default SQLite file), created or
-    migrated here, once, before any worker opens it; None: no record.
+    ``settings`` (:class:`ServeSettings`): their security defaults to the loopback policy
+    (this machine's host names, no key, the default rate limit). uvicorn runs without its
+    server banner and closes connections whose request headers take longer than
+    ``header_timeout`` seconds. Past ``max_in_flight`` prediction requests at once (per
+    process) a further prediction gets a 503; health checks, pages and other requests are
+    always answered, and connections are not counted (uvicorn's ``limit_concurrency`` counted
+    half-sent ones: 64 sockets that never finished their headers turned every request into a
+    503). ``processes`` > 1 runs that many worker processes on one port (``--workers``), each
+    with the models loaded once and a share of the cores for its predictions. The prediction
+    record is created or migrated here, once, before any worker opens it.
     """
+    import dataclasses
+
     import uvicorn
 
+    settings = settings or ServeSettings()
+    if settings.security is None:
+        policy = SecurityPolicy(allowed_hosts=allowed_hosts_for(host))
+        settings = dataclasses.replace(settings, security=policy)
     logging.basicConfig(
-        level=getattr(logging, log_level.upper(), logging.INFO),
+        level=getattr(logging, settings.log_level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    security = security or SecurityPolicy(allowed_hosts=allowed_hosts_for(host))
+    security = settings.security
+    assert security is not None
     log.info(
         "access: %s; hosts %s; rate limit %s%s",
         "API key required" if security.api_key else "no authentication",
@@ -339,27 +344,16 @@ def serve(
         security.rate_limit or "off",
         f" per process ({processes} processes)" if processes > 1 and security.rate_limit else "",
     )
-    uvicorn_kwargs = dict(host=host, port=port, log_level=log_level, server_header=False,
-                          timeout_keep_alive=5)  # fmt: skip
-    store = _open_record(record)
+    uvicorn_kwargs: dict[str, Any] = dict(host=host, port=port, log_level=settings.log_level,
+                          server_header=False, timeout_keep_alive=5)  # fmt: skip
+    store = _open_record(settings)
     if processes > 1:
-        settings = {
-            "model_dirs": [str(d) for d in model_dirs],
-            "max_upload_bytes": max_upload_bytes,
-            "bundled": bundled,
-            "tta": tta,
-            "log_level": log_level,
-            "threads": max(1, usable_cores() // processes),
-            "max_in_flight": max_connections,
-            "security": {**security.__dict__, "allowed_hosts": list(security.allowed_hosts)},
-            "record": None if store is None else [store.url_with_password, *record[1:]],
-        }
-        _run_workers(processes, settings, header_timeout, uvicorn_kwargs)
+        threads = max(1, usable_cores() // processes)
+        _run_workers(processes, dataclasses.replace(settings, threads=threads), header_timeout,
+                     uvicorn_kwargs)  # fmt: skip
         return
     _quiet_torch()
-    app = create_app(model_dirs, max_upload_bytes, bundled=bundled, tta=tta, security=security,
-                     max_in_flight=max_connections, record=store,
-                     feedback_images=record[2] if record else None)  # fmt: skip
+    app = app_from_settings(settings, store)
     if not app.state.models:
         log.warning(
             "no models loaded: pass --models DIR (a run folder of `medlens train` or a "

@@ -12,6 +12,7 @@ draws them with the plotly.js of the ``plotly`` package, served locally.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from medlens.artifacts.folders import ModelFolder
 from medlens.artifacts.model import read_meta
@@ -95,7 +96,7 @@ def run_results(name: str, folder: Path) -> dict:
         (value, ci)}}], carved test first, "missing": [what is not there], "history",
         "eval": the first split's evaluation, "curves": whose curves they are}``.
     """
-    out = {"name": name, "figures": [], "report": [], "splits": [], "missing": [],
+    out: dict[str, Any] = {"name": name, "figures": [], "report": [], "splits": [], "missing": [],
            "history": None, "eval": None, "curves": None}  # fmt: skip
     evs = _evaluations(folder)
     history = ModelFolder(folder).read_history()
@@ -103,7 +104,8 @@ def run_results(name: str, folder: Path) -> dict:
         curves = figures.training_figures(history)
         out["figures"] += [{"id": f"curve-{key}", **fig} for key, fig in curves.items()]
         out["history"] = history
-        out["curves"] = _curves_source((read_meta(folder).extra.get("export") or {}).get("curves"))
+        export = read_meta(folder).export
+        out["curves"] = _curves_source(export.curves if export is not None else None)
     else:
         out["missing"].append("training curves (no training_metrics.csv)")
     if not evs:

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -42,6 +40,55 @@ class FeedbackOut(BaseModel):
     )
 
 
+class AlertOut(BaseModel):
+    signal: str = Field(description="ood_rate, psi, ks, prevalence or agreement")
+    value: float
+    level: float = Field(description="the level the value passed")
+    message: str
+
+
+class KSOut(BaseModel):
+    statistic: float
+    p_value: float
+
+
+class SignalsOut(BaseModel):
+    predictions: int
+    ood_flagged: int
+    ood_rate: float | None
+    ood_expected_rate: float | None = Field(
+        description="the share of validation images the guard was set to flag"
+    )
+    ood_p_value: float | None = Field(
+        None, description="one-sided binomial test of the flag rate against the expected one"
+    )
+    feedback: int
+    feedback_agreement: float | None
+    label_mix: dict[str, float | None] = Field(description="share of each predicted label")
+    training_prevalence: dict[str, float] | None
+    em_prevalence: dict[str, float] | None = Field(
+        description="prevalence estimated from the unlabelled predictions (Saerens et al. 2002)"
+    )
+    psi: dict[str, float] | None = Field(
+        description="population stability index of each class probability against validation"
+    )
+    psi_noise: float | None = Field(None, description="PSI's expected sampling noise")
+    ks: dict[str, KSOut] | None = Field(description="Kolmogorov-Smirnov against validation")
+    alerts: list[AlertOut]
+
+
+class DayOut(SignalsOut):
+    day: str = Field(description="UTC date, YYYY-MM-DD")
+
+
+class MonitoringOut(SignalsOut):
+    model: str
+    since: str
+    days: int
+    per_day: list[DayOut] = Field(description="the same signals per day, oldest first")
+    levels: dict[str, float] = Field(description="the alert levels in force")
+
+
 def recorder_of(request: Request) -> Recorder:
     """The app's recorder; 409 when the server keeps no prediction record."""
     recorder = getattr(request.app.state, "recorder", None)
@@ -65,12 +112,12 @@ def post_feedback(request: Request, body: FeedbackIn) -> dict:
                              body.comment)  # fmt: skip
 
 
-@router.get(f"{API}/monitoring/{{name}}", tags=["monitoring"])
+@router.get(f"{API}/monitoring/{{name}}", tags=["monitoring"], response_model=MonitoringOut)
 def get_monitoring(
     request: Request,
     name: str,
     days: int = Query(7, ge=1, le=3650, description="how many days back, today included"),
-) -> dict[str, Any]:
+) -> dict:
     """A served model's last days from the prediction record: predictions, OOD flags,
     feedback and agreement, the predicted-label mix against the training prevalence, the
     prevalence estimated by EM, PSI and Kolmogorov-Smirnov drift of each class probability

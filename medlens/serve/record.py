@@ -118,7 +118,7 @@ class Recorder:
 
     def _sweep(self) -> None:
         """Delete pending images older than :data:`PENDING_HOURS` (at most every 10 min)."""
-        if time.monotonic() - self._last_sweep < 600:
+        if self.images is None or time.monotonic() - self._last_sweep < 600:
             return
         self._last_sweep = time.monotonic()
         cutoff = time.time() - PENDING_HOURS * 3600

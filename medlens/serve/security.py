@@ -287,6 +287,7 @@ class Guard:
 
     def _authenticated(self, headers: dict[bytes, bytes]) -> bool:
         key = self.policy.api_key
+        assert key is not None  # only a policy with an API key authenticates
         auth = headers.get(b"authorization", b"").decode("latin-1")
         if auth.lower().startswith("bearer "):
             return hmac.compare_digest(auth[7:].strip().encode(), key.encode())
@@ -318,13 +319,15 @@ class Guard:
             return
         form = parse_qs((await _body(receive, 4096)).decode("utf-8", "replace"))
         given = (form.get("key") or [""])[0].strip()
-        if not hmac.compare_digest(given.encode(), self.policy.api_key.encode()):
+        key = self.policy.api_key
+        assert key is not None  # only a policy with an API key has a login page
+        if not hmac.compare_digest(given.encode(), key.encode()):
             await _html(send, 401, _login_page(target, error=True))
             return
         expires = int(time.time()) + SESSION_SECONDS
         secure = "; Secure" if scope.get("scheme") == "https" else ""
         cookie = (
-            f"{SESSION_COOKIE}={session_token(self.policy.api_key, expires)}; Path=/; "
+            f"{SESSION_COOKIE}={session_token(key, expires)}; Path=/; "
             f"Max-Age={SESSION_SECONDS}; HttpOnly; SameSite=Strict{secure}"
         )
         await _respond(send, 303, "logged in", [(b"location", target.encode()),

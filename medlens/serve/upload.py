@@ -9,11 +9,16 @@ is refused with 413 before the rest is read.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
 from medlens.errors import UploadError
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
 
 __all__ = ["UploadError", "read_file_field", "MULTIPART_OVERHEAD"]
 
@@ -45,7 +50,7 @@ class _FieldCollector:
         self._header, self._value, self._disposition = b"", b"", b""
         self._keep = False
 
-    def callbacks(self) -> dict:
+    def callbacks(self) -> MultipartCallbacks:
         return {
             "on_part_begin": self._begin,
             "on_header_field": self._hfield,

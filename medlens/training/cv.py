@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from typing import SupportsFloat
 
 import numpy as np
 
@@ -75,7 +76,10 @@ def train_folds(
 def summarise_folds(out: str | Path, folds: int) -> dict:
     """Validation metrics per fold, their mean/sd/min/max and the pooled out-of-fold AUC;
     written to ``cv.json`` and ``cv.csv`` in ``out``."""
-    per_fold, ys, ps, labels = [], [], [], None
+    per_fold: list[dict[str, float | None]] = []
+    ys: list[np.ndarray] = []
+    ps: list[np.ndarray] = []
+    labels: list[str] | None = None
     for fold in range(folds):
         folder = ModelFolder(fold_folder(out, fold))
         metrics = folder.read_metrics("val") or {}
@@ -85,26 +89,27 @@ def summarise_folds(out: str | Path, folds: int) -> dict:
         if pred is not None:
             ys.append(pred.y_true)
             ps.append(pred.probs)
-    stats = {}
+    stats: dict[str, dict[str, float]] = {}
     for name, fn in (("mean", np.mean), ("sd", np.std), ("min", np.min), ("max", np.max)):
         stats[name] = {
-            k: _round(fn([f[k] for f in per_fold if f[k] is not None]))
+            k: _round(fn([v for f in per_fold if (v := f[k]) is not None]))
             for k in CV_METRICS
             if any(f[k] is not None for f in per_fold)
         }
     pooled = None
     if ys:
+        assert labels is not None  # read with the first fold's predictions
         pooled = compute_metrics(np.concatenate(ys), np.concatenate(ps), labels, n_bootstrap=0)
     summary = {"folds": folds, "labels": labels, "per_fold": per_fold, **stats,
                "pooled_out_of_fold": {"n": pooled["n"], "auc": pooled["auc"]} if pooled else None}  # fmt: skip
     write_json(Path(out) / CV_JSON, summary)
-    rows = [{"fold": i, **f} for i, f in enumerate(per_fold)]
+    rows: list[dict] = [{"fold": i, **f} for i, f in enumerate(per_fold)]
     rows += [{"fold": name, **stats[name]} for name in ("mean", "sd", "min", "max")]
     write_csv(Path(out) / CV_CSV, rows, ["fold", "n", *CV_METRICS])
     return summary
 
 
-def _round(v: float) -> float:
+def _round(v: SupportsFloat) -> float:
     return round(float(v), 4)
 
 

@@ -60,6 +60,7 @@ class TrainingData:
 def _fold(ds: Dataset, cfg: TrainConfig) -> Dataset:
     """Train and validation pooled, then split into ``cfg.folds`` patient-grouped folds;
     fold ``cfg.fold`` validates. A carved test split stays as it is."""
+    assert cfg.fold is not None  # load_training_data folds only with --fold
     pool = ds.splits["train"] + ds.splits.get("val", [])
     train, val = fold_split(pool, cfg.folds, cfg.fold, cfg.seed)
     note = (

@@ -28,6 +28,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -148,23 +149,30 @@ def all_reduce(t: torch.Tensor) -> torch.Tensor:
     return _AllReduceSum.apply(t)
 
 
-def _global_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+def _global_batch_norm(
+    bn: nn.modules.batchnorm._BatchNorm,
+    local: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+) -> torch.Tensor:
     """Batch norm over the global batch (every rank's share): sums, sums of squares and counts
     all-reduced with an autograd-aware collective, so the backward pass is the global batch's
     too. What ``SyncBatchNorm`` does on GPUs, for the CPU (gloo)."""
     if not bn.training:
-        return bn._forward_local(x)
+        return local(x)
     dims = [0] + list(range(2, x.dim()))
     xf = x.float()
     count = torch.tensor(float(xf.numel() // xf.shape[1]), dtype=torch.float32)
     total = all_reduce(torch.stack([count.expand(xf.shape[1]), xf.sum(dims), (xf * xf).sum(dims)]))
     n, mean = total[0], total[1] / total[0]
     var = total[2] / n - mean * mean
+    running_mean, running_var, tracked = bn.running_mean, bn.running_var, bn.num_batches_tracked
+    # medlens's networks track running statistics (track_running_stats=True)
+    assert running_mean is not None and running_var is not None and tracked is not None
     with torch.no_grad():
-        m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked + 1)
-        bn.running_mean.mul_(1 - m).add_(m * mean.detach())
-        bn.running_var.mul_(1 - m).add_(m * (var.detach() * n / (n - 1).clamp_min(1)))
-        bn.num_batches_tracked += 1
+        m = bn.momentum if bn.momentum is not None else 1.0 / float(tracked + 1)
+        running_mean.mul_(1 - m).add_(m * mean.detach())
+        running_var.mul_(1 - m).add_(m * (var.detach() * n / (n - 1).clamp_min(1)))
+        tracked += 1
     shape = [1, -1] + [1] * (x.dim() - 2)
     y = (xf - mean.view(shape)) / torch.sqrt(var.view(shape) + bn.eps)
     if bn.affine:
@@ -179,16 +187,17 @@ class _GlobalBatchNorm:
         self.layers = [
             m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
         ]
+        self.local_forwards: list[Callable[[torch.Tensor], torch.Tensor]] = []
 
     def __enter__(self) -> None:
-        for bn in self.layers:
-            bn._forward_local = bn.forward
-            bn.forward = lambda x, bn=bn: _global_batch_norm(bn, x)
+        self.local_forwards = [bn.forward for bn in self.layers]
+        for bn, local in zip(self.layers, self.local_forwards):
+            # an instance attribute shadows the class's forward while active
+            vars(bn)["forward"] = partial(_global_batch_norm, bn, local)
 
     def __exit__(self, *exc) -> None:
-        for bn in self.layers:
-            bn.forward = bn._forward_local
-            del bn._forward_local
+        for bn, local in zip(self.layers, self.local_forwards):
+            vars(bn)["forward"] = local
 
 
 class _DataParallelForward:
@@ -230,8 +239,14 @@ def sampled_batches(
 
     w = _WORLD
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-    sampler = DistributedSampler(
-        range(n), num_replicas=w.size, rank=w.rank, shuffle=True, seed=seed, drop_last=False
+    # the sampler only takes len() of its dataset; torch's stubs ask for a Dataset
+    sampler: DistributedSampler[int] = DistributedSampler(
+        range(n),  # type: ignore[arg-type]
+        num_replicas=w.size,
+        rank=w.rank,
+        shuffle=True,
+        seed=seed,
+        drop_last=False,
     )
     sampler.set_epoch(epoch)
     mine = torch.tensor(list(sampler), dtype=torch.long)

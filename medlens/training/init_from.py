@@ -16,6 +16,7 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -66,7 +67,7 @@ class BaseModel:
         """What ``model.json`` records under ``training.init_from``."""
         return {
             "base_model": self.meta.name or self.folder.name,
-            "base_version": (self.meta.extra.get("weights_sha256") or "")[:12] or None,
+            "base_version": self.meta.version,
             "base_model_json_sha256": sha256_file(self.folder / MODEL_JSON),
             "given_as": self.ref,
             "weights_from": "model.onnx" if self.inference_only else "model.pt",
@@ -81,9 +82,9 @@ def open_base(ref: str | os.PathLike) -> BaseModel:
     """
     folder = resolve_model(ref)
     meta = read_meta(folder)
-    ensemble = meta.extra.get("ensemble")
+    ensemble = meta.ensemble
     if ensemble:
-        runs = ", ".join(str(m.get("run")) for m in ensemble[:3] if isinstance(m, dict))
+        runs = ", ".join(m.run for m in ensemble[:3])
         raise ModelLoadError(
             f"--init-from {ref}: an ensemble of {len(ensemble)} models in one graph ({runs}"
             f"{' ...' if len(ensemble) > 3 else ''}); pass the run folder of one member instead"
@@ -114,17 +115,16 @@ def base_settings(base: BaseModel) -> dict:
 
 
 def _recorded_settings(meta: ModelMeta) -> dict:
-    training = meta.extra.get("training") or {}
+    training, op = meta.training, meta.operating_point
     settings: dict = {"dropout": meta.dropout}
-    if "seed" in training:
-        settings["seed"] = training["seed"]
-    transfer = _TRANSFER.get(tuple(training.get("stages") or ()))
+    if training and "seed" in training.model_fields_set:
+        settings["seed"] = training.seed
+    transfer = _TRANSFER.get(tuple((training.stages if training else None) or ()))
     if transfer:
         settings["transfer"] = transfer
-    op = meta.extra.get("operating_point") or {}
-    if meta.binary and op.get("rule"):
-        settings["operating_point"] = str(op["rule"])
-    if isinstance(meta.extra.get("card"), dict):
+    if meta.binary and op and op.rule:
+        settings["operating_point"] = op.rule
+    if meta.card:  # the recipe's card as written (its order and fields)
         settings["card"] = dict(meta.extra["card"])
     return settings
 
@@ -148,7 +148,7 @@ def check_settings(cfg: TrainConfig, base: BaseModel) -> TrainConfig:
         ConfigError: naming the flag and the base's value.
     """
     pre = base.meta.preprocess
-    want = {"model": base.meta.arch, "image_size": pre.image_size, "channels": pre.channels,
+    want: dict[str, Any] = {"model": base.meta.arch, "image_size": pre.image_size, "channels": pre.channels,
             "resize": pre.resize, "grayscale": pre.grayscale}  # fmt: skip
     cfg = dataclasses.replace(
         cfg, **{k: want[k] for k in ("image_size", "channels") if getattr(cfg, k) is None}

@@ -164,7 +164,8 @@ class _StageFit:
         self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.opt, mode="min", factor=0.3, patience=max(1, cfg.patience // 2)
         )
-        self.best_score, self.best_state, self.bad_epochs, self.start_epoch = -math.inf, None, 0, 0
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.best_score, self.bad_epochs, self.start_epoch = -math.inf, 0, 0
         self.gen = torch.Generator().manual_seed(cfg.seed + 1000 * len(progress.stages_done))
         self.average = WeightAverage(stage.module, cfg.ema) if cfg.ema else None
         # Under torchrun: through DistributedDataParallel, which averages the gradients.
@@ -252,7 +253,8 @@ class _StageFit:
                 bar.set_postfix(loss=f"{loss_sum / total:.4f}", acc=f"{correct / total:.3f}")
         if bar is not None:
             bar.close()
-        return tuple(sum_over_ranks([loss_sum, correct, total]))
+        loss_sum, n_correct, n_total = sum_over_ranks([loss_sum, correct, total])
+        return loss_sum, int(n_correct), int(n_total)  # the counts stay ints (sum_over_ranks)
 
     def _loss(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The training loss of one batch (label smoothing, mixup) and its logits."""

@@ -13,13 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from numpy.typing import ArrayLike
 
 from medlens.artifacts.folders import OOD_FILE, ModelFolder
 from medlens.config import TrainConfig
 from medlens.data.preprocess import Preprocess
 from medlens.evaluation.ood import StageGuard
-from medlens.fileio import sha256_file, write_json
+from medlens.fileio import sha256_file
 from medlens.inference.runtime import compute_logits, logits_and_stats
 from medlens.modeling.classifier import Classifier
 from medlens.training.batches import ModelInput
@@ -30,7 +29,7 @@ log = logging.getLogger(__name__)
 
 def float32_outputs(
     net: Classifier,
-    x: ArrayLike | torch.Tensor,
+    x: np.ndarray | torch.Tensor,
     transform: ModelInput,
     device: torch.device | None = None,
 ) -> tuple[torch.Tensor, np.ndarray]:
@@ -129,7 +128,7 @@ def refit_ood_guard(run: str | Path) -> StageGuard:
     Returns:
         The new guard.
     """
-    from medlens.artifacts.model import load_network
+    from medlens.artifacts.model import load_network, write_meta
 
     folder = ModelFolder(run)
     cfg = TrainConfig.from_saved(folder.read_config())
@@ -145,7 +144,7 @@ def refit_ood_guard(run: str | Path) -> StageGuard:
     if "test" in prepared and len(prepared["test"][1]):
         test_stats = float32_outputs(net, prepared["test"][0], to_input)[1]
     meta.extra["ood"] = guard_summary(guard, test_stats, folder.ood)
-    write_json(folder.model_json, meta.to_dict())
+    write_meta(folder.path, meta)
     log.info(f"refitted {folder.ood}: {meta.extra['ood']}")
     return guard
 

@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -112,7 +113,18 @@ class StageContext:
 
 
 def stage_context(
-    cfg: TrainConfig, net: Classifier, names: list[str], **kwargs: object
+    cfg: TrainConfig,
+    net: Classifier,
+    names: list[str],
+    *,
+    to_input: ModelInput,
+    x_train: np.ndarray,
+    y_train: torch.Tensor,
+    x_val: np.ndarray,
+    y_val: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    train_dtype: torch.dtype | None,
 ) -> StageContext:
     """A :class:`StageContext`, with the fine-tuned depth and cached copies worked out.
 
@@ -120,7 +132,8 @@ def stage_context(
         cfg: the settings.
         net: the network.
         names: the run's stages (:func:`stage_names`).
-        **kwargs: the other :class:`StageContext` fields.
+        to_input, x_train, y_train, x_val, y_val, device, dtype, train_dtype: the other
+            :class:`StageContext` fields.
 
     Returns:
         The context.
@@ -128,7 +141,11 @@ def stage_context(
     finetune = "finetune" in names
     n_top = min(cfg.unfreeze, len(net.backbone) - 1) if finetune else 0
     copies = max(1, cfg.aug_copies) if finetune and cfg.augment.enabled else 1
-    return StageContext(cfg=cfg, net=net, n_top=n_top, copies=copies, **kwargs)
+    return StageContext(
+        cfg=cfg, net=net, to_input=to_input, x_train=x_train, y_train=y_train, x_val=x_val,
+        y_val=y_val, device=device, dtype=dtype, train_dtype=train_dtype, n_top=n_top,
+        copies=copies,
+    )  # fmt: skip
 
 
 def _frozen_activations(ctx: StageContext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,7 +187,12 @@ class PooledFeatures:
 
 
 def _stage(
-    ctx: StageContext, name: str, module: nn.Module, batches: BatchSource, val_x: object, **kw
+    ctx: StageContext,
+    name: str,
+    module: nn.Module,
+    batches: BatchSource,
+    val_x: np.ndarray | torch.Tensor,
+    **kw: Any,
 ) -> Stage:
     """A :class:`Stage` on ``ctx``'s labels and device; ``forward`` defaults to ``module``,
     ``params`` to its trainable parameters."""

@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +39,7 @@ from medlens.errors import ConfigError, TrainError
 from medlens.evaluation.calibration import T_MAX, calibrate, logits_to_probs
 from medlens.evaluation.metrics import collapse_warning, headline_metrics
 from medlens.evaluation.ood import StageGuard
-from medlens.evaluation.operating_point import OperatingPoint
+from medlens.evaluation.operating_point import OperatingPoint, OperatingPointChoice
 from medlens.fileio import write_yaml
 from medlens.machine import usable_cores
 from medlens.modeling.registry import IMAGENET_MEAN, IMAGENET_STD, model_info
@@ -133,6 +133,8 @@ def _prepare_out(
 
 def _preprocess(data: TrainingData, cfg: TrainConfig, pretrained: bool) -> Preprocess:
     """ImageNet's statistics for pretrained backbones, else the training split's."""
+    mean: Sequence[float]
+    std: Sequence[float]
     if pretrained:
         mean, std = IMAGENET_MEAN, IMAGENET_STD
         if data.channels == 1:
@@ -323,7 +325,8 @@ class Trainer:
         self.weights_report = net.weights_report
         if cfg.bn_momentum is not None:
             set_bn_momentum(net, cfg.bn_momentum)
-        self.net = net.to(self.device, memory_format=torch.channels_last)
+        # torch's stubs omit Module.to's memory_format (a documented keyword)
+        self.net = net.to(self.device, memory_format=torch.channels_last)  # type: ignore[call-overload]
         ytr = self.data.prepared["train"][1]
         counts = torch.bincount(ytr, minlength=len(self.data.classes)).float()
         weights = None
@@ -405,14 +408,14 @@ class Trainer:
         """
         self.net.set_trainable_stages(None)
         self.net.eval()
-        outputs = {}
+        outputs: Outputs = {}
         for split in ("val", "test"):
             if split in self.data.prepared and len(self.data.prepared[split][1]):
                 x = self.data.prepared[split][0]
                 outputs[split] = float32_outputs(self.net, x, self.to_input, self.device)
         return outputs
 
-    def _calibrate(self, val_logits: torch.Tensor) -> tuple[float, dict | None]:
+    def _calibrate(self, val_logits: torch.Tensor) -> tuple[float, OperatingPointChoice | None]:
         """Temperature, and for binary tasks the operating point (threshold with its
         intervals); fitted on the validation split only."""
         yva = self.data.prepared["val"][1].numpy()
@@ -433,7 +436,7 @@ class Trainer:
         return guard
 
     def _model_meta(
-        self, temperature: float, operating_point: dict | None, wall: float
+        self, temperature: float, operating_point: OperatingPointChoice | None, wall: float
     ) -> ModelMeta:
         """The model's metadata, with where it came from (``training``) and its card."""
         cfg, ds = self.cfg, self.data.dataset
@@ -488,17 +491,17 @@ class Trainer:
 
 def _log_calibration(meta: ModelMeta) -> None:
     msg = f"calibration: temperature {meta.temperature:.3f}"
-    op = meta.extra.get("operating_point")
+    op = meta.operating_point
     if op:
-        lo, hi = op["threshold_ci"]
+        lo, hi = op.threshold_ci or (None, None)
         msg += (
-            f"; operating point {op['rule']}: threshold {meta.threshold:.4f} "
-            f"[{lo:.4f}, {hi:.4f}], validation sensitivity {op['sensitivity']:.3f}, "
-            f"specificity {op['specificity']:.3f}"
+            f"; operating point {op.rule}: threshold {meta.threshold:.4f} "
+            f"[{lo:.4f}, {hi:.4f}], validation sensitivity {op.sensitivity:.3f}, "
+            f"specificity {op.specificity:.3f}"
         )
     log.info(msg)
-    if op and op.get("warning"):
-        log.warning("%s", op["warning"])
+    if op and op.warning:
+        log.warning("%s", op.warning)
 
 
 def _log_saved(out: Path, wall: float, summaries: dict) -> None:

@@ -125,8 +125,8 @@ def _trial(trial, base: TrainConfig, space: dict, out: Path, tracker: Tracker) -
                     tracker.set_tags({"medlens.pruned": "true"})
                     raise optuna.TrialPruned()
 
-        folder = ModelFolder(train(cfg, overwrite=True, on_epoch=report, tracker=tracker))
-        value = (folder.read_metrics("val") or {}).get("auc")
+        run = ModelFolder(train(cfg, overwrite=True, on_epoch=report, tracker=tracker))
+        value = (run.read_metrics("val") or {}).get("auc")
     if value is None or math.isnan(value):
         raise optuna.TrialPruned("no validation AUC (one class in the validation split)")
     return float(value)

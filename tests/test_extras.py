@@ -1,0 +1,140 @@
+"""Installs that fit their use: the core (`pip install .`) trains, evaluates and predicts
+without any extra's packages, `serve` needs only its own, and a command that needs a missing
+extra says which one to install.
+
+Each check runs MedLens in a fresh Python process whose import system refuses the packages
+that only the other extras bring (as if they were not installed), because a fresh virtual
+environment cannot be built offline within the suite's time: installing the core from the
+package registry takes minutes. pyproject.toml's extras are checked against the same list.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from conftest import SHARED_DATA
+
+from medlens.cli import EXTRA_OF_MODULE
+
+ROOT = Path(__file__).resolve().parents[1]
+# The distributions each extra brings, as pyproject.toml names them.
+EXTRA_DISTRIBUTIONS = {
+    "serve": {"fastapi", "uvicorn", "python-multipart", "fastapi-offline", "limits",
+              "prometheus-client", "sqlalchemy", "alembic", "httpx2"},
+    "interop": {"fhir.resources", "highdicom", "dicomweb-client"},
+    "tune": {"optuna"},
+    "ray": {"ray"},
+    "tracking": {"mlflow"},
+    "postgres": {"psycopg"},
+}  # fmt: skip
+RUNNER = """
+import importlib.abc, os, sys
+BLOCKED = set(filter(None, os.environ["MEDLENS_BLOCK"].split(",")))
+class NotInstalled(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+sys.meta_path.insert(0, NotInstalled())
+exec(compile(open(sys.argv[1]).read(), sys.argv[1], "exec"))
+"""
+
+
+def _blocked(*extras: str) -> str:
+    return ",".join(m for m, e in EXTRA_OF_MODULE.items() if e in extras)
+
+
+def _run(tmp_path: Path, script: str, blocked: str) -> subprocess.CompletedProcess:
+    (tmp_path / "script.py").write_text(script)
+    (tmp_path / "runner.py").write_text(RUNNER)
+    env = {**os.environ, "MEDLENS_BLOCK": blocked}
+    return subprocess.run([sys.executable, str(tmp_path / "runner.py"), str(tmp_path / "script.py")],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)  # fmt: skip
+
+
+def _name(requirement: str) -> str:
+    import re
+
+    return re.split(r"[<>=\[; ]", requirement, maxsplit=1)[0].lower()
+
+
+def test_pyproject_extras_are_the_ones_the_cli_names():
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = meta["optional-dependencies"]
+    core = {_name(r) for r in meta["dependencies"]}
+    for extra, dists in EXTRA_DISTRIBUTIONS.items():
+        assert {_name(r) for r in extras[extra]} == dists, extra
+        assert not dists & core, f"{extra}'s packages are in the core dependencies"
+    assert set(EXTRA_OF_MODULE.values()) == set(EXTRA_DISTRIBUTIONS)
+    assert "pyarrow" in core  # predict reads CSV manifests and writes Parquet with it
+    pinned = {_name(line).replace("_", "-").replace(".", "-")
+              for line in (ROOT / "constraints.txt").read_text().splitlines()
+              if line and not line.startswith("#")}  # fmt: skip
+    for dist in set().union(*EXTRA_DISTRIBUTIONS.values()) | core:
+        assert dist.replace(".", "-") in pinned, f"{dist} is not in constraints.txt"
+
+
+def test_the_core_trains_evaluates_and_predicts_without_any_extra(tmp_path, synthetic_data):
+    every = _blocked(*EXTRA_DISTRIBUTIONS)
+    image = next(iter(sorted(synthetic_data.rglob("*.png"))))
+    script = f"""
+from medlens.cli import main
+assert main(["train", "--data", {str(synthetic_data)!r}, "--out", "run", "--model", "cnn",
+             "--image-size", "32", "--epochs", "1", "--batch-size", "8", "--quiet"]) == 0
+assert main(["evaluate", "--model", "run", "--data", {str(synthetic_data)!r}, "--out", "ev"]) == 0
+assert main(["predict", "--model", "run", {str(image)!r}]) == 0
+import sys
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in {every.split(",")!r})
+assert not loaded, loaded
+print("CORE OK")
+"""
+    r = _run(tmp_path, script, every)
+    assert r.returncode == 0 and "CORE OK" in r.stdout, r.stderr[-3000:]
+    assert (tmp_path / "run" / "model.json").exists() and (
+        tmp_path / "ev" / "metrics.json"
+    ).exists()
+
+
+def test_serve_needs_only_the_serve_extra(tmp_path, trained_run):
+    others = _blocked("interop", "tune", "ray", "tracking", "postgres")
+    script = f"""
+import io
+import numpy as np
+from PIL import Image
+from fastapi.testclient import TestClient
+from medlens.monitoring.store import open_store
+from medlens.serve.app import create_app
+buf = io.BytesIO()
+Image.fromarray(np.full((48, 48), 200, np.uint8)).save(buf, format="PNG")
+app = create_app([{str(trained_run)!r}], bundled=False, record=open_store("sqlite:///r.db"))
+with TestClient(app) as c:
+    r = c.post("/api/v1/models/{trained_run.name}/predict", files={{"file": ("x.png", buf.getvalue())}})
+    assert r.status_code == 200, r.text
+    label = r.json()["label"]
+    fb = c.post("/api/v1/feedback", json={{"prediction_id": r.json()["prediction_id"], "label": label}})
+    assert fb.status_code == 200, fb.text
+    assert c.get("/").status_code == 200 and c.get("/monitoring").status_code == 200
+print("SERVE OK")
+"""
+    r = _run(tmp_path, script, others)
+    assert r.returncode == 0 and "SERVE OK" in r.stdout, r.stderr[-3000:]
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "chest_xray").exists(), reason="needs ../shared/data")
+def test_a_missing_extra_is_named_with_the_command_to_install_it(tmp_path):
+    image = next(iter(sorted((SHARED_DATA / "chest_xray" / "train" / "NORMAL").iterdir())))
+    script = f"""
+import sys
+from medlens.cli import main
+sys.exit(main(["predict", "--model", "pneumonia", "--format", "fhir", "--out", "docs",
+               {str(image)!r}]))
+"""
+    r = _run(tmp_path, script, _blocked("interop"))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "needs MedLens's `interop` extra" in r.stderr
+    assert "pip install 'medlens[interop]'" in r.stderr
