@@ -2,7 +2,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install browser orthanc postgres lint test test-slow docs models run clean
+.PHONY: install browser orthanc postgres lint test test-fast test-slow docs models run clean
 
 # The browser test drives Debian's chromium (Playwright never downloads a browser here).
 CHROMIUM ?= /usr/bin/chromium
@@ -57,6 +57,10 @@ lint: install
 
 test: install browser orthanc postgres lint
 	$(BIN)/python -m pytest -q
+
+# The tests that need no outside process and no real model (under 2 minutes), and the others.
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow

@@ -24,7 +24,7 @@ from PIL import Image, ImageFilter
 from medlens.data.cache import prepare_samples
 from medlens.evaluation.metrics import compute_metrics
 from medlens.inference.predictor import Predictor
-from medlens.training.dataset import recipe_splits
+from medlens.training.training_data import recipe_splits
 
 
 def _pil_each(x: np.ndarray, fn) -> np.ndarray:

@@ -996,7 +996,7 @@ def _monitor_text(rep: dict) -> str:
 
 def _cmd_monitor(a: argparse.Namespace) -> int:
     from medlens.artifacts.folders import find_models
-    from medlens.monitoring.report import monitoring_report
+    from medlens.monitoring.signals import monitoring_report
     from medlens.monitoring.store import open_store
 
     if a.days < 1:
@@ -1215,7 +1215,7 @@ def _cmd_export(a: argparse.Namespace) -> int:
         runs = _expand_folds(a.model)
         if a.refit_ood:
             from medlens.artifacts.folders import resolve_model
-            from medlens.training.ood import refit_ood_guard
+            from medlens.training.guard_fit import refit_ood_guard
 
             for model in [runs] if isinstance(runs, str) else runs:
                 refit_ood_guard(resolve_model(model))

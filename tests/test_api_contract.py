@@ -35,6 +35,7 @@ def _png(pixels: np.ndarray) -> bytes:
 
 
 @pytest.mark.parametrize("recorded", [False, True])
+@pytest.mark.slow
 def test_predict_answers_are_exactly_the_published_schema(tmp_path, recorded):
     record = open_store(f"sqlite:///{tmp_path / 'r.db'}") if recorded else None
     with TestClient(create_app([PNEUMONIA], bundled=False, record=record)) as c:

@@ -12,6 +12,9 @@ from PIL import Image
 from medlens.cli import main
 from medlens.evaluation import shortcuts
 
+# starts outside processes or runs real models on real data (`make test-fast` leaves it out)
+pytestmark = pytest.mark.slow
+
 
 def _box_images(root, n=40, size=64, seed=0, box=True):
     """Two classes of the same noisy texture; class ``boxed`` alone carries a solid white box in

@@ -30,6 +30,9 @@ from medlens.data.imaging import read_image
 from medlens.errors import UsageError
 from medlens.inference.predictor import Predictor
 
+# starts outside processes or runs real models on real data (`make test-fast` leaves it out)
+pytestmark = pytest.mark.slow
+
 # --------------------------------------------------------------------------- medlens bench
 
 

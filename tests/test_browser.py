@@ -26,6 +26,9 @@ import pytest
 from PIL import Image
 from serve_fixtures import BINARY, encode, served_models  # noqa: F401 - fixture
 
+# starts outside processes or runs real models on real data (`make test-fast` leaves it out)
+pytestmark = pytest.mark.slow
+
 CHROMIUM = "/usr/bin/chromium"
 SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
 

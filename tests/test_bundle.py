@@ -54,6 +54,7 @@ def test_grad_cam_highlights_the_evidence_not_its_inverse(trained_run, image_fac
     np.testing.assert_allclose(cam, ref, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_multiclass_grad_cam_onnx_equals_monai(
     tmp_path, synthetic_data_3class, image_factory, train_config
 ):
@@ -98,6 +99,7 @@ def test_weight_storage_shrinks_the_file_and_keeps_the_outputs(trained_run, stor
     assert (onnx.TensorProto.INT8 in kinds) == (store is quantize_weights)
 
 
+@pytest.mark.slow
 def test_bundle_holds_only_inference_files_and_its_card_matches(bundle, trained_run):
     assert sorted(p.name for p in bundle.iterdir()) == sorted(
         [

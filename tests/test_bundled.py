@@ -20,6 +20,9 @@ from medlens.fileio import sha256_file
 from medlens.inference.predictor import Predictor
 from medlens.reporting.ood_rates import flag_rate, sample_files
 
+# starts outside processes or runs real models on real data (`make test-fast` leaves it out)
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 # name -> (data folder under ../shared/data, labels)
 BUNDLED = {

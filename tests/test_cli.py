@@ -81,6 +81,7 @@ def test_missing_required_option_is_a_usage_error(capsys):
     assert "--out" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_installed_entry_point_and_module_run_as_subprocesses(tmp_path):
     exe = VENV_BIN / "medlens"
     assert exe.exists(), "the medlens console script is not installed in the venv"
@@ -175,6 +176,7 @@ def cli_run(tmp_path_factory, synthetic_data):
     return out
 
 
+@pytest.mark.slow
 def test_train_recipe_with_flags_overriding_it(cli_run):
     cfg = yaml.safe_load((cli_run / "config.yaml").read_text())
     assert cfg["image_size"] == 32  # the flag wins over the recipe's 48
@@ -275,6 +277,7 @@ def test_evaluate_writes_metrics_report_and_predictions(
     assert str(out / "metrics.json") in stdout
 
 
+@pytest.mark.slow
 def test_evaluate_bad_image_stops_unless_skipped(capsys, tmp_path, trained_run, synthetic_data):
     import shutil
 
@@ -558,6 +561,7 @@ def test_compare_missing_run_is_exit_2(capsys, tmp_path, trained_run):
     assert code == 2 and "ghost" in err
 
 
+@pytest.mark.slow
 def test_models_lists_every_backbone_with_parameter_counts(capsys):
     code, out, _ = _run(capsys, "models")
     assert code == 0
@@ -612,6 +616,7 @@ def _manifest(path: Path, rows: list[tuple[Path, str]]) -> Path:
     reason=f"real data not available: {CHEST} is absent "
     "(the shared data folder sits beside the project root in the workspace)",
 )
+@pytest.mark.slow
 def test_lite0_on_real_chest_xrays_generalises_to_unseen_patients(tmp_path, capsys):
     train_rows, eval_rows = [], []
     for label in ("NORMAL", "PNEUMONIA"):

@@ -160,6 +160,7 @@ def pneumonia_copy(tmp_path_factory) -> Path:
     return dst
 
 
+@pytest.mark.slow
 def test_compare_data_identical_models_json(capsys, tmp_path, kermany, pneumonia_copy):
     out = tmp_path / "cmp"
     code, stdout, _ = _cli(
@@ -194,6 +195,7 @@ def test_compare_data_identical_models_json(capsys, tmp_path, kermany, pneumonia
     assert "promote: not worse at margin 0.1" in table
 
 
+@pytest.mark.slow
 def test_compare_data_worse_candidate_is_not_promoted(capsys, tmp_path, kermany):
     worse = tmp_path / "pneumonia-strict"
     shutil.copytree(bundled_models_dir() / "pneumonia", worse)

@@ -75,6 +75,7 @@ def test_defaults_then_recipe_then_flags_field_by_field():
     assert cfg.out == "o" and cfg.batch_size == 32  # out from the command line; default
 
 
+@pytest.mark.slow
 def test_a_saved_config_yaml_reruns_to_the_same_configuration(tmp_path, synthetic_data):
     out = tmp_path / "run"
     argv = ["train", "--data", str(synthetic_data), "--out", str(out), "--model", "cnn",

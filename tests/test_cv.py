@@ -36,6 +36,7 @@ def test_folds_partition_the_samples_by_patient_and_class():
         fold_split(samples, 3, 3)
 
 
+@pytest.mark.slow
 def test_train_folds_writes_every_run_and_the_summary(tmp_path, synthetic_data, capsys):
     out = tmp_path / "cv"
     argv = ["train", "--data", str(synthetic_data), "--model", "cnn", "--image-size", "32",

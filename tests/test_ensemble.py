@@ -29,6 +29,7 @@ def members(tmp_path_factory, synthetic_data):
     return a, b
 
 
+@pytest.mark.slow
 def test_an_ensemble_folder_averages_its_members(members, tmp_path, image_factory):
     dest = tmp_path / "ens"
     assert main(["export", "--model", *map(str, members), "--bundle", str(dest)]) == 0
@@ -63,6 +64,7 @@ def test_an_ensemble_folder_averages_its_members(members, tmp_path, image_factor
     assert "ens" in create_app([dest], bundled=False).state.models
 
 
+@pytest.mark.slow
 def test_members_of_different_tasks_are_refused(members, trained_run, tmp_path, capsys,
                                                 synthetic_data_3class):  # fmt: skip
     from conftest import tiny_config
@@ -75,6 +77,7 @@ def test_members_of_different_tasks_are_refused(members, trained_run, tmp_path, 
     assert "give --bundle DEST too" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_fold_ensemble_keeps_the_members_calibration(tmp_path, synthetic_data):
     from conftest import tiny_config
 

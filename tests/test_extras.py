@@ -21,6 +21,9 @@ from conftest import SHARED_DATA
 
 from medlens.cli import EXTRA_OF_MODULE
 
+# starts outside processes or runs real models on real data (`make test-fast` leaves it out)
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 # The distributions each extra brings, as pyproject.toml names them.
 EXTRA_DISTRIBUTIONS = {

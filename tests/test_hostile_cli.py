@@ -91,6 +91,7 @@ def test_a_symlink_loop_is_walked_once(capsys, tmp_path, trained_run, image_fact
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "folder", "locked"])
+@pytest.mark.slow
 def test_tune_with_a_damaged_study_is_a_one_line_user_error(
     capsys, tmp_path, synthetic_data, damage
 ):
@@ -177,6 +178,7 @@ def test_ood_text_bands(ratio, flag, words):
         assert ood_text(ratio, flag) == ""
 
 
+@pytest.mark.slow
 def test_a_collapsed_training_run_warns_in_the_console_and_on_the_card(tmp_path, caplog):
     """Labels that carry nothing (the same images in both classes): the network cannot learn, so
     it predicts one class or chance, and says so loudly."""
@@ -226,6 +228,7 @@ def test_collapse_warning_rules():
     assert collapse_warning(skew, 1.0, 20.0) is None
 
 
+@pytest.mark.slow
 def test_models_lists_what_predict_accepts(capsys, tmp_path, trained_run, image_factory):
     """Each model line starts with exactly what `medlens predict --model` takes: a bundled
     model's name, any other model's folder."""
@@ -243,6 +246,7 @@ def test_models_lists_what_predict_accepts(capsys, tmp_path, trained_run, image_
         assert _run(capsys, "predict", "--model", ref, img, "--quiet")[0] == 0, ref
 
 
+@pytest.mark.slow
 def test_tune_on_a_study_that_already_holds_the_trials_says_so(capsys, tmp_path, synthetic_data):
     """--trials 1 on a study with 2 finished trials runs nothing, and now says so."""
     import optuna

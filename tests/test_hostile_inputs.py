@@ -228,6 +228,7 @@ print("status", r.status_code, "pydicom imported by the request:", fresh)
 """
 
 
+@pytest.mark.slow
 def test_a_fresh_server_process_logs_nothing_from_pydicom(models, tmp_path):
     """In a server process pydicom is first imported by the first DICOM upload, and its import
     sets its logger to WARNING: the silencing must hold all the same."""

@@ -20,6 +20,9 @@ from medlens.data.imaging import read_image
 from medlens.fileio import sha256_file
 from medlens.inference.predictor import Predictor
 
+# starts outside processes or runs real models on real data (`make test-fast` leaves it out)
+pytestmark = pytest.mark.slow
+
 PNEUMONIA = bundled_models_dir() / "pneumonia"
 real_data = pytest.mark.skipif(
     not SHARED_DATA.is_dir(), reason=f"real data not available at {SHARED_DATA} (fresh clone)"

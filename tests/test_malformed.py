@@ -92,6 +92,7 @@ def test_the_reader_decodes_or_names_the_problem(name, data):
         assert min(img.pixels.shape[:2]) >= 1
 
 
+@pytest.mark.slow
 def test_the_endpoint_never_answers_500(served_models):  # noqa: F811
     app = create_app([served_models], bundled=False)
     statuses = {}

@@ -25,6 +25,9 @@ from medlens.evaluation.drift import em_prevalence, excess_rate, ks, psi
 from medlens.monitoring.store import PredictionRecord, open_store, predictions
 from medlens.serve.app import create_app
 
+# starts outside processes or runs real models on real data (`make test-fast` leaves it out)
+pytestmark = pytest.mark.slow
+
 PNEUMONIA = bundled_models_dir() / "pneumonia"
 KERMANY = SHARED_DATA / "chest_xray" / "train"
 ADULT = SHARED_DATA / "covid_xray" / "train"

@@ -30,6 +30,9 @@ from PIL import Image
 
 from medlens.cli import main
 
+# starts outside processes or runs real models on real data (`make test-fast` leaves it out)
+pytestmark = pytest.mark.slow
+
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 if not (Path(ORTHANC).exists() and PLUGIN.exists()):

@@ -114,6 +114,7 @@ def test_delong_auc_is_sklearns_with_ties_and_the_test_is_symmetric():
     assert delong(y.astype(bool), a, b)["p"] == pytest.approx(r["p"])
 
 
+@pytest.mark.slow
 def test_delong_se_of_the_difference_agrees_with_a_paired_bootstrap():
     rng = np.random.default_rng(7)
     n = 300

@@ -7,6 +7,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+# starts outside processes or runs real models on real data (`make test-fast` leaves it out)
+pytestmark = pytest.mark.slow
+
 
 def test_predicting_leaves_home_tmp_and_cwd_untouched(tmp_path):
     dirs = {name: tmp_path / name for name in ("home", "tmp", "cwd")}

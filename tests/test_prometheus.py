@@ -82,6 +82,7 @@ def test_metrics_hold_no_patient_or_image_data(client):
                 route="/api/v1/models/{name}/predict", status="422") == 1  # fmt: skip
 
 
+@pytest.mark.slow
 def test_two_worker_processes_serve_and_share_their_metrics(tmp_path, trained_run):
     """``medlens serve --workers 2``: two processes, each with the model loaded, one port; the
     metrics of both are aggregated, and their counter folder is removed at exit."""

@@ -12,6 +12,9 @@ from conftest import SHARED_DATA
 
 from medlens.cli import main
 
+# starts outside processes or runs real models on real data (`make test-fast` leaves it out)
+pytestmark = pytest.mark.slow
+
 pytest.importorskip(
     "ray", reason="Ray is not installed: pip install 'medlens[ray]' (make install does)"
 )

@@ -55,6 +55,7 @@ def test_weight_average_follows_the_exponential_rule_and_swaps_back():
     assert float(net.weight.detach()) == 5.0
 
 
+@pytest.mark.slow
 def test_training_with_every_regulariser_runs_and_records_them(tmp_path, synthetic_data,
                                                                train_config):  # fmt: skip
     out = train(

@@ -168,6 +168,7 @@ def live_server(served_models, tmp_path_factory):  # noqa: F811
         yield srv.port, f"http://127.0.0.1:{srv.port}"
 
 
+@pytest.mark.slow
 def test_a_real_server_has_no_banner_and_needs_the_key(live_server):
     port, url = live_server
     r = httpx2.get(url + "/api/v1/models")
@@ -179,6 +180,7 @@ def test_a_real_server_has_no_banner_and_needs_the_key(live_server):
     assert r.status_code == 400  # DNS rebinding: another name pointing at 127.0.0.1
 
 
+@pytest.mark.slow
 def test_half_sent_request_headers_are_cut_off(live_server):
     port, url = live_server
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
@@ -245,6 +247,7 @@ def untrained(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_half_sent_connections_do_not_lock_clients_out(untrained):
     """70 sockets that never finish their request line, on a real `medlens serve` with the
     default limit of 64 and a 30 s header timeout: /healthz and a prediction are answered."""

@@ -90,7 +90,9 @@ def test_predict_png_matches_the_torch_network(client, served_models, png, image
     r = post(client, png)
     assert r.status_code == 200, r.text
     body = r.json()
+    # every field of PredictOut, always (the schema is the answer): null where not asked for
     assert set(body) == {
+        "prediction_id",
         "model",
         "version",
         "label",
@@ -100,7 +102,10 @@ def test_predict_png_matches_the_torch_network(client, served_models, png, image
         "elapsed_ms",
         "notes",
         "dicom",
+        "cam_png_base64",
+        "image_png_base64",
     }
+    assert body["prediction_id"] is None and body["cam_png_base64"] is None
     assert body["model"] == BINARY and body["dicom"] == {}  # a PNG has no DICOM header
     # The run's guard (ood.npz) scores every upload and flags it by its own level: the verdict
     # follows from score and level (whether this synthetic image sits just under or just over

@@ -45,6 +45,7 @@ def test_bad_settings_are_refused_with_what_to_change(change, message):
         dataclasses.replace(ServeSettings(), **change)
 
 
+@pytest.mark.slow
 def test_worker_processes_get_no_key_in_their_environment(tmp_path, trained_run):
     """``--workers 2 --api-key-file F``: the workers answer with the key enforced, but
     neither the key nor the settings are in any worker's environment; the private settings

@@ -18,9 +18,13 @@ from medlens.evaluation.metrics import compute_metrics
 from medlens.fileio import sha256_file
 from medlens.inference.predictor import Predictor
 
-pytestmark = pytest.mark.skipif(
-    not SHARED_DATA.is_dir(), reason=f"real data not available at {SHARED_DATA} (fresh clone)"
-)
+# runs real models on real data (`make test-fast` leaves it out)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not SHARED_DATA.is_dir(), reason=f"real data not available at {SHARED_DATA} (fresh clone)"
+    ),
+]
 BASE = bundled_models_dir() / "pneumonia"
 
 

@@ -24,6 +24,9 @@ from medlens.errors import DataError
 from medlens.evaluation.metrics import compute_metrics
 from medlens.evaluation.subgroups import subgroup_metrics
 
+# starts outside processes or runs real models on real data (`make test-fast` leaves it out)
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 PER_CLASS = 40
 
@@ -103,7 +106,7 @@ def test_each_group_gets_its_own_metrics_and_the_largest_gap():
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"real data not at {SHARED_DATA}")
 def test_evaluate_groups_on_the_bundled_models_held_out_images(tmp_path, capsys):
-    from medlens.training.dataset import recipe_splits
+    from medlens.training.training_data import recipe_splits
 
     ds = recipe_splits(ROOT / "recipes" / "pneumonia.yaml", SHARED_DATA / "chest_xray" / "train")
     data, rows = tmp_path / "held-out", []

@@ -13,6 +13,9 @@ import pytest
 from medlens.cli import main
 from medlens.tracking import flatten, summary_metrics, tracking_uri
 
+# starts outside processes or runs real models on real data (`make test-fast` leaves it out)
+pytestmark = pytest.mark.slow
+
 mlflow = pytest.importorskip("mlflow")
 
 

@@ -243,6 +243,7 @@ def _interrupt_at(prefix: str):
         logger.setLevel(level)
 
 
+@pytest.mark.slow
 def test_resume_after_a_finished_stage_skips_it(
     tmp_path, trained_run, train_config, synthetic_data, train_logs
 ):
@@ -256,6 +257,7 @@ def test_resume_after_a_finished_stage_skips_it(
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow
 def test_resume_continues_an_interrupted_run(tmp_path, synthetic_data, train_config, train_logs):
     out = tmp_path / "run"
     with _interrupt_at("[full] epoch 2/3"), pytest.raises(_Interrupt):
@@ -272,6 +274,7 @@ def test_resume_continues_an_interrupted_run(tmp_path, synthetic_data, train_con
     assert saved and "calibrated, at the operating point: val: acc" in saved[0]
 
 
+@pytest.mark.slow
 def test_resume_checkpoint_mechanics(tmp_path, synthetic_data, train_config, train_logs):
     """The checkpoint half of --resume, with config.yaml removed to sidestep the bug above:
     the interrupted stage continues at the next epoch with its history, then finishes.
@@ -334,6 +337,7 @@ def test_unreadable_images_are_listed_before_out_is_touched(
 
 
 @pytest.mark.parametrize("channels", CHANNELS)
+@pytest.mark.slow
 def test_skip_bad_images_trains_and_notes_the_count(
     tmp_path, synthetic_data, train_config, channels, train_logs
 ):
@@ -365,6 +369,7 @@ def test_skip_bad_images_trains_and_notes_the_count(
 # --------------------------------------------------------------------------- multi-class
 
 
+@pytest.mark.slow
 def test_three_classes_train_with_softmax_and_no_threshold(
     tmp_path, synthetic_data_3class, train_config
 ):
@@ -393,6 +398,7 @@ def test_three_classes_train_with_softmax_and_no_threshold(
 # --------------------------------------------------------------------------- transfer
 
 
+@pytest.mark.slow
 def test_frozen_lite0_trains_only_the_head(tmp_path, synthetic_data, train_config):
     # 64 px: at 32 px Lite0's pretrained 1x1 head conv outputs all zeros after ReLU6.
     lite = dict(model="efficientnet-lite0", image_size=64, test_fraction=0)
@@ -421,6 +427,7 @@ def test_frozen_lite0_trains_only_the_head(tmp_path, synthetic_data, train_confi
     assert _json(out / "eval" / "val" / "metrics.json")["auc"] >= 0.8
 
 
+@pytest.mark.slow
 def test_lite0_finetune_trains_head_then_top_stages(tmp_path, synthetic_data, train_config):
     out = train(
         train_config(
@@ -558,12 +565,14 @@ def test_augmenting_workers_give_the_same_batches_whatever_their_number(syntheti
     assert not torch.allclose(one[0][0], unaugmented[0][0])  # augmented
 
 
+@pytest.mark.slow
 def test_full_training_with_augmenting_workers(tmp_path, synthetic_data, train_config):
     out = train(train_config(synthetic_data, tmp_path / "w", workers=1))
     assert (out / "model.pt").exists()
     assert "workers: 1" in (out / "config.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_overwrite_keeps_the_old_run_until_the_new_one_is_complete(
     tmp_path, synthetic_data, train_config, monkeypatch
 ):
@@ -610,6 +619,7 @@ def test_a_full_disk_is_one_clear_line(tmp_path, synthetic_data, capsys, monkeyp
 
 
 @pytest.mark.parametrize("ema", [0.0, 0.9])
+@pytest.mark.slow
 def test_a_resumed_run_repeats_an_uninterrupted_one_exactly(
     tmp_path, synthetic_data, train_config, ema
 ):
@@ -631,6 +641,7 @@ def test_a_resumed_run_repeats_an_uninterrupted_one_exactly(
     assert _json(cut / "model.json")["threshold"] == _json(whole / "model.json")["threshold"]
 
 
+@pytest.mark.slow
 def test_a_recipe_can_state_the_class_order(tmp_path, synthetic_data, train_config):
     """`classes: [PNEUMONIA, NORMAL]`: the last is the positive class of a two-class model (the
     threshold, sensitivity and FHIR's positive refer to it), whatever the folders sort to."""

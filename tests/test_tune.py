@@ -17,6 +17,7 @@ def _argv(data, out, *extra):
             "32", "--epochs", "2", "--batch-size", "8", "--threads", "1", "--quiet", *extra]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_tune_runs_trials_keeps_the_study_and_writes_the_best_recipe(
     tmp_path, synthetic_data, capsys
 ):

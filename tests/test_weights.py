@@ -104,6 +104,7 @@ def test_create_model_loads_into_the_backbone_and_keeps_the_report(tmp_path):
     torch.testing.assert_close(stem_conv.weight, source.features.conv0.weight + 0.25)
 
 
+@pytest.mark.slow
 def test_train_with_weights_records_them_and_a_misfit_writes_nothing(
     tmp_path, synthetic_data, capsys
 ):

@@ -16,7 +16,7 @@ with each other (GitHub issue 5):
   (:func:`synthetic_jpeg`; no patient data) as soon as the previous answer arrived, for a
   bounded time after a warm-up. Requests per second (200 answers), client-side latency
   p50/p95 and errors (non-200 answers, refused or broken connections, timeouts), plus the CPU
-  time the server and the load generator used (psutil, :mod:`medlens.bench.machine`).
+  time the server and the load generator used (psutil, :mod:`medlens.bench.host`).
 * **training** (:func:`training_figures`, ``--train-log RUN``): read from a finished run's
   ``training_metrics.csv`` and ``model.json``; nothing is retrained.
 
@@ -29,9 +29,7 @@ time. Nothing in the runtime package imports this one.
 
 from __future__ import annotations
 
-from medlens.bench.inference import INT8_FILE, bench_inference
-from medlens.bench.load import LoadResult, load_test, percentiles, predict_url, synthetic_jpeg
-from medlens.bench.machine import (
+from medlens.bench.host import (
     CpuMeter,
     CpuUsage,
     cpu_model,
@@ -39,6 +37,8 @@ from medlens.bench.machine import (
     machine_info,
     usable_cores,
 )
+from medlens.bench.inference import INT8_FILE, bench_inference
+from medlens.bench.load import LoadResult, load_test, percentiles, predict_url, synthetic_jpeg
 from medlens.bench.run import (
     DEFAULT_OUT,
     REQUIRED_KEYS,

@@ -20,8 +20,8 @@ import numpy as np
 
 from medlens.artifacts.folders import INT8_FILE, MODEL_WEIGHTS, ModelFolder, resolve_model
 from medlens.artifacts.model import read_meta
+from medlens.bench.host import CpuMeter
 from medlens.bench.load import percentiles
-from medlens.bench.machine import CpuMeter
 from medlens.errors import UsageError
 
 if TYPE_CHECKING:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from medlens.artifacts.folders import resolve_model
 from medlens.artifacts.model import read_meta
+from medlens.bench.host import load_average, machine_info
 from medlens.bench.inference import bench_inference
-from medlens.bench.machine import load_average, machine_info
 from medlens.bench.server import bench_serve
 from medlens.bench.train_log import training_figures
 from medlens.fileio import atomic_write_text

@@ -23,8 +23,8 @@ from pathlib import Path
 import httpx2
 
 from medlens.artifacts.folders import resolve_model
+from medlens.bench.host import CpuMeter, load_average, usable_cores
 from medlens.bench.load import load_test, predict_url, synthetic_jpeg
-from medlens.bench.machine import CpuMeter, load_average, usable_cores
 from medlens.errors import MedLensError
 
 __all__ = [

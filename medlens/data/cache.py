@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medlens.data.preprocess import Preprocess
+from medlens.data.preprocess import Geometry, Preprocess
 from medlens.machine import usable_cores
 
 __all__ = ["PreparedImages", "prepare_samples", "is_colour"]
@@ -69,7 +69,7 @@ def _prepare_one(args):
         return None, f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)
 
 
-def _cache_key(samples, pre: Preprocess) -> str:
+def _cache_key(samples, pre: Geometry | Preprocess) -> str:
     h = hashlib.sha256(pre.geometry_key().encode())
     for s in samples:
         path = s.source.split("#", 1)[0].removeprefix("npz:")
@@ -84,7 +84,7 @@ def _cache_key(samples, pre: Preprocess) -> str:
 
 def prepare_samples(
     samples: Sequence[Sample],
-    pre: Preprocess,
+    pre: Geometry | Preprocess,
     *,
     workers: int | None = None,
     cache_dir: str | Path | None = None,
@@ -95,7 +95,8 @@ def prepare_samples(
 
     Args:
         samples: sequence of :class:`medlens.data.Sample`.
-        pre: the preprocessing spec whose :meth:`~Preprocess.prepare` is applied.
+        pre: the preprocessing spec (or its :class:`Geometry` alone) whose ``prepare`` is
+            applied.
         workers: decoding processes (default: all cores).
         cache_dir: where to keep a reusable copy; ``None`` keeps everything in memory.
         progress: show a progress bar.

@@ -26,7 +26,7 @@ from medlens.data.imaging import read_image
 from medlens.errors import ImageReadError, ModelOutputError, UsageError
 from medlens.inference.cam import overlay_cam
 from medlens.serve.logs import quiet_third_party
-from medlens.serve.models import ServedModel
+from medlens.serve.served import ServedModel
 from medlens.serve.upload import UploadError, read_file_field
 
 API = "/api/v1"
@@ -353,7 +353,7 @@ def metrics(request: Request) -> Response:
     """Prometheus metrics (text format): requests, latency, predictions by label and the
     out-of-distribution verdicts and score ratios per model; nothing that identifies a
     patient or an image."""
-    from medlens.serve.metrics import CONTENT_TYPE_LATEST
+    from medlens.serve.prometheus import CONTENT_TYPE_LATEST
 
     return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 

@@ -34,11 +34,10 @@ from medlens.monitoring.store import RecordStore, open_store
 from medlens.serve.api import API
 from medlens.serve.api import router as api_router
 from medlens.serve.logs import quiet_third_party
-from medlens.serve.metrics import MetricsMiddleware, ServeMetrics
-from medlens.serve.models import ServedModel
 from medlens.serve.monitoring_api import router as monitoring_router
 from medlens.serve.pages import HERE, vendor_files
 from medlens.serve.pages import router as pages_router
+from medlens.serve.prometheus import MetricsMiddleware, ServeMetrics
 from medlens.serve.record import Recorder
 from medlens.serve.security import (
     HEADER_TIMEOUT_S,
@@ -48,6 +47,7 @@ from medlens.serve.security import (
     allowed_hosts_for,
     header_timeout_protocol,
 )
+from medlens.serve.served import ServedModel
 from medlens.serve.settings import SETTINGS_FILE_ENV, ServeSettings
 from medlens.serve.upload import UploadError
 

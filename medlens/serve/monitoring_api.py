@@ -7,7 +7,7 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from medlens.monitoring.report import monitoring_report
+from medlens.monitoring.signals import monitoring_report
 from medlens.monitoring.store import MAX_COMMENT
 from medlens.serve.api import API, get_model
 from medlens.serve.record import Recorder

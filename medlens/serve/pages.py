@@ -115,7 +115,7 @@ def dashboard_page(request: Request) -> HTMLResponse:
 @router.get("/monitoring", response_class=HTMLResponse)
 def monitoring_page(request: Request, days: int = 7) -> HTMLResponse:
     """Every served model's last ``days`` days from the prediction record, alerts first."""
-    from medlens.monitoring.report import monitoring_report
+    from medlens.monitoring.signals import monitoring_report
 
     recorder = getattr(request.app.state, "recorder", None)
     days = min(max(int(days), 1), 3650)

@@ -27,7 +27,7 @@ from medlens.config import RECORDED_FACTS, TrainConfig
 from medlens.errors import ConfigError, ModelLoadError
 from medlens.fileio import sha256_file
 from medlens.modeling.classifier import Classifier
-from medlens.training.dataset import load_splits
+from medlens.training.training_data import load_splits
 
 __all__ = ["BaseModel", "open_base", "layered_recipe", "check_settings", "check_labels"]
 
@@ -141,8 +141,9 @@ def layered_recipe(recipe: dict, given: dict) -> dict:
 
 
 def check_settings(cfg: TrainConfig, base: BaseModel) -> TrainConfig:
-    """``cfg`` with the base's input where it leaves it open (None); a setting that changes
-    the network, its input or its labels is refused.
+    """``cfg`` with the base's labels; a setting that changes the network, its input or its
+    labels is refused. An image size or channels left open (None) stay so: the resolve step
+    (:mod:`medlens.training.resolve`) takes the base's.
 
     Raises:
         ConfigError: naming the flag and the base's value.
@@ -150,11 +151,9 @@ def check_settings(cfg: TrainConfig, base: BaseModel) -> TrainConfig:
     pre = base.meta.preprocess
     want: dict[str, Any] = {"model": base.meta.arch, "image_size": pre.image_size, "channels": pre.channels,
             "resize": pre.resize, "grayscale": pre.grayscale}  # fmt: skip
-    cfg = dataclasses.replace(
-        cfg, **{k: want[k] for k in ("image_size", "channels") if getattr(cfg, k) is None}
-    )
     for name in FIXED:
-        if getattr(cfg, name) != want[name]:
+        open_ = name in ("image_size", "channels") and getattr(cfg, name) is None
+        if not open_ and getattr(cfg, name) != want[name]:
             raise ConfigError(
                 f"--{name.replace('_', '-')} {getattr(cfg, name)}: --init-from {base.ref} keeps "
                 f"the base model's network and input ({name} {want[name]}); its preprocessing "

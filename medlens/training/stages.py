@@ -32,6 +32,7 @@ from medlens.training.batches import (
     ImageBatches,
     ModelInput,
 )
+from medlens.training.resolve import resolve_lr
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +102,9 @@ class StageContext:
 
     @property
     def lr(self) -> float:
-        """The head / full stage learning rate (fine-tuning scales it)."""
-        return self.cfg.lr or 1e-3
+        """The head / full stage learning rate (fine-tuning scales it); resolved by
+        :func:`medlens.training.resolve.resolve_lr`."""
+        return resolve_lr(self.cfg)
 
     def activations(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Frozen-prefix activations of the training set (copy 0 clean, the rest augmented,

@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,6 @@ from medlens.artifacts.folders import (
 )
 from medlens.artifacts.model import ModelMeta, build_network, save_model
 from medlens.config import TrainConfig
-from medlens.data.preprocess import Preprocess, compute_mean_std
 from medlens.errors import ConfigError, TrainError
 from medlens.evaluation.calibration import T_MAX, calibrate, logits_to_probs
 from medlens.evaluation.metrics import collapse_warning, headline_metrics
@@ -42,17 +41,17 @@ from medlens.evaluation.ood import StageGuard
 from medlens.evaluation.operating_point import OperatingPoint, OperatingPointChoice
 from medlens.fileio import write_yaml
 from medlens.machine import usable_cores
-from medlens.modeling.registry import IMAGENET_MEAN, IMAGENET_STD, model_info
+from medlens.modeling.registry import model_info
 from medlens.reporting.evaluate import write_evaluation
 from medlens.tracking import NO_TRACKING, Tracker, summary_metrics
 from medlens.training.batches import ModelInput
-from medlens.training.dataset import TrainingData, load_training_data
 from medlens.training.device import resolve_device, resolve_precision, set_bn_momentum, set_seed
 from medlens.training.distributed import barrier, launched, start, stop
+from medlens.training.guard_fit import fit_ood_guard, float32_outputs, guard_summary
 from medlens.training.init_from import check_labels, check_settings, load_base_weights, open_base
 from medlens.training.loop import Checkpointer, Progress, fit
-from medlens.training.ood import fit_ood_guard, float32_outputs, guard_summary
 from medlens.training.stages import build_stage, stage_context, stage_names
+from medlens.training.training_data import load_training_data
 
 log = logging.getLogger(__name__)
 
@@ -131,26 +130,6 @@ def _prepare_out(
     return folder, previous
 
 
-def _preprocess(data: TrainingData, cfg: TrainConfig, pretrained: bool) -> Preprocess:
-    """ImageNet's statistics for pretrained backbones, else the training split's."""
-    mean: Sequence[float]
-    std: Sequence[float]
-    if pretrained:
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
-        if data.channels == 1:
-            mean, std = (sum(mean) / 3,), (sum(std) / 3,)
-    else:
-        mean, std = compute_mean_std(data.prepared["train"][0])
-    return Preprocess(
-        image_size=data.image_size,
-        channels=data.channels,
-        mean=tuple(mean),
-        std=tuple(std),
-        resize=cfg.resize,
-        grayscale=cfg.grayscale,
-    )
-
-
 class Trainer:
     """One training run, step by step; holds what the steps share.
 
@@ -195,7 +174,9 @@ class Trainer:
         if self.base is not None:  # the new data's classes are the base's labels
             check_labels(self.cfg, self.base)
         # The data is loaded, checked and decoded before the run folder is touched.
-        self.data = load_training_data(self.cfg, self.info, self.pretrained)
+        # The input (size, channels, mean/std, lr) is resolved in medlens.training.resolve.
+        base_pre = self.base.meta.preprocess if self.base is not None else None
+        self.data = load_training_data(self.cfg, self.info, self.pretrained, base_pre)
         if (
             not self.data.binary
             and OperatingPoint.parse(self.cfg.operating_point).rule != "balanced"
@@ -205,11 +186,7 @@ class Trainer:
                 f"{len(self.data.classes)} classes, and a model of more than two predicts the "
                 "most probable class (balanced); other rules apply to two-class models"
             )
-        self.pre = (
-            self.base.meta.preprocess
-            if self.base is not None
-            else _preprocess(self.data, self.cfg, self.pretrained)
-        )
+        self.pre = self.data.preprocess()
         self.to_input = ModelInput(self.pre)
         # Before the folder too: a --weights file that fits nothing stops the run here.
         self._build_network()
@@ -293,7 +270,7 @@ class Trainer:
                 "image_size": data.image_size,
                 "channels": data.channels,
                 "pretrained": self.pretrained,
-                "lr": cfg.lr or 1e-3,
+                "lr": data.plan.lr,
                 "precision_resolved": "bf16" if self.dtype else "fp32",
                 "device_resolved": str(self.device),
                 "preprocess": self.pre.to_dict(),

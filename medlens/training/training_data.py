@@ -10,13 +10,14 @@ import numpy as np
 import torch
 
 from medlens.config import TrainConfig, merge_settings
-from medlens.data.cache import is_colour, prepare_samples, refuse_unreadable
-from medlens.data.datasets import Dataset, Sample, load_dataset
+from medlens.data.cache import prepare_samples, refuse_unreadable
+from medlens.data.datasets import Dataset, load_dataset
 from medlens.data.preprocess import Preprocess
 from medlens.data.splits import fold_split
-from medlens.errors import ImageReadError, TrainError
+from medlens.errors import TrainError
 from medlens.fileio import read_yaml
 from medlens.modeling.registry import ModelInfo
+from medlens.training.resolve import InputPlan, resolve_input
 
 
 @dataclass
@@ -28,16 +29,29 @@ class TrainingData:
         prepared: split -> (uint8 images ``(N, C, S, S)``, labels ``(N,)``).
         sources: split -> the source of each decoded image.
         bad: (source, reason) of the images that could not be decoded.
-        image_size: the input side, in pixels.
-        channels: the input channels.
+        plan: the run's input as resolved before decoding (:mod:`medlens.training.resolve`).
     """
 
     dataset: Dataset
     prepared: dict[str, tuple[np.ndarray, torch.Tensor]]
     sources: dict[str, list[str]]
     bad: list[tuple[str, str]]
-    image_size: int
-    channels: int
+    plan: InputPlan
+
+    @property
+    def image_size(self) -> int:
+        """The input side, in pixels."""
+        return self.plan.geometry.image_size
+
+    @property
+    def channels(self) -> int:
+        """The input channels."""
+        return self.plan.geometry.channels
+
+    def preprocess(self) -> Preprocess:
+        """The run's preprocessing: the plan completed with its statistics (the training
+        split's, when they are computed)."""
+        return self.plan.preprocess(self.prepared["train"][0])
 
     @property
     def classes(self) -> list[str]:
@@ -98,13 +112,16 @@ def recipe_splits(recipe: str | Path, data: str | Path) -> Dataset:
     )
 
 
-def load_training_data(cfg: TrainConfig, info: ModelInfo, pretrained: bool) -> TrainingData:
-    """Load, check and decode a run's data.
+def load_training_data(
+    cfg: TrainConfig, info: ModelInfo, pretrained: bool, base: Preprocess | None = None
+) -> TrainingData:
+    """Load, check and decode a run's data, at the input :func:`resolve_input` resolves.
 
     Args:
         cfg: the settings (data, fractions, seed, image size, channels, resize, cache).
         info: the backbone (its default image size and fixed channels).
         pretrained: whether the backbone starts from ImageNet weights (3 channels).
+        base: the base model's preprocessing (``--init-from``).
 
     Returns:
         The decoded splits.
@@ -115,30 +132,19 @@ def load_training_data(cfg: TrainConfig, info: ModelInfo, pretrained: bool) -> T
     """
     ds = load_splits(cfg)
     _check_splits(cfg, ds)
-    size = cfg.image_size or info.default_image_size
-    channels = cfg.channels
-    if channels is None:
-        channels = _auto_channels(ds, info, pretrained)
-    geometry = Preprocess(
-        image_size=size,
-        channels=channels,
-        mean=(0.5,) * channels,
-        std=(0.25,) * channels,
-        resize=cfg.resize,
-        grayscale=cfg.grayscale,
-    )
-    data = _decode(cfg, ds, geometry)
+    plan = resolve_input(cfg, info, pretrained, ds.splits["train"], base)
+    data = _decode(cfg, ds, plan)
     refuse_unreadable(data.bad, cfg.skip_bad_images)
     return data
 
 
-def _decode(cfg: TrainConfig, ds: Dataset, geometry: Preprocess) -> TrainingData:
-    """Every split decoded at the input geometry (through the cache when there is one)."""
+def _decode(cfg: TrainConfig, ds: Dataset, plan: InputPlan) -> TrainingData:
+    """Every split decoded at the plan's geometry (through the cache when there is one)."""
     prepared, sources, bad = {}, {}, []
     for split, samples in ds.splits.items():
         res = prepare_samples(
             samples,
-            geometry,
+            plan.geometry,
             cache_dir=cfg.cache_dir,
             progress=cfg.progress,
             desc=f"decode {split}",
@@ -146,7 +152,7 @@ def _decode(cfg: TrainConfig, ds: Dataset, geometry: Preprocess) -> TrainingData
         prepared[split] = (res.pixels, torch.tensor([samples[i].label for i in res.keep]))
         sources[split] = [samples[i].source for i in res.keep]
         bad += res.errors
-    return TrainingData(ds, prepared, sources, bad, geometry.image_size, geometry.channels)
+    return TrainingData(ds, prepared, sources, bad, plan)
 
 
 def _check_splits(cfg: TrainConfig, ds: Dataset) -> None:
@@ -161,19 +167,3 @@ def _check_splits(cfg: TrainConfig, ds: Dataset) -> None:
                 f"the {split} split has no images of class(es) {missing}; add "
                 "images or lower --val-fraction/--test-fraction"
             )
-
-
-def _auto_channels(ds: Dataset, info: ModelInfo, pretrained: bool) -> int:
-    """3 for pretrained or 3-channel backbones, else 3 only when sampled images are colour."""
-    if pretrained or info.fixed_in_channels == 3:
-        return 3
-    probe = ds.splits["train"][:: max(1, len(ds.splits["train"]) // 64)][:64]
-    return 3 if any(_probe_colour(s) for s in probe) else 1
-
-
-def _probe_colour(sample: Sample) -> bool:
-    """Colour check for channel auto-detection; unreadable files are reported later."""
-    try:
-        return is_colour(sample.load())
-    except (ImageReadError, OSError, ValueError):
-        return False

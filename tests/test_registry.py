@@ -1,4 +1,4 @@
-"""Tests for medlens.models: the backbone registry, Classifier, transfer-learning freezing and
+"""Tests for medlens.modeling.registry: the backbone registry, Classifier, transfer-learning freezing and
 the EfficientNet-Lite0 ImageNet weights."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tests for medlens.modelfile: the model.json + model.pt format and atomic writes."""
+"""Tests for medlens.artifacts.model: the model.json + model.pt format and atomic writes."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ from medlens.fileio import sha256_file
 from medlens.inference.runtime import compute_logits, logits_and_stats
 from medlens.modeling.classifier import Classifier
 from medlens.training.batches import ModelInput
-from medlens.training.dataset import load_splits
+from medlens.training.training_data import load_splits
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def refit_ood_guard(run: str | Path) -> StageGuard:
 
 
 def _decode_splits(cfg: TrainConfig, pre: Preprocess, labels: list[str]) -> dict:
-    """The run's splits (:func:`~medlens.training.dataset.load_splits`, folds included),
+    """The run's splits (:func:`~medlens.training.training_data.load_splits`, folds included),
     decoded at the model's geometry: split -> (uint8 images, labels)."""
     from medlens.data.cache import prepare_samples
 

@@ -1,4 +1,4 @@
-"""Tests for medlens.data: layouts, patient-grouped splits, errors, unreadable images."""
+"""Tests for medlens.data.datasets (and splits): layouts, patient-grouped splits, errors, unreadable images."""
 
 from __future__ import annotations
 
@@ -395,6 +395,7 @@ def test_counts_and_summary(tmp_path):
 # --------------------------------------------------------------------------- unreadable images
 
 
+@pytest.mark.slow
 def test_real_kermany_and_pneumoniamnist():
     ds = load_dataset(SHARED / "chest_xray" / "train")
     assert ds.classes == ["NORMAL", "PNEUMONIA"]

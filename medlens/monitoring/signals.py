@@ -73,7 +73,7 @@ class Reference:
             prior /= prior.sum()
         val = ModelFolder(folder).read_predictions("val", labels)
         ood = meta.ood
-        expected = 1.0 - ood.quantile if ood and ood.quantile is not None else None
+        expected = round(1.0 - ood.quantile, 6) if ood and ood.quantile is not None else None
         return cls(labels, prior, None if val is None else val.probs, expected)
 
 
