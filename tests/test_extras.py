@@ -2,8 +2,9 @@
 without any extra's packages, `serve` needs only its own, and a command that needs a missing
 extra says which one to install.
 
-Each check runs MedLens in a fresh Python process whose import system refuses the packages
-that only the other extras bring (as if they were not installed), because a fresh virtual
+Each check runs MedLens in a fresh Python process whose import system answers "not
+installed" for every package that only the left-out extras bring, transitively (their
+dependencies that the core's dependencies do not also pull in, from the installed metadata), because a fresh virtual
 environment cannot be built offline within the suite's time: installing the core from the
 package registry takes minutes. pyproject.toml's extras are checked against the same list.
 """
@@ -36,20 +37,74 @@ EXTRA_DISTRIBUTIONS = {
     "postgres": {"psycopg"},
 }  # fmt: skip
 RUNNER = """
-import importlib.abc, os, sys
+import os, sys
 BLOCKED = set(filter(None, os.environ["MEDLENS_BLOCK"].split(",")))
-class NotInstalled(importlib.abc.MetaPathFinder):
+class Hidden:  # every finder answers "not installed" for the blocked packages
+    def __init__(self, finder):
+        self.finder = finder
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in BLOCKED:
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return None
-sys.meta_path.insert(0, NotInstalled())
+            return None
+        find = getattr(self.finder, "find_spec", None)
+        return find(name, path, target) if find else None
+    def __getattr__(self, attr):
+        return getattr(self.finder, attr)
+sys.meta_path[:] = [Hidden(f) for f in sys.meta_path]
 exec(compile(open(sys.argv[1]).read(), sys.argv[1], "exec"))
 """
 
 
+def _canon(name: str) -> str:
+    import re
+
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _closure(requirements: list[str]) -> set[str]:
+    """The installed distributions these requirements pull in, transitively (their own
+    optional extras included where a requirement names them, e.g. ``ray[data]``)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    seen: set[str] = set()
+    todo = [(Requirement(r), set()) for r in requirements]
+    while todo:
+        req, _ = todo.pop()
+        name = _canon(req.name)
+        if name == "medlens":  # `dev` = medlens[serve,...]: follow the named extras
+            meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+            for extra in req.extras:
+                todo += [(Requirement(r), set()) for r in meta["optional-dependencies"][extra]]
+            continue
+        if name in seen:
+            continue
+        try:
+            dist = metadata.distribution(req.name)
+        except metadata.PackageNotFoundError:
+            continue
+        seen.add(name)
+        for text in dist.requires or []:
+            sub = Requirement(text)
+            env = [{"extra": e} for e in (req.extras or {""})]
+            if sub.marker is None or any(sub.marker.evaluate(e) for e in env):
+                todo.append((sub, set()))
+    return seen
+
+
 def _blocked(*extras: str) -> str:
-    return ",".join(m for m, e in EXTRA_OF_MODULE.items() if e in extras)
+    """The top-level modules of every distribution that only ``extras`` bring (not the core,
+    and not the extras left out): what a venv without those extras would lack."""
+    from importlib import metadata
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    optional = meta["optional-dependencies"]
+    keep = _closure(meta["dependencies"] + [r for e in EXTRA_DISTRIBUTIONS if e not in extras
+                                            for r in optional[e]])  # fmt: skip
+    gone = _closure([r for e in extras for r in optional[e]]) - keep
+    modules = {m for m, dists in metadata.packages_distributions().items()
+               if all(_canon(d) in gone for d in dists)}  # fmt: skip
+    return ",".join(sorted(modules | {m for m, e in EXTRA_OF_MODULE.items() if e in extras}))
 
 
 def _run(tmp_path: Path, script: str, blocked: str) -> subprocess.CompletedProcess:
