@@ -18,7 +18,7 @@ from pathlib import Path
 from medlens.artifacts.folders import bundled_models_dir
 from medlens.inference.predictor import Predictor
 from medlens.reporting.ood_rates import flag_rate, sample_files
-from medlens.training.dataset import recipe_splits
+from medlens.training.training_data import recipe_splits
 
 ROOT = Path(__file__).resolve().parents[1]
 # bundled model -> its data under ../shared/data

@@ -110,7 +110,7 @@ def test_predict_cli_warns_about_an_out_of_distribution_image(tmp_path, capsys):
 
 @needs_data
 def test_ood_rates_on_real_data(bundled):
-    from medlens.training.dataset import recipe_splits
+    from medlens.training.training_data import recipe_splits
 
     name, pred = bundled
     ds = recipe_splits(ROOT / "recipes" / f"{name}.yaml", SHARED_DATA / BUNDLED[name][0])
