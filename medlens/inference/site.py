@@ -44,6 +44,7 @@ from medlens.artifacts.model import ModelMeta
 from medlens.errors import UsageError
 from medlens.evaluation.calibration import fit_temperature, logits_to_probs
 from medlens.evaluation.metrics import compute_metrics, headline_metrics
+from medlens.evaluation.ood import Guard
 from medlens.evaluation.operating_point import (
     OperatingPoint,
     OperatingPointSpec,
@@ -109,10 +110,12 @@ def calibrate_model(
     if out.exists() and not overwrite:
         raise UsageError(f"--out {out} exists; pass --overwrite to replace it, or choose another")
     rule = _rule(meta, operating_point)
+    guard = None
     if data is None:
-        (before, after), site = _restate(base, meta, rule), None
+        before, after, splits = _restate(base, meta, rule)
+        site = None
     else:
-        before, after, site = _site(
+        before, after, site, splits, guard = _site(
             predictor, meta, data, rule, refit_guard, min_per_class, folds, skip_bad_images,
             progress, seed,
         )  # fmt: skip
@@ -127,7 +130,7 @@ def calibrate_model(
         "before": headline_metrics(before) if before else None,
         "after": headline_metrics(after) if after else None,
     }
-    _write(base, out, meta, predictor, data is not None)
+    _write(base, out, meta, splits, guard, data is not None)
     return {"folder": out, "meta": meta, "before": before, "after": after}
 
 
@@ -154,10 +157,12 @@ def _rule(meta: ModelMeta, operating_point) -> OperatingPoint:
     return op
 
 
-def _restate(base: Path, meta: ModelMeta, rule: OperatingPoint) -> tuple[dict | None, dict | None]:
+def _restate(
+    base: Path, meta: ModelMeta, rule: OperatingPoint
+) -> tuple[dict | None, dict | None, dict]:
     """The operating point chosen again on the recorded validation probabilities; every
     recorded split's metrics re-measured at it (probabilities unchanged). Returns the
-    validation metrics before and after."""
+    validation metrics before and after, and per split ``(metrics, predictions)`` to write."""
     folder = ModelFolder(base)
     val = folder.read_predictions("val", meta.labels)
     if meta.binary:
@@ -171,6 +176,7 @@ def _restate(base: Path, meta: ModelMeta, rule: OperatingPoint) -> tuple[dict | 
         meta.set_operating_point(choose_operating_point(val.y_true, val.probs[:, 1], rule,
                                                         split=where))  # fmt: skip
     meta.extra["metrics"] = {}
+    splits: dict = {}
     for split in sorted(p.name for p in (base / "eval").glob("*") if p.is_dir()):
         preds = folder.read_predictions(split, meta.labels)
         old = folder.read_metrics(split) or {}
@@ -180,8 +186,9 @@ def _restate(base: Path, meta: ModelMeta, rule: OperatingPoint) -> tuple[dict | 
         if old.get("measured_on"):
             m["measured_on"] = old["measured_on"]
         meta.extra["metrics"][split] = {**headline_metrics(m), **_measured(old)}
-        meta.extra.setdefault("_splits", {})[split] = (m, preds)
-    return folder.read_metrics("val"), meta.extra.get("_splits", {}).get("val", (None,))[0]
+        splits[split] = (m, preds)
+    after = splits["val"][0] if "val" in splits else None
+    return folder.read_metrics("val"), after, splits
 
 
 def _measured(m: dict) -> dict:
@@ -208,7 +215,8 @@ def _site(predictor, meta, data, rule, refit_guard, min_per_class, folds, skip_b
         res.pixels, features=guard.input if guard is not None else False
     )
     logits = logits.numpy()
-    flags_before = [o["flag"] for o in guard(stats)] if guard is not None else None
+    ood = guard(stats) if guard is not None else None  # the base guard's verdicts
+    flags_before = [o["flag"] for o in ood] if ood is not None else None
     before = compute_metrics(y, logits_to_probs(logits, meta.temperature), meta.labels,
                              meta.threshold)  # fmt: skip
     groups = [s.patient or s.source for s in kept]
@@ -230,18 +238,17 @@ def _site(predictor, meta, data, rule, refit_guard, min_per_class, folds, skip_b
         "folds": int(_n_folds(y, folds)),
         "ood_flagged_share_before": _share(flags_before),
     }
-    ood = guard(stats) if guard is not None else None
+    new_guard = None
     if refit_guard and guard is not None:
         new_guard = guard.at_level(stats)
-        meta.extra["_guard"] = new_guard
         ood = new_guard(stats)
         site["ood_flagged_share_after"] = _share([o["flag"] for o in ood])
     meta.extra["metrics"] = {SITE_SPLIT: {**headline_metrics(after), "measured_on": CROSS_FITTED}}
     root = Path(ds.root)
     root = root if root.is_dir() else root.parent  # a CSV manifest: its folder
     sources = [os.path.relpath(os.path.abspath(s.source), root) for s in kept]
-    meta.extra["_splits"] = {SITE_SPLIT: (after, sources, y, probs_cf, thr_cf, ood)}
-    return before, after, site
+    splits = {SITE_SPLIT: (after, sources, y, probs_cf, thr_cf, ood)}
+    return before, after, site, splits, new_guard
 
 
 def _share(flags) -> float | None:
@@ -282,10 +289,12 @@ def _cross_fit(logits, y, binary, rule, groups, folds, seed):
     return probs, thresholds
 
 
-def _write(base: Path, out: Path, meta: ModelMeta, predictor: Predictor, site: bool) -> None:
-    """The new model folder, assembled beside ``out`` and moved into place."""
-    splits = meta.extra.pop("_splits", {})
-    guard = meta.extra.pop("_guard", None)
+def _write(
+    base: Path, out: Path, meta: ModelMeta, splits: dict, guard: Guard | None, site: bool
+) -> None:
+    """The new model folder, assembled beside ``out`` and moved into place: ``splits`` (the
+    evaluated splits to write), ``guard`` (a guard whose level was set on the site's images,
+    or None to keep the base's)."""
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     try:
