@@ -38,6 +38,7 @@ BUNDLED = {
 # expected to flag the other's images; every other pair must be flagged.
 SAME_KIND = {frozenset({"covid", "tuberculosis"})}
 OTHER_PER_TASK = 120  # images drawn from each other task's data
+OWN_MAX = 400  # of its own validation images at most (seeded draw): SE of a 2.5% rate 0.8%
 needs_data = pytest.mark.skipif(
     not SHARED_DATA.is_dir(), reason=f"real data not available at {SHARED_DATA} (fresh clone)"
 )
@@ -114,7 +115,11 @@ def test_ood_rates_on_real_data(bundled):
 
     name, pred = bundled
     ds = recipe_splits(ROOT / "recipes" / f"{name}.yaml", SHARED_DATA / BUNDLED[name][0])
-    own = flag_rate(pred, ds.splits["val"])
+    val = ds.splits["val"]
+    if len(val) > OWN_MAX:
+        picks = np.random.default_rng(0).choice(len(val), OWN_MAX, replace=False)
+        val = [val[i] for i in sorted(picks)]
+    own = flag_rate(pred, val)
     assert own <= 0.05, f"{name}: {own:.1%} of its own validation images flagged"
     for other, (folder, _) in BUNDLED.items():
         if other == name or frozenset({name, other}) in SAME_KIND:

@@ -84,8 +84,10 @@ def test_metrics_hold_no_patient_or_image_data(client):
 
 @pytest.mark.slow
 def test_two_worker_processes_serve_and_share_their_metrics(tmp_path, trained_run):
-    """``medlens serve --workers 2``: two processes, each with the model loaded, one port; the
-    metrics of both are aggregated, and their counter folder is removed at exit."""
+    """``medlens serve --workers 2 --api-key-file F``: two processes, each with the model
+    loaded, one port; the metrics of both are aggregated. The workers get their settings in
+    a private file: neither the key nor the settings are in any process's environment. The
+    counter folder and the settings folder are removed at exit."""
     import shutil
 
     import httpx2
@@ -93,18 +95,27 @@ def test_two_worker_processes_serve_and_share_their_metrics(tmp_path, trained_ru
 
     from medlens.bench import running_server
 
+    key = "k3y-" + "x" * 28
+    (tmp_path / "key").write_text(key)
     models = tmp_path / "models"
     shutil.copytree(trained_run, models / "chest")
     env = {**os.environ, "TMPDIR": str(tmp_path / "tmp")}
     (tmp_path / "tmp").mkdir()
     png = _png(np.full((48, 48), 200, np.uint8))
-    with running_server(models, "--workers", "2", "--log-level", "warning", env=env) as srv:
-        children = psutil.Process(srv.proc.pid).children(recursive=True)
-        workers = [p for p in children if "spawn_main" in " ".join(p.cmdline())]
+    with running_server(models, "--workers", "2", "--log-level", "warning",
+                        "--api-key-file", str(tmp_path / "key"), env=env) as srv:  # fmt: skip
+        procs = [psutil.Process(srv.proc.pid), *psutil.Process(srv.proc.pid).children(True)]
+        workers = [p for p in procs if "spawn_main" in " ".join(p.cmdline())]
         assert len(workers) == 2
+        for p in procs:
+            environ = p.environ()
+            assert not any(key in v for v in environ.values()), p.pid
+            assert "MEDLENS_SERVE_CONFIG" not in environ and "MEDLENS_API_KEY" not in environ
         url = f"http://127.0.0.1:{srv.port}"
+        auth = {"Authorization": f"Bearer {key}"}
         n = 12
-        with httpx2.Client(timeout=60) as c:
+        with httpx2.Client(timeout=60, headers=auth) as c:
+            assert httpx2.get(url + "/api/v1/models").status_code == 401  # the key holds
             for _ in range(n):
                 r = c.post(url + "/api/v1/models/chest/predict", files={"file": ("x.png", png)})
                 assert r.status_code == 200
@@ -114,8 +125,10 @@ def test_two_worker_processes_serve_and_share_their_metrics(tmp_path, trained_ru
                     series[(s.name, tuple(sorted(s.labels.items())))] = s.value
         total = sum(v for (name, _), v in series.items() if name == "medlens_predictions_total")
         assert total == n  # every process's predictions, whichever answered the scrape
-        assert [p.name for p in (tmp_path / "tmp").iterdir()][0].startswith("medlens-metrics-")
-    assert list((tmp_path / "tmp").iterdir()) == []  # the counter folder is gone
+        names = sorted(p.name for p in (tmp_path / "tmp").iterdir())
+        assert any(n.startswith("medlens-metrics-") for n in names)
+        assert any(n.startswith("medlens-serve-") for n in names)  # the settings, 0700
+    assert list((tmp_path / "tmp").iterdir()) == []  # both folders are gone
 
 
 def test_metrics_need_the_api_key_when_one_is_set():
