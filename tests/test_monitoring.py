@@ -279,31 +279,6 @@ def _png_bytes() -> bytes:
     return buf.getvalue()
 
 
-@needs_data
-def test_two_worker_processes_write_to_one_postgresql_record(postgres_url, tmp_path):  # noqa: F811
-    """``medlens serve --workers 2 --db postgresql...``: every prediction of both processes
-    lands in the one record."""
-    import httpx2
-
-    from medlens.bench import running_server
-
-    engine = sa.create_engine(postgres_url)
-    with engine.begin() as conn:
-        conn.execute(sa.text("drop table if exists feedback, predictions, alembic_version"))
-    data = _kermany(1)[0].read_bytes()
-    with running_server(PNEUMONIA, "--workers", "2", "--db", postgres_url,
-                        "--log-level", "warning") as srv:  # fmt: skip
-        url = f"http://127.0.0.1:{srv.port}"
-        with httpx2.Client(timeout=60) as c:
-            ids = {c.post(url + "/api/v1/models/pneumonia/predict",
-                          files={"file": ("x.jpeg", data)}).json()["prediction_id"]
-                   for _ in range(8)}  # fmt: skip
-            mon = c.get(url + "/api/v1/monitoring/pneumonia").json()
-    assert len(ids) == 8 and mon["predictions"] == 8
-    with engine.connect() as conn:
-        assert conn.execute(sa.text("select count(*) from predictions")).scalar() == 8
-
-
 def test_the_prometheus_alert_rules_name_metrics_the_server_exports():
     """docs/prometheus-alerts.yml (linked from docs/deployment.md) parses, and every metric its rules
     read is one that GET /metrics exports."""

@@ -11,6 +11,7 @@ import pytest
 from dicom_fixtures import PATIENT_ID, dicom_xray, to_bytes
 from fastapi.testclient import TestClient
 from PIL import Image
+from postgres_fixture import postgres_url  # noqa: F401 - a fixture
 from prometheus_client.parser import text_string_to_metric_families
 
 from medlens.serve import create_app
@@ -83,15 +84,21 @@ def test_metrics_hold_no_patient_or_image_data(client):
 
 
 @pytest.mark.slow
-def test_two_worker_processes_serve_and_share_their_metrics(tmp_path, trained_run):
-    """``medlens serve --workers 2 --api-key-file F``: two processes, each with the model
-    loaded, one port; the metrics of both are aggregated. The workers get their settings in
-    a private file: neither the key nor the settings are in any process's environment. The
-    counter folder and the settings folder are removed at exit."""
+def test_two_worker_processes_serve_and_share_their_metrics(tmp_path, trained_run, postgres_url):  # noqa: F811
+    """``medlens serve --workers 2 --api-key-file F --db postgresql...``: two processes, each
+    with the model loaded, one port; the metrics of both are aggregated and every prediction
+    of both lands in the one PostgreSQL record. The workers get their settings in a private
+    file: neither the key nor the settings are in any process's environment. The counter
+    folder and the settings folder are removed at exit."""
     import shutil
 
     import httpx2
     import psutil
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(postgres_url)
+    with engine.begin() as conn:  # a fresh record
+        conn.execute(sa.text("drop table if exists feedback, predictions, alembic_version"))
 
     from medlens.bench import running_server
 
@@ -102,7 +109,7 @@ def test_two_worker_processes_serve_and_share_their_metrics(tmp_path, trained_ru
     env = {**os.environ, "TMPDIR": str(tmp_path / "tmp")}
     (tmp_path / "tmp").mkdir()
     png = _png(np.full((48, 48), 200, np.uint8))
-    with running_server(models, "--workers", "2", "--log-level", "warning",
+    with running_server(models, "--workers", "2", "--log-level", "warning", "--db", postgres_url,
                         "--api-key-file", str(tmp_path / "key"), env=env) as srv:  # fmt: skip
         procs = [psutil.Process(srv.proc.pid), *psutil.Process(srv.proc.pid).children(True)]
         workers = [p for p in procs if "spawn_main" in " ".join(p.cmdline())]
@@ -119,6 +126,7 @@ def test_two_worker_processes_serve_and_share_their_metrics(tmp_path, trained_ru
             for _ in range(n):
                 r = c.post(url + "/api/v1/models/chest/predict", files={"file": ("x.png", png)})
                 assert r.status_code == 200
+            assert c.get(url + "/api/v1/monitoring/chest").json()["predictions"] == n
             series = {}
             for family in text_string_to_metric_families(c.get(url + "/metrics").text):
                 for s in family.samples:
@@ -129,6 +137,8 @@ def test_two_worker_processes_serve_and_share_their_metrics(tmp_path, trained_ru
         assert any(n.startswith("medlens-metrics-") for n in names)
         assert any(n.startswith("medlens-serve-") for n in names)  # the settings, 0700
     assert list((tmp_path / "tmp").iterdir()) == []  # both folders are gone
+    with engine.connect() as conn:  # both processes wrote to the one record
+        assert conn.execute(sa.text("select count(*) from predictions")).scalar() == n
 
 
 def test_metrics_need_the_api_key_when_one_is_set():
