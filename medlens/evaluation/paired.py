@@ -26,6 +26,7 @@ from numpy.typing import ArrayLike
 from scipy import stats
 
 from medlens.errors import DataError
+from medlens.evaluation.metrics import _weighted_auc  # Mann-Whitney AUC per resample
 
 __all__ = ["mcnemar", "delong", "paired_auc", "EXACT_BELOW"]
 
@@ -240,19 +241,6 @@ def delong(
     }
 
 
-def _resampled_aucs(scores: np.ndarray, positive: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Mann-Whitney AUC of ``scores`` on each resample (row of multiplicities ``counts``)."""
-    order = np.argsort(scores, kind="mergesort")
-    s, pos, c = scores[order], positive[order], counts[:, order]
-    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])  # groups of tied scores
-    pw = np.add.reduceat(c * pos, starts, axis=1).astype(np.float64)
-    nw = np.add.reduceat(c * ~pos, starts, axis=1).astype(np.float64)
-    below = np.cumsum(nw, axis=1) - nw
-    denom = pw.sum(axis=1) * nw.sum(axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(denom > 0, (pw * (below + 0.5 * nw)).sum(axis=1) / denom, np.nan)
-
-
 def _bootstrap_macro_difference(
     y: np.ndarray, pa: np.ndarray, pb: np.ndarray, n_bootstrap: int, seed: int
 ) -> np.ndarray:
@@ -266,7 +254,7 @@ def _bootstrap_macro_difference(
         idx = rng.integers(0, n, size=(size, n)) + n * np.arange(size)[:, None]
         counts = np.bincount(idx.ravel(), minlength=size * n).reshape(size, n)
         diff = [
-            _resampled_aucs(pb[:, c], y == c, counts) - _resampled_aucs(pa[:, c], y == c, counts)
+            _weighted_auc(pb[:, c], y == c, counts) - _weighted_auc(pa[:, c], y == c, counts)
             for c in range(k)
         ]
         out.append(np.mean(diff, axis=0))
