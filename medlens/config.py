@@ -251,6 +251,19 @@ class TrainConfig:
         "0.1 is PyTorch's default)",
         check=in_range(0, 1, lo_open=True),
     )
+    warmup_epochs: int = setting(
+        0,
+        "the learning rate of the fine-tuning (or full) stage rises linearly from 0 over this "
+        "many epochs: Adam's first steps move every weight by about the full rate, which "
+        "otherwise undoes much of what the pretrained layers and the fitted head agree on",
+        check=at_least(0),
+    )
+    freeze_bn: bool = setting(
+        False,
+        "keep batch-norm layers in inference mode while the backbone trains: their statistics "
+        "stay the pretrained ones the head was fitted on, and training normalises as "
+        "inference does (no batch-statistics mismatch on small datasets)",
+    )
     val_fraction: float = setting(
         0.15,
         "fraction of patients carved out for validation when needed",
@@ -322,6 +335,13 @@ class TrainConfig:
         "weights, labels and preprocessing, its recipe as the starting point (--config and "
         "flags override it; image size, channels, resize and grayscale stay its own)",
         flag="--init-from",
+    )
+    backbone_from: str | None = setting(
+        None,
+        "initialise the backbone (not the head) from another MedLens model of the same "
+        "network (a run folder or a bundled model's name), e.g. the bundled pneumonia model "
+        "for another chest X-ray task; labels, preprocessing and recipe stay this run's",
+        flag="--backbone-from",
     )
     name: str | None = setting(None, "model name (default: the run folder's name)")
     progress: bool = setting(True, "show progress bars", flag="--quiet")

@@ -165,3 +165,42 @@ def test_continued_training_from_a_bundled_model(capsys, tmp_path):
     print(f"first epoch from the bundled model: {first}")
     # the base already separates these images: the first epoch's validation is good
     assert float(first["val_auc"]) > 0.9 and float(first["val_loss"]) < 0.5, first
+
+
+def test_backbone_from_another_task_keeps_this_runs_head_input_and_labels(
+    capsys, tmp_path, synthetic_data_3class
+):
+    """``--backbone-from pneumonia``: the bundled two-class chest X-ray model's backbone under
+    a fresh three-class head, at this run's own image size."""
+    out = tmp_path / "three"
+    # --epochs 0: no step taken, so the saved backbone is the one training started from
+    code, err = _train(capsys, "--backbone-from", "pneumonia", "--data", synthetic_data_3class,
+                       "--out", out, "--model", "efficientnet-lite0", "--image-size", "64",
+                       "--transfer", "full", "--epochs", "0", "--threads", "2")  # fmt: skip
+    assert code == 0, err
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["labels"] == ["bright", "dark", "stripes"]
+    assert meta["preprocess"]["image_size"] == 64
+    start = meta["training"]["backbone_from"]
+    assert start["base_model"] == "pneumonia" and start["weights_from"] == "model.onnx"
+    assert start["base_labels"] == ["NORMAL", "PNEUMONIA"]
+    assert "re-estimated" in start["batch_norm_statistics"]
+    base_meta = read_meta(PNEUMONIA)
+    base = build_network(base_meta, pretrained=False)
+    load_onnx_weights(base, PNEUMONIA / "model.onnx", base_meta.preprocess.image_size)
+    ref, new = base.state_dict(), torch.load(out / "model.pt", weights_only=True)
+    convs = [k for k in ref if k.startswith("backbone.") and k.endswith("conv.weight")]
+    assert len(convs) > 30 and all(torch.equal(ref[k], new[k]) for k in convs)
+    head = [k for k in new if not k.startswith("backbone.") and new[k].dim() == 2]
+    assert head and all(new[k].shape[0] == 3 for k in head)  # this run's three classes
+    # refusals: another network, or two sources of starting weights
+    code, err = _train(capsys, "--backbone-from", "pneumonia", "--data", synthetic_data_3class,
+                       "--out", tmp_path / "a", "--model", "cnn")  # fmt: skip
+    assert code == 2 and "efficientnet-lite0 model" in err and "this run trains cnn" in err, err
+    code, err = _train(capsys, "--backbone-from", "pneumonia", "--init-from", "pneumonia",
+                       "--data", synthetic_data_3class, "--out", tmp_path / "b")  # fmt: skip
+    assert code == 2 and "pass one" in err, err
+    code, err = _train(capsys, "--backbone-from", "covid", "--data", synthetic_data_3class,
+                       "--out", tmp_path / "c", "--model", "efficientnet-lite0")  # fmt: skip
+    assert code == 2 and "--backbone-from covid: an ensemble" in err, err
+    assert not any((tmp_path / n).exists() for n in "abc")

@@ -457,6 +457,39 @@ def test_lite0_finetune_trains_head_then_top_stages(tmp_path, synthetic_data, tr
         state["backbone.7.15._project_conv.weight"], pth["_blocks.15._project_conv.weight"]
     )
     assert not torch.equal(state["backbone.8.1.weight"], pth["_conv_head.weight"])
+    # Batch norm trains as usual: the top stage's running statistics moved.
+    assert not torch.equal(state["backbone.8.2.running_mean"], pth["_bn1.running_mean"])
+
+
+def test_warmup_and_frozen_batch_norm_in_fine_tuning(tmp_path, synthetic_data, train_config):
+    out = train(
+        train_config(
+            synthetic_data,
+            tmp_path / "ft",
+            model="efficientnet-lite0",
+            image_size=64,
+            transfer="finetune",
+            unfreeze=1,
+            aug_copies=1,
+            head_epochs=1,
+            epochs=2,
+            warmup_epochs=2,
+            freeze_bn=True,
+            patience=5,
+            test_fraction=0,
+        ),
+    )
+    rows = _history(out)
+    assert [r["stage"] for r in rows] == ["head", "finetune", "finetune"]
+    # The head's rate is not warmed; fine-tuning's rises linearly to lr x finetune_lr_scale
+    # over two epochs (half of it at the end of the first).
+    assert [float(r["lr"]) for r in rows] == pytest.approx([1e-3, 5e-5, 1e-4])
+    pth = torch.load(models.lite_weights_path(0), weights_only=True)
+    state = torch.load(out / "model.pt", weights_only=True)
+    assert not torch.equal(state["backbone.8.1.weight"], pth["_conv_head.weight"])
+    assert torch.equal(state["backbone.8.2.running_mean"], pth["_bn1.running_mean"])
+    assert torch.equal(state["backbone.8.2.running_var"], pth["_bn1.running_var"])
+    assert not torch.equal(state["backbone.8.2.weight"], pth["_bn1.weight"])  # affine trains
 
 
 # --------------------------------------------------------------------------- --device

@@ -83,6 +83,7 @@ class TrainingSection(_Section):
     warning: str | None = None
     init_weights: dict[str, Any] | None = None
     init_from: dict[str, Any] | None = None
+    backbone_from: dict[str, Any] | None = None
 
 
 class CardSection(_Section):

@@ -88,7 +88,25 @@ def set_bn_momentum(net: nn.Module, momentum: float) -> int:
     Returns:
         How many layers were set.
     """
-    layers = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    layers = batch_norms(net)
     for m in layers:
         m.momentum = momentum
+    return len(layers)
+
+
+def batch_norms(net: nn.Module) -> list[nn.Module]:
+    """Every batch-norm layer of ``net``."""
+    return [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def freeze_batch_norms(net: nn.Module) -> int:
+    """Put every batch-norm layer of ``net`` in inference mode (running statistics, not the
+    batch's; not updated), after ``net.train()``. Their affine weights still train.
+
+    Returns:
+        How many layers were frozen.
+    """
+    layers = batch_norms(net)
+    for m in layers:
+        m.eval()
     return len(layers)

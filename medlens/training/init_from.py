@@ -29,7 +29,16 @@ from medlens.fileio import sha256_file
 from medlens.modeling.classifier import Classifier
 from medlens.training.training_data import load_splits
 
-__all__ = ["BaseModel", "open_base", "layered_recipe", "check_settings", "check_labels"]
+__all__ = [
+    "BaseModel",
+    "open_base",
+    "layered_recipe",
+    "check_settings",
+    "check_labels",
+    "load_base_weights",
+    "load_base_backbone",
+    "check_backbone_base",
+]
 
 NOT_INHERITED = {"data", "out", "init_from", "weights", "fold", "folds", "name"}
 """Settings of the base's recipe a continued run does not take: the data, where it goes, how
@@ -74,8 +83,9 @@ class BaseModel:
         }
 
 
-def open_base(ref: str | os.PathLike) -> BaseModel:
-    """The base model ``ref`` names (a model folder or a bundled model).
+def open_base(ref: str | os.PathLike, flag: str = "--init-from") -> BaseModel:
+    """The base model ``ref`` names (a model folder or a bundled model); ``flag``: the option
+    that named it, for the messages.
 
     Raises:
         ModelLoadError: no such model, an ensemble, or a folder without weights.
@@ -86,12 +96,12 @@ def open_base(ref: str | os.PathLike) -> BaseModel:
     if ensemble:
         runs = ", ".join(m.run for m in ensemble[:3])
         raise ModelLoadError(
-            f"--init-from {ref}: an ensemble of {len(ensemble)} models in one graph ({runs}"
+            f"{flag} {ref}: an ensemble of {len(ensemble)} models in one graph ({runs}"
             f"{' ...' if len(ensemble) > 3 else ''}); pass the run folder of one member instead"
         )
     mf = ModelFolder(folder)
     if mf.inference_only and not mf.onnx.exists():
-        raise ModelLoadError(f"--init-from {ref}: {folder} has neither model.pt nor model.onnx")
+        raise ModelLoadError(f"{flag} {ref}: {folder} has neither model.pt nor model.onnx")
     return BaseModel(str(ref), folder, meta)
 
 
@@ -217,3 +227,36 @@ def load_base_weights(
     return {**report, "tensors": loaded.tensors, "weights_storage": loaded.storage,
             "batch_norm_statistics": f"{len(loaded.folded)} batch norms folded into their "
             f"convolutions at export, re-estimated on {seen} training images"}  # fmt: skip
+
+
+def check_backbone_base(arch: str, base: BaseModel) -> None:
+    """``--backbone-from``: the base must be the network this run trains (``arch``).
+
+    Raises:
+        ConfigError: naming both networks.
+    """
+    if base.meta.arch != arch:
+        raise ConfigError(
+            f"--backbone-from {base.ref}: a {base.meta.arch} model; this run trains "
+            f"{arch} (--model {base.meta.arch} to take its backbone)"
+        )
+
+
+def load_base_backbone(
+    net: Classifier, base: BaseModel, batches: Callable[[int], Iterable[torch.Tensor]]
+) -> dict:
+    """Set ``net``'s backbone to the base's (``--backbone-from``: another task's model of the
+    same network, see :func:`check_backbone_base`); ``net``'s head keeps its fresh
+    initialisation. A bundled base's folded batch norms get statistics measured on
+    ``batches(BN_IMAGES)`` (this run's inputs).
+
+    Returns:
+        What was loaded (recorded in ``model.json`` under ``training.backbone_from``).
+    """
+    from medlens.artifacts.model import build_network
+
+    source = build_network(base.meta, pretrained=False)
+    report = load_base_weights(source, base, batches)
+    state = {k: v for k, v in source.state_dict().items() if k.startswith("backbone.")}
+    net.load_state_dict(state, strict=False)
+    return {**report, "tensors": len(state), "base_labels": list(base.meta.labels)}

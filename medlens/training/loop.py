@@ -22,6 +22,7 @@ from medlens.config import TrainConfig
 from medlens.evaluation.calibration import logits_to_probs
 from medlens.fileio import atomic_torch_save
 from medlens.inference.runtime import autocast, compute_logits
+from medlens.training.device import freeze_batch_norms
 from medlens.training.distributed import gather_rows, sum_over_ranks, train_forward, world
 from medlens.training.regularise import WeightAverage, mix_batch, smoothed_loss
 from medlens.training.stages import Stage
@@ -211,7 +212,8 @@ class _StageFit:
             "seconds": round(time.time() - t0, 2),
         }
         self.progress.add_row(row)
-        self.sched.step(scores["val_loss"])
+        if epoch + 1 >= (self.cfg.warmup_epochs if stage.name != "head" else 0):
+            self.sched.step(scores["val_loss"])  # not while the rate still warms up
         log.info(
             f"[{stage.name}] epoch {epoch + 1}/{stage.epochs}  loss {row['train_loss']:.4f}  "
             f"acc {row['train_acc']:.3f}  val_loss {row['val_loss']:.4f}  "
@@ -234,9 +236,17 @@ class _StageFit:
         """One pass over the training batches: (loss sum, correct, images)."""
         stage, binary = self.stage, self.binary
         stage.module.train()
+        if self.cfg.freeze_bn:
+            freeze_batch_norms(stage.module)
         total, correct, loss_sum = 0, 0, 0.0
         bar = self._progress_bar(epoch)
+        warm = self.cfg.warmup_epochs if stage.name != "head" else 0
+        share = max(1.0, stage.n_train / world().size)  # this rank's images per epoch
         for xb, yb in stage.train_batches(epoch, self.gen):
+            if epoch < warm:
+                ramp = min(1.0, (epoch + (total + len(yb)) / share) / warm)
+                for group in self.opt.param_groups:
+                    group["lr"] = stage.lr * ramp
             loss, logits = self._loss(xb, yb)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()

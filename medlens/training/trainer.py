@@ -48,7 +48,14 @@ from medlens.training.batches import ModelInput
 from medlens.training.device import resolve_device, resolve_precision, set_bn_momentum, set_seed
 from medlens.training.distributed import barrier, launched, start, stop
 from medlens.training.guard_fit import fit_ood_guard, float32_outputs, guard_summary
-from medlens.training.init_from import check_labels, check_settings, load_base_weights, open_base
+from medlens.training.init_from import (
+    check_backbone_base,
+    check_labels,
+    check_settings,
+    load_base_backbone,
+    load_base_weights,
+    open_base,
+)
 from medlens.training.loop import Checkpointer, Progress, fit
 from medlens.training.stages import build_stage, stage_context, stage_names
 from medlens.training.training_data import load_training_data
@@ -159,7 +166,18 @@ class Trainer:
         self.base = open_base(self.cfg.init_from) if self.cfg.init_from else None
         if self.base is not None:
             self.cfg = check_settings(self.cfg, self.base)
+        # --backbone-from: another model's backbone under this run's own head, input and labels.
+        self.backbone_base = None
+        if self.cfg.backbone_from:
+            if self.cfg.init_from or self.cfg.weights:
+                raise ConfigError(
+                    "--backbone-from and --init-from/--weights all set the starting weights; "
+                    "pass one"
+                )
+            self.backbone_base = open_base(self.cfg.backbone_from, flag="--backbone-from")
+            check_backbone_base(self.cfg.model, self.backbone_base)
         self.init_report: dict | None = None
+        self.backbone_report: dict | None = None
         self.tracker = tracker
         OperatingPoint.parse(self.cfg.operating_point)  # a bad rule fails before any image
         size, smallest = self.cfg.image_size, self.info.min_image_size
@@ -294,11 +312,13 @@ class Trainer:
             ModelMeta(
                 arch=cfg.model, labels=self.data.classes, preprocess=self.pre, dropout=cfg.dropout
             ),
-            pretrained=self.pretrained and self.base is None,
+            pretrained=self.pretrained and self.base is None and self.backbone_base is None,
             weights=cfg.weights,
         )
         if self.base is not None:
             self.init_report = load_base_weights(net, self.base, self._sample_inputs)
+        if self.backbone_base is not None:
+            self.backbone_report = load_base_backbone(net, self.backbone_base, self._sample_inputs)
         self.weights_report = net.weights_report
         if cfg.bn_momentum is not None:
             set_bn_momentum(net, cfg.bn_momentum)
@@ -443,6 +463,8 @@ class Trainer:
             meta.extra["training"]["init_weights"] = self.weights_report.to_dict()
         if self.init_report is not None:
             meta.extra["training"]["init_from"] = self.init_report
+        if self.backbone_report is not None:
+            meta.extra["training"]["backbone_from"] = self.backbone_report
         if cfg.card:
             meta.extra["card"] = dict(cfg.card)
         return meta
