@@ -12,26 +12,17 @@ the shipped operating point for each half, with 95% Wilson intervals.
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import numpy as np
 
 from medlens.artifacts.folders import ModelFolder
 from medlens.data.imaging import read_image
+from medlens.evaluation.paired import wilson
 from medlens.evaluation.shortcuts import FEATURE_NAMES, image_features
 from medlens.inference.predictor import Predictor
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def wilson(k: int, n: int) -> tuple[float, float]:
-    if n == 0:
-        return float("nan"), float("nan")
-    p, z = k / n, 1.959964
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ from scipy import stats
 from medlens.errors import DataError
 from medlens.evaluation.metrics import _weighted_auc  # Mann-Whitney AUC per resample
 
-__all__ = ["mcnemar", "delong", "paired_auc", "EXACT_BELOW"]
+__all__ = ["mcnemar", "delong", "paired_auc", "wilson", "EXACT_BELOW"]
 
 EXACT_BELOW = 25
 """McNemar uses the exact binomial test when fewer than this many pairs are discordant."""
@@ -42,8 +42,11 @@ def _z(ci_level: float) -> float:
     return float(stats.norm.ppf(0.5 + ci_level / 2))
 
 
-def _wilson(x: int, n: int, z: float) -> tuple[float, float]:
-    """Wilson's score interval of the proportion ``x / n`` (Wilson 1927)."""
+def wilson(x: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson's score interval of the proportion ``x / n`` (Wilson 1927); ``z`` 1.96: 95%.
+    NaN for ``n == 0``."""
+    if n == 0:
+        return float("nan"), float("nan")
     p = x / n
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
@@ -60,8 +63,8 @@ def _newcombe_paired(both: int, only_a: int, only_b: int, neither: int, z: float
     """
     n = both + only_a + only_b + neither
     pa, pb = (both + only_a) / n, (both + only_b) / n
-    la, ua = _wilson(both + only_a, n, z)
-    lb, ub = _wilson(both + only_b, n, z)
+    la, ua = wilson(both + only_a, n, z)
+    lb, ub = wilson(both + only_b, n, z)
     margins = (both + only_a) * (only_b + neither) * (both + only_b) * (only_a + neither)
     cross = both * neither - only_a * only_b
     if margins == 0 or 0 <= cross <= n / 2:
