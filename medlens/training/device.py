@@ -94,7 +94,7 @@ def set_bn_momentum(net: nn.Module, momentum: float) -> int:
     return len(layers)
 
 
-def batch_norms(net: nn.Module) -> list[nn.Module]:
+def batch_norms(net: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     """Every batch-norm layer of ``net``."""
     return [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
