@@ -15,12 +15,11 @@ import argparse
 import os
 from pathlib import Path
 
-import numpy as np
+from rates import print_rates  # bench/rates.py (this script's folder)
 
 from medlens.artifacts.folders import ModelFolder
 from medlens.data.cache import prepare_samples
 from medlens.data.duplicates import thumbnails, twins
-from medlens.evaluation.paired import wilson
 from medlens.inference.predictor import Predictor
 from medlens.training.training_data import recipe_splits
 
@@ -66,12 +65,7 @@ def main() -> None:
     print(f"{int((found >= 0).sum())} of {len(found)} have a near-identical image in train")
     if unmatched:
         print(f"{unmatched} recorded predictions are not in the recipe's {a.split} split")
-    print("| images | n | accuracy | 95% CI |")
-    print("|---|---|---|---|")
-    for name, hits in groups.items():
-        k, n = int(np.sum(hits)), len(hits)
-        lo, hi = wilson(k, n)
-        print(f"| {name} | {n} | {k / n if n else float('nan'):.3f} | {lo:.3f} - {hi:.3f} |")
+    print_rates(groups, "images", "accuracy")
 
 
 if __name__ == "__main__":

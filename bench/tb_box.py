@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
+from rates import print_rates  # bench/rates.py (this script's folder)
 
 from medlens.artifacts.folders import ModelFolder
 from medlens.data.imaging import read_image
-from medlens.evaluation.paired import wilson
 from medlens.evaluation.shortcuts import FEATURE_NAMES, image_features
 from medlens.inference.predictor import Predictor
 
@@ -44,12 +43,7 @@ def main() -> None:
         hit = bool(p[pos] >= pred.meta.threshold)
         groups["with a white box" if boxed else "without a box"].append(hit)
     print(f"{a.model}, {a.split} split, threshold {pred.meta.threshold:.4f}")
-    print("| TB images | n | sensitivity | 95% CI |")
-    print("|---|---|---|---|")
-    for name, hits in groups.items():
-        k, n = int(np.sum(hits)), len(hits)
-        lo, hi = wilson(k, n)
-        print(f"| {name} | {n} | {k / n if n else float('nan'):.3f} | {lo:.3f} - {hi:.3f} |")
+    print_rates(groups, "TB images", "sensitivity")
 
 
 if __name__ == "__main__":

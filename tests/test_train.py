@@ -427,9 +427,9 @@ def test_frozen_lite0_trains_only_the_head(tmp_path, synthetic_data, train_confi
     assert _json(out / "eval" / "val" / "metrics.json")["auc"] >= 0.8
 
 
-@pytest.mark.slow
-def test_lite0_finetune_trains_head_then_top_stages(tmp_path, synthetic_data, train_config):
-    out = train(
+def _finetune_lite0(tmp_path, synthetic_data, train_config, **settings) -> Path:
+    """A lite0 run at 64 px fine-tuning its top stage (one cached copy, no test split)."""
+    return train(
         train_config(
             synthetic_data,
             tmp_path / "ft",
@@ -438,11 +438,15 @@ def test_lite0_finetune_trains_head_then_top_stages(tmp_path, synthetic_data, tr
             transfer="finetune",
             unfreeze=1,
             aug_copies=1,
-            head_epochs=2,
-            epochs=1,
             test_fraction=0,
-        ),
+            **settings,
+        )  # fmt: skip
     )
+
+
+@pytest.mark.slow
+def test_lite0_finetune_trains_head_then_top_stages(tmp_path, synthetic_data, train_config):
+    out = _finetune_lite0(tmp_path, synthetic_data, train_config, head_epochs=2, epochs=1)
     rows = _history(out)
     assert [r["stage"] for r in rows] == ["head", "head", "finetune"]
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
@@ -462,23 +466,8 @@ def test_lite0_finetune_trains_head_then_top_stages(tmp_path, synthetic_data, tr
 
 
 def test_warmup_and_frozen_batch_norm_in_fine_tuning(tmp_path, synthetic_data, train_config):
-    out = train(
-        train_config(
-            synthetic_data,
-            tmp_path / "ft",
-            model="efficientnet-lite0",
-            image_size=64,
-            transfer="finetune",
-            unfreeze=1,
-            aug_copies=1,
-            head_epochs=1,
-            epochs=2,
-            warmup_epochs=2,
-            freeze_bn=True,
-            patience=5,
-            test_fraction=0,
-        ),
-    )
+    out = _finetune_lite0(tmp_path, synthetic_data, train_config, head_epochs=1, epochs=2,
+                          warmup_epochs=2, freeze_bn=True, patience=5)  # fmt: skip
     rows = _history(out)
     assert [r["stage"] for r in rows] == ["head", "finetune", "finetune"]
     # The head's rate is not warmed; fine-tuning's rises linearly to lr x finetune_lr_scale

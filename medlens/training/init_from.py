@@ -21,7 +21,13 @@ from typing import Any
 import torch
 
 from medlens.artifacts.folders import MODEL_JSON, ModelFolder, resolve_model
-from medlens.artifacts.model import ModelMeta, check_onnx_file, load_network, read_meta
+from medlens.artifacts.model import (
+    ModelMeta,
+    build_network,
+    check_onnx_file,
+    load_network,
+    read_meta,
+)
 from medlens.artifacts.onnx_weights import load_onnx_weights, reestimate_batch_norm
 from medlens.config import RECORDED_FACTS, TrainConfig
 from medlens.errors import ConfigError, ModelLoadError
@@ -253,8 +259,6 @@ def load_base_backbone(
     Returns:
         What was loaded (recorded in ``model.json`` under ``training.backbone_from``).
     """
-    from medlens.artifacts.model import build_network
-
     source = build_network(base.meta, pretrained=False)
     report = load_base_weights(source, base, batches)
     state = {k: v for k, v in source.state_dict().items() if k.startswith("backbone.")}

@@ -58,7 +58,7 @@ from medlens.training.init_from import (
 )
 from medlens.training.loop import Checkpointer, Progress, fit
 from medlens.training.stages import build_stage, stage_context, stage_names
-from medlens.training.training_data import TrainingData, load_training_data
+from medlens.training.training_data import load_training_data
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +276,6 @@ class Trainer:
                 + (" ..." if len(data.bad) > 10 else "")
             )
             data.dataset.notes.append(f"skipped {len(data.bad)} unreadable images")
-        _note_twins(data)
         log.info(data.dataset.summary())
         self.split_counts = data.split_counts()
 
@@ -502,30 +501,6 @@ def _log_calibration(meta: ModelMeta) -> None:
     log.info(msg)
     if op and op.warning:
         log.warning("%s", op.warning)
-
-
-def _note_twins(data: TrainingData) -> None:
-    """Warn (and note in ``model.json``) when validation or test images have a near-identical
-    image in the training split under another name (:mod:`medlens.data.duplicates`)."""
-    from medlens.data.duplicates import thumbnails, twins
-
-    train = thumbnails(data.prepared["train"][0])
-    for split in ("val", "test"):
-        if split not in data.prepared:
-            continue
-        found = twins(thumbnails(data.prepared[split][0]), train)
-        hits = np.flatnonzero(found >= 0)
-        if not len(hits):
-            continue
-        first = data.sources[split][hits[0]], data.sources["train"][found[hits[0]]]
-        note = (
-            f"{len(hits)} of {len(found)} {split} images have a near-identical image in the "
-            f"training split under another name (first: {first[0]} ~ {first[1]}): their "
-            f"{split} figures are optimistic; remove the copies, or give each copy its "
-            "original's patient id (a CSV manifest's patient_id column)"
-        )
-        log.warning(note)
-        data.dataset.notes.append(note)
 
 
 def _log_saved(out: Path, wall: float, summaries: dict) -> None:

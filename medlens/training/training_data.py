@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,12 +13,15 @@ import torch
 from medlens.config import TrainConfig, merge_settings
 from medlens.data.cache import prepare_samples, refuse_unreadable
 from medlens.data.datasets import Dataset, load_dataset
+from medlens.data.duplicates import thumbnails, twins
 from medlens.data.preprocess import Preprocess
 from medlens.data.splits import fold_split
 from medlens.errors import TrainError
 from medlens.fileio import read_yaml
 from medlens.modeling.registry import ModelInfo
 from medlens.training.resolve import InputPlan, resolve_input
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -135,7 +139,30 @@ def load_training_data(
     plan = resolve_input(cfg, info, pretrained, ds.splits["train"], base)
     data = _decode(cfg, ds, plan)
     refuse_unreadable(data.bad, cfg.skip_bad_images)
+    note_copies(data)
     return data
+
+
+def note_copies(data: TrainingData) -> None:
+    """Warn (and note in ``model.json``) when validation or test images have a near-identical
+    image in the training split under another name (:mod:`medlens.data.duplicates`)."""
+    train = thumbnails(data.prepared["train"][0])
+    for split in ("val", "test"):
+        if split not in data.prepared:
+            continue
+        found = twins(thumbnails(data.prepared[split][0]), train)
+        hits = np.flatnonzero(found >= 0)
+        if not len(hits):
+            continue
+        first = data.sources[split][hits[0]], data.sources["train"][found[hits[0]]]
+        note = (
+            f"{len(hits)} of {len(found)} {split} images have a near-identical image in the "
+            f"training split under another name (first: {first[0]} ~ {first[1]}): their "
+            f"{split} figures are optimistic; remove the copies, or give each copy its "
+            "original's patient id (a CSV manifest's patient_id column)"
+        )
+        log.warning("%s", note)
+        data.dataset.notes.append(note)
 
 
 def _decode(cfg: TrainConfig, ds: Dataset, plan: InputPlan) -> TrainingData:
