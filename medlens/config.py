@@ -205,6 +205,12 @@ class TrainConfig:
     aug_copies: int = setting(
         4, "augmented copies of the training set cached for fine-tuning", check=at_least(1)
     )
+    mix_copies: bool = setting(
+        False,
+        "fine-tuning on cached activations: each epoch draws every image's copy at random "
+        "(a batch mixes clean and augmented copies) instead of going through one whole copy "
+        "per epoch (the loss then swings from copy to copy)",
+    )
     augment: AugmentSpec = setting(factory=AugmentSpec)
     patience: int = setting(5, "early stopping: epochs without improvement", check=at_least(1))
     monitor: str = setting(

@@ -587,6 +587,36 @@ def test_augmenting_workers_give_the_same_batches_whatever_their_number(syntheti
     assert not torch.allclose(one[0][0], unaugmented[0][0])  # augmented
 
 
+def test_cached_copies_one_per_epoch_or_mixed_within_it():
+    from medlens.training.batches import CachedBatches
+
+    n, copies = 40, 3
+    # row r of copy c holds the value c * n + r: a batch says which copy each image came from
+    x = torch.arange(copies * n, dtype=torch.float32)[:, None]
+    y = torch.arange(n) % 2
+
+    def epoch(batches, e, seed=7):
+        got = [(xb[:, 0].long(), yb) for xb, yb in batches(e, torch.Generator().manual_seed(seed))]
+        rows = torch.cat([r for r, _ in got])
+        assert torch.equal(torch.cat([yb for _, yb in got]), y[rows % n])  # labels follow rows
+        return rows
+
+    whole = CachedBatches(x, y, batch_size=8, device=None, copies=copies)
+    for e in range(4):  # epoch e goes through copy e % 3, every image once
+        rows = epoch(whole, e)
+        assert sorted((rows % n).tolist()) == list(range(n))
+        assert set((rows // n).tolist()) == {e % copies}
+    mixed = CachedBatches(x, y, batch_size=8, device=None, copies=copies, mix=True)
+    first = epoch(mixed, 0)
+    assert sorted((first % n).tolist()) == list(range(n))  # still every image once
+    counts = torch.bincount(first // n, minlength=copies)
+    assert (counts > 0).all() and counts.max() < n  # every copy drawn, none alone
+    assert torch.equal(epoch(mixed, 0), first)  # the run's generator decides: reproducible
+    assert not torch.equal(epoch(mixed, 0, seed=8) // n, first // n)
+    single = CachedBatches(x[:n], y, batch_size=8, device=None, copies=1, mix=True)
+    assert set((epoch(single, 3) // n).tolist()) == {0}
+
+
 @pytest.mark.slow
 def test_full_training_with_augmenting_workers(tmp_path, synthetic_data, train_config):
     out = train(train_config(synthetic_data, tmp_path / "w", workers=1))

@@ -164,7 +164,8 @@ class _AugmentedBatches(torch.utils.data.Dataset):
 
 
 class CachedBatches:
-    """Cached activations ``(copies * N, ...)``; epoch ``e`` uses copy ``e % copies``.
+    """Cached activations ``(copies * N, ...)``; epoch ``e`` uses copy ``e % copies``, or
+    with ``mix`` a copy drawn per image and epoch.
 
     Args:
         x: the activations, ``copies`` blocks of ``N`` rows.
@@ -172,6 +173,8 @@ class CachedBatches:
         batch_size: rows per batch.
         device: where the batches go (as float32).
         copies: blocks in ``x``.
+        mix: draw each image's copy from the run's generator every epoch (the same draw on
+            every rank under torchrun, since all ranks share the generator's seed).
     """
 
     def __init__(
@@ -182,14 +185,24 @@ class CachedBatches:
         batch_size: int,
         device: torch.device | None,
         copies: int = 1,
+        mix: bool = False,
     ):
         self.x, self.y, self.batch_size, self.device, self.copies = x, y, batch_size, device, copies
+        self.mix = mix
+
+    def rows(self, epoch: int, generator: torch.Generator) -> torch.Tensor:
+        """Row of ``x`` that image ``i`` comes from this epoch, ``(N,)``."""
+        n = len(self.y)
+        if self.mix and self.copies > 1:
+            copy = torch.randint(0, self.copies, (n,), generator=generator)
+        else:
+            copy = torch.full((n,), epoch % self.copies, dtype=torch.long)
+        return copy * n + torch.arange(n)
 
     def __call__(self, epoch: int, generator: torch.Generator) -> Iterator[Batch]:
-        n = len(self.y)
-        base = (epoch % self.copies) * n
-        for idx in batch_indices(n, self.batch_size, generator, epoch):
+        rows = self.rows(epoch, generator)
+        for idx in batch_indices(len(self.y), self.batch_size, generator, epoch):
             yield (
-                self.x[base + idx].to(self.device, non_blocking=True).float(),
+                self.x[rows[idx]].to(self.device, non_blocking=True).float(),
                 self.y[idx].to(self.device),
             )
