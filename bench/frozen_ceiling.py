@@ -9,7 +9,7 @@ figure, the backbone's ImageNet features set the ceiling of what the recipe can 
 these images, and a target far above it needs other pretraining or other data.
 
     python bench/frozen_ceiling.py --recipe recipes/covid-ct.yaml \
-        --data ../shared/data/covid_ct/train --size 224 320 --stages -1 -3,-2,-1 -6,-5,-4
+        --data ../shared/data/covid_ct/train --size 224 320 --stages 1 3,2,1 5,4,3,2
 """
 
 from __future__ import annotations
@@ -30,13 +30,14 @@ C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1)
 
 
 def stage_features(net, x: torch.Tensor, stages: list[int]) -> torch.Tensor:
-    """Average-pooled outputs of the backbone stages ``stages`` (negative: from the top)."""
+    """Average-pooled outputs of the backbone stages ``stages``, counted from the top (1: the
+    last stage)."""
     outs = []
     h = x
     for stage in net.backbone:
         h = stage(h)
         outs.append(h)
-    return torch.cat([outs[s].mean((2, 3)) for s in stages], 1)
+    return torch.cat([outs[-s].mean((2, 3)) for s in stages], 1)
 
 
 def features(model: str, pixels: np.ndarray, pre: Preprocess, stages: list[int]) -> np.ndarray:
@@ -85,8 +86,9 @@ def main() -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--model", default="efficientnet-lite0")
     ap.add_argument("--size", type=int, nargs="+", default=[224])
-    ap.add_argument("--stages", nargs="+", default=["-1"],
-                    help="comma-separated backbone stages per feature set, e.g. -3,-2,-1")  # fmt: skip
+    ap.add_argument("--stages", nargs="+", default=["1"],
+                    help="backbone stages per feature set, counted from the top (1: the last), "
+                         "comma-separated: 1 3,2,1")  # fmt: skip
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--shuffles", type=int, default=3)
     a = ap.parse_args()
@@ -110,6 +112,8 @@ def main() -> None:
             raise SystemExit(f"{len(pool) - len(prepared.keep)} images could not be decoded")
         for spec in a.stages:
             stages = [int(s) for s in spec.split(",")]
+            if min(stages) < 1 or max(stages) > 9:  # EfficientNet(-Lite): stem, 7 stacks, head
+                raise SystemExit(f"--stages {spec}: stages count from the top, 1 to 9")
             t0 = time.time()
             x = features(a.model, prepared.pixels, pre, stages)
             with warnings.catch_warnings():

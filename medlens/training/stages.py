@@ -228,7 +228,11 @@ def finetune_stage(ctx: StageContext) -> Stage:
     atr, ava = ctx.activations()
     top = nn.Sequential(*_top_stages(net, ctx.n_top), net.head)
     batches = CachedBatches(
-        atr, ctx.y_train, batch_size=cfg.batch_size, device=ctx.device, copies=ctx.copies,
+        atr,
+        ctx.y_train,
+        batch_size=cfg.batch_size,
+        device=ctx.device,
+        copies=ctx.copies,
         mix=cfg.mix_copies,
     )
     lr = ctx.lr * cfg.finetune_lr_scale
