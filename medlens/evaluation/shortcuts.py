@@ -146,6 +146,8 @@ def baseline_auc(
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.model_selection import StratifiedGroupKFold
 
+    from medlens.evaluation.metrics import compute_metrics
+
     x = np.asarray(features, dtype=np.float64)
     y = np.asarray(y).astype(np.int64)
     k = int(max(2, min(folds, np.bincount(y)[np.bincount(y) > 0].min())))
@@ -159,13 +161,9 @@ def baseline_auc(
         proba = np.zeros((len(test), n_classes))
         proba[:, clf.classes_] = clf.predict_proba(x[test])
         scores[test] = proba
-    auc = _auc(y, scores if n_classes > 2 else scores[:, 1])
-    rng = np.random.default_rng(seed)
-    boot = []
-    for _ in range(n_boot):
-        idx = rng.integers(0, len(y), len(y))
-        if len(np.unique(y[idx])) == n_classes:
-            boot.append(_auc(y[idx], scores[idx] if n_classes > 2 else scores[idx, 1]))
+    # the AUC and its percentile bootstrap interval, as every other MedLens figure has them
+    m = compute_metrics(y, scores, [str(c) for c in range(n_classes)], n_bootstrap=n_boot,
+                        seed=seed)  # fmt: skip
     single: list[dict[str, str | float]] = []
     if n_classes == 2:
         for i, name in enumerate(FEATURE_NAMES[: x.shape[1]]):
@@ -173,8 +171,8 @@ def baseline_auc(
             single.append({"feature": name, "auc": round(max(a, 1 - a), 4)})
         single.sort(key=lambda d: -float(d["auc"]))
     return {
-        "auc": auc,
-        "auc_ci": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
+        "auc": float(m["auc"]),
+        "auc_ci": m["ci"]["auc"],
         "n": int(len(y)),
         "folds": k,
         "top_features": single[:5],
