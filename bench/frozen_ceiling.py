@@ -21,10 +21,12 @@ import warnings
 import numpy as np
 import torch
 
+from medlens.config import merge_settings
 from medlens.data.cache import prepare_samples
 from medlens.data.preprocess import Preprocess
+from medlens.fileio import read_yaml
 from medlens.modeling.registry import IMAGENET_MEAN, IMAGENET_STD, create_model
-from medlens.training.training_data import recipe_splits
+from medlens.training.training_data import load_splits
 
 C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1)
 
@@ -32,6 +34,8 @@ C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1)
 def stage_features(net, x: torch.Tensor, stages: list[int]) -> torch.Tensor:
     """Average-pooled outputs of the backbone stages ``stages``, counted from the top (1: the
     last stage)."""
+    if min(stages) < 1 or max(stages) > len(net.backbone):
+        raise SystemExit(f"--stages {stages}: count from the top, 1 to {len(net.backbone)}")
     outs = []
     h = x
     for stage in net.backbone:
@@ -71,15 +75,6 @@ def grouped_cv_auc(x: np.ndarray, y: np.ndarray, groups: np.ndarray, c: float, f
     return float(np.mean(aucs))
 
 
-def recipe_input(recipe: str) -> dict:
-    """The recipe's resize mode and grey conversion (the input its model sees)."""
-    from medlens.fileio import read_yaml
-
-    settings = read_yaml(recipe, "the recipe")
-    return {"resize": settings.get("resize", "stretch"),
-            "grayscale": bool(settings.get("grayscale", False))}  # fmt: skip
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", required=True, help="a binary recipe: its splits and resize")
@@ -92,7 +87,10 @@ def main() -> None:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--shuffles", type=int, default=3)
     a = ap.parse_args()
-    ds = recipe_splits(a.recipe, a.data)
+    # the recipe's settings over the defaults: its splits, resize and grey conversion
+    cfg = merge_settings(read_yaml(a.recipe, "the recipe"), {"data": a.data, "out": "-"},
+                         source=a.recipe)  # fmt: skip
+    ds = load_splits(cfg)
     if len(ds.classes) != 2:
         raise SystemExit(f"{a.recipe}: a binary recipe is needed, got classes {ds.classes}")
     pool = ds.splits["train"] + ds.splits.get("val", [])
@@ -101,19 +99,16 @@ def main() -> None:
     print(f"{len(pool)} images ({np.bincount(y).tolist()} per class {ds.classes}), "
           f"{len(set(groups))} groups; carved test split left out; "
           f"{a.folds} grouped folds x {a.shuffles} shuffles")  # fmt: skip
-    cfg = recipe_input(a.recipe)
     print("| model | size | stages | features | " + " | ".join(f"C={c}" for c in C_GRID) + " |")
     print("|---|---|---|---|" + "---|" * len(C_GRID))
     for size in a.size:
         pre = Preprocess(image_size=size, channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                         resize=cfg["resize"], grayscale=cfg["grayscale"])  # fmt: skip
+                         resize=cfg.resize, grayscale=cfg.grayscale)  # fmt: skip
         prepared = prepare_samples(pool, pre, progress=False)
         if len(prepared.keep) != len(pool):
             raise SystemExit(f"{len(pool) - len(prepared.keep)} images could not be decoded")
         for spec in a.stages:
             stages = [int(s) for s in spec.split(",")]
-            if min(stages) < 1 or max(stages) > 9:  # EfficientNet(-Lite): stem, 7 stacks, head
-                raise SystemExit(f"--stages {spec}: stages count from the top, 1 to 9")
             t0 = time.time()
             x = features(a.model, prepared.pixels, pre, stages)
             with warnings.catch_warnings():
